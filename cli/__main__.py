@@ -1,0 +1,3 @@
+from lmpipe.cli.app import main
+
+main()

@@ -1,0 +1,154 @@
+"""`lmpipe`: the command line. Each command parses, then calls one stage function.
+
+Heavy modules (torch, deepspeed, datasketch, tiktoken) are imported inside the command bodies, so
+`lmpipe --help` stays fast; tests/cli/test_app.py checks that torch is not imported by it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from lmpipe.dataprep.errors import LmpipeError
+
+app = typer.Typer(
+    name="lmpipe",
+    help="Pretrain language models the BTLM / Cerebras-GPT way: dedup -> tokenize -> train -> eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a stage; a user error becomes one line on stderr and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except LmpipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the output folder was not published", err=True)
+        raise typer.Exit(130) from None
+
+
+Inputs = Annotated[
+    list[Path], typer.Argument(help="Input .jsonl / .jsonl.zst files or folders (searched recursively).")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+SkipInvalid = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid",
+        help="Count and report bad lines (not JSON, not UTF-8, no string 'text') instead of stopping at the first.",
+    ),
+]
+
+
+@app.command()
+def dedup(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the kept documents.")],
+    min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this after normalisation (SlimPajama: 200).")] = 200,
+    threshold: Annotated[float, typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8).")] = 0.8,
+    num_perm: Annotated[int, typer.Option(help="MinHash permutations (SlimPajama: 128).")] = 128,
+    ngram: Annotated[int, typer.Option(help="Character n-gram size of the MinHash shingles (SlimPajama: 13).")] = 13,
+    skip_invalid: SkipInvalid = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Clean and deduplicate documents as SlimPajama did: ftfy NFC, short filter, MinHash-LSH."""
+    from lmpipe.dataprep.dedup import dedup as run_dedup
+
+    run_stage(
+        run_dedup, inputs, out, min_chars=min_chars, threshold=threshold, num_perm=num_perm,
+        ngram=ngram, strict=not skip_invalid, overwrite=overwrite,
+    )
+
+
+@app.command()
+def tokenize(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the token shards.")],
+    holdout: Annotated[float, typer.Option(help="Share of documents held out for evaluation, chosen by a seeded hash (SlimPajama: 0.0017).")] = 0.0017,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out choice.")] = 0,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file (uint16: 2 bytes each).")] = 128 << 20,
+    skip_invalid: SkipInvalid = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Encode documents with GPT-2 BPE into packed uint16 token shards (train and held-out)."""
+    from lmpipe.dataprep.tokenize import tokenize as run_tokenize
+
+    run_stage(
+        run_tokenize, inputs, out, holdout=holdout, seed=seed, shard_tokens=shard_tokens,
+        strict=not skip_invalid, overwrite=overwrite,
+    )
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name (tiny, btlm3b) or a path to a YAML file.")],
+    data: Annotated[Path | None, typer.Option(help="Token shard folder from `lmpipe tokenize`.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder: checkpoints, logs, metrics.jsonl. Default: runs/<recipe name>.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set model.n_layers=4 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and derived numbers; train nothing.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the run folder.")] = False,
+) -> None:
+    """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
+    from lmpipe.train.recipe import load_recipe
+
+    recipe_obj = run_stage(load_recipe, recipe, set_ or [])
+    if dry_run:
+        from lmpipe.train.plan import print_plan
+
+        run_stage(print_plan, recipe_obj)
+        return
+    if data is None:
+        typer.echo("error: --data is required unless --dry-run", err=True)
+        raise typer.Exit(2)
+    from lmpipe.train.loop import train as run_train
+
+    run_stage(run_train, recipe_obj, data, run_dir or Path("runs") / recipe_obj.name, resume=resume)
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder from `lmpipe train` (its final model is evaluated).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder for results. Default: RUN_DIR/eval.")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: perplexity, continuation, arc_easy, arc_challenge, piqa, ...")] = "perplexity,continuation",
+    data: Annotated[Path | None, typer.Option(help="Token shard folder whose held-out split is scored (perplexity, continuation).")] = None,
+    task_data: Annotated[Path | None, typer.Option(help="Folder of lm-eval-ready task files (one sub-folder per task).", envvar="LMPIPE_EVAL_DATA")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many items per task.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Score a trained model: zero-shot tasks the lm-evaluation-harness way, and perplexity."""
+    from lmpipe.evals.run import evaluate
+
+    run_stage(
+        evaluate, run_dir, out or run_dir / "eval", tasks=[t for t in tasks.split(",") if t],
+        data=data, task_data=task_data, limit=limit, overwrite=overwrite,
+    )
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's corpus, shards, run and results.")] = Path("demo"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over if the folder exists.")] = False,
+) -> None:
+    """Run all four stages on the embedded corpus (Python's own documentation) in a few minutes."""
+    from lmpipe.cli.demo import run_demo
+
+    run_stage(run_demo, workdir, overwrite=overwrite)
+
+
+def main() -> None:
+    app(prog_name="lmpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
