@@ -39,9 +39,12 @@ def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 Inputs = Annotated[
-    list[Path], typer.Argument(help="Input .jsonl / .jsonl.zst files or folders (searched recursively).")
+    list[Path],
+    typer.Argument(help="Input .jsonl / .jsonl.zst files or folders (searched recursively)."),
 ]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")
+]
 SkipInvalid = Annotated[
     bool,
     typer.Option(
@@ -55,10 +58,20 @@ SkipInvalid = Annotated[
 def dedup(
     inputs: Inputs,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the kept documents.")],
-    min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this after normalisation (SlimPajama: 200).")] = 200,
-    threshold: Annotated[float, typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8).")] = 0.8,
+    min_chars: Annotated[
+        int,
+        typer.Option(
+            help="Drop documents shorter than this after normalisation (SlimPajama: 200)."
+        ),
+    ] = 200,
+    threshold: Annotated[
+        float,
+        typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8)."),
+    ] = 0.8,
     num_perm: Annotated[int, typer.Option(help="MinHash permutations (SlimPajama: 128).")] = 128,
-    ngram: Annotated[int, typer.Option(help="Character n-gram size of the MinHash shingles (SlimPajama: 13).")] = 13,
+    ngram: Annotated[
+        int, typer.Option(help="Character n-gram size of the MinHash shingles (SlimPajama: 13).")
+    ] = 13,
     skip_invalid: SkipInvalid = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -66,8 +79,15 @@ def dedup(
     from lmpipe.dataprep.dedup import dedup as run_dedup
 
     run_stage(
-        run_dedup, inputs, out, min_chars=min_chars, threshold=threshold, num_perm=num_perm,
-        ngram=ngram, strict=not skip_invalid, overwrite=overwrite,
+        run_dedup,
+        inputs,
+        out,
+        min_chars=min_chars,
+        threshold=threshold,
+        num_perm=num_perm,
+        ngram=ngram,
+        strict=not skip_invalid,
+        overwrite=overwrite,
     )
 
 
@@ -75,9 +95,24 @@ def dedup(
 def tokenize(
     inputs: Inputs,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the token shards.")],
-    holdout: Annotated[float, typer.Option(help="Share of documents held out for evaluation, chosen by a seeded hash (SlimPajama: 0.0017).")] = 0.0017,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="Share of documents held out for evaluation, chosen by a seeded hash (SlimPajama: 0.0017)."
+        ),
+    ] = 0.0017,
     seed: Annotated[int, typer.Option(help="Seed of the held-out choice.")] = 0,
-    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file (uint16: 2 bytes each).")] = 128 << 20,
+    shard_tokens: Annotated[
+        int, typer.Option(help="Tokens per shard file (uint16: 2 bytes each).")
+    ] = 128 << 20,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "-j",
+            "--workers",
+            help="Encoding threads (tiktoken releases the GIL); output is identical for any number.",
+        ),
+    ] = 1,
     skip_invalid: SkipInvalid = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -85,19 +120,65 @@ def tokenize(
     from lmpipe.dataprep.tokenize import tokenize as run_tokenize
 
     run_stage(
-        run_tokenize, inputs, out, holdout=holdout, seed=seed, shard_tokens=shard_tokens,
-        strict=not skip_invalid, overwrite=overwrite,
+        run_tokenize,
+        inputs,
+        out,
+        holdout=holdout,
+        seed=seed,
+        shard_tokens=shard_tokens,
+        strict=not skip_invalid,
+        overwrite=overwrite,
+        workers=workers,
     )
 
 
 @app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A token shard folder from `lmpipe tokenize`.")],
+    decode: Annotated[
+        Path | None,
+        typer.Option(
+            help='Also write every document back as JSON lines ({"text": ...}) to this file, in shard order.'
+        ),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Check every shard's sha256 against the manifest.")
+    ] = True,
+) -> None:
+    """Summarise a token shard folder (tokenizer, counts, lengths) and verify its checksums."""
+    from lmpipe.dataprep.inspection import inspect_shards
+
+    run_stage(inspect_shards, folder, decode=decode, verify=verify)
+
+
+@app.command()
 def train(
-    recipe: Annotated[str, typer.Option(help="A shipped recipe name (tiny, btlm3b) or a path to a YAML file.")],
-    data: Annotated[Path | None, typer.Option(help="Token shard folder from `lmpipe tokenize`.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run folder: checkpoints, logs, metrics.jsonl. Default: runs/<recipe name>.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set model.n_layers=4 (repeatable).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and derived numbers; train nothing.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the run folder.")] = False,
+    recipe: Annotated[
+        str, typer.Option(help="A shipped recipe name (tiny, btlm3b) or a path to a YAML file.")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="Token shard folder from `lmpipe tokenize`.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run folder: checkpoints, logs, metrics.jsonl. Default: runs/<recipe name>."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value: --set model.n_layers=4 (repeatable)."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the resolved recipe and derived numbers; train nothing."
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the latest checkpoint in the run folder."),
+    ] = False,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
     from lmpipe.train.recipe import load_recipe
@@ -111,34 +192,74 @@ def train(
     if data is None:
         typer.echo("error: --data is required unless --dry-run", err=True)
         raise typer.Exit(2)
+    import os
+
+    from lmpipe.train.loop import finish_process
     from lmpipe.train.loop import train as run_train
 
+    launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
     run_stage(run_train, recipe_obj, data, run_dir or Path("runs") / recipe_obj.name, resume=resume)
+    if launched:
+        finish_process()
 
 
 @app.command(name="eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder from `lmpipe train` (its final model is evaluated).")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder for results. Default: RUN_DIR/eval.")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: perplexity, continuation, arc_easy, arc_challenge, piqa, ...")] = "perplexity,continuation",
-    data: Annotated[Path | None, typer.Option(help="Token shard folder whose held-out split is scored (perplexity, continuation).")] = None,
-    task_data: Annotated[Path | None, typer.Option(help="Folder of lm-eval-ready task files (one sub-folder per task).", envvar="LMPIPE_EVAL_DATA")] = None,
-    limit: Annotated[int | None, typer.Option(help="Score at most this many items per task.")] = None,
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A run folder from `lmpipe train` (its final model is evaluated)."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Output folder for results. Default: RUN_DIR/eval."),
+    ] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated tasks: perplexity, continuation, arc_easy, arc_challenge, piqa, ..."
+        ),
+    ] = "perplexity,continuation",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Token shard folder whose held-out split is scored (perplexity, continuation)."
+        ),
+    ] = None,
+    task_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of lm-eval-ready task files (one sub-folder per task).",
+            envvar="LMPIPE_EVAL_DATA",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Score at most this many items per task.")
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Score a trained model: zero-shot tasks the lm-evaluation-harness way, and perplexity."""
     from lmpipe.evals.run import evaluate
 
     run_stage(
-        evaluate, run_dir, out or run_dir / "eval", tasks=[t for t in tasks.split(",") if t],
-        data=data, task_data=task_data, limit=limit, overwrite=overwrite,
+        evaluate,
+        run_dir,
+        out or run_dir / "eval",
+        tasks=[t for t in tasks.split(",") if t],
+        data=data,
+        task_data=task_data,
+        limit=limit,
+        overwrite=overwrite,
     )
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's corpus, shards, run and results.")] = Path("demo"),
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over if the folder exists.")] = False,
+    workdir: Annotated[
+        Path, typer.Option(help="Folder for the demo's corpus, shards, run and results.")
+    ] = Path("demo"),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over if the folder exists.")
+    ] = False,
 ) -> None:
     """Run all four stages on the embedded corpus (Python's own documentation) in a few minutes."""
     from lmpipe.cli.demo import run_demo

@@ -117,7 +117,9 @@ class DocumentWriter:
     Shards are named `{prefix}-{index:05d}.jsonl.zst`; `files` lists what was written, in order.
     """
 
-    def __init__(self, folder: Path, prefix: str = "part", shard_bytes: int = 256 << 20, level: int = 3):
+    def __init__(
+        self, folder: Path, prefix: str = "part", shard_bytes: int = 256 << 20, level: int = 3
+    ):
         self.folder, self.prefix, self.shard_bytes, self.level = folder, prefix, shard_bytes, level
         self.files: list[Path] = []
         self._stream: Any = None

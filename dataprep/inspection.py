@@ -1,0 +1,95 @@
+"""`lmpipe inspect`: what a shard folder holds, checked, and optionally decoded back to documents.
+
+`inspect_shards(folder)` opens every split with `TokenShards` (tokenizer fingerprint, sizes and,
+with `verify`, sha256 checked), prints the tokenizer, per-split counts and document length
+statistics, and returns them. With `decode`, it also writes every document of every split, in
+shard order (train, then heldout), as JSON lines `{"text": ..., "split": ...}`, so anyone can read
+exactly what training will see.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.shards import SPLITS, TokenShards
+
+
+def split_summary(data: TokenShards) -> dict[str, Any]:
+    lengths = data.document_lengths()
+    stats = (
+        {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+        }
+        if len(lengths)
+        else {}
+    )
+    return {
+        "n_documents": data.n_documents,
+        "n_tokens": data.n_tokens,
+        "n_shards": len(data.shards),
+        "document_tokens": stats,
+    }
+
+
+def inspect_shards(
+    folder: Path, *, decode: Path | None = None, verify: bool = True
+) -> dict[str, Any]:
+    """Summarise (and with `decode`, write out as JSON lines) a `lmpipe tokenize` folder."""
+    from rich.console import Console
+
+    folder = Path(folder)
+    splits = {split: TokenShards(folder, split, verify) for split in SPLITS}
+    manifest = splits["train"].manifest
+    tok = manifest["tokenizer"]
+    summary = {
+        "folder": str(folder),
+        "tokenizer": tok,
+        "verified": verify,
+        "splits": {split: split_summary(data) for split, data in splits.items()},
+    }
+    console = Console()
+    console.print(
+        f"{folder}: tokenizer {tok['name']} (ranks sha256 {tok['ranks_sha256'][:12]}...), "
+        f"vocab {tok['vocab_size']:,}, end-of-text {tok['eot_id']}; "
+        + ("sha256 of every file verified" if verify else "sizes checked, sha256 skipped")
+    )
+    for split, s in summary["splits"].items():
+        lengths = s["document_tokens"]
+        spread = (
+            f"tokens per document min {lengths['min']:,} median {lengths['median']:,.0f} "
+            f"mean {lengths['mean']:,.1f} max {lengths['max']:,}"
+            if lengths
+            else "no documents"
+        )
+        console.print(
+            f"  {split:<8} {s['n_documents']:>12,} documents {s['n_tokens']:>15,} tokens "
+            f"{s['n_shards']:>5} shard(s); {spread}"
+        )
+    if decode is not None:
+        from lmpipe.dataprep.tokenizer import get_encoding
+
+        enc = get_encoding(tok["name"])
+        n = 0
+        with open(decode, "w", encoding="utf-8") as f:
+            for split, data in splits.items():
+                for i, doc in enumerate(data.documents()):
+                    try:
+                        text = enc.decode(doc.tolist(), errors="strict")
+                    except UnicodeDecodeError:
+                        # tokenize only writes tokens of valid text, so this is a damaged shard
+                        raise LmpipeError(
+                            f"{folder}: {split} document {i} does not decode to UTF-8 (corrupted?)"
+                        ) from None
+                    f.write(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n")
+                    n += 1
+        console.print(f"  decoded {n:,} documents -> {decode}")
+        summary["decoded"] = n
+    return summary

@@ -1,0 +1,141 @@
+"""The training loader: seeded, resumable windows of any sequence length over one token stream.
+
+The run reads the split's tokens as an infinitely repeated stream (stream position p is token
+p mod n_tokens). Each stage of a run owns a contiguous region of that stream starting at stream
+token `region_start` (the trainer passes the tokens of the previous stages) and holding
+`n_batches * global_batch` windows: window k covers stream tokens
+[region_start + k*seq_len, region_start + (k+1)*seq_len + 1), inputs plus one shifted target, so
+windows may span documents (as BTLM's packing did) and stages at different `seq_len` cover
+adjacent regions that overlap only in that one shifted token.
+
+The region's windows are visited in a pseudo-random order: a bijection of [0, n_windows) built as
+a balanced Feistel network on the smallest even-bit power of two >= n_windows, with cycle walking
+(re-applying it until the value lands inside the range) — O(1) memory and the same order on every
+machine, for 10^3 or 10^11 windows alike. Its keys come from blake2b(seed, region_start, seq_len).
+Global batch b is permuted windows [b*G, (b+1)*G); rank r of W takes rows [r*G/W, (r+1)*G/W) of it,
+so every world size sees the same global batches, and `start_batch` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from lmpipe.dataprep.shards import TokenShards
+
+FEISTEL_ROUNDS = 6
+MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fast, well-mixing bijection of uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class WindowPermutation:
+    """A seeded bijection of [0, n) evaluated on arrays of indices (Feistel + cycle walking)."""
+
+    def __init__(self, n: int, key: bytes) -> None:
+        if n < 1:
+            raise ValueError(f"a permutation needs n >= 1, got {n}")
+        self.n = n
+        # Two halves of `half` bits each: the domain 4**half is at most 4n, so cycle walking
+        # takes fewer than 4 steps on average.
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half) - 1)
+        digest = hashlib.blake2b(key, digest_size=8 * FEISTEL_ROUNDS).digest()
+        self.keys = np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(self.half), x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << np.uint64(self.half)) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.n):
+            raise IndexError(f"permutation index outside [0, {self.n})")
+        x = index.astype(np.uint64)
+        with np.errstate(over="ignore"):
+            x = self._feistel(x)
+            out = x >= np.uint64(self.n)
+            while out.any():
+                x[out] = self._feistel(x[out])
+                out = x >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+
+class WindowLoader:
+    """Batches of `seq_len + 1`-token windows from `data`, ordered by `seed` (see module doc)."""
+
+    def __init__(self, data: TokenShards, seed: int) -> None:
+        if data.n_tokens < 2:
+            raise ValueError(
+                f"{data.folder}: split {data.split!r} holds too few tokens to train on"
+            )
+        self.data = data
+        self.seed = seed
+
+    def epoch_windows(self, seq_len: int) -> int:
+        """Windows of this length in one pass over the data (the stream wraps after it)."""
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        return self.data.n_tokens // seq_len
+
+    def permutation(self, *, seq_len: int, region_start: int, n_windows: int) -> WindowPermutation:
+        key = f"lmpipe-windows seed={self.seed} region_start={region_start} seq_len={seq_len}"
+        return WindowPermutation(n_windows, key.encode())
+
+    def read_window(self, position: int, out: np.ndarray) -> None:
+        """Fill `out` with the repeated stream's tokens from stream position `position` on."""
+        n = self.data.n_tokens
+        pos, filled = position % n, 0
+        while filled < len(out):  # loops more than twice only when a window exceeds the data
+            take = min(len(out) - filled, n - pos)
+            self.data.read_into(pos, out[filled : filled + take])
+            filled, pos = filled + take, 0
+
+    def batches(
+        self,
+        *,
+        seq_len: int,
+        global_batch: int,
+        region_start: int,
+        n_batches: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[np.ndarray]:
+        """Yield this rank's int64 [global_batch // world_size, seq_len + 1] rows of batches
+        start_batch .. n_batches-1 of the region."""
+        if seq_len < 1 or global_batch < 1 or n_batches < 0 or region_start < 0:
+            raise ValueError(
+                f"bad batch request: seq_len={seq_len} global_batch={global_batch} "
+                f"n_batches={n_batches} region_start={region_start}"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if global_batch % world_size:
+            raise ValueError(
+                f"global_batch {global_batch} is not divisible by world_size {world_size}"
+            )
+        if not 0 <= start_batch <= n_batches:
+            raise ValueError(f"start_batch {start_batch} outside [0, {n_batches}]")
+        if n_batches == 0:
+            return
+        local = global_batch // world_size
+        perm = self.permutation(
+            seq_len=seq_len, region_start=region_start, n_windows=n_batches * global_batch
+        )
+        for b in range(start_batch, n_batches):
+            first = b * global_batch + rank * local
+            windows = perm(np.arange(first, first + local, dtype=np.int64))
+            out = np.empty((local, seq_len + 1), dtype=np.int64)
+            for row, k in enumerate(windows.tolist()):
+                self.read_window(region_start + k * seq_len, out[row])
+            yield out

@@ -1,0 +1,376 @@
+"""Token shards: the packed, tokenizer-stamped output of `lmpipe tokenize`, and their reader.
+
+A shard folder holds, for each split (`train`, `heldout`), a sequence of shard pairs and one
+`manifest.json`, written last (a folder without it is unfinished):
+
+    train-00000.bin   tokens: flat little-endian uint16 (`<u2`), no header. Every document is
+                      followed by the end-of-text id (GPT-2: 50256), so the file is the
+                      concatenation `doc0 EOT doc1 EOT ...`; an empty document is a lone EOT.
+    train-00000.idx   document offsets: little-endian uint64 (`<u8`), no header, n_docs + 1
+                      entries; document i is tokens [idx[i], idx[i+1]) of the .bin, its EOT
+                      included (the last token of that range); idx[0] = 0, idx[-1] = n_tokens.
+    heldout-00000.bin / .idx   the same for the held-out split.
+    manifest.json     {"format": "lmpipe-tokens", "format_version": 1,
+                       "tokenizer": {"name", "ranks_sha256", "vocab_size", "eot_id"},
+                       "dtype": "<u2", "index_dtype": "<u8",
+                       "splits": {split: {"n_tokens", "n_documents",
+                                          "shards": [{"bin", "idx", "n_tokens", "n_documents",
+                                                      "bin_sha256", "idx_sha256"}, ...]}},
+                       "inputs": [...], "totals": {...}, "settings": {...}}
+
+Documents never straddle shards; a shard is closed after the document that brings it to
+`shard_tokens` tokens or more. The global token stream of a split is its shards in manifest order.
+A user's own tool reads a split with `numpy.fromfile(bin, "<u2")` and `numpy.fromfile(idx, "<u8")`.
+
+`ShardWriter` writes one split from token arrays (tokenize is: encode, then `ShardWriter`);
+`TokenShards` reads one split through `numpy.memmap`, never loading a shard whole, and refuses a
+folder whose tokenizer fingerprint, file sizes or (with `verify`) sha256 disagree with its manifest.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import read_manifest, sha256_file, write_manifest
+
+FORMAT = "lmpipe-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "heldout")
+TOKEN_DTYPE = np.dtype("<u2")
+INDEX_DTYPE = np.dtype("<u8")
+# Open memmaps hold a file descriptor each; a 600B-token corpus has thousands of shards.
+MAX_OPEN_SHARDS = 64
+
+
+def shard_names(split: str, index: int) -> tuple[str, str]:
+    stem = f"{split}-{index:05d}"
+    return f"{stem}.bin", f"{stem}.idx"
+
+
+class ShardWriter:
+    """Write one split of a shard folder from documents given as token arrays.
+
+    `add(docs)` appends documents (each without its end-of-text; the writer appends it) in order;
+    `close()` finishes the last shard and returns the split's manifest entry. Files are hashed as
+    they are written, so closing a shard never re-reads it.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        split: str,
+        *,
+        eot_id: int,
+        vocab_size: int,
+        shard_tokens: int = 128 << 20,
+    ) -> None:
+        if shard_tokens < 1:
+            raise LmpipeError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        if vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+            raise ValueError(f"vocab_size {vocab_size} does not fit {TOKEN_DTYPE}")
+        self.folder, self.split = Path(folder), split
+        self.eot_id, self.vocab_size, self.shard_tokens = eot_id, vocab_size, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._digest: Any = None
+        self._offsets: list[int] = []
+
+    def _open(self) -> None:
+        bin_name, _ = shard_names(self.split, len(self.shards))
+        self._file = open(self.folder / bin_name, "wb")
+        self._digest = hashlib.sha256()
+        self._offsets = [0]
+
+    def _finish_shard(self) -> None:
+        self._file.close()
+        bin_name, idx_name = shard_names(self.split, len(self.shards))
+        index = np.asarray(self._offsets, dtype=INDEX_DTYPE).tobytes()
+        (self.folder / idx_name).write_bytes(index)
+        self.shards.append(
+            {
+                "bin": bin_name,
+                "idx": idx_name,
+                "n_tokens": self._offsets[-1],
+                "n_documents": len(self._offsets) - 1,
+                "bin_sha256": self._digest.hexdigest(),
+                "idx_sha256": hashlib.sha256(index).hexdigest(),
+            }
+        )
+        self._file = None
+
+    def _write(self, tokens: np.ndarray) -> None:
+        data = tokens.tobytes()
+        self._file.write(data)
+        self._digest.update(data)
+
+    def add(self, docs: Sequence[Sequence[int] | np.ndarray]) -> None:
+        """Append documents (token ids without end-of-text), in order."""
+        if not docs:
+            return
+        eot = np.array([self.eot_id], dtype=np.int64)
+        parts = [p for d in docs for p in (np.asarray(d, dtype=np.int64).reshape(-1), eot)]
+        lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+        flat = np.concatenate(parts)
+        if flat.min() < 0 or flat.max() >= self.vocab_size:
+            raise ValueError(f"token id outside [0, {self.vocab_size}) in a document")
+        self.add_packed(flat.astype(TOKEN_DTYPE), lengths)
+
+    def add_packed(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents already packed: `flat` is `doc EOT doc EOT ...` as uint16, `lengths`
+        the tokens of each document with its EOT. The fast path: one array per batch, because
+        per-document numpy calls would cost more than the encoding."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        if len(flat) != (int(ends[-1]) if len(ends) else 0) or np.any(lengths < 1):
+            raise ValueError("packed tokens and document lengths disagree")
+        if len(ends) and np.any(flat[ends - 1] != self.eot_id):
+            raise ValueError("a packed document does not end with end-of-text")
+        # Split the batch at document boundaries into the current and following shards.
+        pos = 0
+        for length, end in zip(lengths.tolist(), ends.tolist(), strict=True):
+            if self._file is None:
+                self._open()
+            self._offsets.append(self._offsets[-1] + length)
+            if self._offsets[-1] >= self.shard_tokens:
+                self._write(flat[pos:end])
+                pos = end
+                self._finish_shard()
+        if pos < len(flat):
+            self._write(flat[pos:])
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On failure the half-written shard is abandoned (its folder is discarded by the stage);
+        # on success the caller has already called close() and this does nothing.
+        if exc_type is not None and self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> dict[str, Any]:
+        """Finish the open shard; the split's manifest entry (counts and shard list)."""
+        if self._file is not None:
+            self._finish_shard()
+        return {
+            "n_tokens": sum(s["n_tokens"] for s in self.shards),
+            "n_documents": sum(s["n_documents"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+
+def format_fields(
+    splits: dict[str, dict[str, Any]],
+    *,
+    tokenizer_name: str,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    eot_id: int,
+) -> dict[str, Any]:
+    """The manifest fields that describe the format; a stage adds inputs, totals and settings."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "name": tokenizer_name,
+            "ranks_sha256": tokenizer_sha256,
+            "vocab_size": vocab_size,
+            "eot_id": eot_id,
+        },
+        "dtype": TOKEN_DTYPE.str,
+        "index_dtype": INDEX_DTYPE.str,
+        "splits": splits,
+    }
+
+
+class TokenShards:
+    """One split of a shard folder as a single token stream, read through `numpy.memmap`.
+
+    Opening checks the manifest (format, tokenizer fingerprint), every shard file's size and, with
+    `verify`, its sha256; any mismatch is an `LmpipeError` naming the file. `tokenizer_sha256` is
+    the fingerprint of the tokenizer in use; by default it is `ranks_sha256()` of the manifest's
+    tokenizer (which loads its files); pass it to read shards without the tokenizer files.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        split: str = "train",
+        verify: bool = True,
+        *,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.split = split
+        manifest = read_manifest(self.folder, "tokenize")
+        self.manifest = manifest
+        where = self.folder / "manifest.json"
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise LmpipeError(
+                f"{where}: shard format {manifest.get('format')!r} version "
+                f"{manifest.get('format_version')!r}; this lmpipe reads {FORMAT!r} "
+                f"version {FORMAT_VERSION}"
+            )
+        tok = manifest["tokenizer"]
+        if tokenizer_sha256 is None:
+            from lmpipe.dataprep.tokenizer import ranks_sha256
+
+            tokenizer_sha256 = ranks_sha256(tok["name"])
+        if tok["ranks_sha256"] != tokenizer_sha256:
+            raise LmpipeError(
+                f"{where}: made with another tokenizer (ranks sha256 {tok['ranks_sha256'][:12]}..., "
+                f"the tokenizer in use has {tokenizer_sha256[:12]}...); re-tokenize the documents"
+            )
+        if (
+            manifest.get("dtype") != TOKEN_DTYPE.str
+            or manifest.get("index_dtype") != INDEX_DTYPE.str
+        ):
+            raise LmpipeError(f"{where}: unsupported dtypes {manifest.get('dtype')!r}")
+        if split not in manifest["splits"]:
+            raise LmpipeError(f"{where}: no split {split!r} (has {', '.join(manifest['splits'])})")
+        self.eot_id: int = tok["eot_id"]
+        self.vocab_size: int = tok["vocab_size"]
+        entry = manifest["splits"][split]
+        self.shards: list[dict[str, Any]] = entry["shards"]
+        self.n_tokens: int = entry["n_tokens"]
+        self.n_documents: int = entry["n_documents"]
+        self._check_files(verify)
+        sizes = np.array([s["n_tokens"] for s in self.shards], dtype=np.int64)
+        # starts[i] is the global position of shard i's first token; starts[-1] == n_tokens.
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if int(self._starts[-1]) != self.n_tokens:
+            raise LmpipeError(f"{where}: split {split!r} token count disagrees with its shards")
+        self._maps: collections.OrderedDict[int, np.memmap] = collections.OrderedDict()
+
+    def _check_files(self, verify: bool) -> None:
+        for s in self.shards:
+            for key, size in (
+                ("bin", s["n_tokens"] * TOKEN_DTYPE.itemsize),
+                ("idx", (s["n_documents"] + 1) * INDEX_DTYPE.itemsize),
+            ):
+                path = self.folder / s[key]
+                if not path.is_file():
+                    raise LmpipeError(f"{path}: shard file missing")
+                actual = path.stat().st_size
+                if actual != size:
+                    raise LmpipeError(
+                        f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)"
+                    )
+                if verify and sha256_file(path) != s[f"{key}_sha256"]:
+                    raise LmpipeError(f"{path}: sha256 differs from the manifest (corrupted)")
+
+    def _shard(self, i: int) -> np.memmap:
+        """Shard i's tokens, mapped; a small LRU keeps the number of open files bounded."""
+        m = self._maps.get(i)
+        if m is None:
+            n = self.shards[i]["n_tokens"]
+            path = self.folder / self.shards[i]["bin"]
+            # numpy refuses to map an empty file; an empty shard cannot be written anyway.
+            m = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(n,))
+            self._maps[i] = m
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(i)
+        return m
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with stream tokens [start, start + len(out)), across shard boundaries."""
+        stop = start + len(out)
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            base = int(self._starts[i])
+            take = min(stop, int(self._starts[i + 1])) - pos
+            if take > 0:
+                out[pos - start : pos - start + take] = self._shard(i)[
+                    pos - base : pos - base + take
+                ]
+                pos += take
+            i += 1
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """A copy of stream tokens [start, stop) as uint16."""
+        out = np.empty(max(stop - start, 0), dtype=TOKEN_DTYPE)
+        if stop < start:
+            raise IndexError(f"token range [{start}, {stop}) is reversed")
+        self.read_into(start, out)
+        return out
+
+    def offsets(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s document offsets (n_docs + 1 entries), checked for consistency."""
+        s = self.shards[shard]
+        path = self.folder / s["idx"]
+        idx = np.fromfile(path, dtype=INDEX_DTYPE)
+        # Cheap structural checks catch a corrupted index even when sha256 was skipped.
+        if len(idx) != s["n_documents"] + 1 or idx[0] != 0 or int(idx[-1]) != s["n_tokens"]:
+            raise LmpipeError(f"{path}: document index disagrees with the manifest")
+        if len(idx) > 1 and np.any(np.diff(idx.astype(np.int64)) < 1):
+            raise LmpipeError(f"{path}: document offsets are not increasing")
+        return idx
+
+    def documents(self) -> Iterator[np.ndarray]:
+        """Each document's tokens (uint16, without the trailing end-of-text), in stream order."""
+        for i, s in enumerate(self.shards):
+            idx = self.offsets(i).astype(np.int64)
+            tokens = self._shard(i)
+            ends = idx[1:] - 1
+            if len(ends) and np.any(tokens[ends] != self.eot_id):
+                raise LmpipeError(
+                    f"{self.folder / s['bin']}: a document does not end with end-of-text "
+                    f"{self.eot_id} (corrupted shard or index)"
+                )
+            for start, end in zip(idx[:-1].tolist(), ends.tolist(), strict=True):
+                yield np.array(tokens[start:end])
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document (end-of-text excluded), in stream order."""
+        parts = [np.diff(self.offsets(i).astype(np.int64)) - 1 for i in range(len(self.shards))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def write_shard_folder(
+    folder: Path,
+    splits: dict[str, Sequence[Sequence[int] | np.ndarray]],
+    *,
+    tokenizer_name: str,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    eot_id: int,
+    shard_tokens: int = 128 << 20,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Write a complete shard folder (manifest included) from token arrays, one list per split.
+
+    For tests and for users' own tokenizers; `lmpipe tokenize` streams through `ShardWriter`.
+    Returns the manifest.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split in dict.fromkeys([*SPLITS, *splits]):
+        with ShardWriter(
+            folder, split, eot_id=eot_id, vocab_size=vocab_size, shard_tokens=shard_tokens
+        ) as writer:
+            writer.add(list(splits.get(split, [])))
+            entries[split] = writer.close()
+    return write_manifest(
+        folder,
+        "tokenize",
+        **format_fields(
+            entries,
+            tokenizer_name=tokenizer_name,
+            tokenizer_sha256=tokenizer_sha256,
+            vocab_size=vocab_size,
+            eot_id=eot_id,
+        ),
+        **fields,
+    )

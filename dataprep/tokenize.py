@@ -1,0 +1,274 @@
+"""`lmpipe tokenize`: documents -> packed GPT-2 token shards (train and held-out), format in shards.py.
+
+Contract: every valid document of the inputs (in `find_inputs` order, then line order) is encoded
+with tiktoken's GPT-2 BPE as ordinary text (a literal "<|endoftext|>" inside a document is data,
+not the special token), followed by end-of-text 50256, and appended to exactly one split. A
+document goes to `heldout` when blake2b(text as UTF-8, key=str(seed), 8-byte digest) read as a
+little-endian uint64 is below `holdout * 2**64`: the choice depends only on the text and the seed,
+so identical documents land in the same split and the training split never holds a held-out text.
+Output is byte-identical for any number of `workers` (encoding threads; tiktoken releases the GIL),
+since results are written in input order. Bad lines stop the run (`strict`) with the file and line,
+or are counted per file in the manifest; the counts add up: documents + invalid = non-blank lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.dataprep.documents import InvalidLines, find_inputs, read_documents
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import sha256_file, staged_output, write_manifest
+from lmpipe.dataprep.shards import SPLITS, TOKEN_DTYPE, ShardWriter, format_fields
+from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, get_encoding, ranks_sha256
+
+# About 0.1 s of encoding per task: large enough to amortise the thread hand-off, small enough to
+# keep memory flat and the progress bar moving.
+BATCH_BYTES = 1 << 20
+
+
+def holdout_threshold(holdout: float) -> int:
+    return min(int(holdout * 2**64), 2**64)
+
+
+def is_heldout(text_utf8: bytes, key: bytes, threshold: int) -> bool:
+    digest = hashlib.blake2b(text_utf8, digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "little") < threshold
+
+
+@dataclass
+class FileStats:
+    path: Path
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    invalid: InvalidLines = field(default_factory=InvalidLines)
+
+
+@dataclass
+class Batch:
+    """Texts of one input file, in order, with each one's split."""
+
+    texts: list[str] = field(default_factory=list)
+    heldout: list[bool] = field(default_factory=list)
+    n_bytes: int = 0
+
+
+def read_batches(
+    path: Path, *, strict: bool, stats: FileStats, key: bytes, threshold: int
+) -> Iterator[Batch]:
+    batch = Batch()
+    for line_no, record in read_documents(path, strict=strict, invalid=stats.invalid):
+        text = record["text"]
+        try:
+            utf8 = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # JSON can spell a lone surrogate (\\ud800) that no UTF-8 text holds: it cannot round
+            # trip through the tokenizer, so it is bad input like invalid UTF-8.
+            reason = f"'text' holds a lone surrogate at character {e.start}"
+            if strict:
+                raise LmpipeError(f"{path}:{line_no}: {reason}") from None
+            stats.invalid.add(line_no, reason)
+            continue
+        held = is_heldout(utf8, key, threshold)
+        stats.documents["heldout" if held else "train"] += 1
+        batch.texts.append(text)
+        batch.heldout.append(held)
+        batch.n_bytes += len(utf8)
+        if batch.n_bytes >= BATCH_BYTES:
+            yield batch
+            batch = Batch()
+    if batch.texts:
+        yield batch
+
+
+Packed = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def encode_batch(batch: Batch) -> Packed:
+    """Encode a batch and pack each split as (`doc EOT doc EOT ...` uint16, lengths with EOT)."""
+    enc = get_encoding()
+    # encode_to_numpy with nothing allowed or disallowed is encode_ordinary (special-token text is
+    # ordinary text), but fills a numpy buffer instead of a Python list: about 1.5x faster.
+    arrays = [
+        enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in batch.texts
+    ]
+    eot = np.array([EOT_ID], dtype=np.uint32)
+    packed: Packed = {}
+    for split, want in (("train", False), ("heldout", True)):
+        docs = [a for a, h in zip(arrays, batch.heldout, strict=True) if h == want]
+        if not docs:
+            continue
+        flat = np.concatenate([p for a in docs for p in (a, eot)])
+        if flat.max() >= VOCAB_SIZE:  # GPT-2 ids always fit; this guards the uint16 cast
+            raise RuntimeError(f"token id {int(flat.max())} does not fit {TOKEN_DTYPE}")
+        lengths = np.fromiter((len(a) + 1 for a in docs), dtype=np.int64, count=len(docs))
+        packed[split] = (flat.astype(TOKEN_DTYPE), lengths)
+    return packed
+
+
+def make_progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("tokenize {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+    )
+
+
+def tokenize(
+    inputs: list[Path],
+    out: Path,
+    *,
+    holdout: float = 0.0017,
+    seed: int = 0,
+    shard_tokens: int = 128 << 20,
+    strict: bool = True,
+    overwrite: bool = False,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Encode documents into a shard folder at `out`; returns its manifest."""
+    if not 0.0 <= holdout <= 1.0:
+        raise LmpipeError(f"holdout must be between 0 and 1, got {holdout}")
+    if seed < 0:
+        raise LmpipeError(f"seed must be non-negative, got {seed}")
+    if shard_tokens < 1:
+        raise LmpipeError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    if workers < 1:
+        raise LmpipeError(f"workers must be at least 1, got {workers}")
+    files = find_inputs(inputs)
+    get_encoding()  # a missing tokenizer fails here, before any output exists
+    key, threshold = str(seed).encode(), holdout_threshold(holdout)
+    out = Path(out)
+    all_stats: list[FileStats] = []
+    input_sha: list[str] = []
+    total_bytes = sum(f.stat().st_size for f in files)
+
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(staged_output(out, overwrite))
+        writers = {
+            split: stack.enter_context(
+                ShardWriter(
+                    work, split, eot_id=EOT_ID, vocab_size=VOCAB_SIZE, shard_tokens=shard_tokens
+                )
+            )
+            for split in SPLITS
+        }
+        progress = stack.enter_context(make_progress())
+        bar = progress.add_task("", total=total_bytes, tokens=0)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+        # Futures are consumed in submission order, so output does not depend on `workers`; the
+        # bound keeps memory flat while every thread has work queued.
+        pending: collections.deque[Future[Packed]] = collections.deque()
+        n_tokens = 0
+
+        def drain(keep: int) -> None:
+            nonlocal n_tokens
+            while len(pending) > keep:
+                for split, (flat, lengths) in pending.popleft().result().items():
+                    writers[split].add_packed(flat, lengths)
+                    n_tokens += len(flat)
+                progress.update(bar, tokens=n_tokens)
+
+        try:
+            for path in files:
+                progress.update(bar, description=path.name)
+                input_sha.append(sha256_file(path))
+                stats = FileStats(path)
+                all_stats.append(stats)
+                for batch in read_batches(
+                    path, strict=strict, stats=stats, key=key, threshold=threshold
+                ):
+                    pending.append(pool.submit(encode_batch, batch))
+                    drain(2 * workers)
+                progress.advance(bar, path.stat().st_size)
+            drain(0)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        splits = {split: writers[split].close() for split in SPLITS}
+        manifest = write_manifest(
+            work,
+            "tokenize",
+            **format_fields(
+                splits,
+                tokenizer_name=NAME,
+                tokenizer_sha256=ranks_sha256(),
+                vocab_size=VOCAB_SIZE,
+                eot_id=EOT_ID,
+            ),
+            inputs=[input_entry(s, sha) for s, sha in zip(all_stats, input_sha, strict=True)],
+            totals=totals(splits, all_stats),
+            settings={
+                "holdout": holdout,
+                "seed": seed,
+                "shard_tokens": shard_tokens,
+                "strict": strict,
+            },
+        )
+    print_summary(manifest, out)
+    return manifest
+
+
+def input_entry(stats: FileStats, sha256: str) -> dict[str, Any]:
+    return {
+        "path": str(stats.path),
+        "sha256": sha256,
+        "documents": sum(stats.documents.values()),
+        **{f"{split}_documents": n for split, n in stats.documents.items()},
+        "invalid": stats.invalid.count,
+        "invalid_examples": stats.invalid.examples,
+    }
+
+
+def totals(splits: dict[str, dict[str, Any]], stats: list[FileStats]) -> dict[str, int]:
+    documents = sum(s["n_documents"] for s in splits.values())
+    invalid = sum(s.invalid.count for s in stats)
+    return {
+        "files": len(stats),
+        "lines": documents + invalid,
+        "documents": documents,
+        "invalid": invalid,
+        "tokens": sum(s["n_tokens"] for s in splits.values()),
+        **{f"{split}_documents": splits[split]["n_documents"] for split in SPLITS},
+        **{f"{split}_tokens": splits[split]["n_tokens"] for split in SPLITS},
+    }
+
+
+def print_summary(manifest: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    t = manifest["totals"]
+    console.print(
+        f"tokenize: {t['documents']:,} documents, {t['tokens']:,} tokens from {t['files']} "
+        f"file(s) -> {out}"
+    )
+    for split in SPLITS:
+        s = manifest["splits"][split]
+        console.print(
+            f"  {split:<8} {s['n_documents']:>12,} documents {s['n_tokens']:>15,} tokens "
+            f"{len(s['shards']):>5} shard(s)"
+        )
+    console.print(f"  invalid  {t['invalid']:>12,} lines")
+    for entry in manifest["inputs"]:
+        if entry["invalid"]:
+            examples = "; ".join(entry["invalid_examples"])
+            console.print(f"    {entry['path']}: {entry['invalid']} invalid ({examples})")

@@ -1,0 +1,320 @@
+"""dedup: datasketch-identical MinHash, LSH parameters, duplicates found, distinct kept, counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from lmpipe.dataprep.dedup import (
+    KEPT,
+    NEAR,
+    SHORT,
+    MinHasher,
+    decide,
+    dedup,
+    normalise,
+    optimal_bands,
+    shingle_hashes,
+    union_find,
+)
+from lmpipe.dataprep.documents import find_inputs
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import partial_path
+
+WORDS = (
+    "river stone light paper window garden silver market engine winter candle forest letter "
+    "number signal harbor copper violet thunder meadow lantern basket orbit puzzle saddle "
+    "tunnel velvet anchor bridge cactus falcon glacier hammer island jacket kettle ladder "
+    "magnet needle oyster pepper quartz ribbon sphinx tablet umbrella vessel walnut yarrow"
+).split()
+
+
+def prose(seed: int, n_words: int = 120) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+def edit(text: str, seed: int, n: int = 2) -> str:
+    """Replace `n` words: a near duplicate with character 13-gram Jaccard around 0.9-0.97."""
+    rng = random.Random(seed)
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), n):
+        words[i] = "zzz" + words[i]
+    return " ".join(words)
+
+
+def write_jsonl(path: Path, records: list[dict], raw_lines: dict[int, str] | None = None) -> Path:
+    """Records as JSON lines; `raw_lines` puts a literal line at a 0-based position."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    for pos, raw in sorted((raw_lines or {}).items()):
+        lines.insert(pos, raw)
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def read_zst(path: Path) -> list[dict]:
+    with open(path, "rb") as f:
+        data = zstandard.ZstdDecompressor().stream_reader(f).read()
+    return [json.loads(line) for line in io.BytesIO(data)]
+
+
+def kept_docs(out: Path) -> list[dict]:
+    return [r for p in sorted(out.glob("part-*.jsonl.zst")) for r in read_zst(p)]
+
+
+def removed_by_id(out: Path) -> dict:
+    return {r.get("id"): r for r in read_zst(out / "removed.ndjson.zst")}
+
+
+# --- MinHash and LSH parameters ---------------------------------------------------------------
+
+
+def datasketch_values(text: str, n: int, scheme: str) -> np.ndarray:
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=128, seed=1, scheme=scheme)
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)] or [text]
+    m.update_batch([g.encode("utf-8") for g in grams])
+    return m.hashvalues.astype(np.uint64)
+
+
+@pytest.mark.parametrize("scheme", ["legacy", "affine32"])
+def test_minhash_equals_datasketch(scheme):
+    rng = random.Random(3)
+    texts = [
+        normalise(prose(1)),
+        "café naïve façade über straße 日本語のテキスト emoji 🙂 and some more words here",
+        "short",  # shorter than n: the whole string is its one shingle
+        "",
+        "a" * 40,  # one distinct shingle repeated
+        # more distinct shingles than one chunk, so a document spans chunk boundaries
+        "".join(rng.choice("abcdefghij ") for _ in range(20_000)),
+    ]
+    hasher = MinHasher(128, seed=1, scheme=scheme)
+    ours = hasher.signatures([shingle_hashes(t, 13) for t in texts])  # one batch, many documents
+    for text, row in zip(texts, ours, strict=True):
+        assert np.array_equal(row.astype(np.uint64), datasketch_values(text, 13, scheme)), text[:20]
+    assert not np.array_equal(ours[0], ours[1])
+
+
+def test_optimal_bands_match_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    assert optimal_bands(0.8, 128) == (9, 13)
+    for threshold, num_perm in [(0.5, 128), (0.7, 128), (0.85, 128), (0.9, 256), (0.8, 64)]:
+        assert optimal_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def test_normalise_is_slimpajamas_clean():
+    text = "Hello,\u00a0World!\n\n\tIt's  a\u2003TEST\x1c-- ok?  "
+    expected = re.sub(r"\s+", " ", text.lower().translate(str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"))).strip()  # fmt: skip
+    assert normalise(text) == expected == "hello world its a test ok"
+
+
+# --- grouping ---------------------------------------------------------------------------------
+
+
+def test_union_find_chain_and_order():
+    # 4 - 3 - 1 and 2 - 0 - 5: chains listed out of order still collapse onto their minimum
+    pairs = np.array([[4, 3], [3, 1], [5, 0], [2, 0]])
+    assert union_find(7, pairs).tolist() == [0, 1, 0, 1, 1, 0, 6]
+
+
+def test_decide_collapses_a_chain_of_band_collisions():
+    # doc 1 shares band 0 with doc 0 and band 1 with doc 2; docs 0 and 2 share no band, so only
+    # the chain A~B~C puts doc 2 with doc 0.
+    sig = np.arange(4 * 6, dtype=np.uint32).reshape(4, 6) * 7 + 1000
+    sig[1, 0:3] = sig[0, 0:3]
+    sig[2, 3:6] = sig[1, 3:6]
+    short = np.array([False, False, False, True, False])
+    digests = np.arange(4 * 16, dtype=np.uint8).reshape(4, 16)
+    reason, keeper = decide(short, digests, sig, bands=2, rows=3)
+    assert reason.tolist() == [KEPT, NEAR, NEAR, SHORT, KEPT]
+    assert keeper.tolist() == [0, 0, 0, -1, 4]
+
+
+# --- the stage on constructed cases -----------------------------------------------------------
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """Two sources, plain and compressed files, with known duplicates:
+    books/a.jsonl (read first): A, B, C, distinct 1, short, B' (near B)
+    web/b.jsonl.zst: A' (near A, cross-source), C' (C with case/punctuation/whitespace changed),
+                     a chain W0 ~ W1 ~ W2 (a window shifted twice), distinct 2
+    """
+    a, b, c = prose(1), prose(2), prose(3)
+    w = prose(4, 400)
+    c_variant = c.upper().replace(" ", "  \n", 5).replace(".", "!?")
+    raw = tmp_path / "raw"
+    write_jsonl(
+        raw / "books" / "a.jsonl",
+        [
+            {"text": a, "id": "A", "meta": {"k": 1}},
+            {"text": b, "id": "B"},
+            {"text": c, "id": "C"},
+            {"text": prose(10), "id": "D1"},
+            {"text": "Too short to keep.", "id": "S"},
+            {"text": edit(b, 1), "id": "B'"},
+        ],
+    )
+    write_jsonl(
+        raw / "web" / "b.jsonl.zst",
+        [
+            {"text": edit(a, 2), "id": "A'"},
+            {"text": c_variant, "id": "C'"},
+            {"text": w[:1800], "id": "W0"},
+            {"text": w[40:1840], "id": "W1"},
+            {"text": w[80:1880], "id": "W2"},
+            {"text": prose(11), "id": "D2"},
+        ],
+    )
+    return raw
+
+
+def test_duplicates_found_and_distinct_kept(corpus, tmp_path):
+    manifest = dedup([corpus], tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    kept = {r["id"] for r in kept_docs(out)}
+    assert kept == {"A", "B", "C", "D1", "D2", "W0"}
+    removed = removed_by_id(out)
+    assert removed["S"]["reason"] == "short"
+    assert removed["A'"]["reason"] == "near duplicate"  # cross-source: web vs books
+    assert removed["A'"]["duplicate_of"] == {"file": str(corpus / "books" / "a.jsonl"), "line": 1, "id": "A"}  # fmt: skip
+    assert removed["B'"]["duplicate_of"]["id"] == "B"
+    assert removed["C'"]["reason"] == "exact duplicate"
+    assert removed["C'"]["duplicate_of"]["id"] == "C"
+    assert {removed["W1"]["duplicate_of"]["id"], removed["W2"]["duplicate_of"]["id"]} == {"W0"}
+    total = manifest["counts"]["total"]
+    assert (total["input"]["documents"], total["kept"]["documents"]) == (12, 6)
+    assert (total["short"]["documents"], total["exact_duplicate"]["documents"]) == (1, 1)
+    assert total["near_duplicate"]["documents"] == 4
+    assert manifest["counts"]["books"]["input"]["documents"] == 6  # source: the file's folder
+    assert manifest["settings"]["bands"] == 9 and manifest["settings"]["rows"] == 13
+
+
+def test_output_is_the_next_stages_input_and_a_rerun_removes_nothing(corpus, tmp_path):
+    dedup([corpus], tmp_path / "once", progress=False)
+    files = find_inputs([tmp_path / "once"])
+    assert [f.name for f in files] == ["part-00000.jsonl.zst"]  # not the removal listing
+    again = dedup([tmp_path / "once"], tmp_path / "twice", progress=False)
+    assert again["counts"]["total"]["kept"]["documents"] == 6
+    assert kept_docs(tmp_path / "twice") == kept_docs(tmp_path / "once")
+
+
+def test_without_exact_step_same_kept_set_and_variants_are_near(corpus, tmp_path):
+    dedup([corpus], tmp_path / "with", progress=False)
+    manifest = dedup([corpus], tmp_path / "without", exact=False, progress=False)
+    assert kept_docs(tmp_path / "with") == kept_docs(tmp_path / "without")
+    assert removed_by_id(tmp_path / "without")["C'"]["reason"] == "near duplicate"
+    assert manifest["counts"]["total"]["exact_duplicate"]["documents"] == 0
+
+
+def test_counts_add_up_per_source(corpus, tmp_path):
+    manifest = dedup([corpus], tmp_path / "out", progress=False)
+    buckets = ("kept", "short", "exact_duplicate", "near_duplicate", "invalid")
+    assert set(manifest["counts"]) == {"web", "books", "total"}
+    for source, c in manifest["counts"].items():
+        for unit in ("documents", "bytes"):
+            assert sum(c[b][unit] for b in buckets) == c["input"][unit], (source, unit)
+    books = manifest["counts"]["books"]
+    assert books["short"]["bytes"] == len(b"Too short to keep.")
+    outputs = {o["file"]: o["documents"] for o in manifest["outputs"]}
+    assert outputs["removed.ndjson.zst"] == 6
+    assert sum(n for f, n in outputs.items() if f.startswith("part-")) == 6
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+
+def test_text_fixed_and_other_fields_pass_through(tmp_path):
+    filler = " " + prose(5)
+    records = [
+        {
+            "text": "donâ€™t panic" + filler,
+            "id": 7,
+            "meta": {"a": [1, 2.5, None], "b": "ü"},
+            "x": True,
+        },  # fmt: skip
+        {"text": "cafe\u0301 au lait " + prose(6), "id": "e", "meta": {}},
+    ]
+    write_jsonl(tmp_path / "in" / "d.jsonl", records)
+    manifest = dedup([tmp_path / "in"], tmp_path / "out", progress=False)
+    assert set(manifest["counts"]) == {"in", "total"}  # a flat folder: its own name is the source
+    kept = kept_docs(tmp_path / "out")
+    assert kept[0]["text"].startswith("don't panic")  # mojibake repaired (ftfy also uncurls)
+    assert kept[1]["text"].startswith("caf\u00e9 au lait")  # NFC: one code point
+    for before, after in zip(records, kept, strict=True):
+        assert {k: v for k, v in after.items() if k != "text"} == {
+            k: v for k, v in before.items() if k != "text"
+        }
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [("{not json", "not JSON"), ('{"id": 1}', "no 'text'"), ('{"text": 5}', "'text' is int")],
+)
+def test_bad_line_strict_errors_and_leaves_nothing(tmp_path, bad, reason):
+    path = write_jsonl(tmp_path / "in" / "d.jsonl.zst", [{"text": prose(1)}, {"text": prose(2)}], {1: bad})  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(LmpipeError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(reason)):
+        dedup([tmp_path / "in"], out, progress=False)
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_bad_lines_counted_as_invalid_when_not_strict(tmp_path):
+    write_jsonl(tmp_path / "in" / "s1" / "d.jsonl", [{"text": prose(1), "id": "ok"}], {0: "{x", 1: '{"text": 5}'})  # fmt: skip
+    write_jsonl(tmp_path / "in" / "s2" / "e.jsonl", [{"text": prose(2)}])
+    manifest = dedup([tmp_path / "in"], tmp_path / "out", strict=False, progress=False)
+    assert manifest["counts"]["s1"]["invalid"]["documents"] == 2
+    assert manifest["counts"]["s1"]["input"]["documents"] == 3
+    assert manifest["counts"]["s2"]["invalid"]["documents"] == 0
+    assert manifest["counts"]["total"]["kept"]["documents"] == 2
+    listing = read_zst(tmp_path / "out" / "removed.ndjson.zst")
+    assert [(r["line"], r["reason"]) for r in listing] == [(1, "invalid"), (2, "invalid")]
+
+
+def test_finished_output_refused_without_overwrite(corpus, tmp_path):
+    out = tmp_path / "out"
+    dedup([corpus], out, progress=False)
+    stamp = (out / "manifest.json").read_text()
+    with pytest.raises(LmpipeError, match="already exists"):
+        dedup([corpus], out, progress=False)
+    assert (out / "manifest.json").read_text() == stamp
+    dedup([corpus], out, overwrite=True, progress=False)
+    assert (out / "manifest.json").is_file() and not partial_path(out).exists()
+
+
+def test_input_inside_output_refused(corpus, tmp_path):
+    with pytest.raises(LmpipeError, match="inside the output folder"):
+        dedup([corpus / "books"], corpus, overwrite=True, progress=False)
+    assert (corpus / "books" / "a.jsonl").is_file()
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_dedup(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmpipe.cli.app import app
+
+    result = CliRunner().invoke(app, ["dedup", str(corpus), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "near" in result.output and "total" in result.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["total"]["kept"]["documents"] == 6  # fmt: skip
+
+    bad = write_jsonl(tmp_path / "bad" / "x.jsonl", [{"text": prose(1)}], {1: "oops"})
+    result = CliRunner().invoke(app, ["dedup", str(bad), "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 2
+    assert f"{bad}:2:" in result.output
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,115 @@
+"""The training loop on DeepSpeed's CPU accelerator: metrics, the stage switch, loss going down,
+checkpoints, and a resumed run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.shards import write_shard_folder
+from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, ranks_sha256
+from lmpipe.train.checkpoint import list_checkpoints, load_model
+from lmpipe.train.loop import train
+from lmpipe.train.recipe import load_recipe
+
+# 12 steps at 64 tokens, then 4 at 128; 512 tokens per step in 2 micro-steps; a checkpoint every 4
+SMALL = [
+    "model.d_model=32", "model.d_ff=85", "model.n_heads=2", "model.mup.d_model_base=32",
+    "model.mup.d_ff_base=85", "tokens_per_step=512", "micro_batch_tokens=256",
+    "stages.0.tokens=6144", "stages.1.seq_len=128", "stages.1.tokens=2048",
+    "schedule.warmup_tokens=1024", "checkpoint_every_tokens=2048",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, gpt2):
+    """Documents with one learnable rule shared by all: token t is followed by t + 1 (mod 100)."""
+    rng = np.random.default_rng(0)
+    docs = [(int(rng.integers(100)) + np.arange(int(rng.integers(100, 300)))) % 100 for _ in range(60)]
+    folder = tmp_path_factory.mktemp("tokens")
+    write_shard_folder(
+        folder, {"train": docs, "heldout": docs[:2]}, tokenizer_name=NAME,
+        tokenizer_sha256=ranks_sha256(), vocab_size=VOCAB_SIZE, eot_id=EOT_ID,
+    )
+    return folder
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    summary = train(load_recipe("tiny", SMALL), data, run_dir)
+    return run_dir, summary
+
+
+def test_metrics_follow_the_stages_and_loss_decreases(full_run):
+    run_dir, summary = full_run
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert [r["seq_len"] for r in rows] == [64] * 12 + [128] * 4
+    assert [r["tokens"] for r in rows] == [512 * s for s in range(1, 17)]
+    assert rows[0]["lr"] == 0.0 and max(r["lr"] for r in rows) == pytest.approx(1.2e-2)
+    assert rows[-1]["lr"] < rows[5]["lr"]
+    first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-3:]])
+    assert first == pytest.approx(np.log(VOCAB_SIZE), abs=1.5)
+    assert last < first - 2.0, (first, last)
+    assert summary["finished"] and summary["steps"] == 16
+
+
+def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run):
+    run_dir, _ = full_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["summary"]["tokens"] == 16 * 512
+    assert load_recipe(str(run_dir / "recipe.yaml")).stages[1].seq_len == 128
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["grad_accum"] == 2 and [s["steps"] for s in plan["stages"]] == [12, 4]
+    # checkpoints every 4 steps, the 2 newest kept
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step00000012", "step00000016"]
+    assert (run_dir / "logs" / "rank0.log").read_text().count("loss") == 16
+
+
+def test_exported_model_reproduces_the_training_loss(full_run, data):
+    from lmpipe.dataprep.shards import TokenShards
+
+    run_dir, _ = full_run
+    model, recipe = load_model(run_dir)
+    tokens = torch.from_numpy(TokenShards(data, "train").tokens(0, 129).astype(np.int64))[None]
+    with torch.no_grad():
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    assert loss.item() < metrics(run_dir)[0]["loss"] - 2.0
+
+
+def test_resumed_run_equals_uninterrupted(full_run, data, tmp_path):
+    run_dir, _ = full_run
+    recipe = load_recipe("tiny", SMALL)
+    resumed = tmp_path / "resumed"
+    first = train(recipe, data, resumed, stop_after_steps=6)  # checkpoints at 4 and 6
+    assert not first["finished"] and not (resumed / "manifest.json").exists()
+    assert not (resumed / "model").exists()
+    train(recipe, data, resumed, resume=True)  # continues at step 7, crosses the stage switch at 12
+    got = [(r["step"], r["loss"], r["lr"]) for r in metrics(resumed)]
+    want = [(r["step"], r["loss"], r["lr"]) for r in metrics(run_dir)]
+    assert got == want
+    a, _ = load_model(run_dir)
+    b, _ = load_model(resumed)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_existing_run_folder_needs_resume(full_run, data):
+    run_dir, _ = full_run
+    with pytest.raises(LmpipeError, match="has finished"):
+        train(load_recipe("tiny", SMALL), data, run_dir, resume=True)
+
+
+def test_unfinished_data_folder_is_refused(tmp_path):
+    (tmp_path / "tokens").mkdir()
+    with pytest.raises(LmpipeError, match="unfinished"):
+        train(load_recipe("tiny", SMALL), tmp_path / "tokens", tmp_path / "run")

@@ -1,0 +1,175 @@
+"""The model: shapes, causality, ALiBi closed forms, the two attention kernels, muP rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmpipe.train.model import GPT, alibi_bias, alibi_slopes, count_parameters
+from lmpipe.train.recipe import ModelConfig, MupConfig, load_recipe
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(
+        n_layers=2,
+        n_heads=4,
+        d_model=32,
+        d_ff=85,
+        vocab_size=97,
+        attn_impl="sdpa",
+        mup=MupConfig(d_model_base=16, d_ff_base=42.5),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def test_alibi_slopes_match_press_et_al():
+    s = alibi_slopes(32)
+    assert s[0].item() == pytest.approx(2**-0.25)  # 0.8409, seeds-spec 1.1
+    assert s[-1].item() == pytest.approx(2**-8)  # 0.0039
+    assert torch.allclose(s[1:] / s[:-1], torch.full((31,), 2**-0.25))
+    # 12 heads: the 8-head series plus every other slope of the 16-head series
+    s12 = alibi_slopes(12).tolist()
+    assert s12[:8] == pytest.approx([2 ** (-(h + 1)) for h in range(8)])
+    assert s12[8:] == pytest.approx([2 ** (-0.5 * (2 * k + 1)) for k in range(4)])
+
+
+def test_alibi_bias_is_minus_slope_times_distance_and_causal():
+    slopes = torch.tensor([0.5, 0.25])
+    bias = alibi_bias(slopes, 4, 4, torch.float32)
+    assert bias[0, 3, 1].item() == pytest.approx(-0.5 * 2)
+    assert bias[1, 2, 2].item() == 0.0
+    assert torch.isinf(bias[:, 1, 2]).all()
+    # queries that are the last T of S keys (a continuation after a prefix)
+    tail = alibi_bias(slopes, 2, 5, torch.float32)
+    assert torch.equal(tail, alibi_bias(slopes, 5, 5, torch.float32)[:, 3:, :])
+
+
+def test_forward_shapes_and_loss_near_uniform_at_init():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 16))
+    logits, loss = model(idx, idx.roll(1, dims=1))
+    assert logits.shape == (3, 16, cfg.vocab_size) and logits.dtype == torch.float32
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 97, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 97
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[0, :8], b[0, :8], atol=1e-6)
+    assert not torch.allclose(a[0, 8:], b[0, 8:])
+
+
+def naive_attention(q, k, v, slopes, scale):
+    T = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    scores = scores - slopes[:, None, None] * (i - j)
+    scores = scores.masked_fill(j > i, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("alibi_scale", [1.0, 4.0])
+def test_sdpa_and_flex_kernels_agree_with_a_naive_reference(alibi_scale):
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layers=1)
+    sdpa = GPT(cfg)
+    flex = GPT(cfg.model_copy(update={"attn_impl": "flex"}))
+    flex.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():  # FlexAttention has no CPU backward
+        a, _ = sdpa(idx, alibi_scale=alibi_scale)
+        b, _ = flex(idx, alibi_scale=alibi_scale)
+    assert torch.allclose(a, b, atol=1e-4)
+    attn = sdpa.h[0].attn
+    x = torch.randn(2, 40, 32)
+    q, k, v = (t.view(2, 40, 4, 8).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
+    slopes = sdpa.slopes / alibi_scale
+    ref = naive_attention(q, k, v, slopes, 1 / 8)
+    with torch.no_grad():
+        got = attn(x, slopes, "sdpa")
+        ref_out = attn.c_proj(ref.transpose(1, 2).reshape(2, 40, 32))
+    assert torch.allclose(got, ref_out, atol=1e-5)
+
+
+def test_alibi_scale_changes_long_range_attention():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 97, (1, 32))
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(idx, alibi_scale=2.0)
+    assert torch.allclose(a[0, 0], b[0, 0], atol=1e-5)  # the first token sees only itself
+    assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-4)
+
+
+def test_mup_init_stds_and_lr_groups_follow_cerebras_rules():
+    btlm = load_recipe("btlm3b").model
+    cfg = btlm.model_copy(update={"n_layers": 32})
+    model = GPT.__new__(GPT)  # the rules only; building 2.6B parameters is not needed
+    torch.nn.Module.__init__(model)
+    model.cfg, model.m_d, model.m_ffn = cfg, 2560 / 256, 6826 / 682.6
+    assert model.init_std("wte.weight") == pytest.approx(0.073)
+    assert model.init_std("h.0.attn.c_attn.weight") == pytest.approx(0.023085, rel=1e-4)
+    assert model.init_std("h.3.attn.c_proj.weight") == pytest.approx(0.0028856, rel=1e-4)
+    assert model.lr_scale("h.0.mlp.c_fc.weight") == pytest.approx(0.1)
+    assert model.lr_scale("h.0.mlp.c_proj.weight") == pytest.approx(0.1, rel=1e-4)
+    assert model.lr_scale("h.0.attn.c_attn.bias") == 1.0
+    assert model.lr_scale("wte.weight") == 1.0
+
+
+def test_initialised_weights_have_the_mup_std_and_groups_cover_every_parameter():
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        d_model=256,
+        n_heads=8,
+        d_ff=682,
+        n_layers=4,
+        mup=MupConfig(d_model_base=64, d_ff_base=170.5, sigma_base=0.08),
+    )
+    model = GPT(cfg)
+    w = model.h[0].attn.c_attn.weight
+    expected = 0.08 / math.sqrt(4)  # sigma_base / sqrt(m_d)
+    assert w.std().item() == pytest.approx(
+        expected * 0.88, rel=0.05
+    )  # truncation at 2 sigma: 0.88 sigma
+    assert w.abs().max().item() <= 2 * expected + 1e-6
+    groups = model.param_groups(lr=0.01, weight_decay=0.1)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    by_lr = {round(g["lr"], 8): g for g in groups if g["weight_decay"] > 0}
+    assert 0.01 in by_lr and 0.0025 in by_lr  # embedding keeps eta_base; hidden eta_base / m_d
+    no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert all(p.ndim == 1 for p in no_decay)  # exactly the biases and LayerNorms
+
+
+def test_output_multiplier_scales_logits_by_alpha_out_over_m_d():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = GPT(cfg)
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        logits, _ = model(idx)
+        doubled = GPT(
+            cfg.model_copy(
+                update={"mup": cfg.mup.model_copy(update={"alpha_out": 2 * cfg.mup.alpha_out})}
+            )
+        )
+        doubled.load_state_dict(model.state_dict())
+        logits2, _ = doubled(idx)
+    assert torch.allclose(logits2, 2 * logits, atol=1e-5)
+
+
+def test_parameter_count_matches_the_module_and_btlm():
+    cfg = tiny_config()
+    assert count_parameters(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+    assert count_parameters(load_recipe("btlm3b").model) == 2_646_255_744  # seeds-spec 1.1: ~2.646B

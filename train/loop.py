@@ -1,0 +1,341 @@
+"""The training loop: one function, `train`, from a recipe and a token-shard folder to a run folder.
+
+DeepSpeed runs the model (ZeRO stage, bf16, gradient clipping, accumulation, checkpoints, the
+process group); lmpipe owns what DeepSpeed's own features get wrong for this recipe:
+  - the LR schedule is a client LambdaLR in tokens that multiplies each parameter group's own base
+    rate (DeepSpeed's WarmupLR/WarmupDecayLR set one rate for all groups and erase muP's ratios);
+  - the 2k -> 8k switch is the loader's and the loop's: each stage reads its own region of the
+    token stream at its own window length, with the same tokens per step, so the DeepSpeed config
+    never changes (lmpipe.train.plan).
+
+Launch: one process (`lmpipe train`), or several with `torchrun --nproc_per_node N -m lmpipe.cli
+train ...` / the `deepspeed` launcher; every rank runs this same function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_finished, write_json_atomic, write_manifest
+from lmpipe.train.checkpoint import CHECKPOINTS, MODEL_DIR, list_checkpoints, save_model, step_tag
+from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
+from lmpipe.train.recipe import Recipe, recipe_yaml
+
+log = logging.getLogger("lmpipe.train")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, for a plain single process, create) the process group; returns (rank, world)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probing
+    if "RANK" not in os.environ:  # not under torchrun / the deepspeed launcher
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed()  # picks gloo on the CPU, nccl on GPUs
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def finish_process() -> None:
+    """End a launched rank cleanly. DeepSpeed's CPU ranks sometimes abort in interpreter teardown
+    after finishing ('terminate called without an active exception', 2 of 20 runs measured); a
+    barrier, a flush and an immediate exit avoid it. Only for launcher processes, never in tests."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, rank: int) -> None:
+    if rank == 0:
+        if is_finished(run_dir):
+            raise LmpipeError(
+                f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
+            )
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            what = "checkpoints" if list_checkpoints(run_dir) else "files"
+            raise LmpipeError(
+                f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
+            )
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
+    """Write the final weights as a plain state dict (gathering ZeRO-3's partitions first)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=recipe.zero_stage == 3):
+        if rank == 0:
+            save_model(engine.module, recipe, folder)
+
+
+def save_checkpoint(
+    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int
+) -> None:
+    """DeepSpeed checkpoint plus lmpipe's position; `lmpipe.json` marks it finished (written last)."""
+    import torch.distributed as dist
+
+    root = run_dir / CHECKPOINTS
+    tag = step_tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
+    dist.barrier()
+    if rank == 0:
+        (root / tag / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+        write_json_atomic(root / tag / "lmpipe.json", {"step": step, "tokens": tokens})
+        for old in list_checkpoints(run_dir)[: -recipe.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def train(
+    recipe: Recipe,
+    data: Path,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train `recipe` on the shard folder `data`, writing everything into `run_dir`.
+
+    Returns the summary written to the run's manifest. `stop_after_steps` ends the call early with
+    a checkpoint (as a preempted job would), for tests and bounded jobs; `resume=True` continues
+    from the newest finished checkpoint exactly where the data and the schedule left off.
+    """
+    import torch
+
+    from lmpipe.dataprep.loader import WindowLoader
+    from lmpipe.dataprep.shards import TokenShards
+    from lmpipe.train.model import GPT
+
+    run_dir = Path(run_dir)
+    rank, world = init_distributed()
+    import deepspeed
+    import torch.distributed as dist
+
+    prepare_run_dir(run_dir, resume, rank)
+    dist.barrier()
+    setup_logging(run_dir, rank)
+    plan = make_plan(recipe, world)
+    shards = TokenShards(Path(data), "train", verify=rank == 0)
+    if shards.vocab_size > recipe.model.vocab_size:
+        raise LmpipeError(
+            f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
+        )
+    loader = WindowLoader(shards, recipe.seed)
+    ds_config = deepspeed_config(recipe, plan)
+    if rank == 0:
+        (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+        write_json_atomic(run_dir / "plan.json", plan_summary(recipe, plan))
+        write_json_atomic(run_dir / "deepspeed.json", ds_config)
+
+    torch.manual_seed(recipe.seed)
+    model = GPT(recipe.model)
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(
+        model.param_groups(opt.lr, opt.weight_decay),
+        lr=opt.lr,
+        betas=opt.betas,
+        eps=opt.eps,
+        fused=torch.cuda.is_available(),
+    )
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(
+            step * recipe.tokens_per_step, recipe.schedule, opt.lr, plan.total_tokens
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    device = engine.device
+
+    step = 0
+    checkpoints = list_checkpoints(run_dir)
+    if resume and checkpoints:
+        latest = checkpoints[-1]
+        _, client = engine.load_checkpoint(str(latest.parent), tag=latest.name)
+        step = int(client["step"])
+        log.info("resumed from %s at step %d", latest, step)
+    elif resume and rank == 0:
+        log.info("no checkpoint in %s: starting from step 0", run_dir)
+
+    summary = run_steps(
+        engine,
+        scheduler,
+        loader,
+        recipe,
+        plan,
+        run_dir,
+        rank,
+        world,
+        device,
+        step,
+        stop_after_steps,
+    )
+    if summary["finished"]:
+        export_model(engine, recipe, run_dir / MODEL_DIR, rank)
+        if rank == 0:
+            write_manifest(
+                run_dir,
+                "train",
+                recipe=recipe.name,
+                data=str(data),
+                world_size=world,
+                summary=summary,
+            )
+    dist.barrier()
+    return summary
+
+
+def run_steps(
+    engine: Any,
+    scheduler: Any,
+    loader: Any,
+    recipe: Recipe,
+    plan: Plan,
+    run_dir: Path,
+    rank: int,
+    world: int,
+    device: Any,
+    step: int,
+    stop_after_steps: int | None,
+) -> dict[str, Any]:
+    """The optimizer steps from `step` to the end of the run (or `stop_after_steps` more)."""
+    import torch
+    import torch.distributed as dist
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    end_step = (
+        plan.total_steps
+        if stop_after_steps is None
+        else min(plan.total_steps, step + stop_after_steps)
+    )
+    every = max(recipe.checkpoint_every_tokens // recipe.tokens_per_step, 1)
+    losses: list[float] = []
+    start_step, started = step, time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]train[/] {task.fields[info]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=rank != 0,
+    )
+    with progress:
+        task = progress.add_task("train", total=plan.total_steps, completed=step, info="")
+        while step < end_step:
+            stage = plan.stage_at(step)
+            batches = loader.batches(
+                seq_len=stage.seq_len,
+                global_batch=stage.global_batch,
+                region_start=stage.region_start,
+                n_batches=stage.steps,
+                start_batch=step - stage.first_step,
+                rank=rank,
+                world_size=world,
+            )
+            for batch in batches:
+                t0 = time.perf_counter()
+                tokens_BT1 = torch.from_numpy(batch).to(device)
+                step_loss = torch.zeros((), device=device)
+                # One optimizer step = grad_accum micro-steps; DeepSpeed scales each loss by
+                # 1/grad_accum and steps the optimizer (and the LR schedule) on the last one.
+                for micro_BT1 in tokens_BT1.split(stage.micro_batch):
+                    _, loss = engine(micro_BT1[:, :-1], micro_BT1[:, 1:])
+                    engine.backward(loss)
+                    engine.step()
+                    step_loss += loss.detach().float()
+                dist.all_reduce(step_loss)
+                loss_value = step_loss.item() / (plan.grad_accum * world)
+                step += 1
+                losses.append(loss_value)
+                tokens = step * recipe.tokens_per_step
+                row = {
+                    "step": step,
+                    "tokens": tokens,
+                    "stage": stage.index,
+                    "seq_len": stage.seq_len,
+                    "loss": round(loss_value, 6),
+                    "lr": recipe.optimizer.lr * scheduler.lr_lambdas[0](step - 1),
+                    "grad_norm": _float(engine.get_global_grad_norm()),
+                    "tokens_per_s": round(recipe.tokens_per_step / (time.perf_counter() - t0), 1),
+                }
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                log.info(
+                    "step %d loss %.4f lr %.3g seq_len %d",
+                    step,
+                    loss_value,
+                    row["lr"],
+                    stage.seq_len,
+                )
+                progress.update(
+                    task,
+                    completed=step,
+                    info=f"stage {stage.index} seq {stage.seq_len} loss {loss_value:.3f}",
+                )
+                if step % every == 0 or step == end_step:
+                    save_checkpoint(engine, run_dir, recipe, step, tokens, rank)
+                if step >= end_step or step == stage.first_step + stage.steps:
+                    break
+    if metrics is not None:
+        metrics.close()
+    elapsed = time.perf_counter() - started
+    return {
+        "finished": step >= plan.total_steps,
+        "steps": step,
+        "tokens": step * recipe.tokens_per_step,
+        "steps_this_call": step - start_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "tokens_per_s": round((step - start_step) * recipe.tokens_per_step / elapsed, 1)
+        if elapsed
+        else None,
+        "seconds": round(elapsed, 2),
+    }
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return round(float(value), 6)

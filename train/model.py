@@ -1,0 +1,237 @@
+"""The GPT of BTLM-3B-8K: pre-LayerNorm, ALiBi, SwiGLU, tied embeddings, biases, no dropout, muP.
+
+Read top to bottom: ALiBi slopes, attention (two kernels that compute the same thing), the MLP,
+the block, the model, then muP's initialisation and per-group learning rates.
+
+muP as Cerebras trained BTLM (seeds-spec 1.3), with the width multiplier m_d = d_model /
+d_model_base and the FFN multiplier m_ffn = d_ff / d_ff_base:
+  - embedding output multiplied by alpha_in (width independent);
+  - logits multiplied by alpha_out / m_d ("scale by d", not sqrt(d));
+  - attention logits divided by d_head instead of sqrt(d_head);
+  - hidden init std sigma_base / sqrt(m_d); residual-output projections further / sqrt(2 n_layers)
+    (the FFN down projection uses m_ffn); the embedding keeps sigma_base;
+  - Adam learning rate of hidden matrices eta_base / m_d (FFN down: eta_base / m_ffn); embedding,
+    biases and LayerNorms keep eta_base.
+With d_model == d_model_base, alpha_in = alpha_out = 1 and qk_scale "sqrt_d_head" this is the
+standard parametrisation.
+
+Shapes: B batch, T sequence (query) length, S key length, H heads, Dh head size, D d_model, F d_ff,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmpipe.train.recipe import ModelConfig
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al.'s head slopes: a geometric series 2^(-8h/n) for h = 1..n (0.8409 ... 0.0039 at
+    32 heads); for a head count that is not a power of two, the power-of-two series below it plus
+    every other slope of the series for twice that count."""
+
+    def series(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = series(closest) + series(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes_H: torch.Tensor, T: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [H, T, S]: -slope * (i - j) on and below the diagonal, -inf above.
+    Queries are the last T of S positions (S > T when scoring a continuation of a cached prefix)."""
+    i = torch.arange(S - T, S, device=slopes_H.device)[:, None]
+    j = torch.arange(S, device=slopes_H.device)[None, :]
+    distance_TS = (i - j).to(torch.float32)
+    bias = -slopes_H[:, None, None] * distance_TS
+    bias = bias.masked_fill(j > i, float("-inf"))
+    return bias.to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with ALiBi. Two kernels compute the same function:
+    `sdpa` adds an explicit [H, T, T] bias (works everywhere, memory quadratic in T), `flex`
+    applies the bias inside FlexAttention's score_mod with a causal block mask (fast on GPU, but
+    has no backward pass on the CPU). tests/train/test_model.py checks they agree."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused Q, K, V (BTLM's c_attn)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        # muP: q.k / d_head keeps attention logits O(1) as width grows (q and k become correlated).
+        self.scale = 1.0 / self.d_head if cfg.mup.qk_scale == "d_head" else self.d_head**-0.5
+
+    def forward(self, x_BTD: torch.Tensor, slopes_H: torch.Tensor, impl: str) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.c_attn(x_BTD).split(D, dim=2)
+        q_BHTd, k_BHTd, v_BHTd = (
+            t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)
+        )
+        if impl == "flex":
+            y_BHTd = flex_alibi_attention(q_BHTd, k_BHTd, v_BHTd, slopes_H, self.scale)
+        else:
+            bias_HTT = alibi_bias(slopes_H, T, T, q_BHTd.dtype)
+            y_BHTd = F.scaled_dot_product_attention(
+                q_BHTd, k_BHTd, v_BHTd, attn_mask=bias_HTT, scale=self.scale
+            )
+        return self.c_proj(y_BHTd.transpose(1, 2).reshape(B, T, D))
+
+
+_flex_cache: dict = {}
+
+
+def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, device = q.shape[2], q.device
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes_H[h] * (q_idx - kv_idx)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    key = (T, str(device))
+    if key not in _flex_cache:  # block masks depend only on T; build each once
+        _flex_cache[key] = create_block_mask(causal, None, None, T, T, device=device)
+    kernel = flex_attention
+    if device.type == "cuda":  # compiled, FlexAttention fuses the bias into one flash-style kernel
+        kernel = _flex_cache.setdefault("compiled", torch.compile(flex_attention, dynamic=False))
+    return kernel(q, k, v, score_mod=alibi, block_mask=_flex_cache[key], scale=scale)
+
+
+class MLP(nn.Module):
+    """SwiGLU as BTLM wires it: c_proj(c_fc(x) * silu(c_fc2(x))), c_fc2 being the gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_fc2 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.c_fc(x_BTD) * F.silu(self.c_fc2(x_BTD)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BTD: torch.Tensor, slopes_H: torch.Tensor, impl: str) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), slopes_H, impl)
+        return x_BTD + self.mlp(self.ln_2(x_BTD))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        # ALiBi slopes are fixed, not trained; a buffer moves with the model to its device.
+        self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.m_d = cfg.d_model / cfg.mup.d_model_base
+        self.m_ffn = cfg.d_ff / cfg.mup.d_ff_base
+        self.reset_parameters()
+
+    def attention_impl(self, device: torch.device) -> str:
+        impl = self.cfg.attn_impl
+        if impl == "auto":
+            return "flex" if device.type == "cuda" else "sdpa"
+        return impl
+
+    def forward(
+        self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, alibi_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] (float32) and, with targets, the token-mean cross-entropy.
+
+        `alibi_scale` > 1 is ALiBi position interpolation (seeds-spec 2): every slope divided by
+        the scale, i.e. distances shrunk by it, so a model trained at length L reads s * L tokens.
+        """
+        x_BTD = self.wte(idx_BT) * self.cfg.mup.alpha_in
+        slopes_H = self.slopes / alibi_scale
+        impl = self.attention_impl(idx_BT.device)
+        for block in self.h:
+            x_BTD = block(x_BTD, slopes_H, impl)
+        # muP output multiplier alpha_out / m_d on the tied unembedding, applied to the D-wide
+        # hidden state rather than the V-wide logits: the same product, 50257/D times cheaper.
+        x_BTD = self.ln_f(x_BTD) * (self.cfg.mup.alpha_out / self.m_d)
+        logits_BTV = F.linear(x_BTD, self.wte.weight).float()
+        if targets_BT is None:
+            return logits_BTV, None
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
+        return logits_BTV, loss
+
+    # --- muP initialisation and learning rates ---------------------------------------------
+
+    def init_std(self, name: str) -> float:
+        """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3)."""
+        sigma_base, depth = self.cfg.mup.sigma_base, (2 * self.cfg.n_layers) ** -0.5
+        if name == "wte.weight":
+            return sigma_base
+        if name.endswith("mlp.c_proj.weight"):
+            return sigma_base * self.m_ffn**-0.5 * depth
+        if name.endswith("attn.c_proj.weight"):
+            return sigma_base * self.m_d**-0.5 * depth
+        return sigma_base * self.m_d**-0.5
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            else:
+                std = self.init_std(name)
+                nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+
+    def lr_scale(self, name: str) -> float:
+        """muP's Adam learning-rate multiplier of a parameter: 1/m_d for hidden matrices."""
+        if (
+            name == "wte.weight"
+            or name.endswith("bias")
+            or ".ln_" in name
+            or name.startswith("ln_f")
+        ):
+            return 1.0
+        if name.endswith("mlp.c_proj.weight"):
+            return 1.0 / self.m_ffn
+        return 1.0 / self.m_d
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups with each group's own base rate; a schedule must scale, not overwrite, them.
+
+        Weight decay skips biases and LayerNorms, as Cerebras does. PyTorch's AdamW multiplies the
+        decay by the group's rate, so hidden matrices decay 1/m_d as fast (Cerebras' coupling is
+        not documented; seeds-spec 1.3 marks it unconfirmed)."""
+        groups: dict[tuple[float, float], dict] = {}
+        for name, p in self.named_parameters():
+            decay = (
+                0.0
+                if (name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"))
+                else weight_decay
+            )
+            key = (self.lr_scale(name), decay)
+            group = groups.setdefault(key, {"params": [], "lr": lr * key[0], "weight_decay": decay})
+            group["params"].append(p)
+        return list(groups.values())
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Closed-form parameter count (the tied unembedding counted once), for dry runs."""
+    d, f = cfg.d_model, cfg.d_ff
+    per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + 2 * (d * f + f) + (f * d + d)
+    return cfg.vocab_size * d + cfg.n_layers * per_layer + 2 * d

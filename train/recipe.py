@@ -1,0 +1,203 @@
+"""Recipes: one YAML file holds a whole run (model, optimizer, LR schedule, sequence-length stages).
+
+A recipe is validated into frozen pydantic models that reject unknown keys; every error is
+reported at once with its dotted path (`model.n_heads: ...`). `--set dotted.key=value` overrides
+are applied to the raw YAML before validation, so they are checked like the file itself. Values
+that can be computed (steps per stage, batch sizes, accumulation, the DeepSpeed config) are not
+written in recipes: `lmpipe.train.plan` derives them.
+
+Shipped recipes live in the `lmpipe.recipes` package (`--recipe tiny`); any other value of
+`--recipe` is a path to a YAML file.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmpipe.dataprep.errors import LmpipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MupConfig(Section):
+    """muP's base shapes and tuned multipliers (seeds-spec 1.3; BTLM's values by default)."""
+
+    d_model_base: float = Field(256, gt=0, description="width of the tuned proxy model")
+    d_ff_base: float = Field(682.6, gt=0, description="FFN width of the proxy (BTLM: 256 * 8/3)")
+    sigma_base: float = Field(0.073, gt=0, description="init std of the proxy")
+    alpha_in: float = Field(14.6, gt=0, description="embedding output multiplier")
+    alpha_out: float = Field(2.22, gt=0, description="output logit multiplier, divided by m_d")
+    qk_scale: Literal["d_head", "sqrt_d_head"] = "d_head"
+
+
+class ModelConfig(Section):
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    d_ff: int = Field(gt=0)
+    vocab_size: int = Field(50257, gt=0)
+    layer_norm_eps: float = Field(1e-5, gt=0)
+    attn_impl: Literal["auto", "sdpa", "flex"] = "auto"
+    mup: MupConfig = MupConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads})"
+            )
+        return self
+
+
+class OptimizerConfig(Section):
+    """AdamW. `lr` is eta_base, the peak rate of embeddings, biases and norms; muP scales the
+    hidden matrices' rates from it."""
+
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient norm; 0 disables")
+
+
+class ScheduleConfig(Section):
+    """One LR schedule across all stages, in tokens: linear warmup from 0, then decay to `end_lr`
+    at the end of the run (a multiplier on every group's own base rate)."""
+
+    warmup_tokens: int = Field(ge=0)
+    decay: Literal["linear", "cosine"] = "linear"
+    end_lr: float = Field(ge=0)
+
+
+class Stage(Section):
+    seq_len: int = Field(gt=0)
+    tokens: int = Field(gt=0)
+
+
+class Recipe(Section):
+    name: str
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    stages: list[Stage] = Field(min_length=1)
+    tokens_per_step: int = Field(
+        gt=0, description="global batch in tokens, the same in every stage"
+    )
+    micro_batch_tokens: int = Field(gt=0, description="tokens one rank runs forward at once")
+    precision: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: int = Field(1, ge=0, le=3)
+    seed: int = 1
+    checkpoint_every_tokens: int = Field(gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> Recipe:
+        problems = []
+        if self.tokens_per_step % self.micro_batch_tokens:
+            problems.append(
+                f"tokens_per_step ({self.tokens_per_step}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
+            )
+        for i, stage in enumerate(self.stages):
+            if self.micro_batch_tokens % stage.seq_len:
+                problems.append(
+                    f"stages.{i}.seq_len ({stage.seq_len}) does not divide micro_batch_tokens ({self.micro_batch_tokens})"
+                )
+            if stage.tokens % self.tokens_per_step:
+                problems.append(
+                    f"stages.{i}.tokens ({stage.tokens}) is not a whole number of steps of {self.tokens_per_step} tokens"
+                )
+        if self.schedule.end_lr > self.optimizer.lr:
+            problems.append(
+                f"schedule.end_lr ({self.schedule.end_lr}) exceeds optimizer.lr ({self.optimizer.lr})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(stage.tokens for stage in self.stages)
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("lmpipe.recipes").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def recipe_source(name_or_path: str) -> tuple[str, str]:
+    """(label, YAML text) of a shipped recipe name or a file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not path.is_file():
+            raise LmpipeError(f"{path}: no such recipe file")
+        return str(path), path.read_text(encoding="utf-8")
+    shipped = resources.files("lmpipe.recipes") / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise LmpipeError(
+            f"recipe {name_or_path!r}: not a file and not a shipped recipe ({', '.join(shipped_recipes())})"
+        )
+    return f"{name_or_path}.yaml", shipped.read_text(encoding="utf-8")
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value`; the value is read as YAML (`4`, `6.0e-4`, `[0.9, 0.95]`)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise LmpipeError(f"--set {assignment!r}: expected dotted.key=value")
+    *parents, last = key.split(".")
+    node: Any = raw
+    for part in parents:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise LmpipeError(f"--set {key}: {part!r} is not a section")
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise LmpipeError(f"--set {key}: {last!r} is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def validate_recipe(raw: Any, label: str) -> Recipe:
+    if not isinstance(raw, dict):
+        raise LmpipeError(f"{label}: a recipe is a YAML mapping")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append(f"{where}: {message}" if where else message)
+        raise LmpipeError(f"{label}: " + "; ".join(problems)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    label, text = recipe_source(name_or_path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LmpipeError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_recipe(raw, label)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
