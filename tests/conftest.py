@@ -29,3 +29,28 @@ def eval_assets() -> Path:
     if not path.is_dir():
         pytest.skip(f"eval assets not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def pattern_tokens(tmp_path_factory, gpt2) -> Path:
+    """A token folder with one rule a tiny model learns in a few steps: token t is followed by
+    t + 1 (mod 100). Stamped with the real GPT-2 fingerprint, as `lmpipe tokenize` would."""
+    import numpy as np
+
+    from lmpipe.dataprep.shards import write_shard_folder
+    from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, ranks_sha256
+
+    rng = np.random.default_rng(0)
+    docs = [
+        (int(rng.integers(100)) + np.arange(int(rng.integers(100, 300)))) % 100 for _ in range(60)
+    ]
+    folder = tmp_path_factory.mktemp("pattern") / "tokens"
+    write_shard_folder(
+        folder,
+        {"train": docs, "heldout": docs[:2]},
+        tokenizer_name=NAME,
+        tokenizer_sha256=ranks_sha256(),
+        vocab_size=VOCAB_SIZE,
+        eot_id=EOT_ID,
+    )
+    return folder

@@ -10,32 +10,31 @@ import pytest
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.shards import write_shard_folder
-from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, ranks_sha256
+from lmpipe.dataprep.tokenizer import VOCAB_SIZE
 from lmpipe.train.checkpoint import list_checkpoints, load_model
 from lmpipe.train.loop import train
 from lmpipe.train.recipe import load_recipe
 
 # 12 steps at 64 tokens, then 4 at 128; 512 tokens per step in 2 micro-steps; a checkpoint every 4
 SMALL = [
-    "model.d_model=32", "model.d_ff=85", "model.n_heads=2", "model.mup.d_model_base=32",
-    "model.mup.d_ff_base=85", "tokens_per_step=512", "micro_batch_tokens=256",
-    "stages.0.tokens=6144", "stages.1.seq_len=128", "stages.1.tokens=2048",
-    "schedule.warmup_tokens=1024", "checkpoint_every_tokens=2048",
+    "model.d_model=32",
+    "model.d_ff=85",
+    "model.n_heads=2",
+    "model.mup.d_model_base=32",
+    "model.mup.d_ff_base=85",
+    "tokens_per_step=512",
+    "micro_batch_tokens=256",
+    "stages.0.tokens=6144",
+    "stages.1.seq_len=128",
+    "stages.1.tokens=2048",
+    "schedule.warmup_tokens=1024",
+    "checkpoint_every_tokens=2048",
 ]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, gpt2):
-    """Documents with one learnable rule shared by all: token t is followed by t + 1 (mod 100)."""
-    rng = np.random.default_rng(0)
-    docs = [(int(rng.integers(100)) + np.arange(int(rng.integers(100, 300)))) % 100 for _ in range(60)]
-    folder = tmp_path_factory.mktemp("tokens")
-    write_shard_folder(
-        folder, {"train": docs, "heldout": docs[:2]}, tokenizer_name=NAME,
-        tokenizer_sha256=ranks_sha256(), vocab_size=VOCAB_SIZE, eot_id=EOT_ID,
-    )
-    return folder
+def data(pattern_tokens):
+    return pattern_tokens
 
 
 def metrics(run_dir):
