@@ -152,10 +152,10 @@ class GPT(nn.Module):
             return "flex" if device.type == "cuda" else "sdpa"
         return impl
 
-    def forward(
-        self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, alibi_scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, V] (float32) and, with targets, the token-mean cross-entropy.
+    def hidden_states(self, idx_BT: torch.Tensor, alibi_scale: float = 1.0) -> torch.Tensor:
+        """The last hidden states [B, T, D], already times muP's output multiplier alpha_out / m_d
+        (applied to the D-wide state rather than the V-wide logits: the same product, V/D times
+        cheaper), so that logits are `unembed(hidden_states(idx))`.
 
         `alibi_scale` > 1 is ALiBi position interpolation (seeds-spec 2): every slope divided by
         the scale, i.e. distances shrunk by it, so a model trained at length L reads s * L tokens.
@@ -165,10 +165,17 @@ class GPT(nn.Module):
         impl = self.attention_impl(idx_BT.device)
         for block in self.h:
             x_BTD = block(x_BTD, slopes_H, impl)
-        # muP output multiplier alpha_out / m_d on the tied unembedding, applied to the D-wide
-        # hidden state rather than the V-wide logits: the same product, 50257/D times cheaper.
-        x_BTD = self.ln_f(x_BTD) * (self.cfg.mup.alpha_out / self.m_d)
-        logits_BTV = F.linear(x_BTD, self.wte.weight).float()
+        return self.ln_f(x_BTD) * (self.cfg.mup.alpha_out / self.m_d)
+
+    def unembed(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) from hidden states, through the tied embedding."""
+        return F.linear(x_ND, self.wte.weight).float()
+
+    def forward(
+        self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, alibi_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] (float32) and, with targets, the token-mean cross-entropy."""
+        logits_BTV = self.unembed(self.hidden_states(idx_BT, alibi_scale))
         if targets_BT is None:
             return logits_BTV, None
         loss = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())

@@ -1,0 +1,248 @@
+"""`lmpipe eval`: score a trained run and write `results.json` + `manifest.json` to a folder.
+
+    evaluate(run_dir, out, tasks=[...], data=shards_or_None, task_data=folder_or_None, limit=N)
+
+Tasks: `perplexity`, `continuation` and `long_context` read the held-out split of a token shard
+folder (`data`); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
+`task_data`. Each task's metrics are {"value", "stderr"} plus its item count `n`; results.json
+holds them per task with the settings; the output folder is published only when every task ran.
+The model reads at most its training sequence length (the recipe's last stage) per forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomic, write_manifest
+
+HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
+RESULTS = "results.json"
+
+
+def known_tasks() -> list[str]:
+    from lmpipe.evals.tasks import EXTERNAL_TASKS
+
+    return [*HELDOUT_TASKS, *EXTERNAL_TASKS]
+
+
+def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> list[str]:
+    """The task list without repeats; every problem with it as one LmpipeError, before any work."""
+    names = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
+    if not names:
+        raise LmpipeError("no task given; known tasks: " + ", ".join(known_tasks()))
+    unknown = [t for t in names if t not in known_tasks()]
+    if unknown:
+        raise LmpipeError(
+            f"unknown task {', '.join(unknown)}; known tasks: {', '.join(known_tasks())}"
+        )
+    need_data = [t for t in names if t in HELDOUT_TASKS]
+    if need_data and data is None:
+        raise LmpipeError(
+            f"task {', '.join(need_data)} needs --data (a token shard folder with a held-out split)"
+        )
+    external = [t for t in names if t not in HELDOUT_TASKS]
+    if external and task_data is None:
+        raise LmpipeError(
+            f"task {', '.join(external)} needs --task-data (a folder of lm-eval-ready task files)"
+        )
+    if external and not Path(task_data).is_dir():  # type: ignore[arg-type]
+        raise LmpipeError(f"{task_data}: no such folder (--task-data)")
+    return names
+
+
+def evaluate(
+    run_dir: Path,
+    out: Path,
+    *,
+    tasks: list[str],
+    data: Path | None,
+    task_data: Path | None,
+    limit: int | None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the tasks on the run's final model; the results dict that results.json holds."""
+    names = check_tasks(tasks, data, task_data)
+    if limit is not None and limit < 1:
+        raise LmpipeError(f"--limit must be at least 1, got {limit}")
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmpipe.dataprep.tokenizer import get_encoding
+    from lmpipe.train.checkpoint import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    console = Console()
+    with staged_output(Path(out), overwrite) as work:
+        model, recipe = load_model(Path(run_dir), device)
+        max_length = recipe.stages[-1].seq_len
+        encoding = get_encoding()
+        shards = open_heldout(Path(data)) if any(t in HELDOUT_TASKS for t in names) else None  # type: ignore[arg-type]
+        results: dict[str, Any] = {}
+        columns = (
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            for name in names:
+                bar = progress.add_task(name, total=None)
+
+                def advance(done: int, total: int, bar: Any = bar) -> None:
+                    progress.update(bar, completed=done, total=total)
+
+                started = time.perf_counter()
+                results[name] = run_task(
+                    name,
+                    model=model,
+                    encoding=encoding,
+                    max_length=max_length,
+                    shards=shards,
+                    task_data=task_data,
+                    limit=limit,
+                    batch_size=batch_size,
+                    device=device,
+                    seed=seed,
+                    progress=advance,
+                )
+                results[name]["seconds"] = round(time.perf_counter() - started, 3)
+                # A task that never reported (no requests) still ends as a full bar.
+                total = next(t.total for t in progress.tasks if t.id == bar) or 1
+                progress.update(bar, total=total, completed=total)
+        report = {
+            "run_dir": str(run_dir),
+            "recipe": recipe.name,
+            "max_length": max_length,
+            "settings": {
+                "tasks": names,
+                "limit": limit,
+                "batch_size": batch_size,
+                "device": device,
+                "seed": seed,
+                "data": str(data) if data is not None else None,
+                "task_data": str(task_data) if task_data is not None else None,
+            },
+            "tasks": finite(results),
+        }
+        console.print(results_table(report["tasks"]))
+        write_json_atomic(work / RESULTS, report)
+        write_manifest(
+            work,
+            "eval",
+            inputs={
+                "run_dir": str(run_dir),
+                "data": report["settings"]["data"],
+                "task_data": report["settings"]["task_data"],
+            },
+            settings=report["settings"],
+            results={
+                t: {k: v["value"] for k, v in r.items() if isinstance(v, dict) and "value" in v}
+                for t, r in report["tasks"].items()
+            },
+            files={RESULTS: sha256_file(work / RESULTS)},
+        )
+    return report
+
+
+def open_heldout(data: Path):  # -> TokenShards
+    from lmpipe.dataprep.shards import TokenShards
+
+    shards = TokenShards(data, "heldout")
+    if shards.n_documents == 0:
+        raise LmpipeError(f"{data}: the held-out split is empty; tokenize with a larger --holdout")
+    return shards
+
+
+def run_task(
+    name: str,
+    *,
+    model,
+    encoding,
+    max_length: int,
+    shards,
+    task_data: Path | None,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    seed: int,
+    progress,
+) -> dict[str, Any]:
+    from lmpipe.evals.lm import GPTLM
+    from lmpipe.evals.tasks import EXTERNAL_TASKS, continuation_items, load_items, score_items
+
+    lm = GPTLM(model, encoding, max_length, batch_size=batch_size, device=device, progress=progress)
+    if name == "perplexity":
+        from lmpipe.evals.perplexity import heldout_perplexity
+
+        return heldout_perplexity(lm, shards, limit=limit)
+    if name == "long_context":
+        from lmpipe.evals.perplexity import loss_by_position
+
+        try:
+            # Twice the training length: where BTLM's card says interpolation still holds.
+            return loss_by_position(
+                model,
+                shards,
+                2 * max_length,
+                max_length,
+                n_windows=limit or 8,
+                device=device,
+                progress=progress,
+            )
+        except ValueError as e:
+            raise LmpipeError(f"long_context: {e}") from None
+    if name == "continuation":
+        texts = [encoding.decode(doc.tolist()) for doc in shards.documents()]
+        items = continuation_items(texts, seed=seed, limit=limit)
+        if not items:
+            raise LmpipeError(
+                f"continuation: none of the {len(texts)} held-out documents is long enough "
+                "(36 words and another document of 20) to make an item"
+            )
+        return score_items(lm, items, ("acc", "acc_norm"))
+    spec = EXTERNAL_TASKS[name]
+    items = load_items(spec, task_data, limit)  # type: ignore[arg-type]
+    if not items:
+        raise LmpipeError(f"{Path(task_data) / spec.path}: no items")  # type: ignore[arg-type]
+    return score_items(lm, items, spec.metrics)
+
+
+def finite(obj: Any) -> Any:
+    """NaN and infinity as null: results.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def results_table(task_results: dict[str, Any]):  # -> rich.table.Table
+    from rich.table import Table
+
+    table = Table(title="lmpipe eval")
+    for column, justify in (
+        ("task", "left"),
+        ("metric", "left"),
+        ("value", "right"),
+        ("stderr", "right"),
+        ("n", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for task, result in task_results.items():
+        for key, m in result.items():
+            if not (isinstance(m, dict) and "value" in m):
+                continue
+            value = "-" if m["value"] is None else f"{m['value']:.4f}"
+            stderr = "-" if m.get("stderr") is None else f"±{m['stderr']:.4f}"
+            table.add_row(task, key, value, stderr, str(result.get("n", "")))
+    return table

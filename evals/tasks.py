@@ -1,0 +1,333 @@
+"""Zero-shot tasks with lm-evaluation-harness's stock prompts, targets and metrics, in plain Python.
+
+A task turns its rows into items; an item is scored through an `LM` (lmpipe.evals.lm):
+
+  - `Choice` (multiple choice): one (context, continuation) request per choice; acc = the gold
+    has the largest summed log-likelihood; acc_norm = the same after dividing each by the
+    character length of its choice string (the harness divides by `len(choice)`, without the
+    leading space of the continuation); the first of equal scores wins (`np.argmax`).
+  - `Cloze` (lambada): one request; acc = the continuation is the greedy argmax at every token,
+    perplexity = exp(-mean log-likelihood).
+
+Every mean metric carries the harness's `mean_stderr` (sample std / sqrt(n)); perplexity's stderr
+is a seeded bootstrap (the harness bootstraps it too, with its own RNG and 100,000 draws).
+
+External tasks read the lm-eval-ready files of a `task_data` folder, one sub-folder per task
+(../shared/assets/evals/MANIFEST.md). `continuation` is built from the run's own held-out
+documents, so a pipeline without external data still gets a multiple-choice score (chance 25%).
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.evals.lm import LM
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A multiple-choice item: one request per choice, `choices` for acc_norm's lengths."""
+
+    requests: tuple[tuple[str, str], ...]
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class Cloze:
+    """A single-continuation item (lambada)."""
+
+    context: str
+    continuation: str
+
+
+Item = Choice | Cloze
+
+
+def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> Choice:
+    """The harness's default multiple-choice requests: (context, delimiter + choice) per choice."""
+    return Choice(tuple((context, f"{delimiter}{c}") for c in choices), tuple(choices), gold)
+
+
+# --- the stock prompts, one function per task (lm_eval/tasks/<task>/*.yaml) -----------------
+
+
+def arc(row: dict[str, Any]) -> Choice:
+    # arc_easy.yaml / arc_challenge.yaml: "Question: {{question}}\nAnswer:", choices.text
+    text = row["choices"]["text"]
+    return choice_item(
+        f"Question: {row['question']}\nAnswer:",
+        text,
+        row["choices"]["label"].index(row["answerKey"]),
+    )
+
+
+def piqa(row: dict[str, Any]) -> Choice:
+    return choice_item(
+        f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"])
+    )
+
+
+def openbookqa(row: dict[str, Any]) -> Choice:
+    # The question stem alone is the context; the answer continues the sentence.
+    gold = row["choices"]["label"].index(row["answerKey"].lstrip())
+    return choice_item(row["question_stem"], row["choices"]["text"], gold)
+
+
+def boolq(row: dict[str, Any]) -> Choice:
+    return choice_item(
+        f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(row["label"])
+    )
+
+
+def social_iqa(row: dict[str, Any]) -> Choice:
+    # siqa.yaml: "Q: {{context}} {{question}}\nA:", label "1".."3"
+    answers = [row["answerA"], row["answerB"], row["answerC"]]
+    return choice_item(f"Q: {row['context']} {row['question']}\nA:", answers, int(row["label"]) - 1)
+
+
+def winogrande(row: dict[str, Any]) -> Choice:
+    """Partial scoring (preprocess_winogrande.py): each option fills the blank inside the
+    context, and the model scores the same rest of the sentence after each. Only acc is stock."""
+    sentence = row["sentence"]
+    blank = sentence.index("_")
+    rest = sentence[blank + 1 :].strip()
+    contexts = [sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]]
+    # multiple_input: requests are (context + choice, " " + target) with an empty 0-shot context.
+    return Choice(
+        tuple((c, f" {rest}") for c in contexts), tuple(contexts), {"1": 0, "2": 1}[row["answer"]]
+    )
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """The harness's hellaswag `preprocess`: drop [bracket] tags, collapse double spaces."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag(lines: Sequence[str]) -> Choice:
+    """One item from six lines of hellaswag_val_full.txt: "label: ctx", gold, four endings.
+
+    Caveat (MANIFEST.md): the stock task builds the query from ctx_a + " " + ctx_b.capitalize();
+    this lossy file only has the joined ctx, after its uploader removed some tags, so the query
+    can differ from the harness's in capitalisation and tags, and accuracy slightly with it."""
+    query = hellaswag_preprocess(lines[0])
+    endings = [hellaswag_preprocess(e) for e in lines[2:6]]
+    return choice_item(query, endings, int(lines[1]))
+
+
+def lambada(row: dict[str, Any]) -> Cloze:
+    # lambada_openai.yaml: context = all but the last space-separated word, target " " + last word
+    # (output_type loglikelihood: no target delimiter is added).
+    words = row["text"].split(" ")
+    return Cloze(" ".join(words[:-1]), " " + words[-1])
+
+
+# --- the task table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    path: str  # relative to task_data
+    build: Callable[[Any], Item]
+    metrics: tuple[str, ...]  # what the stock task reports
+
+
+EXTERNAL_TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("arc_easy", "arc_easy/test.jsonl", arc, ("acc", "acc_norm")),
+        TaskSpec("arc_challenge", "arc_challenge/test.jsonl", arc, ("acc", "acc_norm")),
+        TaskSpec("piqa", "piqa/validation.jsonl", piqa, ("acc", "acc_norm")),
+        TaskSpec("openbookqa", "openbookqa/test.jsonl", openbookqa, ("acc", "acc_norm")),
+        TaskSpec("boolq", "boolq/validation.jsonl", boolq, ("acc",)),
+        TaskSpec("winogrande", "winogrande/validation.jsonl", winogrande, ("acc",)),
+        TaskSpec("social_iqa", "social_iqa/validation.jsonl", social_iqa, ("acc",)),
+        TaskSpec(
+            "hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", hellaswag, ("acc", "acc_norm")
+        ),
+        TaskSpec(
+            "lambada_openai", "lambada_openai/lambada_test.jsonl", lambada, ("perplexity", "acc")
+        ),
+    )
+}
+
+
+def load_items(spec: TaskSpec, task_data: Path, limit: int | None = None) -> list[Item]:
+    """The first `limit` items of a task (the harness's --limit takes the first documents too)."""
+    path = Path(task_data) / spec.path
+    if not path.is_file():
+        raise LmpipeError(
+            f"{path}: no such file (task {spec.name} reads {spec.path} under --task-data)"
+        )
+    items: list[Item] = []
+    if path.name.endswith(".txt.bz2"):
+        with bz2.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if len(lines) % 6:
+            raise LmpipeError(f"{path}: {len(lines)} lines, not a whole number of 6-line items")
+        for start in range(0, len(lines), 6):
+            if limit is not None and len(items) >= limit:
+                break
+            items.append(spec.build(lines[start : start + 6]))
+        return items
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                items.append(spec.build(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+                raise LmpipeError(
+                    f"{path}:{lineno}: not a {spec.name} row ({type(e).__name__}: {e})"
+                ) from None
+    return items
+
+
+# --- the held-out continuation task --------------------------------------------------------
+
+_WORD = re.compile(r"\S+")
+
+
+def continuation_items(
+    texts: Sequence[str],
+    *,
+    seed: int = 0,
+    chunk_words: int = 20,
+    min_context_words: int = 16,
+    max_context_words: int = 128,
+    n_choices: int = 4,
+    limit: int | None = None,
+) -> list[Choice]:
+    """Multiple-choice items from held-out documents: which chunk continues this text?
+
+    For each document with at least min_context_words + chunk_words words: a seeded cut point after
+    between min_context_words and max_context_words words; context = the document's text up to
+    there (its own whitespace), gold = the next chunk_words words; distractors = chunk_words
+    consecutive words at seeded places of other documents. Every choice is its words joined by
+    single spaces, so their form gives nothing away. The gold's position is seeded too. Same
+    texts and seed, same items.
+    """
+    rng = random.Random(seed)
+    spans = [[(m.start(), m.end()) for m in _WORD.finditer(t)] for t in texts]
+    words = [[t[a:b] for a, b in s] for t, s in zip(texts, spans, strict=True)]
+    eligible = [i for i, w in enumerate(words) if len(w) >= min_context_words + chunk_words]
+    pool = [i for i, w in enumerate(words) if len(w) >= chunk_words]
+    items: list[Choice] = []
+    for i in eligible:
+        if limit is not None and len(items) >= limit:
+            break
+        others = [j for j in pool if j != i]
+        if not others:
+            break
+        cut = rng.randint(min_context_words, min(max_context_words, len(words[i]) - chunk_words))
+        context = texts[i][: spans[i][cut - 1][1]]
+        gold = " ".join(words[i][cut : cut + chunk_words])
+        distractors: list[str] = []
+        for _ in range(50 * n_choices):  # a few retries when chunks repeat (boilerplate text)
+            if len(distractors) == n_choices - 1:
+                break
+            j = rng.choice(others)
+            start = rng.randint(0, len(words[j]) - chunk_words)
+            chunk = " ".join(words[j][start : start + chunk_words])
+            if chunk != gold and chunk not in distractors:
+                distractors.append(chunk)
+        if len(distractors) < n_choices - 1:
+            continue
+        position = rng.randrange(n_choices)
+        choices = distractors[:position] + [gold] + distractors[position:]
+        items.append(choice_item(context, choices, position))
+    return items
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """The harness's mean_stderr: sample standard deviation / sqrt(n); None below two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+def bootstrap_perplexity_stderr(
+    lls: Sequence[float], iters: int = 1000, seed: int = 0
+) -> float | None:
+    if len(lls) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(lls, dtype=np.float64)
+    samples = arr[rng.integers(0, len(arr), size=(iters, len(arr)))]
+    return float(np.std(np.exp(-samples.mean(axis=1)), ddof=1))
+
+
+def metric(value: float, stderr: float | None) -> dict[str, float | None]:
+    return {"value": value, "stderr": stderr}
+
+
+def score_choice(lm: LM, items: Sequence[Choice]) -> dict[str, Any]:
+    """acc and acc_norm of multiple-choice items, all requests sent in one call (one batched pass)."""
+    requests = [r for item in items for r in item.requests]
+    results = lm.loglikelihood(requests)
+    acc, acc_norm = [], []
+    pos = 0
+    for item in items:
+        lls = np.array([ll for ll, _ in results[pos : pos + len(item.requests)]], dtype=np.float64)
+        pos += len(item.requests)
+        lengths = np.array([float(len(c)) for c in item.choices])
+        acc.append(1.0 if int(np.argmax(lls)) == item.gold else 0.0)
+        acc_norm.append(1.0 if int(np.argmax(lls / lengths)) == item.gold else 0.0)
+    return {
+        "acc": metric(float(np.mean(acc)) if acc else float("nan"), mean_stderr(acc)),
+        "acc_norm": metric(
+            float(np.mean(acc_norm)) if acc_norm else float("nan"), mean_stderr(acc_norm)
+        ),
+        "n": len(items),
+    }
+
+
+def score_cloze(lm: LM, items: Sequence[Cloze]) -> dict[str, Any]:
+    results = lm.loglikelihood([(it.context, it.continuation) for it in items])
+    lls = [ll for ll, _ in results]
+    acc = [1.0 if greedy else 0.0 for _, greedy in results]
+    return {
+        "perplexity": metric(
+            math.exp(-sum(lls) / len(lls)) if lls else float("nan"),
+            bootstrap_perplexity_stderr(lls),
+        ),
+        "acc": metric(float(np.mean(acc)) if acc else float("nan"), mean_stderr(acc)),
+        "n": len(items),
+    }
+
+
+def score_items(
+    lm: LM, items: Sequence[Item], metrics: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Score a task's items; keep the stock task's metrics (all computed ones if None)."""
+    if items and isinstance(items[0], Cloze):
+        scores = score_cloze(lm, items)  # type: ignore[arg-type]
+    else:
+        scores = score_choice(lm, items)  # type: ignore[arg-type]
+    if metrics is not None:
+        scores = {k: v for k, v in scores.items() if k in metrics or k == "n"}
+    return scores

@@ -1,0 +1,193 @@
+"""GPTLM scores as lm-evaluation-harness's HF model does: token boundary, truncation, rolling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmpipe.evals.lm import GPTLM, encode_pair, rolling_windows
+
+EOT = 50256
+
+
+def harness_rolling_windows(token_list, prefix_token, max_seq_len, context_len=1):
+    """lm_eval.utils.get_rolling_token_windows + make_disjoint_window, transcribed as the oracle."""
+    if not token_list:
+        return []
+    out = []
+    pred_len = max_seq_len - context_len + 1
+    predicted = 0
+    first_seq_len = min(max_seq_len, len(token_list))
+    out.append(([prefix_token] + token_list[: first_seq_len - 1], token_list[:first_seq_len]))
+    predicted += first_seq_len
+    while predicted < len(token_list):
+        window_pred_len = min(len(token_list) - predicted, pred_len)
+        window_end = predicted + window_pred_len
+        out.append(
+            (
+                token_list[window_end - max_seq_len - 1 : window_end - 1],
+                token_list[window_end - window_pred_len : window_end],
+            )
+        )
+        predicted += window_pred_len
+    return [(a[: len(a) - (len(b) - 1)], b) for a, b in out]
+
+
+@torch.no_grad()
+def hand_loglikelihood(model, context_enc, continuation_enc, max_length):
+    """One full forward pass over the (left-truncated) request; log_softmax gathered by hand."""
+    full = (context_enc + continuation_enc)[-(max_length + 1) :]
+    logits = model(torch.tensor([full[:-1]]))[0][0]
+    logprobs = F.log_softmax(logits, dim=-1)
+    n = len(continuation_enc)
+    positions = range(len(full) - 1 - n, len(full) - 1)
+    return sum(float(logprobs[p, full[p + 1]]) for p in positions)
+
+
+# --- the token boundary rule --------------------------------------------------------------
+
+
+def test_trailing_whitespace_of_the_context_moves_to_the_continuation(gpt2):
+    ctx, cont = encode_pair(gpt2.encode, "Question: Capital of France?\nAnswer: ", "Paris", EOT)
+    assert ctx == gpt2.encode("Question: Capital of France?\nAnswer:")
+    assert cont == gpt2.encode(" Paris")  # one token, not a lone space and then "Paris"
+    assert len(cont) == 1
+
+    ctx, cont = encode_pair(gpt2.encode, "A:\n\n", " yes", EOT)
+    assert ctx == gpt2.encode("A:")
+    assert gpt2.decode(cont) == "\n\n yes"
+
+
+def test_continuation_is_cut_from_the_whole_encoding(gpt2):
+    # "hel" + "lo world": encoded whole, "hello" is one token, so the context's length in tokens
+    # (1) cuts it and the continuation is only " world" - the harness's rule, kept on purpose.
+    ctx, cont = encode_pair(gpt2.encode, "hel", "lo world", EOT)
+    assert ctx == gpt2.encode("hel")
+    assert cont == gpt2.encode("hello world")[len(ctx) :]
+    assert cont != gpt2.encode("lo world")
+
+
+def test_empty_context_is_end_of_text(gpt2):
+    assert encode_pair(gpt2.encode, "", "Hello there", EOT) == ([EOT], gpt2.encode("Hello there"))
+
+
+# --- loglikelihood ----------------------------------------------------------------------
+
+
+REQUESTS = [
+    ("Question: Which gas do plants take in?\nAnswer:", " Carbon dioxide"),
+    ("The river ran ", "quickly under the stone bridge and out to the sea."),
+    ("", "A sentence with no context at all."),
+    ("Short", " one"),
+    ("A much longer context that goes on and on, well past the model's short window, " * 2, " end"),
+]
+
+
+def test_loglikelihood_equals_a_hand_computation(tiny_gpt, gpt2):
+    lm = GPTLM(tiny_gpt, gpt2, max_length=24, batch_size=2)
+    got = lm.loglikelihood(REQUESTS)
+    for (context, continuation), (ll, _) in zip(REQUESTS, got, strict=True):
+        ctx_enc, cont_enc = lm.encode_pair(context, continuation)
+        want = hand_loglikelihood(tiny_gpt, ctx_enc, cont_enc, 24)
+        assert ll == pytest.approx(want, abs=1e-4)
+    assert len(lm.encode_pair(*REQUESTS[-1])[0]) > 24  # the last one was left-truncated
+
+
+def test_results_do_not_depend_on_the_batch_size(tiny_gpt, gpt2):
+    reference = GPTLM(tiny_gpt, gpt2, max_length=24, batch_size=1).loglikelihood(REQUESTS)
+    for batch_size in (2, 3, 16):
+        got = GPTLM(tiny_gpt, gpt2, max_length=24, batch_size=batch_size).loglikelihood(REQUESTS)
+        for (ll, greedy), (ll_ref, greedy_ref) in zip(got, reference, strict=True):
+            assert ll == pytest.approx(ll_ref, abs=1e-4)
+            assert greedy == greedy_ref
+
+
+@torch.no_grad()
+def test_greedy_flag(tiny_gpt, gpt2):
+    lm = GPTLM(tiny_gpt, gpt2, max_length=32)
+    context = gpt2.encode("The garden in winter")
+    # Build the model's own greedy continuation of three tokens, one forward pass per token.
+    greedy = []
+    for _ in range(3):
+        logits = tiny_gpt(torch.tensor([context + greedy]))[0][0, -1]
+        greedy.append(int(logits.argmax()))
+    wrong_last = greedy[:2] + [(greedy[2] + 1) % gpt2.n_vocab]
+    (ll_g, is_g), (ll_w, is_w) = lm.loglikelihood_tokens([(context, greedy), (context, wrong_last)])
+    assert is_g is True
+    assert is_w is False
+    assert ll_g > ll_w
+
+
+def test_rolling_windows_match_the_harness():
+    tokens = list(range(1000, 1037))
+    for max_length in (1, 2, 5, 8, 36, 37, 40):
+        for n in (0, 1, 7, 8, 9, 16, 17, 37):
+            got = list(rolling_windows(tokens[:n], EOT, max_length))
+            assert got == harness_rolling_windows(tokens[:n], EOT, max_length), (max_length, n)
+            scored = [t for _, cont in got for t in cont]
+            assert scored == tokens[:n]  # every token scored exactly once, in order
+
+
+@torch.no_grad()
+def test_rolling_loglikelihood_sums_per_token_logprobs_over_windows(tiny_gpt, gpt2):
+    L = 8
+    text = "The engine builds a window between the island and the market, often after winter, and runs slowly."
+    tokens = gpt2.encode(text)
+    assert len(tokens) > 2 * L
+    # By hand: token i sits in the window of predictions that ends at e = min(k L + L, n); that
+    # window's input is the L tokens before e - 1 (end-of-text first for the first window).
+    stream = [EOT] + tokens
+    want = 0.0
+    for start in range(0, len(tokens), L):
+        end = min(start + L, len(tokens))
+        inp = stream[max(0, end - L) : end]  # stream is shifted by one: stream[j] = tokens[j - 1]
+        logprobs = F.log_softmax(tiny_gpt(torch.tensor([inp]))[0][0], dim=-1)
+        offset = max(0, end - L)
+        for i in range(start, end):
+            want += float(logprobs[i - offset, tokens[i]])
+    lm = GPTLM(tiny_gpt, gpt2, max_length=L, batch_size=3)
+    (got,) = lm.loglikelihood_rolling([text])
+    assert got == pytest.approx(want, abs=1e-4)
+    # Token-level rolling of the same tokens gives the same sum.
+    assert lm.loglikelihood_rolling_tokens([tokens])[0] == pytest.approx(got, abs=1e-6)
+
+
+def test_alibi_scale_reaches_the_model(tiny_gpt, gpt2):
+    request = [("The river ran quickly under the stone bridge and", " out to the sea.")]
+    plain = GPTLM(tiny_gpt, gpt2, max_length=32).loglikelihood(request)[0][0]
+    scaled = GPTLM(tiny_gpt, gpt2, max_length=32, alibi_scale=4.0).loglikelihood(request)[0][0]
+    assert plain != pytest.approx(scaled, abs=1e-6)
+
+
+def test_a_continuation_longer_than_the_window_is_refused(tiny_gpt, gpt2):
+    from lmpipe.dataprep.errors import LmpipeError
+
+    lm = GPTLM(tiny_gpt, gpt2, max_length=4)
+    with pytest.raises(LmpipeError, match="longer than the model's max_length"):
+        lm.loglikelihood_tokens([([EOT], [1, 2, 3, 4, 5])])
+
+
+def test_progress_reports_every_request(tiny_gpt, gpt2):
+    seen = []
+    lm = GPTLM(
+        tiny_gpt, gpt2, max_length=24, batch_size=2, progress=lambda d, t: seen.append((d, t))
+    )
+    lm.loglikelihood(REQUESTS)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_any_model_with_the_forward_signature_works(tiny_gpt, gpt2):
+    # The fast path (hidden states, unembedding only scored positions) equals the full logits.
+    class Wrapped(torch.nn.Module):  # not an lmpipe GPT: scored through its full logits
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_gpt
+
+        def forward(self, idx, alibi_scale=1.0):
+            return self.inner(idx, alibi_scale=alibi_scale)
+
+    fast = GPTLM(tiny_gpt, gpt2, max_length=24, batch_size=2).loglikelihood(REQUESTS)
+    slow = GPTLM(Wrapped(), gpt2, max_length=24, batch_size=2).loglikelihood(REQUESTS)
+    for (a, ga), (b, gb) in zip(fast, slow, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb

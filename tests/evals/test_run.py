@@ -1,0 +1,115 @@
+"""`evaluate` end to end on a tiny saved model, a tiny shard folder and a small task file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.evals.run import evaluate
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    from lmpipe.train.checkpoint import save_model
+    from lmpipe.train.model import GPT
+    from lmpipe.train.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny",
+        [
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.d_model=32",
+            "model.d_ff=64",
+            "stages.1.seq_len=64",
+        ],
+    )
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_model(GPT(recipe.model), recipe, run / "model")
+    return run
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    """Six ARC-shaped rows in the lm-eval-ready layout."""
+    folder = tmp_path / "task_data"
+    (folder / "arc_easy").mkdir(parents=True)
+    rows = [
+        {
+            "question": f"Which of these is number {i}?",
+            "choices": {"text": [f"option {j}" for j in range(4)], "label": list("ABCD")},
+            "answerKey": "ABCD"[i % 4],
+        }
+        for i in range(6)
+    ]
+    (folder / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_evaluate_end_to_end(run_dir, task_data, make_shards, heldout_texts, tmp_path, capsys):
+    data = make_shards(tmp_path / "tokens", heldout_texts)
+    out = tmp_path / "eval"
+    tasks = ["perplexity", "continuation", "arc_easy", "long_context"]
+    report = evaluate(run_dir, out, tasks=tasks, data=data, task_data=task_data, limit=5)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == report
+    assert list(saved["tasks"]) == tasks
+    assert saved["max_length"] == 64  # the recipe's last stage
+    ppl = saved["tasks"]["perplexity"]
+    assert (
+        ppl["n"] == 5 and ppl["token_perplexity"]["value"] > 1 and ppl["bits_per_byte"]["value"] > 0
+    )
+    cont = saved["tasks"]["continuation"]
+    assert (
+        cont["n"] == 5 and 0 <= cont["acc"]["value"] <= 1 and cont["acc_norm"]["stderr"] is not None
+    )
+    arc = saved["tasks"]["arc_easy"]
+    assert arc["n"] == 5 and set(arc) >= {"acc", "acc_norm"}
+    assert set(saved["tasks"]["long_context"]["curves"]) == {"alibi", "alibi_pi"}
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "eval"
+    assert manifest["results"]["arc_easy"]["acc"] == arc["acc"]["value"]
+    printed = capsys.readouterr().out
+    assert "token_perplexity" in printed and "acc_norm" in printed
+
+    with pytest.raises(LmpipeError, match="already exists"):
+        evaluate(run_dir, out, tasks=["arc_easy"], data=None, task_data=task_data, limit=1)
+    again = evaluate(
+        run_dir, out, tasks=["arc_easy"], data=None, task_data=task_data, limit=5, overwrite=True
+    )
+    assert again["tasks"]["arc_easy"] == {**arc, "seconds": again["tasks"]["arc_easy"]["seconds"]}
+
+
+def test_bad_task_name_lists_the_known_tasks(run_dir, tmp_path):
+    with pytest.raises(
+        LmpipeError, match=r"unknown task arc_hard; known tasks: perplexity, .*arc_easy"
+    ):
+        evaluate(
+            run_dir, tmp_path / "eval", tasks=["arc_hard"], data=None, task_data=None, limit=None
+        )
+    assert not (tmp_path / "eval").exists()
+
+
+def test_missing_inputs_name_the_option(run_dir, tmp_path):
+    with pytest.raises(LmpipeError, match="perplexity needs --data"):
+        evaluate(
+            run_dir, tmp_path / "e", tasks=["perplexity"], data=None, task_data=None, limit=None
+        )
+    with pytest.raises(LmpipeError, match="piqa needs --task-data"):
+        evaluate(run_dir, tmp_path / "e", tasks=["piqa"], data=None, task_data=None, limit=None)
+    with pytest.raises(LmpipeError, match="piqa/validation.jsonl: no such file"):
+        evaluate(run_dir, tmp_path / "e", tasks=["piqa"], data=None, task_data=tmp_path, limit=None)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+def test_a_folder_without_a_model(tmp_path, task_data):
+    with pytest.raises(LmpipeError, match="no trained model"):
+        evaluate(
+            tmp_path, tmp_path / "e", tasks=["arc_easy"], data=None, task_data=task_data, limit=1
+        )
