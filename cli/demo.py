@@ -28,7 +28,11 @@ from lmpipe.dataprep.errors import LmpipeError
 DEMO_HOLDOUT = 0.05
 
 
-def run_demo(workdir: Path, overwrite: bool = False) -> dict:
+def run_demo(
+    workdir: Path, overwrite: bool = False, recipe_overrides: list[str] | None = None
+) -> dict:
+    """Run the chain in `workdir`; returns each stage's manifest or summary.
+    `recipe_overrides` (`dotted.key=value`) shorten the tiny recipe, for tests."""
     from lmpipe.dataprep.corpus import write_demo_corpus
     from lmpipe.dataprep.dedup import dedup
     from lmpipe.dataprep.tokenize import tokenize
@@ -52,12 +56,16 @@ def run_demo(workdir: Path, overwrite: bool = False) -> dict:
     t = stage("corpus: Python's own documentation, with injected duplicates")
     injected = write_demo_corpus(workdir / "raw")
     console.print(
-        "injected: "
-        + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in injected.items() if isinstance(v, int))
+        f"{injected['documents']:,} documents ({injected['bytes'] / 1e6:.1f} MB) in "
+        f"{len(injected['sources'])} sources; injected {injected['near_duplicates']} near "
+        f"duplicates, {injected['exact_duplicates']} case/punctuation/whitespace copies, "
+        f"{injected['short']} short documents ({injected['cross_source']} copies in the other source)"
     )
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("1/4 lmpipe dedup (SlimPajama: ftfy NFC, <200-char filter, MinHash-LSH at Jaccard 0.8)")
+    t = stage(
+        "1/4 lmpipe dedup (SlimPajama: ftfy NFC, <200-char filter, MinHash-LSH at Jaccard 0.8)"
+    )
     dedup_manifest = dedup([workdir / "raw"], workdir / "clean")
     timings["dedup"] = time.perf_counter() - t
 
@@ -66,15 +74,21 @@ def run_demo(workdir: Path, overwrite: bool = False) -> dict:
     timings["tokenize"] = time.perf_counter() - t
 
     t = stage("3/4 lmpipe train --recipe tiny (DeepSpeed, muP, ALiBi + SwiGLU, 64 -> 256 tokens)")
-    recipe = load_recipe("tiny")
+    recipe = load_recipe("tiny", recipe_overrides or [])
     summary = train(recipe, workdir / "tokens", workdir / "run")
     print_loss_curve(console, workdir / "run" / "metrics.jsonl")
     timings["train"] = time.perf_counter() - t
 
-    t = stage("4/4 lmpipe eval (held-out perplexity, multiple-choice continuation, lm-eval scoring)")
+    t = stage(
+        "4/4 lmpipe eval (held-out perplexity, multiple-choice continuation, lm-eval scoring)"
+    )
     results = evaluate(
-        workdir / "run", workdir / "eval", tasks=["perplexity", "continuation"],
-        data=workdir / "tokens", task_data=None, limit=None,
+        workdir / "run",
+        workdir / "eval",
+        tasks=["perplexity", "continuation"],
+        data=workdir / "tokens",
+        task_data=None,
+        limit=None,
     )
     timings["eval"] = time.perf_counter() - t
 
@@ -102,5 +116,11 @@ def print_loss_curve(console: Console, metrics_file: Path, points: int = 8) -> N
         table.add_column(col, justify="right")
     for i in sorted(set(picks)):
         r = rows[i]
-        table.add_row(str(r["step"]), f"{r['tokens']:,}", str(r["seq_len"]), f"{r['loss']:.3f}", f"{r['lr']:.2e}")
+        table.add_row(
+            str(r["step"]),
+            f"{r['tokens']:,}",
+            str(r["seq_len"]),
+            f"{r['loss']:.3f}",
+            f"{r['lr']:.2e}",
+        )
     console.print(table)
