@@ -14,6 +14,7 @@ train ...` / the `deepspeed` launcher; every rank runs this same function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +35,40 @@ from lmpipe.train.recipe import Recipe, recipe_yaml
 log = logging.getLogger("lmpipe.train")
 
 
+@contextlib.contextmanager
+def launch_environment() -> Iterator[None]:
+    """The rendezvous variables a launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*),
+    for a plain single process, for the duration of a run. DeepSpeed reads them while it
+    initialises; removed afterwards, so the process does not look launched to a later run and
+    child processes do not inherit a port this process already listens on."""
+    own: dict[str, str] = {}
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        own = dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        os.environ.update(own)
+    try:
+        yield
+    finally:
+        for key in own:
+            os.environ.pop(key, None)
+
+
 def init_distributed() -> tuple[int, int]:
-    """Join (or, for a plain single process, create) the process group; returns (rank, world)."""
+    """Join the process group (created on first use); returns (rank, world size)."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probing
-    if "RANK" not in os.environ:  # not under torchrun / the deepspeed launcher
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed()  # picks gloo on the CPU, nccl on GPUs
+    deepspeed.init_distributed()  # picks gloo on the CPU, nccl on GPUs; a no-op the second time
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -133,26 +150,38 @@ def train(
     a checkpoint (as a preempted job would), for tests and bounded jobs; `resume=True` continues
     from the newest finished checkpoint exactly where the data and the schedule left off.
     """
+    with launch_environment():
+        return train_run(recipe, Path(data), Path(run_dir), resume, stop_after_steps)
+
+
+def train_run(
+    recipe: Recipe, data: Path, run_dir: Path, resume: bool, stop_after_steps: int | None
+) -> dict[str, Any]:
     import torch
 
     from lmpipe.dataprep.loader import WindowLoader
     from lmpipe.dataprep.shards import TokenShards
     from lmpipe.train.model import GPT
 
-    run_dir = Path(run_dir)
-    rank, world = init_distributed()
-    import deepspeed
-    import torch.distributed as dist
-
-    prepare_run_dir(run_dir, resume, rank)
-    dist.barrier()
-    setup_logging(run_dir, rank)
-    plan = make_plan(recipe, world)
-    shards = TokenShards(Path(data), "train", verify=rank == 0)
+    # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
+    # cold); the launcher's environment already says which rank this is and how many there are.
+    launch_rank, launch_world = (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    shards = TokenShards(data, "train", verify=launch_rank == 0)
     if shards.vocab_size > recipe.model.vocab_size:
         raise LmpipeError(
             f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
         )
+    plan = make_plan(recipe, launch_world)
+    prepare_run_dir(run_dir, resume, launch_rank)
+    rank, world = init_distributed()
+    import deepspeed
+    import torch.distributed as dist
+
+    dist.barrier()
+    setup_logging(run_dir, rank)
     loader = WindowLoader(shards, recipe.seed)
     ds_config = deepspeed_config(recipe, plan)
     if rank == 0:

@@ -51,3 +51,46 @@ def test_recipe_error_is_one_line_exit_2():
 def test_train_needs_data_unless_dry_run():
     result = runner.invoke(app, ["train", "--recipe", "tiny"])
     assert result.exit_code == 2 and "--data" in result.output
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_missing_input_and_empty_folder_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for command in ("dedup", "tokenize"):
+        missing = runner.invoke(app, [command, str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+        one_line_error(missing, str(tmp_path / "nope"), "no such file or folder")
+        empty = runner.invoke(app, [command, str(tmp_path / "empty"), "-o", str(tmp_path / "out")])
+        one_line_error(empty, str(tmp_path / "empty"), "holds no")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_train_on_a_missing_or_unfinished_data_folder(tmp_path):
+    (tmp_path / "tokens").mkdir()
+    unfinished = runner.invoke(
+        app,
+        [
+            "train",
+            "--recipe",
+            "tiny",
+            "--data",
+            str(tmp_path / "tokens"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+    )
+    one_line_error(unfinished, "tokens", "unfinished")
+
+
+def test_eval_of_a_folder_without_a_model(tmp_path):
+    one_line_error(runner.invoke(app, ["eval", str(tmp_path)]), "needs --data")
+    result = runner.invoke(
+        app, ["eval", str(tmp_path), "--tasks", "arc_easy", "--task-data", str(tmp_path)]
+    )
+    one_line_error(result, str(tmp_path), "no trained model")

@@ -4,6 +4,7 @@ checkpoints, and a resumed run equal to an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,6 +61,8 @@ def test_metrics_follow_the_stages_and_loss_decreases(full_run):
     assert first == pytest.approx(np.log(VOCAB_SIZE), abs=1.5)
     assert last < first - 2.0, (first, last)
     assert summary["finished"] and summary["steps"] == 16
+    # the single-process rendezvous variables do not outlive the run (children would inherit them)
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ
 
 
 def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run):
