@@ -94,3 +94,12 @@ def test_eval_of_a_folder_without_a_model(tmp_path):
         app, ["eval", str(tmp_path), "--tasks", "arc_easy", "--task-data", str(tmp_path)]
     )
     one_line_error(result, str(tmp_path), "no trained model")
+
+
+def test_train_flag_surface_stays_small():
+    """STYLE.md: few first-class flags; everything else is a recipe value set with --set."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = sorted(opt for p in command.params for opt in p.opts if opt.startswith("--"))
+    assert flags == ["--data", "--dry-run", "--recipe", "--resume", "--run-dir", "--set"]
