@@ -248,7 +248,9 @@ def test_killed_run_reruns_to_identical_shards(gpt2, corpus: Path, tmp_path: Pat
     assert not partial_path(out).exists()
     clean = tokenize([corpus], tmp_path / "clean", holdout=0.2, shard_tokens=500)
     assert killed_then_rerun["splits"] == clean["splits"]  # every shard's sha256
-    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+    assert (out / "manifest.json").read_bytes() == (
+        tmp_path / "clean" / "manifest.json"
+    ).read_bytes()
 
 
 def test_inspect_decodes_what_training_sees(gpt2, corpus: Path, tmp_path: Path) -> None:
