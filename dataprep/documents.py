@@ -8,12 +8,11 @@ the first few line numbers kept for the report.
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -21,6 +20,7 @@ from lmpipe.dataprep.errors import LmpipeError
 
 SUFFIXES = (".jsonl", ".jsonl.zst")
 MAX_REPORTED_LINES = 5
+READ_BYTES = 1 << 20
 
 
 def is_document_file(path: Path) -> bool:
@@ -61,18 +61,53 @@ class InvalidLines:
             self.examples.append(f"line {line_no}: {reason}")
 
 
-def open_text_lines(path: Path) -> Iterator[bytes]:
-    """Raw lines of a plain or zstd-compressed file, without decoding."""
-    if path.name.endswith(".zst"):
-        with open(path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            try:
-                yield from io.BufferedReader(reader, buffer_size=1 << 20)
-            except zstandard.ZstdError as e:
-                raise LmpipeError(f"{path}: corrupt or truncated zstd data ({e})") from None
-    else:
-        with open(path, "rb") as f:
-            yield from f
+def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of every zstd frame in `raw`, in order. A file whose last frame stops
+    before its end (a truncated download, a writer killed mid-file) is an error, not a short
+    file: zstandard's stream reader would end quietly there."""
+    dctx = zstandard.ZstdDecompressor()
+    frame, fed = dctx.decompressobj(), False
+    try:
+        while chunk := raw.read(READ_BYTES):
+            while chunk:
+                fed = True
+                yield frame.decompress(chunk)
+                if not frame.eof:
+                    break
+                chunk = frame.unused_data  # the next frame starts within this chunk
+                frame, fed = dctx.decompressobj(), False
+    except zstandard.ZstdError as e:
+        raise LmpipeError(f"{path}: corrupt zstd data ({e})") from None
+    if fed and not frame.eof:
+        raise LmpipeError(f"{path}: truncated zstd data (the last frame is incomplete)")
+
+
+def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Raw lines (with their newline) of a plain or zstd-compressed file, without decoding.
+
+    `on_bytes(n)` is told after each block how many more bytes of the file itself (compressed
+    bytes for `.zst`) have been consumed, so a progress bar moves within a large file; the calls
+    add up to the file's size once it is read through."""
+    with open(path, "rb") as raw:
+        blocks = (
+            zstd_chunks(raw, path)
+            if path.name.endswith(".zst")
+            else iter(lambda: raw.read(READ_BYTES), b"")
+        )
+        reported, rest = 0, b""
+        for block in blocks:
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield line + b"\n"
+            if on_bytes is not None:
+                position = raw.tell()
+                on_bytes(position - reported)
+                reported = position
+        if rest:
+            yield rest  # a last line without a newline
+        if on_bytes is not None:
+            on_bytes(raw.tell() - reported)
 
 
 def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
@@ -95,10 +130,14 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
 
 
 def read_documents(
-    path: Path, strict: bool = True, invalid: InvalidLines | None = None
+    path: Path,
+    strict: bool = True,
+    invalid: InvalidLines | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) for each valid line; blank lines are skipped silently."""
-    for line_no, raw in enumerate(open_text_lines(path), start=1):
+    """Yield (line number, record) for each valid line; blank lines are skipped silently.
+    `on_bytes` reports reading progress in file bytes (see `open_text_lines`)."""
+    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
         if not raw.strip():
             continue
         record, reason = parse_line(raw)

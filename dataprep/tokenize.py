@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +61,16 @@ class Batch:
 
 
 def read_batches(
-    path: Path, *, strict: bool, stats: FileStats, key: bytes, threshold: int
+    path: Path,
+    *,
+    strict: bool,
+    stats: FileStats,
+    key: bytes,
+    threshold: int,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[Batch]:
     batch = Batch()
-    for line_no, record in read_documents(path, strict=strict, invalid=stats.invalid):
+    for line_no, record in read_documents(path, strict, stats.invalid, on_bytes):
         text = record["text"]
         try:
             utf8 = text.encode("utf-8")
@@ -194,11 +200,15 @@ def tokenize(
                 stats = FileStats(path)
                 all_stats.append(stats)
                 for batch in read_batches(
-                    path, strict=strict, stats=stats, key=key, threshold=threshold
+                    path,
+                    strict=strict,
+                    stats=stats,
+                    key=key,
+                    threshold=threshold,
+                    on_bytes=lambda n: progress.advance(bar, n),
                 ):
                     pending.append(pool.submit(encode_batch, batch))
                     drain(2 * workers)
-                progress.advance(bar, path.stat().st_size)
             drain(0)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)

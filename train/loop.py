@@ -118,6 +118,33 @@ def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
             save_model(engine.module, recipe, folder)
 
 
+def data_coverage(plan: Plan, loader: Any) -> list[dict[str, Any]]:
+    """How many tokens one pass over the data holds at each stage's window length (a window of
+    seq_len inputs consumes seq_len tokens of the stream), and how many passes the stage reads."""
+    rows = []
+    for s in plan.stages:
+        epoch_tokens = loader.epoch_windows(s.seq_len) * s.seq_len
+        rows.append(
+            {
+                "stage": s.index,
+                "seq_len": s.seq_len,
+                "epoch_tokens": epoch_tokens,
+                "epochs": s.tokens / epoch_tokens,
+            }
+        )
+    return rows
+
+
+def print_coverage(coverage: list[dict[str, Any]], data: Path) -> None:
+    from rich.console import Console
+
+    parts = [
+        f"stage {r['stage']} reads {r['epochs']:.2f} epochs of {r['epoch_tokens']:,} tokens at {r['seq_len']:,}"
+        for r in coverage
+    ]
+    Console(stderr=True).print(f"data {data}: " + "; ".join(parts), highlight=False)
+
+
 def save_checkpoint(
     engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int
 ) -> None:
@@ -184,10 +211,17 @@ def train_run(
     setup_logging(run_dir, rank)
     loader = WindowLoader(shards, recipe.seed)
     ds_config = deepspeed_config(recipe, plan)
+    coverage = data_coverage(plan, loader)
+    for row in coverage:
+        log.info(
+            "stage %(stage)d: %(epoch_tokens)d tokens an epoch at seq_len %(seq_len)d, %(epochs).3f epochs",
+            row,
+        )
     if rank == 0:
         (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-        write_json_atomic(run_dir / "plan.json", plan_summary(recipe, plan))
+        write_json_atomic(run_dir / "plan.json", {**plan_summary(recipe, plan), "data": coverage})
         write_json_atomic(run_dir / "deepspeed.json", ds_config)
+        print_coverage(coverage, data)
 
     torch.manual_seed(recipe.seed)
     model = GPT(recipe.model)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.shards import TokenShards
 from lmpipe.dataprep.tokenizer import VOCAB_SIZE
 from lmpipe.train.checkpoint import list_checkpoints, load_model
 from lmpipe.train.loop import train
@@ -65,20 +66,23 @@ def test_metrics_follow_the_stages_and_loss_decreases(full_run):
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ
 
 
-def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run):
+def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run, data):
     run_dir, _ = full_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stage"] == "train" and manifest["summary"]["tokens"] == 16 * 512
     assert load_recipe(str(run_dir / "recipe.yaml")).stages[1].seq_len == 128
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["grad_accum"] == 2 and [s["steps"] for s in plan["stages"]] == [12, 4]
+    n_tokens = TokenShards(data, "train").n_tokens
+    for row, (seq_len, tokens) in zip(plan["data"], [(64, 6144), (128, 2048)], strict=True):
+        assert row["seq_len"] == seq_len and row["epoch_tokens"] == n_tokens // seq_len * seq_len
+        assert row["epochs"] == pytest.approx(tokens / row["epoch_tokens"])
     # checkpoints every 4 steps, the 2 newest kept
     assert [p.name for p in list_checkpoints(run_dir)] == ["step00000012", "step00000016"]
     assert (run_dir / "logs" / "rank0.log").read_text().count("loss") == 16
 
 
 def test_exported_model_reproduces_the_training_loss(full_run, data):
-    from lmpipe.dataprep.shards import TokenShards
 
     run_dir, _ = full_run
     model, recipe = load_model(run_dir)

@@ -1,0 +1,77 @@
+"""Reading documents: plain and zstd lines, progress in file bytes, bad lines named or counted."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import zstandard
+
+from lmpipe.dataprep.documents import InvalidLines, find_inputs, read_documents
+from lmpipe.dataprep.errors import LmpipeError
+
+
+def write_lines(path, lines):
+    data = "".join(line + "\n" for line in lines).encode()
+    if path.name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.zst"])
+def test_progress_reports_add_up_to_the_file_size(tmp_path, name):
+    path = tmp_path / name
+    rng = random.Random(0)  # text that does not compress to nothing: several reads of the file
+    words = ["".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(3000)]
+    write_lines(
+        path, [json.dumps({"text": " ".join(rng.choices(words, k=60))}) for _ in range(8000)]
+    )
+    seen = []
+    records = list(read_documents(path, on_bytes=seen.append))
+    assert len(records) == 8000
+    assert sum(seen) == path.stat().st_size
+    assert len([n for n in seen if n > 0]) > 1  # it moved within the file, not only at the end
+
+
+def test_bad_lines_are_named_or_counted(tmp_path):
+    path = tmp_path / "b.jsonl"
+    write_lines(
+        path, ['{"text": "ok"}', "not json", '{"id": 1}', '{"text": 3}', "", '{"text": "fine"}']
+    )
+    with pytest.raises(LmpipeError, match=r"b\.jsonl:2: not JSON"):
+        list(read_documents(path))
+    invalid = InvalidLines()
+    good = [n for n, _ in read_documents(path, strict=False, invalid=invalid)]
+    assert good == [1, 6]
+    assert invalid.count == 3
+    assert invalid.examples == [
+        "line 2: not JSON (Expecting value)",
+        "line 3: no 'text' field",
+        "line 4: 'text' is int, not a string",
+    ]
+
+
+def test_truncated_zstd_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "c.jsonl.zst"
+    write_lines(path, [json.dumps({"text": f"line {i} of a file cut short"}) for i in range(2000)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LmpipeError, match=r"c\.jsonl\.zst: truncated zstd data"):
+        list(read_documents(path))
+
+
+def test_find_inputs_expands_folders_sorted_and_once(tmp_path):
+    (tmp_path / "d" / "x").mkdir(parents=True)
+    for name in ("d/b.jsonl", "d/x/a.jsonl.zst", "d/notes.txt"):
+        (tmp_path / name).write_text("")
+    found = find_inputs([tmp_path / "d", tmp_path / "d" / "b.jsonl"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/b.jsonl", "d/x/a.jsonl.zst"]
+
+
+def test_multi_frame_zstd_and_a_last_line_without_newline(tmp_path):
+    path = tmp_path / "m.jsonl.zst"
+    c = zstandard.ZstdCompressor()
+    frames = [c.compress(b'{"text": "one"}\n'), c.compress(b'{"text": "two"}\n{"text": "three"}')]
+    path.write_bytes(b"".join(frames))
+    assert [r["text"] for _, r in read_documents(path)] == ["one", "two", "three"]
