@@ -179,6 +179,13 @@ def train(
         bool,
         typer.Option("--resume", help="Continue from the latest checkpoint in the run folder."),
     ] = False,
+    verify_data: Annotated[
+        bool,
+        typer.Option(
+            help="Check every shard's sha256 against the data's manifest before training (rank 0, "
+            "about a second per GB; skip it for huge data). File sizes are always checked."
+        ),
+    ] = True,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
     from lmpipe.train.recipe import load_recipe
@@ -198,7 +205,8 @@ def train(
     from lmpipe.train.loop import train as run_train
 
     launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
-    run_stage(run_train, recipe_obj, data, run_dir or Path("runs") / recipe_obj.name, resume=resume)
+    run_dir = run_dir or Path("runs") / recipe_obj.name
+    run_stage(run_train, recipe_obj, data, run_dir, resume=resume, verify_data=verify_data)
     if launched:
         finish_process()
 

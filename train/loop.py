@@ -170,19 +170,26 @@ def train(
     *,
     resume: bool = False,
     stop_after_steps: int | None = None,
+    verify_data: bool = True,
 ) -> dict[str, Any]:
     """Train `recipe` on the shard folder `data`, writing everything into `run_dir`.
 
     Returns the summary written to the run's manifest. `stop_after_steps` ends the call early with
     a checkpoint (as a preempted job would), for tests and bounded jobs; `resume=True` continues
     from the newest finished checkpoint exactly where the data and the schedule left off.
+    `verify_data=False` skips the sha256 check of the shards (sizes are still checked).
     """
     with launch_environment():
-        return train_run(recipe, Path(data), Path(run_dir), resume, stop_after_steps)
+        return train_run(recipe, Path(data), Path(run_dir), resume, stop_after_steps, verify_data)
 
 
 def train_run(
-    recipe: Recipe, data: Path, run_dir: Path, resume: bool, stop_after_steps: int | None
+    recipe: Recipe,
+    data: Path,
+    run_dir: Path,
+    resume: bool,
+    stop_after_steps: int | None,
+    verify_data: bool,
 ) -> dict[str, Any]:
     import torch
 
@@ -196,7 +203,7 @@ def train_run(
         int(os.environ.get("RANK", "0")),
         int(os.environ.get("WORLD_SIZE", "1")),
     )
-    shards = TokenShards(data, "train", verify=launch_rank == 0)
+    shards = TokenShards(data, "train", verify=verify_data and launch_rank == 0)
     if shards.vocab_size > recipe.model.vocab_size:
         raise LmpipeError(
             f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"

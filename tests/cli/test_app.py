@@ -101,5 +101,19 @@ def test_train_flag_surface_stays_small():
     import typer.main
 
     command = typer.main.get_command(app).commands["train"]
-    flags = sorted(opt for p in command.params for opt in p.opts if opt.startswith("--"))
-    assert flags == ["--data", "--dry-run", "--recipe", "--resume", "--run-dir", "--set"]
+    flags = sorted(
+        opt
+        for p in command.params
+        for opt in [*p.opts, *getattr(p, "secondary_opts", [])]
+        if opt.startswith("--")
+    )
+    assert flags == [
+        "--data",
+        "--dry-run",
+        "--no-verify-data",
+        "--recipe",
+        "--resume",
+        "--run-dir",
+        "--set",
+        "--verify-data",
+    ]

@@ -83,7 +83,6 @@ def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run, d
 
 
 def test_exported_model_reproduces_the_training_loss(full_run, data):
-
     run_dir, _ = full_run
     model, recipe = load_model(run_dir)
     tokens = torch.from_numpy(TokenShards(data, "train").tokens(0, 129).astype(np.int64))[None]
