@@ -1,19 +1,26 @@
 """The training loader: seeded, resumable windows of any sequence length over one token stream.
 
-The run reads the split's tokens as an infinitely repeated stream (stream position p is token
-p mod n_tokens). Each stage of a run owns a contiguous region of that stream starting at stream
-token `region_start` (the trainer passes the tokens of the previous stages) and holding
+The stream. The split's tokens are cut into blocks of `BLOCK_TOKENS` (fewer for small data, so
+that there are at least 16), and each epoch of the stream is every block once, in a seeded
+pseudo-random order that differs per epoch; the stream repeats epoch after epoch. Shuffling
+blocks first makes every stretch of the stream a sample of the whole corpus: shards are in input
+order (often one source after another), and without it a run's 8k stage would read only the last
+sources. The data's tail of less than one block is not read (a few thousand tokens).
+
+Stages. Each stage of a run owns a contiguous region of the stream starting at stream token
+`region_start` (the trainer passes the tokens of the previous stages) and holding
 `n_batches * global_batch` windows: window k covers stream tokens
 [region_start + k*seq_len, region_start + (k+1)*seq_len + 1), inputs plus one shifted target, so
-windows may span documents (as BTLM's packing did) and stages at different `seq_len` cover
-adjacent regions that overlap only in that one shifted token.
+windows may span documents and blocks (as BTLM's packing spanned documents) and stages at
+different `seq_len` cover adjacent regions that overlap only in that one shifted token.
 
-The region's windows are visited in a pseudo-random order: a bijection of [0, n_windows) built as
-a balanced Feistel network on the smallest even-bit power of two >= n_windows, with cycle walking
-(re-applying it until the value lands inside the range) — O(1) memory and the same order on every
-machine, for 10^3 or 10^11 windows alike. Its keys come from blake2b(seed, region_start, seq_len).
-Global batch b is permuted windows [b*G, (b+1)*G); rank r of W takes rows [r*G/W, (r+1)*G/W) of it,
-so every world size sees the same global batches, and `start_batch` resumes exactly.
+Order. A region's windows are visited in a pseudo-random order: a bijection of [0, n_windows)
+built as a balanced Feistel network on the smallest even-bit power of two >= n_windows, with
+cycle walking (re-applying it until the value lands inside the range): O(1) memory and the same
+order on every machine, for 10^3 or 10^11 windows alike. Keys come from blake2b of the seed and
+the region (windows) or the epoch (blocks). Global batch b is permuted windows [b*G, (b+1)*G);
+rank r of W takes rows [r*G/W, (r+1)*G/W) of it, so every world size sees the same global batches,
+and `start_batch` resumes exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import numpy as np
 from lmpipe.dataprep.shards import TokenShards
 
 FEISTEL_ROUNDS = 6
+BLOCK_TOKENS = 8192  # unit of the stream's shuffle; a 2,049-token window spans at most 2 blocks
+MIN_BLOCKS = 16
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -80,25 +89,64 @@ class WindowLoader:
             )
         self.data = data
         self.seed = seed
+        self.block = max(1, min(BLOCK_TOKENS, data.n_tokens // MIN_BLOCKS))
+        self.n_blocks = data.n_tokens // self.block
+        self.epoch_tokens = self.n_blocks * self.block
+        self._block_orders: dict[int, WindowPermutation] = {}
 
     def epoch_windows(self, seq_len: int) -> int:
         """Windows of this length in one pass over the data (the stream wraps after it)."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
-        return self.data.n_tokens // seq_len
+        return self.epoch_tokens // seq_len
 
     def permutation(self, *, seq_len: int, region_start: int, n_windows: int) -> WindowPermutation:
         key = f"lmpipe-windows seed={self.seed} region_start={region_start} seq_len={seq_len}"
         return WindowPermutation(n_windows, key.encode())
 
+    def block_order(self, epoch: int) -> WindowPermutation:
+        if epoch not in self._block_orders:
+            if len(self._block_orders) >= 4:  # a window touches at most two epochs
+                self._block_orders.clear()
+            key = f"lmpipe-blocks seed={self.seed} epoch={epoch}"
+            self._block_orders[epoch] = WindowPermutation(self.n_blocks, key.encode())
+        return self._block_orders[epoch]
+
+    def data_positions(self, positions: np.ndarray) -> np.ndarray:
+        """The data token behind each stream position (vectorised; for checks and tools)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epoch, within = np.divmod(positions, self.epoch_tokens)
+        block, offset = np.divmod(within, self.block)
+        out = np.empty_like(positions)
+        for e in np.unique(epoch).tolist():
+            at = epoch == e
+            out[at] = self.block_order(e)(block[at]) * self.block + offset[at]
+        return out
+
+    def read_windows(self, positions: np.ndarray, out: np.ndarray) -> None:
+        """Fill each row of `out` with the stream's tokens from its stream position on. The
+        rows are cut into runs of consecutive data tokens (the rest of a block each), whose data
+        positions are found in one vectorised call."""
+        length = out.shape[1]
+        positions = np.asarray(positions, dtype=np.int64)
+        first_block = positions // self.block
+        n_pieces = (length + self.block - 1) // self.block + 1
+        block_starts = (first_block[:, None] + np.arange(n_pieces)) * self.block
+        starts = np.maximum(positions[:, None], block_starts)
+        stops = np.minimum(positions[:, None] + length, block_starts + self.block)
+        data_starts = self.data_positions(starts.ravel()).reshape(starts.shape)
+        for row in range(len(positions)):
+            at = 0
+            for piece in range(n_pieces):
+                take = int(stops[row, piece] - starts[row, piece])
+                if take <= 0:
+                    break
+                self.data.read_into(int(data_starts[row, piece]), out[row, at : at + take])
+                at += take
+
     def read_window(self, position: int, out: np.ndarray) -> None:
-        """Fill `out` with the repeated stream's tokens from stream position `position` on."""
-        n = self.data.n_tokens
-        pos, filled = position % n, 0
-        while filled < len(out):  # loops more than twice only when a window exceeds the data
-            take = min(len(out) - filled, n - pos)
-            self.data.read_into(pos, out[filled : filled + take])
-            filled, pos = filled + take, 0
+        """Fill `out` with the stream's tokens from stream position `position` on."""
+        self.read_windows(np.array([position]), out[None])
 
     def batches(
         self,
@@ -136,6 +184,5 @@ class WindowLoader:
             first = b * global_batch + rank * local
             windows = perm(np.arange(first, first + local, dtype=np.int64))
             out = np.empty((local, seq_len + 1), dtype=np.int64)
-            for row, k in enumerate(windows.tolist()):
-                self.read_window(region_start + k * seq_len, out[row])
+            self.read_windows(region_start + windows * seq_len, out)
             yield out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.loader import WindowLoader
 from lmpipe.dataprep.shards import TokenShards
 from lmpipe.dataprep.tokenizer import VOCAB_SIZE
 from lmpipe.train.checkpoint import list_checkpoints, load_model
@@ -73,9 +74,9 @@ def test_run_folder_holds_recipe_plan_checkpoints_model_and_manifest(full_run, d
     assert load_recipe(str(run_dir / "recipe.yaml")).stages[1].seq_len == 128
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["grad_accum"] == 2 and [s["steps"] for s in plan["stages"]] == [12, 4]
-    n_tokens = TokenShards(data, "train").n_tokens
+    epoch = WindowLoader(TokenShards(data, "train"), seed=1).epoch_tokens
     for row, (seq_len, tokens) in zip(plan["data"], [(64, 6144), (128, 2048)], strict=True):
-        assert row["seq_len"] == seq_len and row["epoch_tokens"] == n_tokens // seq_len * seq_len
+        assert row["seq_len"] == seq_len and row["epoch_tokens"] == epoch // seq_len * seq_len
         assert row["epochs"] == pytest.approx(tokens / row["epoch_tokens"])
     # checkpoints every 4 steps, the 2 newest kept
     assert [p.name for p in list_checkpoints(run_dir)] == ["step00000012", "step00000016"]
