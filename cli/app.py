@@ -26,6 +26,17 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+@app.callback()
+def launcher_options(
+    local_rank: Annotated[
+        int | None, typer.Option("--local_rank", "--local-rank", hidden=True)
+    ] = None,
+) -> None:
+    """Pretrain language models the BTLM / Cerebras-GPT way: dedup -> tokenize -> train -> eval."""
+    # The deepspeed launcher puts --local_rank=N before the command; the rank is taken from the
+    # environment (LOCAL_RANK), which that launcher sets as well.
+
+
 def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call a stage; a user error becomes one line on stderr and exit status 2."""
     try:
@@ -72,6 +83,40 @@ def dedup(
     ngram: Annotated[
         int, typer.Option(help="Character n-gram size of the MinHash shingles (SlimPajama: 13).")
     ] = 13,
+    hash_scheme: Annotated[
+        str,
+        typer.Option(
+            "--hash",
+            help="Signatures: oph (one-permutation MinHash, several times faster), sha1 "
+            "(datasketch 1.5.9 / SlimPajama, value for value) or affine32 (datasketch 2.0).",
+        ),
+    ] = "oph",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Keep only candidate pairs whose exact n-gram Jaccard reaches --threshold "
+            "(--hash sha1 --no-verify is SlimPajama's run).",
+        ),
+    ] = True,
+    lsh_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Jaccard the LSH bands are tuned for (default: --threshold - 0.2 with "
+            "--verify, else --threshold)."
+        ),
+    ] = None,
+    keep: Annotated[
+        str, typer.Option(help="Document kept per group: first (input order) or longest.")
+    ] = "first",
+    workers: Annotated[
+        int,
+        typer.Option(
+            "-j",
+            "--workers",
+            help="Processes for reading, fixing and hashing; output is identical for any number.",
+        ),
+    ] = 1,
     skip_invalid: SkipInvalid = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -86,6 +131,11 @@ def dedup(
         threshold=threshold,
         num_perm=num_perm,
         ngram=ngram,
+        hash_scheme="legacy" if hash_scheme == "sha1" else hash_scheme,
+        verify=verify,
+        lsh_threshold=lsh_threshold,
+        keep=keep,
+        workers=workers,
         strict=not skip_invalid,
         overwrite=overwrite,
     )

@@ -41,10 +41,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     )
 
 
-def save_model(model: torch.nn.Module, recipe: Recipe, folder: Path) -> None:
-    """Write fp32 weights and the recipe; the file is complete before its final name appears."""
+def save_model(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    folder: Path,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write fp32 weights (`state`, or the model's own) and the recipe; the weights file is
+    complete before its final name appears."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if state is None:
+        state = model.state_dict()
+    state = {k: v.detach().float().cpu() for k, v in state.items()}
     tmp = folder / "model.pt.tmp"
     torch.save(state, tmp)
     (folder / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")

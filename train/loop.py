@@ -109,13 +109,21 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
-    """Write the final weights as a plain state dict (gathering ZeRO-3's partitions first)."""
+    """Write the final weights as a plain fp32 state dict: the optimizer's fp32 master copy where
+    DeepSpeed keeps one (bf16 runs; the module itself holds bf16-rounded weights), gathered from
+    every rank's partition (ZeRO-3). Every rank takes part; rank 0 writes."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=recipe.zero_stage == 3):
-        if rank == 0:
-            save_model(engine.module, recipe, folder)
+    state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # no separate master copy: the parameter is the fp32 weight
+            with deepspeed.zero.GatheredParameters([param], enabled=recipe.zero_stage == 3):
+                full = param.detach().float().clone()
+        state[name] = full.cpu()
+    if rank == 0:
+        save_model(engine.module, recipe, folder, state)
 
 
 def data_coverage(plan: Plan, loader: Any) -> list[dict[str, Any]]:

@@ -84,13 +84,24 @@ class Attention(nn.Module):
         return self.c_proj(y_BHTd.transpose(1, 2).reshape(B, T, D))
 
 
-_flex_cache: dict = {}
+_block_masks: dict[tuple[int, str], object] = {}
+_compiled: dict[str, object] = {}
 
 
 def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlexAttention with ALiBi as a score_mod and a causal block mask.
+
+    The compiled kernel is specialised to the sequence length, so lengths are padded up to a
+    power of two (at least 128): training uses one or two lengths, but evaluation batches come in
+    every length, and each new one would recompile (Dynamo gives up after 8 and falls back to an
+    unfused kernel that materialises the scores). Padding sits after the real positions, where
+    the causal mask hides it from every real query, and is cut off the output."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     T, device = q.shape[2], q.device
+    T_pad = max(128, 1 << (T - 1).bit_length())
+    if T_pad != T:
+        q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score - slopes_H[h] * (q_idx - kv_idx)
@@ -98,13 +109,14 @@ def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
-    key = (T, str(device))
-    if key not in _flex_cache:  # block masks depend only on T; build each once
-        _flex_cache[key] = create_block_mask(causal, None, None, T, T, device=device)
+    key = (T_pad, str(device))
+    if key not in _block_masks:  # block masks depend only on the (bucketed) length
+        _block_masks[key] = create_block_mask(causal, None, None, T_pad, T_pad, device=device)
     kernel = flex_attention
     if device.type == "cuda":  # compiled, FlexAttention fuses the bias into one flash-style kernel
-        kernel = _flex_cache.setdefault("compiled", torch.compile(flex_attention, dynamic=False))
-    return kernel(q, k, v, score_mod=alibi, block_mask=_flex_cache[key], scale=scale)
+        kernel = _compiled.setdefault("flex", torch.compile(flex_attention, dynamic=False))
+    out = kernel(q, k, v, score_mod=alibi, block_mask=_block_masks[key], scale=scale)
+    return out[:, :, :T]
 
 
 class MLP(nn.Module):

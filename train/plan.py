@@ -103,6 +103,12 @@ def deepspeed_config(recipe: Recipe, plan: Plan) -> dict:
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
         "bf16": {"enabled": recipe.precision == "bf16"},
+        # Gradients summed over dozens or hundreds of micro-steps (BTLM: 480 / world size) lose
+        # precision in bf16; DeepSpeed otherwise accumulates in the model's dtype. (DeepSpeed
+        # 0.19.8 refuses fp32 accumulation of a bf16 model without ZeRO.)
+        "data_types": {
+            "grad_accum_dtype": "fp32" if recipe.precision == "bf16" and recipe.zero_stage else None
+        },
         "zero_optimization": {"stage": recipe.zero_stage},
         "steps_per_print": 10**9,  # lmpipe logs its own metrics
         "wall_clock_breakdown": False,

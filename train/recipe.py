@@ -113,6 +113,12 @@ class Recipe(Section):
                 problems.append(
                     f"stages.{i}.tokens ({stage.tokens}) is not a whole number of steps of {self.tokens_per_step} tokens"
                 )
+        if self.precision == "bf16" and self.zero_stage == 0:
+            # DeepSpeed 0.19.8 keeps no fp32 master weights for a bf16 model without ZeRO: every
+            # update would be rounded to bf16 (seeds-spec 1.4 asks for fp32 masters).
+            problems.append(
+                "precision bf16 needs zero_stage >= 1 (ZeRO-0 would train in pure bf16)"
+            )
         if self.schedule.end_lr > self.optimizer.lr:
             problems.append(
                 f"schedule.end_lr ({self.schedule.end_lr}) exceeds optimizer.lr ({self.optimizer.lr})"

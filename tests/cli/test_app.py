@@ -117,3 +117,8 @@ def test_train_flag_surface_stays_small():
         "--set",
         "--verify-data",
     ]
+
+
+def test_train_accepts_the_deepspeed_launchers_local_rank():
+    result = runner.invoke(app, ["--local_rank=1", "train", "--recipe", "tiny", "--dry-run"])
+    assert result.exit_code == 0, result.output

@@ -201,7 +201,14 @@ def test_duplicates_found_and_distinct_kept(corpus, tmp_path):
     assert (total["short"]["documents"], total["exact_duplicate"]["documents"]) == (1, 1)
     assert total["near_duplicate"]["documents"] == 4
     assert manifest["counts"]["books"]["input"]["documents"] == 6  # source: the file's folder
-    assert manifest["settings"]["bands"] == 9 and manifest["settings"]["rows"] == 13
+    assert (manifest["settings"]["bands"], manifest["settings"]["rows"]) == optimal_bands(0.6, 128)
+
+
+def test_slimpajamas_settings_find_the_same(corpus, tmp_path):
+    manifest = dedup([corpus], tmp_path / "out", hash_scheme="legacy", verify=False, progress=False)
+    assert {r["id"] for r in kept_docs(tmp_path / "out")} == {"A", "B", "C", "D1", "D2", "W0"}
+    settings = manifest["settings"]
+    assert (settings["bands"], settings["rows"], settings["hash"]) == (9, 13, "sha1_hash32")
 
 
 def test_output_is_the_next_stages_input_and_a_rerun_removes_nothing(corpus, tmp_path):
@@ -318,3 +325,92 @@ def test_cli_dedup(corpus, tmp_path):
     assert result.exit_code == 2
     assert f"{bad}:2:" in result.output
     assert not (tmp_path / "out2").exists()
+
+
+# --- verification, workers, keep, the fast path of ftfy ------------------------------------------
+
+
+def test_verify_drops_a_false_candidate_and_keeps_a_true_pair(tmp_path, monkeypatch):
+    # LSH forced to put every document in one bucket: without verification everything collapses
+    # into the first document; with it only the true near duplicate (J > 0.9) is removed.
+    import lmpipe.dataprep.dedup as stage
+
+    a, d1, d2 = prose(1), prose(2), prose(3)
+    write_jsonl(
+        tmp_path / "in" / "d.jsonl",
+        [{"text": a, "id": "A"}, {"text": d1, "id": "D1"}, {"text": edit(a, 1), "id": "A'"}, {"text": d2, "id": "D2"}],
+    )  # fmt: skip
+
+    def one_bucket(signatures, bands, rows):
+        return [np.zeros(len(signatures), dtype=np.int64)]
+
+    monkeypatch.setattr(stage, "band_keys", one_bucket)
+    dedup([tmp_path / "in"], tmp_path / "plain", verify=False, progress=False)
+    assert {r["id"] for r in kept_docs(tmp_path / "plain")} == {"A"}
+    manifest = dedup([tmp_path / "in"], tmp_path / "verified", progress=False)  # the default
+    assert {r["id"] for r in kept_docs(tmp_path / "verified")} == {"A", "D1", "D2"}
+    assert removed_by_id(tmp_path / "verified")["A'"]["duplicate_of"]["id"] == "A"
+    assert manifest["settings"]["verify"] is True
+
+
+def test_verify_joins_a_pair_whose_bucket_first_is_not_similar():
+    # Bucket [0, 1, 2] in one band: 0 is unlike both, 1 ~ 2. SlimPajama pairs each with the first
+    # only; after verification that pairing would lose 1 ~ 2, the window keeps it.
+    sig = np.array([[5, 5], [5, 5], [5, 5]], dtype=np.uint32)
+    short = np.zeros(3, dtype=bool)
+    digests = np.arange(48, dtype=np.uint8).reshape(3, 16)
+
+    def similar(pairs):
+        return np.array([set(p) == {1, 2} for p in pairs.tolist()])
+
+    reason, keeper = decide(short, digests, sig, bands=1, rows=2, verify=similar)
+    assert reason.tolist() == [KEPT, KEPT, KEPT]
+    reason, keeper = decide(short, digests, sig, bands=1, rows=2, verify=similar, window=8)
+    assert reason.tolist() == [KEPT, KEPT, NEAR] and keeper.tolist() == [0, 1, 1]
+
+
+def test_workers_give_byte_identical_output(corpus, tmp_path):
+    (corpus / "web" / "more.jsonl").write_text(
+        "".join(json.dumps({"text": prose(20 + i), "id": f"M{i}"}) + "\n" for i in range(5))
+    )
+    for j in (1, 2):
+        dedup([corpus], tmp_path / f"j{j}", workers=j, hash_scheme="oph", verify=True, progress=False)  # fmt: skip
+    one, two = sorted((tmp_path / "j1").iterdir()), sorted((tmp_path / "j2").iterdir())
+    assert [p.name for p in one] == [p.name for p in two]
+    for x, y in zip(one, two, strict=True):
+        assert x.read_bytes() == y.read_bytes(), x.name
+    assert {r["id"] for r in kept_docs(tmp_path / "j2")} >= {"A", "B", "C", "M0", "M4"}
+
+
+def test_keep_longest(tmp_path):
+    short_a = prose(1, 100)
+    long_a = short_a + " " + " ".join(prose(2, 4).split()[:4])  # a few words longer: J ~ 0.95
+    write_jsonl(
+        tmp_path / "in" / "d.jsonl",
+        [{"text": short_a, "id": "short"}, {"text": prose(3), "id": "other"}, {"text": long_a, "id": "long"}],
+    )  # fmt: skip
+    manifest = dedup([tmp_path / "in"], tmp_path / "out", keep="longest", progress=False)
+    assert {r["id"] for r in kept_docs(tmp_path / "out")} == {"other", "long"}
+    assert removed_by_id(tmp_path / "out")["short"]["duplicate_of"]["id"] == "long"
+    assert manifest["settings"]["keep"] == "longest"
+
+
+def test_lsh_threshold_sets_the_bands(corpus, tmp_path):
+    manifest = dedup([corpus], tmp_path / "out", lsh_threshold=0.7, progress=False)
+    settings = manifest["settings"]
+    assert (settings["bands"], settings["rows"]) == optimal_bands(0.7, 128) != (9, 13)
+    assert manifest["counts"]["total"]["kept"]["documents"] == 6
+
+
+def test_ascii_fast_path_equals_ftfy():
+    import ftfy
+
+    from lmpipe.dataprep.dedup import fix_text
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(128)] + ["&amp;", "&lt;", "<b>", "\r\n", "\x1b[31m"]
+    weights = [1] * 128 + [5] * 5
+    for _ in range(3000):
+        text = "".join(rng.choices(alphabet, weights, k=rng.randint(1, 40)))
+        assert fix_text(text) == ftfy.fix_text(text, normalization="NFC"), repr(text)
+    assert fix_text("donâ€™t") == "don't"  # non-ASCII still goes through ftfy

@@ -119,3 +119,26 @@ def test_unfinished_data_folder_is_refused(tmp_path):
     (tmp_path / "tokens").mkdir()
     with pytest.raises(LmpipeError, match="unfinished"):
         train(load_recipe("tiny", SMALL), tmp_path / "tokens", tmp_path / "run")
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_bf16_run_exports_the_fp32_master_weights(data, tmp_path, zero_stage):
+    """The module holds bf16-rounded weights in a bf16 run; the export takes the optimizer's fp32
+    copy (gathered from the partitions under ZeRO-3)."""
+    recipe = load_recipe(
+        "tiny",
+        [
+            *SMALL,
+            "precision=bf16",
+            f"zero_stage={zero_stage}",
+            "stages.0.tokens=1024",
+            "stages.1.tokens=512",
+        ],
+    )
+    train(recipe, data, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "model" / "model.pt", weights_only=True)
+    weight = state["h.0.attn.c_attn.weight"]
+    assert weight.dtype == torch.float32
+    assert ((weight.view(torch.int32) & 0xFFFF) != 0).any()  # not merely bf16 values widened
+    model, _ = load_model(tmp_path / "run")
+    assert model.h[0].attn.c_attn.weight.shape == (96, 32)

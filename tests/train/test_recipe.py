@@ -42,6 +42,7 @@ def test_btlm3b_plan_matches_the_released_configs():
     assert plan.grad_accum == 60  # 3,932,160 / (8,192 x 8)
     ds = deepspeed_config(recipe, plan)
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"]
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # not bf16 over 60 micro-steps
 
 
 def test_lr_schedule_warms_up_then_decays_linearly_to_end_lr_across_stages():
@@ -129,3 +130,9 @@ def test_recipe_file_path_and_missing_recipe(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(LmpipeError, match="expected dotted.key=value"):
         load_recipe("tiny", ["model.n_layers"])
+
+
+def test_bf16_without_zero_is_refused():
+    with pytest.raises(LmpipeError, match="bf16 needs zero_stage >= 1"):
+        load_recipe("btlm3b", ["zero_stage=0"])
+    assert load_recipe("tiny", ["zero_stage=0"]).precision == "fp32"  # fp32 needs no master copy
