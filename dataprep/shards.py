@@ -262,7 +262,16 @@ class TokenShards:
                     raise LmpipeError(
                         f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)"
                     )
-                if verify and sha256_file(path) != s[f"{key}_sha256"]:
+        if verify:
+            self.verify_checksums()
+
+    def verify_checksums(self, part: int = 0, parts: int = 1) -> None:
+        """Check the sha256 of every `parts`-th shard from `part` on (so that several ranks can
+        share the hashing of a large split); a mismatch is an `LmpipeError` naming the file."""
+        for s in self.shards[part::parts]:
+            for key in ("bin", "idx"):
+                path = self.folder / s[key]
+                if sha256_file(path) != s[f"{key}_sha256"]:
                     raise LmpipeError(f"{path}: sha256 differs from the manifest (corrupted)")
 
     def _shard(self, i: int) -> np.memmap:

@@ -30,7 +30,7 @@ from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import is_finished, write_json_atomic, write_manifest
 from lmpipe.train.checkpoint import CHECKPOINTS, MODEL_DIR, list_checkpoints, save_model, step_tag
 from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
-from lmpipe.train.recipe import Recipe, recipe_yaml
+from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
 
 log = logging.getLogger("lmpipe.train")
 
@@ -86,18 +86,76 @@ def finish_process() -> None:
     os._exit(0)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, rank: int) -> None:
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, rank: int) -> None:
+    """Check the run folder on every rank (so that all ranks fail alike); rank 0 creates it."""
+    if is_finished(run_dir):
+        raise LmpipeError(
+            f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
+        )
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        what = "checkpoints" if list_checkpoints(run_dir) else "files"
+        raise LmpipeError(
+            f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
+        )
+    checkpoints = list_checkpoints(run_dir)
+    if resume and checkpoints:
+        check_same_recipe(recipe, checkpoints[-1])
     if rank == 0:
-        if is_finished(run_dir):
-            raise LmpipeError(
-                f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
-            )
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            what = "checkpoints" if list_checkpoints(run_dir) else "files"
-            raise LmpipeError(
-                f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
-            )
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+
+# Settings a resumed run may change; anything else would make it a different run from the one
+# its checkpoint, metrics and data order belong to.
+RESUMABLE_CHANGES = {"checkpoint_every_tokens", "keep_checkpoints", "model.attn_impl"}
+
+
+def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
+    saved = load_recipe(str(checkpoint / "recipe.yaml"))
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {
+                k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()
+            }
+        return {prefix.rstrip("."): value}
+
+    old, new = flat(saved.model_dump(mode="json")), flat(recipe.model_dump(mode="json"))
+    changed = [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise LmpipeError(
+            f"{checkpoint}: --resume with a recipe that differs from the checkpoint's at "
+            + ", ".join(changed)
+            + "; resume with the same recipe, or start a new run"
+        )
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric rows after `step`: steps that ran after the last checkpoint run again on resume."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def verify_data_on_all_ranks(shards: Any, rank: int, world: int) -> None:
+    """Hash the shards, each rank a share, and fail on every rank if any share failed (a rank
+    that hashed a terabyte alone would keep the others waiting past the process-group timeout)."""
+    import torch.distributed as dist
+
+    try:
+        shards.verify_checksums(rank, world)
+        error = ""
+    except LmpipeError as e:
+        error = str(e)
+    errors: list[str] = [""] * world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise LmpipeError(next(e for e in errors if e))
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -211,17 +269,19 @@ def train_run(
         int(os.environ.get("RANK", "0")),
         int(os.environ.get("WORLD_SIZE", "1")),
     )
-    shards = TokenShards(data, "train", verify=verify_data and launch_rank == 0)
+    shards = TokenShards(data, "train", verify=False)  # sizes now, checksums once ranks can share
     if shards.vocab_size > recipe.model.vocab_size:
         raise LmpipeError(
             f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
         )
     plan = make_plan(recipe, launch_world)
-    prepare_run_dir(run_dir, resume, launch_rank)
+    prepare_run_dir(run_dir, recipe, resume, launch_rank)
     rank, world = init_distributed()
     import deepspeed
     import torch.distributed as dist
 
+    if verify_data:
+        verify_data_on_all_ranks(shards, rank, world)
     dist.barrier()
     setup_logging(run_dir, rank)
     loader = WindowLoader(shards, recipe.seed)
@@ -267,6 +327,8 @@ def train_run(
         _, client = engine.load_checkpoint(str(latest.parent), tag=latest.name)
         step = int(client["step"])
         log.info("resumed from %s at step %d", latest, step)
+        if rank == 0:
+            trim_metrics(run_dir, step)
     elif resume and rank == 0:
         log.info("no checkpoint in %s: starting from step 0", run_dir)
 
@@ -357,9 +419,14 @@ def run_steps(
                 step_loss = torch.zeros((), device=device)
                 # One optimizer step = grad_accum micro-steps; DeepSpeed scales each loss by
                 # 1/grad_accum and steps the optimizer (and the LR schedule) on the last one.
+                grad_norm = None
                 for micro_BT1 in tokens_BT1.split(stage.micro_batch):
                     _, loss = engine(micro_BT1[:, :-1], micro_BT1[:, 1:])
                     engine.backward(loss)
+                    if recipe.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                        # without ZeRO, DeepSpeed clips fp32 gradients without recording the norm
+                        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                        grad_norm = torch.nn.utils.get_total_norm(grads).item()
                     engine.step()
                     step_loss += loss.detach().float()
                 dist.all_reduce(step_loss)
@@ -374,7 +441,9 @@ def run_steps(
                     "seq_len": stage.seq_len,
                     "loss": round(loss_value, 6),
                     "lr": recipe.optimizer.lr * scheduler.lr_lambdas[0](step - 1),
-                    "grad_norm": _float(engine.get_global_grad_norm()),
+                    "grad_norm": _float(
+                        engine.get_global_grad_norm() if grad_norm is None else grad_norm
+                    ),
                     "tokens_per_s": round(recipe.tokens_per_step / (time.perf_counter() - t0), 1),
                 }
                 if metrics is not None:

@@ -45,6 +45,7 @@ def test_two_ranks_match_one_process(tmp_path, pattern_tokens):
     two = subprocess.run(
         [
             torchrun,
+            "--standalone",  # a free rendezvous port, not the fixed 29500
             "--nproc_per_node",
             "2",
             "-m",

@@ -142,3 +142,30 @@ def test_bf16_run_exports_the_fp32_master_weights(data, tmp_path, zero_stage):
     assert ((weight.view(torch.int32) & 0xFFFF) != 0).any()  # not merely bf16 values widened
     model, _ = load_model(tmp_path / "run")
     assert model.h[0].attn.c_attn.weight.shape == (96, 32)
+
+
+def test_resume_with_another_recipe_is_refused_and_metrics_are_not_duplicated(data, tmp_path):
+    recipe = load_recipe("tiny", [*SMALL, "zero_stage=0"])
+    run_dir = tmp_path / "run"
+    train(recipe, data, run_dir, stop_after_steps=6)  # checkpoints at 4 and 6
+    rows = metrics(run_dir)
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)  # ZeRO-0 too
+    with pytest.raises(LmpipeError, match=r"optimizer\.lr \(0\.012 -> 0\.006\)"):
+        train(
+            load_recipe("tiny", [*SMALL, "zero_stage=0", "optimizer.lr=6.0e-3"]),
+            data,
+            run_dir,
+            resume=True,
+        )
+    # a crash after step 6's checkpoint: the newest checkpoint is gone, steps 5-6 run again
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step00000006")
+    train(
+        recipe.model_copy(update={"keep_checkpoints": 3}),
+        data,
+        run_dir,
+        resume=True,
+        stop_after_steps=3,
+    )
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7]
