@@ -10,7 +10,8 @@ the score the harness would give the same weights:
 
   - token boundary (`_encode_pair`): trailing whitespace of the context moves to the front of the
     continuation; continuation tokens = encode(context + continuation)[len(encode(context)):];
-    an empty context becomes [end-of-text];
+    an empty context becomes [end-of-text] (unless the continuation's own first token is
+    end-of-text: then that token is the context);
   - left truncation: the model reads (context + continuation)[-(max_length + 1):][:-1], and the
     log-probs of the last len(continuation) positions are summed; `greedy` is whether every
     continuation token is the argmax at its position;
@@ -50,7 +51,12 @@ def encode_pair(
     Encoding the whole string and cutting it at the context's length, rather than encoding the two
     parts apart, keeps the BPE merges a real text would have across the boundary."""
     if context == "":
-        return [prefix_id], encode(continuation)
+        continuation_enc = encode(continuation)
+        # TemplateLM.loglikelihood: a continuation that itself starts with the prefix token
+        # (text beginning "<|endoftext|>") is conditioned on that token rather than on a second one.
+        if continuation_enc and continuation_enc[0] == prefix_id:
+            return continuation_enc[:1], continuation_enc[1:]
+        return [prefix_id], continuation_enc
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         # " Paris" is one GPT-2 token; "Answer: " + "Paris" would score a rare lone-space token.

@@ -86,8 +86,8 @@ def finish_process() -> None:
     os._exit(0)
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, rank: int) -> None:
-    """Check the run folder on every rank (so that all ranks fail alike); rank 0 creates it."""
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
     if is_finished(run_dir):
         raise LmpipeError(
             f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
@@ -100,8 +100,6 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, rank: int) -> N
     checkpoints = list_checkpoints(run_dir)
     if resume and checkpoints:
         check_same_recipe(recipe, checkpoints[-1])
-    if rank == 0:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
 
 # Settings a resumed run may change; anything else would make it a different run from the one
@@ -264,24 +262,24 @@ def train_run(
     from lmpipe.train.model import GPT
 
     # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
-    # cold); the launcher's environment already says which rank this is and how many there are.
-    launch_rank, launch_world = (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    # cold); the launcher's environment already says how many ranks there are.
+    launch_world = int(os.environ.get("WORLD_SIZE", "1"))
     shards = TokenShards(data, "train", verify=False)  # sizes now, checksums once ranks can share
     if shards.vocab_size > recipe.model.vocab_size:
         raise LmpipeError(
             f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
         )
     plan = make_plan(recipe, launch_world)
-    prepare_run_dir(run_dir, recipe, resume, launch_rank)
+    check_run_dir(run_dir, recipe, resume)
     rank, world = init_distributed()
     import deepspeed
     import torch.distributed as dist
 
     if verify_data:
         verify_data_on_all_ranks(shards, rank, world)
+    dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
+    if rank == 0:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(run_dir, rank)
     loader = WindowLoader(shards, recipe.seed)

@@ -72,6 +72,15 @@ def test_empty_context_is_end_of_text(gpt2):
     assert encode_pair(gpt2.encode, "", "Hello there", EOT) == ([EOT], gpt2.encode("Hello there"))
 
 
+def test_empty_context_before_an_end_of_text_continuation_is_not_doubled(gpt2):
+    # TemplateLM.loglikelihood (lm-eval 0.4.13): when the continuation's first token is already
+    # the prefix token, that token is the context and is not scored; it is not prefixed twice.
+    lm = GPTLM(torch.nn.Identity(), gpt2, max_length=16)
+    ctx, cont = lm.encode_pair("", "<|endoftext|>Hello there")
+    assert ctx == [EOT]
+    assert cont == gpt2.encode("Hello there")
+
+
 # --- loglikelihood ----------------------------------------------------------------------
 
 

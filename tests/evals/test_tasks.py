@@ -169,7 +169,8 @@ def test_other_prompts(eval_assets):
 
     (hella,) = first(eval_assets, "hellaswag")
     assert hella.requests[3] == (
-        "Roof shingle removal: A man is sitting on a roof. he",
+        # ctx_b "he" capitalised, as the stock query's ctx_b.capitalize() has it
+        "Roof shingle removal: A man is sitting on a roof. He",
         " starts pulling up roofing on a roof.",
     )
     assert hella.gold == 3 and len(hella.choices) == 4
@@ -178,6 +179,19 @@ def test_other_prompts(eval_assets):
     assert isinstance(lambada, Cloze)
     assert lambada.continuation == " signs"
     assert lambada.context.endswith("I don't care about")
+
+
+def test_hellaswag_capitalises_the_visible_ctx_b():
+    from lmpipe.evals.tasks import hellaswag_capitalize_ctx_b
+
+    # ActivityNet: ctx_a + " " + ctx_b, ctx_b a lower-case sentence start
+    assert hellaswag_capitalize_ctx_b("Discus throw: A man throws a rock. people") == (
+        "Discus throw: A man throws a rock. People"
+    )
+    assert hellaswag_capitalize_ctx_b("X: One. Two. the two") == "X: One. Two. The two"
+    # WikiHow (ctx_b empty: the text ends in a whole sentence) and a tail that is no sentence start
+    for text in ("Health: How to calm oneself. Breathe. Slowly.", "Sax: 1 a guy plays. 2 a guy"):
+        assert hellaswag_capitalize_ctx_b(text) == text
 
 
 def test_every_task_file_loads_whole(eval_assets):
