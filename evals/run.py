@@ -11,6 +11,7 @@ The model reads at most its training sequence length (the recipe's last stage) p
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomi
 
 HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
 RESULTS = "results.json"
+
+
+# `continuation` without --limit scores this many items, from at most 4 documents per item.
+CONTINUATION_ITEMS = 1000
+CONTINUATION_DOCS_PER_ITEM = 4
 
 
 def known_tasks() -> list[str]:
@@ -200,8 +206,12 @@ def run_task(
         except ValueError as e:
             raise LmpipeError(f"long_context: {e}") from None
     if name == "continuation":
-        texts = [encoding.decode(doc.tolist()) for doc in shards.documents()]
-        items = continuation_items(texts, seed=seed, limit=limit)
+        # Held-out documents are a hash-chosen sample already: the first ones serve, and a
+        # billion-token held-out split is never decoded whole.
+        n_items = limit or CONTINUATION_ITEMS
+        docs = itertools.islice(shards.documents(), CONTINUATION_DOCS_PER_ITEM * n_items)
+        texts = [encoding.decode(doc.tolist()) for doc in docs]
+        items = continuation_items(texts, seed=seed, limit=n_items)
         if not items:
             raise LmpipeError(
                 f"continuation: none of the {len(texts)} held-out documents is long enough "

@@ -251,8 +251,7 @@ def continuation_items(
     for i in eligible:
         if limit is not None and len(items) >= limit:
             break
-        others = [j for j in pool if j != i]
-        if not others:
+        if not any(j != i for j in pool[:2]):  # no other document to take distractors from
             break
         cut = rng.randint(min_context_words, min(max_context_words, len(words[i]) - chunk_words))
         context = texts[i][: spans[i][cut - 1][1]]
@@ -261,7 +260,9 @@ def continuation_items(
         for _ in range(50 * n_choices):  # a few retries when chunks repeat (boilerplate text)
             if len(distractors) == n_choices - 1:
                 break
-            j = rng.choice(others)
+            j = rng.choice(pool)
+            if j == i:
+                continue
             start = rng.randint(0, len(words[j]) - chunk_words)
             chunk = " ".join(words[j][start : start + chunk_words])
             if chunk != gold and chunk not in distractors:
