@@ -195,16 +195,25 @@ class GPT(nn.Module):
 
     # --- muP initialisation and learning rates ---------------------------------------------
 
+    def is_hidden(self, name: str) -> bool:
+        """The attention and FFN projection matrices: muP's hidden weights, sparse muP's sparse ones."""
+        return name.startswith("h.") and name.endswith("weight") and ".ln_" not in name
+
+    def width_multiplier(self, name: str) -> float:
+        """m_d (m_ffn for the FFN down projection), times sparse muP's density multiplier m_rho:
+        a sparse layer behaves like a dense one of width d * rho (seeds-spec 4)."""
+        m = self.m_ffn if name.endswith("mlp.c_proj.weight") else self.m_d
+        return m * self.cfg.density
+
     def init_std(self, name: str) -> float:
-        """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3)."""
-        sigma_base, depth = self.cfg.mup.sigma_base, (2 * self.cfg.n_layers) ** -0.5
-        if name == "wte.weight":
-            return sigma_base
-        if name.endswith("mlp.c_proj.weight"):
-            return sigma_base * self.m_ffn**-0.5 * depth
-        if name.endswith("attn.c_proj.weight"):
-            return sigma_base * self.m_d**-0.5 * depth
-        return sigma_base * self.m_d**-0.5
+        """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3, 4)."""
+        sigma_base = self.cfg.mup.sigma_base
+        if not self.is_hidden(name):
+            return sigma_base  # the embedding
+        std = sigma_base * self.width_multiplier(name) ** -0.5
+        if name.endswith("c_proj.weight"):  # residual-output projections: also by depth
+            std *= (2 * self.cfg.n_layers) ** -0.5
+        return std
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -216,19 +225,33 @@ class GPT(nn.Module):
             else:
                 std = self.init_std(name)
                 nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        if self.cfg.density < 1:
+            self.sparsify()
+
+    @torch.no_grad()
+    def sparsify(self) -> None:
+        """Sparse muP's static random masks: each hidden matrix keeps round(density * size)
+        weights, chosen at initialisation (from torch's seeded generator) and fixed for the run.
+        Masked weights start at zero and their gradients are zeroed by a hook, so AdamW never
+        moves them (zero gradient, zero moments, decay of zero), under any ZeRO stage that keeps
+        whole parameters."""
+        for name, p in self.named_parameters():
+            if not self.is_hidden(name):
+                continue
+            keep = round(self.cfg.density * p.numel())
+            dropped = torch.ones(p.numel(), dtype=torch.bool)
+            dropped[torch.randperm(p.numel())[:keep]] = False
+            buffer = name.replace(".", "_") + "_dropped"
+            self.register_buffer(buffer, dropped.view_as(p), persistent=False)
+            p.masked_fill_(getattr(self, buffer), 0)
+            # Looked up at each call, so it follows the module to its device; a boolean mask
+            # serves gradients of any dtype (bf16 under DeepSpeed, whose buffers stay as built).
+            p.register_hook(lambda grad, buffer=buffer: grad.masked_fill(getattr(self, buffer), 0))
 
     def lr_scale(self, name: str) -> float:
-        """muP's Adam learning-rate multiplier of a parameter: 1/m_d for hidden matrices."""
-        if (
-            name == "wte.weight"
-            or name.endswith("bias")
-            or ".ln_" in name
-            or name.startswith("ln_f")
-        ):
-            return 1.0
-        if name.endswith("mlp.c_proj.weight"):
-            return 1.0 / self.m_ffn
-        return 1.0 / self.m_d
+        """muP's Adam learning-rate multiplier: 1/m_d for hidden matrices (1/m_ffn for the FFN
+        down projection), divided further by the density under sparse muP; 1 for the rest."""
+        return 1.0 / self.width_multiplier(name) if self.is_hidden(name) else 1.0
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups with each group's own base rate; a schedule must scale, not overwrite, them.

@@ -46,6 +46,12 @@ class ModelConfig(Section):
     layer_norm_eps: float = Field(1e-5, gt=0)
     attn_impl: Literal["auto", "sdpa", "flex"] = "auto"
     mup: MupConfig = MupConfig()
+    density: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of non-zero weights in every attention and FFN projection (sparse muP)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

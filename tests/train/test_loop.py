@@ -122,13 +122,15 @@ def test_unfinished_data_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_bf16_run_exports_the_fp32_master_weights(data, tmp_path, zero_stage):
+def test_bf16_sparse_run_exports_the_fp32_master_weights(data, tmp_path, zero_stage):
     """The module holds bf16-rounded weights in a bf16 run; the export takes the optimizer's fp32
-    copy (gathered from the partitions under ZeRO-3)."""
+    copy (gathered from the partitions under ZeRO-3). Sparse muP's masked weights stay exactly
+    zero through DeepSpeed's optimizer and the kept ones train."""
     recipe = load_recipe(
         "tiny",
         [
             *SMALL,
+            "model.density=0.5",
             "precision=bf16",
             f"zero_stage={zero_stage}",
             "stages.0.tokens=1024",
@@ -140,6 +142,9 @@ def test_bf16_run_exports_the_fp32_master_weights(data, tmp_path, zero_stage):
     weight = state["h.0.attn.c_attn.weight"]
     assert weight.dtype == torch.float32
     assert ((weight.view(torch.int32) & 0xFFFF) != 0).any()  # not merely bf16 values widened
+    for name, w in state.items():
+        if name.startswith("h.") and name.endswith("weight") and ".ln_" not in name:
+            assert (w != 0).float().mean().item() == pytest.approx(0.5, abs=1e-3), name
     model, _ = load_model(tmp_path / "run")
     assert model.h[0].attn.c_attn.weight.shape == (96, 32)
 

@@ -173,3 +173,50 @@ def test_parameter_count_matches_the_module_and_btlm():
     cfg = tiny_config()
     assert count_parameters(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
     assert count_parameters(load_recipe("btlm3b").model) == 2_646_255_744  # seeds-spec 1.1: ~2.646B
+
+
+def test_sparse_mup_masks_init_and_learning_rates():
+    """SμPar (seeds-spec 4): hidden init variance and Adam rate both divided by m_d * m_rho."""
+    torch.manual_seed(0)
+    dense_cfg = tiny_config(
+        d_model=256,
+        n_heads=8,
+        d_ff=682,
+        n_layers=2,
+        mup=MupConfig(d_model_base=64, d_ff_base=170.5, sigma_base=0.08),
+    )
+    sparse = GPT(dense_cfg.model_copy(update={"density": 0.25}))
+    w = sparse.h[0].attn.c_attn.weight
+    assert (w != 0).float().mean().item() == pytest.approx(0.25, abs=1e-4)
+    expected = 0.08 / math.sqrt(4 * 0.25)  # sigma_base / sqrt(m_d * m_rho)
+    assert w[w != 0].std().item() == pytest.approx(expected * 0.88, rel=0.05)
+    assert sparse.wte.weight.count_nonzero() == sparse.wte.weight.numel()  # embeddings stay dense
+    assert sparse.lr_scale("h.0.attn.c_attn.weight") == pytest.approx(1 / (4 * 0.25))
+    assert sparse.lr_scale("h.0.mlp.c_proj.weight") == pytest.approx(1 / (682 / 170.5 * 0.25))
+    assert sparse.lr_scale("h.0.attn.c_attn.bias") == 1.0
+
+
+def test_sparse_weights_stay_zero_through_adamw_steps():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(density=0.5))
+    zeros = {n: (p == 0).clone() for n, p in model.named_parameters() if model.is_hidden(n)}
+    optimizer = torch.optim.AdamW(model.param_groups(lr=1e-2, weight_decay=0.1))
+    for _ in range(3):
+        idx = torch.randint(0, 97, (2, 16))
+        _, loss = model(idx, idx.roll(1, dims=1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if name in zeros:
+            assert (p[zeros[name]] == 0).all(), name
+            assert (p[~zeros[name]] != 0).any(), name  # the kept weights do train
+
+
+def test_density_one_is_the_dense_model():
+    torch.manual_seed(0)
+    a = GPT(tiny_config())
+    torch.manual_seed(0)
+    b = GPT(tiny_config(density=1.0))
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y)
