@@ -114,13 +114,22 @@ def dedup(
         typer.Option(
             "-j",
             "--workers",
-            help="Processes for reading, fixing and hashing; output is identical for any number.",
+            help="Processes (or Ray CPUs) for every step; output is identical for any number.",
         ),
     ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (process pool) or ray (Ray tasks; the cluster at RAY_ADDRESS, else a "
+            "local instance; needs `pip install 'lmpipe[ray]'`). Same output either way."
+        ),
+    ] = "local",
     skip_invalid: SkipInvalid = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Clean and deduplicate documents as SlimPajama did: ftfy NFC, short filter, MinHash-LSH."""
+    """Clean and deduplicate documents as SlimPajama did: ftfy NFC, short filter, MinHash-LSH.
+
+    An interrupted run leaves OUT.partial/; the same command again resumes it."""
     from lmpipe.dataprep.dedup import dedup as run_dedup
 
     run_stage(
@@ -136,6 +145,7 @@ def dedup(
         lsh_threshold=lsh_threshold,
         keep=keep,
         workers=workers,
+        engine=engine,
         strict=not skip_invalid,
         overwrite=overwrite,
     )

@@ -1,4 +1,5 @@
-"""Documents: JSON lines, plain (`.jsonl`) or zstd-compressed (`.jsonl.zst`), one object a line.
+"""Documents: JSON lines, plain (`.jsonl`), zstd- or gzip-compressed (`.jsonl.zst`, `.jsonl.gz`),
+one object a line.
 
 Each object needs a string `text`; every other field passes through untouched. Reading streams:
 nothing holds a whole file in memory. A bad line (not JSON, not UTF-8, no string `text`) is either
@@ -18,7 +19,7 @@ import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
 
-SUFFIXES = (".jsonl", ".jsonl.zst")
+SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
 MAX_REPORTED_LINES = 5
 READ_BYTES = 1 << 20
 
@@ -82,18 +83,41 @@ def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
         raise LmpipeError(f"{path}: truncated zstd data (the last frame is incomplete)")
 
 
+def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of a gzip file (every member); truncated or corrupt data is an error."""
+    import zlib
+
+    member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: a gzip header, not a zlib one
+    fed = False
+    try:
+        while chunk := raw.read(READ_BYTES):
+            while chunk:
+                fed = True
+                yield member.decompress(chunk)
+                if not member.eof:
+                    break
+                chunk = member.unused_data  # the next member starts within this chunk
+                member, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+    except zlib.error as e:
+        raise LmpipeError(f"{path}: corrupt gzip data ({e})") from None
+    if fed and not member.eof:
+        raise LmpipeError(f"{path}: truncated gzip data (the last member is incomplete)")
+
+
 def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    """Raw lines (with their newline) of a plain or zstd-compressed file, without decoding.
+    """Raw lines (with their newline) of a plain, zstd- or gzip-compressed file, not decoded.
 
     `on_bytes(n)` is told after each block how many more bytes of the file itself (compressed
     bytes for `.zst`) have been consumed, so a progress bar moves within a large file; the calls
     add up to the file's size once it is read through."""
     with open(path, "rb") as raw:
-        blocks = (
-            zstd_chunks(raw, path)
-            if path.name.endswith(".zst")
-            else iter(lambda: raw.read(READ_BYTES), b"")
-        )
+        blocks: Iterator[bytes]
+        if path.name.endswith(".zst"):
+            blocks = zstd_chunks(raw, path)
+        elif path.name.endswith(".gz"):
+            blocks = gzip_chunks(raw, path)
+        else:
+            blocks = iter(lambda: raw.read(READ_BYTES), b"")
         reported, rest = 0, b""
         for block in blocks:
             lines = (rest + block).split(b"\n")

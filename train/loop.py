@@ -354,8 +354,27 @@ def train_run(
                 world_size=world,
                 summary=summary,
             )
+    if rank == 0:
+        print_summary(summary, run_dir)
     dist.barrier()
     return summary
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+
+    done = (
+        f"finished; model in {run_dir / MODEL_DIR}"
+        if summary["finished"]
+        else f"stopped at step {summary['steps']:,}; continue with --resume"
+    )
+    first, last = summary["first_loss"], summary["last_loss"]
+    losses = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
+    Console(stderr=True).print(
+        f"train: {summary['steps_this_call']:,} steps ({summary['tokens']:,} tokens in all){losses}, "
+        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['seconds']:.0f} s; {done}",
+        highlight=False,
+    )
 
 
 def run_steps(

@@ -214,7 +214,8 @@ def test_slimpajamas_settings_find_the_same(corpus, tmp_path):
 def test_output_is_the_next_stages_input_and_a_rerun_removes_nothing(corpus, tmp_path):
     dedup([corpus], tmp_path / "once", progress=False)
     files = find_inputs([tmp_path / "once"])
-    assert [f.name for f in files] == ["part-00000.jsonl.zst"]  # not the removal listing
+    # one part per input file that keeps something, and not the removal listing
+    assert [f.name for f in files] == ["part-00000.jsonl.zst", "part-00001.jsonl.zst"]
     again = dedup([tmp_path / "once"], tmp_path / "twice", progress=False)
     assert again["counts"]["total"]["kept"]["documents"] == 6
     assert kept_docs(tmp_path / "twice") == kept_docs(tmp_path / "once")
@@ -333,7 +334,7 @@ def test_cli_dedup(corpus, tmp_path):
 def test_verify_drops_a_false_candidate_and_keeps_a_true_pair(tmp_path, monkeypatch):
     # LSH forced to put every document in one bucket: without verification everything collapses
     # into the first document; with it only the true near duplicate (J > 0.9) is removed.
-    import lmpipe.dataprep.dedup as stage
+    import lmpipe.dataprep.dedup_steps as steps
 
     a, d1, d2 = prose(1), prose(2), prose(3)
     write_jsonl(
@@ -342,9 +343,9 @@ def test_verify_drops_a_false_candidate_and_keeps_a_true_pair(tmp_path, monkeypa
     )  # fmt: skip
 
     def one_bucket(signatures, bands, rows):
-        return [np.zeros(len(signatures), dtype=np.int64)]
+        return np.zeros((len(signatures), bands, 2), dtype=np.uint64)
 
-    monkeypatch.setattr(stage, "band_keys", one_bucket)
+    monkeypatch.setattr(steps, "band_hashes", one_bucket)
     dedup([tmp_path / "in"], tmp_path / "plain", verify=False, progress=False)
     assert {r["id"] for r in kept_docs(tmp_path / "plain")} == {"A"}
     manifest = dedup([tmp_path / "in"], tmp_path / "verified", progress=False)  # the default
@@ -414,3 +415,163 @@ def test_ascii_fast_path_equals_ftfy():
         text = "".join(rng.choices(alphabet, weights, k=rng.randint(1, 40)))
         assert fix_text(text) == ftfy.fix_text(text, normalization="NFC"), repr(text)
     assert fix_text("donâ€™t") == "don't"  # non-ASCII still goes through ftfy
+
+
+# --- the map-reduce: partitions, resume after a crash ---------------------------------------------
+
+
+@pytest.fixture
+def many_files(tmp_path) -> Path:
+    """Twelve files in three sources: near and exact duplicates within and across files, a short
+    document and a bad line per source, so that every step has several units with work in them."""
+    raw = tmp_path / "many"
+    base = [prose(100 + k) for k in range(8)]
+    for f in range(12):
+        records = [{"text": prose(1000 + f * 10 + k), "id": f"u{f}.{k}"} for k in range(3)]
+        records.append({"text": edit(base[f % 8], f), "id": f"n{f}"})  # near base[f % 8]
+        records.append({"text": base[(f + 3) % 8].upper(), "id": f"e{f}"})  # exact, once normalised
+        records.append({"text": "short", "id": f"s{f}"})
+        write_jsonl(raw / f"src{f % 3}" / f"f{f:02d}.jsonl", records, {2: "{not json"})
+    return raw
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_partitions_and_workers_do_not_change_a_byte(many_files, tmp_path, monkeypatch):
+    import lmpipe.dataprep.dedup_steps as steps
+
+    runs = {
+        "one": {},
+        "tiny_partitions": {"part_entries": 7},
+        "workers": {"part_entries": 50, "workers": 2},
+    }
+    for name, options in runs.items():
+        if name == "tiny_partitions":
+            monkeypatch.setattr(steps, "VERIFY_CHUNK", 2)
+        dedup([many_files], tmp_path / name, strict=False, progress=False, **options)
+    one = folder_bytes(tmp_path / "one")
+    assert len([n for n in one if n.startswith("part-")]) == 12
+    for name in runs:
+        assert folder_bytes(tmp_path / name) == one, name
+    kept = {r["id"] for r in kept_docs(tmp_path / "one")}
+    assert {f"u{f}.{k}" for f in range(12) for k in range(3)} <= kept
+    # 8 base texts, each behind 3 of the 24 edited (n) and upper-cased (e) copies: one kept each
+    assert len(kept & ({f"n{f}" for f in range(12)} | {f"e{f}" for f in range(12)})) == 8
+
+
+STEPS = ["scan_file", "exact_partition", "lsh_partition", "merge_pairs", "shingle_sets_file",
+         "verify_chunk", "decide_all", "filter_file"]  # fmt: skip
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_crash_in_any_step_resumes_to_identical_output(many_files, tmp_path, monkeypatch, step):
+    import lmpipe.dataprep.dedup_steps as steps
+
+    options = {"strict": False, "progress": False, "part_entries": 30}
+    dedup([many_files], tmp_path / "clean", **options)
+    monkeypatch.setattr(steps, "VERIFY_CHUNK", 3)  # several verify units, same output
+    real, calls = getattr(steps, step), []
+
+    def crash_on_second(*args):
+        calls.append(1)
+        if len(calls) == 2 or step in ("merge_pairs", "decide_all"):
+            raise RuntimeError("crash")
+        return real(*args)
+
+    monkeypatch.setattr(steps, step, crash_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="crash"):
+        dedup([many_files], out, **options)
+    assert not out.exists() and partial_path(out).exists()
+    done_before = sorted(p.name for p in partial_path(out).rglob("*.done"))
+    monkeypatch.setattr(steps, step, real)
+    redone = []
+    for name in STEPS:  # count what the rerun does: only units without a marker
+        fn = getattr(steps, name)
+        monkeypatch.setattr(steps, name, lambda *a, fn=fn, name=name: redone.append(name) or fn(*a))
+    dedup([many_files], out, **options)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+    assert not partial_path(out).exists()
+    if step != "scan_file":
+        assert "scan_file" not in redone and len(done_before) >= 12
+    assert step in redone
+
+
+def test_other_settings_do_not_resume_a_partial_folder(many_files, tmp_path, monkeypatch):
+    import lmpipe.dataprep.dedup_steps as steps
+
+    monkeypatch.setattr(steps, "decide_all", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        dedup([many_files], tmp_path / "out", strict=False, progress=False)
+    monkeypatch.undo()
+    dedup([many_files], tmp_path / "out", strict=False, progress=False, keep="longest")
+    dedup([many_files], tmp_path / "clean", strict=False, progress=False, keep="longest")
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+import lmpipe.dataprep.dedup_steps as steps
+for name in ("scan_file", "exact_partition", "lsh_partition", "shingle_sets_file",
+             "verify_chunk", "filter_file"):
+    def slow(*args, fn=getattr(steps, name)):
+        time.sleep(0.05)  # slow enough that the parent kills it mid-step, on any machine
+        return fn(*args)
+    setattr(steps, name, slow)
+from lmpipe.dataprep.dedup import dedup
+dedup([Path(sys.argv[1])], Path(sys.argv[2]), strict=False, progress=False, part_entries=30)
+"""
+
+
+@pytest.mark.parametrize("step, units", [("scan", 5), ("lsh", 2), ("filter", 4)])
+def test_killed_run_reruns_to_identical_output(many_files, tmp_path, step, units):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(many_files), str(out)])
+    markers = partial_path(out) / "_work" / step
+    deadline = time.monotonic() + 120
+    while len(list(markers.glob("*.done"))) < units and time.monotonic() < deadline:
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and partial_path(out).exists()
+    dedup([many_files], out, strict=False, progress=False, part_entries=30)
+    dedup([many_files], tmp_path / "clean", strict=False, progress=False)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
+def test_ray_engine_gives_the_local_output(many_files, tmp_path):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pytest.skip("ray is not installed (optional extra: pip install 'lmpipe[ray]')")
+    options = {"strict": False, "progress": False, "part_entries": 30}
+    dedup([many_files], tmp_path / "local", **options)
+    dedup([many_files], tmp_path / "ray", engine="ray", workers=2, **options)
+    assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
+
+
+def test_ray_engine_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray here")
+        return real_import(name, *args, **kwargs)
+
+    write_jsonl(tmp_path / "in" / "d.jsonl", [{"text": prose(1)}])
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(LmpipeError, match=re.escape("pip install 'lmpipe[ray]'")):
+        dedup([tmp_path / "in"], tmp_path / "out", engine="ray", progress=False)
+    assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()

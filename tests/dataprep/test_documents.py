@@ -75,3 +75,20 @@ def test_multi_frame_zstd_and_a_last_line_without_newline(tmp_path):
     frames = [c.compress(b'{"text": "one"}\n'), c.compress(b'{"text": "two"}\n{"text": "three"}')]
     path.write_bytes(b"".join(frames))
     assert [r["text"] for _, r in read_documents(path)] == ["one", "two", "three"]
+
+
+def test_gzip_documents_read_like_plain_ones_and_truncation_is_an_error(tmp_path):
+    import gzip
+
+    lines = [json.dumps({"text": f"document {k} é", "id": k}) for k in range(2000)]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    (tmp_path / "a.jsonl").write_bytes(data)
+    half = len(data) // 2  # two gzip members, as `cat a.gz b.gz` makes
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data[:half]) + gzip.compress(data[half:]))
+    assert [p.name for p in find_inputs([tmp_path])] == ["a.jsonl", "a.jsonl.gz"]
+    plain = list(read_documents(tmp_path / "a.jsonl"))
+    assert list(read_documents(tmp_path / "a.jsonl.gz")) == plain and len(plain) == 2000
+    whole = gzip.compress(data)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) - 20])
+    with pytest.raises(LmpipeError, match="truncated gzip"):
+        list(read_documents(tmp_path / "cut.jsonl.gz"))
