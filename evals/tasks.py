@@ -52,7 +52,16 @@ class Cloze:
     continuation: str
 
 
-Item = Choice | Cloze
+@dataclass(frozen=True)
+class Rolling:
+    """A whole text scored by rolling log-likelihood (perplexity tasks). Words and bytes are
+    counted on `source`, which the harness's wikitext counts before detokenising."""
+
+    text: str
+    source: str
+
+
+Item = Choice | Cloze | Rolling
 
 
 def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> Choice:
@@ -155,6 +164,43 @@ def lambada(row: dict[str, Any]) -> Cloze:
 # --- the task table ------------------------------------------------------------------------
 
 
+# WikiText's tokenised form back to plain text, rule by rule in the harness's order (lm-eval's
+# wikitext task, version 2): (pattern, replacement, is_regex).
+WIKITEXT_RULES: tuple[tuple[str, str, bool], ...] = (
+    ("s '", "s'", False),  # plural possessives
+    (r"/' [0-9]/", r"/'[0-9]/", True),  # (matches only literal slashes, as in the harness)
+    (" @-@ ", "-", False),  # number separators
+    (" @,@ ", ",", False),
+    (" @.@ ", ".", False),
+    *((f" {p} ", f"{p} ", False) for p in ":;.!?,"),  # punctuation
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)", True),  # brackets and quotes hug their contents
+    (r"\[\s*([^\]]*?)\s*\]", r"[\1]", True),
+    (r"{\s*([^}]*?)\s*}", r"{\1}", True),
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"', True),
+    (r"'\s*([^']*?)\s*'", r"'\1'", True),
+    ("= = = =", "====", False),  # headings
+    ("= = =", "===", False),
+    ("= =", "==", False),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}", False),
+    (" \n", "\n", False),
+    ("\n ", "\n", False),
+    (" N ", " 1 ", False),
+    (" 's", "'s", False),
+)
+
+
+def wikitext_detokenize(text: str) -> str:
+    for pattern, replacement, is_regex in WIKITEXT_RULES:
+        text = (
+            re.sub(pattern, replacement, text) if is_regex else text.replace(pattern, replacement)
+        )
+    return text
+
+
+def wikitext(row: dict[str, Any]) -> Rolling:
+    return Rolling(text=wikitext_detokenize(row["page"]), source=row["page"])
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -178,6 +224,12 @@ EXTERNAL_TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             "lambada_openai", "lambada_openai/lambada_test.jsonl", lambada, ("perplexity", "acc")
+        ),
+        TaskSpec(
+            "wikitext",
+            "wikitext/wikitext-2-raw-v1_test_pages.jsonl",
+            wikitext,
+            ("word_perplexity", "byte_perplexity", "bits_per_byte"),
         ),
     )
 }
@@ -341,10 +393,22 @@ def score_items(
     lm: LM, items: Sequence[Item], metrics: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Score a task's items; keep the stock task's metrics (all computed ones if None)."""
-    if items and isinstance(items[0], Cloze):
+    if items and isinstance(items[0], Rolling):
+        scores = score_rolling(lm, items)  # type: ignore[arg-type]
+    elif items and isinstance(items[0], Cloze):
         scores = score_cloze(lm, items)  # type: ignore[arg-type]
     else:
         scores = score_choice(lm, items)  # type: ignore[arg-type]
     if metrics is not None:
         scores = {k: v for k, v in scores.items() if k in metrics or k == "n"}
     return scores
+
+
+def score_rolling(lm: LM, items: Sequence[Rolling]) -> dict[str, Any]:
+    """Word and byte perplexity and bits per byte of whole texts (lm-eval's wikitext metrics)."""
+    from lmpipe.evals.perplexity import count_words, perplexity_metrics
+
+    lls = lm.loglikelihood_rolling([item.text for item in items])
+    words = sum(count_words(item.source) for item in items)
+    n_bytes = sum(len(item.source.encode("utf-8")) for item in items)
+    return perplexity_metrics(lls, [], words, n_bytes)

@@ -185,4 +185,6 @@ def test_requests_are_the_harness_requests(eval_assets, task, doc, gold, context
 
 
 def test_every_task_is_pinned():
-    assert {row[0] for row in HARNESS_ROWS} == set(EXTERNAL_TASKS)
+    # wikitext makes no (context, continuation) requests: its detokenised pages are pinned in
+    # tests/evals/test_tasks.py (test_wikitext_detokenizer_follows_the_harness)
+    assert {row[0] for row in HARNESS_ROWS} == set(EXTERNAL_TASKS) - {"wikitext"}

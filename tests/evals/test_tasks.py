@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -17,6 +18,7 @@ from lmpipe.evals.tasks import (
     load_items,
     mean_stderr,
     score_items,
+    wikitext_detokenize,
 )
 
 
@@ -199,6 +201,7 @@ def test_every_task_file_loads_whole(eval_assets):
     assert counts == {
         "arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "openbookqa": 500, "boolq": 3270,
         "winogrande": 1267, "social_iqa": 1954, "hellaswag": 10042, "lambada_openai": 5153,
+        "wikitext": 62,
     }  # fmt: skip
 
 
@@ -259,3 +262,32 @@ def test_a_model_that_knows_the_text_scores_full_marks(random_text):
 
     scores = score_items(Oracle(), items)
     assert scores["acc"]["value"] == 1.0 and scores["n"] == len(items) == 6
+
+
+def test_wikitext_detokenizer_follows_the_harness():
+    # expected output produced by lm-eval 0.4.13's wikitext_detokenizer on the same string
+    raw = 'the dogs \' bone ( 12 @,@ 000 ) \n = = Section = = \n He said " yes " , 5 @.@ 5 \N{DEGREE SIGN} N '
+    assert (
+        wikitext_detokenize(raw)
+        == 'the dogs\' bone (12,000)\n== Section ==\nHe said "yes", 5.5\N{DEGREE SIGN}N '
+    )
+
+
+def test_wikitext_pages_and_metrics(eval_assets):
+    items = load_items(EXTERNAL_TASKS["wikitext"], eval_assets)
+    assert len(items) == 62
+    assert items[0].text.startswith(
+        " = Robert Boulter =\n\nRobert Boulter is an English film, television"
+    )
+
+    class Uniform:  # log p = -1 per character: the metrics are then known in closed form
+        def loglikelihood_rolling(self, texts):
+            return [-float(len(t)) for t in texts]
+
+    scores = score_items(Uniform(), items[:3], EXTERNAL_TASKS["wikitext"].metrics)
+    chars = sum(len(i.text) for i in items[:3])
+    words = sum(len(re.split(r"\s+", i.source)) for i in items[:3])  # counted before detokenising
+    n_bytes = sum(len(i.source.encode()) for i in items[:3])
+    assert set(scores) == {"word_perplexity", "byte_perplexity", "bits_per_byte", "n"}
+    assert scores["word_perplexity"]["value"] == pytest.approx(math.exp(chars / words))
+    assert scores["bits_per_byte"]["value"] == pytest.approx(chars / n_bytes / math.log(2))
