@@ -1,0 +1,565 @@
+"""The steps of `lmpipe dedup` as a map-reduce over a work folder, each resumable per unit.
+
+Each step runs over units (an input file, a partition of the key space, a chunk of pairs). A unit
+writes its files under `<work>/_work/<step>/` and then its marker `<unit>.done` (atomically, with
+what the unit reports), so after a crash (kill -9 included) a rerun redoes exactly the units
+without a marker. A unit's files depend only on its inputs, never on timing, worker count or
+engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical output.
+
+  scan    per input file: ftfy, normalise, short filter; the fixed records of the documents that
+          are not short; per document its line, bytes and id; 128-bit keys of its normalised text
+          (for the exact step) and of each LSH band, each file's keys sorted by their first 64 bits
+  exact   per partition of the 64-bit key range: equal text keys -> (duplicate, first) pairs
+  lsh     per partition: band keys of the documents that are not exact duplicates, grouped ->
+          (document, first of its bucket) pairs, plus pairs with up to `window` earlier members
+  pairs   one unit: the LSH pairs of every partition, made unique
+  sets    per input file (with verify): the distinct 64-bit shingle hashes of its documents that
+          are in a pair, written so that `verify` can memory-map them
+  verify  per chunk of pairs: each pair's exact n-gram Jaccard >= threshold
+  decide  one unit: union-find over the documents that have a pair; per input file its removed
+          documents, why, and a reference to the document kept in their place
+  filter  per input file: kept records -> `part-<file>.jsonl.zst`, its removal listing and counts
+
+Memory: a scan holds one file's keys; an exact or lsh unit holds its partition (partitions are
+sized after the scan to about `part_entries` keys each); `pairs`, `verify` and `decide` hold only
+documents that have a candidate pair. Documents are named by gid = file index << 32 | position
+among the file's valid documents, so ordering by gid is input order, and "the first document" of
+a group is its smallest gid. Band keys are 128-bit hashes of the band's values (SlimPajama
+compared the values themselves): two different bands collide with probability ~2^-128.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from lmpipe.dataprep.documents import InvalidLines, read_documents
+from lmpipe.dataprep.folders import write_json_atomic
+from lmpipe.dataprep.minhash import (
+    MinHasher,
+    OnePermHasher,
+    _fmix64,
+    fast_shingle_hashes,
+    normalise,
+)
+
+# Buckets every input document ends up in exactly one of, in manifest order.
+BUCKETS = ("kept", "short", "exact_duplicate", "near_duplicate", "invalid")
+KEPT, SHORT, EXACT, NEAR = 0, 1, 2, 3
+REASONS = {SHORT: "short", EXACT: "exact duplicate", NEAR: "near duplicate"}
+STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
+# Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
+_CHUNK_ROWS = 1 << 13
+_KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
+# Pairs per verify unit: enough to amortise a task's start, few enough to spread over workers.
+VERIFY_CHUNK = 1 << 16
+_ROW_MASK = (1 << 32) - 1
+# Two seeds for the two 64-bit halves of a band key (arbitrary odd constants).
+_KEY_SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+
+# What ftfy.fix_text can change in ASCII text: HTML entities (&), line breaks (\r) and the control
+# characters it deletes (0x00-0x08, 0x0b, 0x0e-0x1f, 0x7f; \x1b starts terminal escapes). Every
+# other fixer and NFC act on non-ASCII characters only, so ASCII text without these is returned
+# unchanged, and skipping the call saves about a quarter of the stage's time on English text.
+_FTFY_ASCII_TRIGGERS = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def fix_text(text: str) -> str:
+    """`ftfy.fix_text(text, normalization="NFC")`, without the call where it cannot change text."""
+    if text.isascii() and not _FTFY_ASCII_TRIGGERS.search(text):
+        return text
+    import ftfy  # imported here: the CLI keeps heavy imports out of `lmpipe --help`
+
+    return ftfy.fix_text(text, normalization="NFC")
+
+
+# --- markers and names ---------------------------------------------------------------------------
+
+
+def marker(state: Path, step: str, unit: int | None = None) -> Path:
+    return state / (f"{step}.done" if unit is None else f"{step}/{unit:05d}.done")
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _done(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    # Written after every file of the unit is closed: a marker means the unit's files are whole.
+    write_json_atomic(path, info)
+    return info
+
+
+def gids(f: int, rows: np.ndarray) -> np.ndarray:
+    return (np.int64(f) << np.int64(32)) | rows.astype(np.int64)
+
+
+def part_name(f: int) -> str:
+    return f"part-{f:05d}.jsonl.zst"
+
+
+class ZstdLines:
+    """A `.zst` file of JSON lines that exists even when nothing is written to it."""
+
+    def __init__(self, path: Path, level: int = 3):
+        self._raw = open(path, "wb")
+        self._sink = zstandard.ZstdCompressor(level=level).stream_writer(self._raw)
+        self.lines = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def write_line(self, line: bytes) -> None:
+        self._sink.write(line)
+        self.lines += 1
+
+    def __enter__(self) -> ZstdLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sink.close()  # ends the frame and closes the file
+
+
+def zstd_lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as raw:
+        yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+
+
+# --- keys and groups -----------------------------------------------------------------------------
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(documents, bands, 2) uint64: a 128-bit key per band of each signature, the band's index
+    mixed in so that equal values in different bands do not meet."""
+    n, words = len(signatures), (rows + 1) // 2
+    # The band's values two to a uint64 word (a zero pads an odd count), every band at once: the
+    # cost is a few vector passes per word, not a Python call per band and value.
+    values = np.zeros((n, bands, 2 * words), dtype=np.uint32)
+    values[:, :, :rows] = signatures[:, : bands * rows].reshape(n, bands, rows)
+    packed = values.view(np.uint64)
+    out = np.empty((n, bands, 2), dtype=np.uint64)
+    band = np.arange(1, bands + 1, dtype=np.uint64)
+    for half, seed in enumerate(_KEY_SEEDS):
+        h = np.broadcast_to(band * np.uint64(seed), (n, bands)).copy()
+        for w in range(words):
+            h = _fmix64(h ^ packed[:, :, w])  # a bijection per word: distinct inputs stay apart
+        out[:, :, half] = h
+    return out
+
+
+def bucket_pairs(k1: np.ndarray, k2: np.ndarray, gid: np.ndarray, window: int = 0) -> np.ndarray:
+    """(pairs, 2) int64 (later, earlier), unique, over entries that share the key (k1, k2).
+
+    `window=0`: each entry with the first (smallest gid) of its bucket, as SlimPajama's
+    generate_duplicate_pairs.py pairs them (enough for connected components). `window=w`: also
+    with the w entries before it in its bucket; with verification an edge to the first may fail
+    where one to a later member holds, and the window gives those a chance without the quadratic
+    cost of every pair in a large bucket."""
+    if len(gid) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    order = np.lexsort((gid, k2, k1))
+    k1, k2, gid = k1[order], k2[order], gid[order]
+    new = np.r_[True, (k1[1:] != k1[:-1]) | (k2[1:] != k2[:-1])]
+    group = np.cumsum(new) - 1
+    first = gid[new][group]
+    found = [np.stack([gid[~new], first[~new]], axis=1)]
+    for k in range(1, window + 1):
+        same = np.flatnonzero(group[k:] == group[:-k])
+        if len(same) == 0:
+            break
+        found.append(np.stack([gid[same + k], gid[same]], axis=1))
+    pairs = np.concatenate(found).astype(np.int64)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def union_find(n: int, pairs: np.ndarray) -> np.ndarray:
+    """The smallest member of each document's connected component (the partition union-find over
+    the pairs gives), for documents 0..n-1.
+
+    Vectorised as hooking + pointer jumping: every label points to a smaller (or equal) member of
+    the same component; each round hooks the root of the larger side of every unsatisfied pair onto
+    the smaller root, then flattens. At the fixed point the component's minimum is its own label.
+    """
+    labels = np.arange(n, dtype=np.int64)
+    if len(pairs) == 0:
+        return labels
+    u, v = pairs[:, 0], pairs[:, 1]
+    while True:
+        lu, lv = labels[u], labels[v]
+        open_ = lu != lv
+        if not open_.any():
+            return labels
+        lo = np.minimum(lu[open_], lv[open_])
+        np.minimum.at(labels, lu[open_], lo)
+        np.minimum.at(labels, lv[open_], lo)
+        while True:  # pointer jumping until every label is a root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+
+
+def resolve(
+    n: int, near: np.ndarray, exact: np.ndarray, priority: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per document 0..n-1 (in input order): its bucket (KEPT, EXACT, NEAR) and the document
+    kept for its component. `exact` pairs are (duplicate, first with the same text); per
+    component the highest `priority` is kept, ties (and None) to the first."""
+    root = union_find(n, np.concatenate([near, exact]).astype(np.int64))
+    if priority is not None:
+        order = np.lexsort((np.arange(n), -priority, root))
+        heads = order[np.r_[True, root[order][1:] != root[order][:-1]]]
+        best = np.empty(n, dtype=np.int64)
+        best[root[heads]] = heads
+        root = best[root]
+    text = np.arange(n)
+    text[exact[:, 0]] = exact[:, 1]
+    same_text = text == text[root]
+    reason = np.where(root == np.arange(n), KEPT, np.where(same_text, EXACT, NEAR))
+    return reason.astype(np.int8), root
+
+
+def decide(
+    short: np.ndarray,
+    digests: np.ndarray,
+    signatures: np.ndarray,
+    bands: int,
+    rows: int,
+    exact: bool = True,
+    *,
+    verify: Callable[[np.ndarray], np.ndarray] | None = None,
+    window: int = 0,
+    priority: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stage's decisions for documents held in memory, from the same pieces as the on-disk
+    steps: per document its bucket and the document kept in its place (-1 when short).
+    `digests` (16 bytes), `signatures`, the pairs `verify` gets and `priority` cover the
+    documents that are not short, in order."""
+    reason = np.full(len(short), SHORT, dtype=np.int8)
+    keeper = np.full(len(short), -1, dtype=np.int64)
+    cand = np.flatnonzero(~short)
+    idx = np.arange(len(cand), dtype=np.int64)
+    if len(cand) == 0:
+        return reason, keeper
+    text_keys = np.ascontiguousarray(digests).view(np.uint64).reshape(-1, 2)
+    ex = bucket_pairs(text_keys[:, 0], text_keys[:, 1], idx) if exact else np.empty((0, 2), int)
+    reps = np.ones(len(cand), dtype=bool)
+    reps[ex[:, 0]] = False  # exact duplicates stay out of LSH: they would collide in every band
+    keys = band_hashes(signatures[reps], bands, rows).reshape(-1, 2)
+    near = bucket_pairs(keys[:, 0], keys[:, 1], np.repeat(idx[reps], bands), window)
+    if verify is not None and len(near):
+        near = near[verify(near)]
+    mine, root = resolve(len(cand), near, ex, priority)
+    reason[cand], keeper[cand] = mine, cand[root]
+    return reason, keeper
+
+
+# --- scan: one input file ------------------------------------------------------------------------
+
+
+class _AllInvalid(InvalidLines):
+    """InvalidLines that also keeps every bad line number, for the removal listing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[int, str]] = []
+
+    def add(self, line_no: int, reason: str) -> None:
+        super().add(line_no, reason)
+        self.lines.append((line_no, reason))
+
+
+def _keys_sorted(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(entries, 3) uint64 [k1, k2, row], sorted by k1, so a partition is one contiguous slice."""
+    table = np.column_stack([keys.reshape(-1, 2), rows.astype(np.uint64)])
+    return table[np.argsort(table[:, 0], kind="stable")]
+
+
+def scan_file(
+    state: Path,
+    f: int,
+    path: Path,
+    hasher: MinHasher | OnePermHasher,
+    bands: int,
+    rows: int,
+    min_chars: int,
+    ngram: int,
+    strict: bool,
+) -> dict[str, Any]:
+    """Read input file `f`: ftfy each text, normalise, mark short, hash; write the scan files."""
+    base = state / "scan" / f"{f:05d}"
+    invalid = _AllInvalid()
+    lines, nbytes, short, ids = [], [], [], []
+    digests: list[bytes] = []
+    key_parts: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    pending_rows = 0
+
+    sig_parts: list[np.ndarray] = []
+
+    def flush(last: bool = False) -> None:
+        sig_parts.append(hasher.signatures(pending))
+        pending.clear()
+        # Keys by the thousand documents: whole-array passes, and memory bounded within a file.
+        if last or sum(len(p) for p in sig_parts) >= _KEY_DOCS:
+            key_parts.append(band_hashes(np.concatenate(sig_parts), bands, rows))
+            sig_parts.clear()
+
+    with ZstdLines(Path(f"{base}.fixed.jsonl.zst"), level=1) as fixed:
+        for line_no, record in read_documents(path, strict, invalid):
+            text = record["text"]
+            lines.append(line_no)
+            nbytes.append(len(text.encode("utf-8")))
+            ids.append(record.get("id"))
+            record["text"] = fix_text(text)
+            norm = normalise(record["text"])
+            short.append(len(norm) < min_chars)
+            if short[-1]:
+                continue
+            fixed.write(record)
+            digests.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
+            pending.append(hasher.shingles(norm, ngram))
+            pending_rows += len(pending[-1])
+            if pending_rows >= _CHUNK_ROWS:
+                flush()
+                pending_rows = 0
+    flush(last=True)
+    short_a = np.array(short, dtype=bool)
+    kept_rows = np.flatnonzero(~short_a)
+    text_keys = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)
+    np.save(f"{base}.text.npy", _keys_sorted(text_keys, kept_rows))
+    band_keys = np.concatenate(key_parts)  # (not short, bands, 2)
+    np.save(f"{base}.bands.npy", _keys_sorted(band_keys, np.repeat(kept_rows, bands)))
+    np.savez(
+        f"{base}.meta.npz",
+        lines=np.array(lines, dtype=np.int64),
+        nbytes=np.array(nbytes, dtype=np.int64),
+        short=short_a,
+    )
+    with open(f"{base}.ids.json", "w", encoding="utf-8") as out:
+        json.dump({"ids": ids, "invalid": invalid.lines}, out, ensure_ascii=False)
+    return _done(
+        marker(state, "scan", f),
+        {"documents": len(lines), "not_short": len(kept_rows), "invalid": invalid.count},
+    )
+
+
+def load_meta(state: Path, f: int) -> dict[str, np.ndarray]:
+    with np.load(state / "scan" / f"{f:05d}.meta.npz") as meta:
+        return {k: meta[k] for k in meta.files}
+
+
+def load_ids(state: Path, f: int) -> dict[str, Any]:
+    return json.loads((state / "scan" / f"{f:05d}.ids.json").read_text(encoding="utf-8"))
+
+
+# --- exact and lsh: one partition of the key range -------------------------------------------
+
+
+def _partition(state: Path, kind: str, p: int, parts: int, files: list[int]) -> np.ndarray:
+    """(entries, 3) [k1, k2, gid] of every listed file's `kind` keys with k1 in partition p."""
+    lo, hi = (p << 64) // parts, ((p + 1) << 64) // parts
+    found = []
+    for f in files:
+        table = np.load(state / "scan" / f"{f:05d}.{kind}.npy", mmap_mode="r")
+        k1 = table[:, 0]
+        a = int(np.searchsorted(k1, np.uint64(lo))) if p else 0
+        b = int(np.searchsorted(k1, np.uint64(hi))) if p + 1 < parts else len(table)
+        piece = np.array(table[a:b])
+        piece[:, 2] = gids(f, piece[:, 2]).astype(np.uint64)
+        found.append(piece)
+    return np.concatenate(found) if found else np.empty((0, 3), dtype=np.uint64)
+
+
+def exact_partition(state: Path, p: int, parts: int, files: list[int]) -> dict[str, Any]:
+    """(duplicate, first) pairs of documents whose normalised texts are equal, in partition p."""
+    keys = _partition(state, "text", p, parts, files)
+    pairs = bucket_pairs(keys[:, 0], keys[:, 1], keys[:, 2].astype(np.int64))
+    np.save(state / "exact" / f"{p:05d}.npy", pairs)
+    return _done(marker(state, "exact", p), {"pairs": len(pairs)})
+
+
+def exact_pairs(state: Path) -> np.ndarray:
+    found = [np.load(path) for path in sorted((state / "exact").glob("*.npy"))]
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def lsh_partition(state: Path, p: int, parts: int, files: list[int], window: int) -> dict[str, Any]:
+    """Candidate pairs of the documents (not exact duplicates) whose band keys are in partition p.
+    Holds the exact duplicates' gids (one int64 each) to leave them out."""
+    keys = _partition(state, "bands", p, parts, files)
+    gid = keys[:, 2].astype(np.int64)
+    keep = ~np.isin(gid, exact_pairs(state)[:, 0])
+    pairs = bucket_pairs(keys[keep, 0], keys[keep, 1], gid[keep], window)
+    np.save(state / "lsh" / f"{p:05d}.npy", pairs)
+    return _done(marker(state, "lsh", p), {"pairs": len(pairs)})
+
+
+def merge_pairs(state: Path, parts: int) -> dict[str, Any]:
+    """All partitions' candidate pairs, unique (a pair found in two bands lands in two)."""
+    found = [np.load(state / "lsh" / f"{p:05d}.npy") for p in range(parts)]
+    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+    pairs = np.unique(pairs, axis=0) if len(pairs) else pairs
+    np.save(state / "pairs.npy", pairs)
+    return _done(marker(state, "pairs"), {"pairs": len(pairs)})
+
+
+# --- verify: exact Jaccard of the candidate pairs ------------------------------------------------
+
+
+def shingle_sets_file(state: Path, f: int, ngram: int) -> dict[str, Any]:
+    """The sorted distinct shingle hashes of file f's documents that are in a candidate pair,
+    recomputed from the fixed records (one hash per shingle: cheap, and only for these)."""
+    pairs = np.load(state / "pairs.npy", mmap_mode="r")
+    docs = np.unique(np.asarray(pairs))
+    wanted = (docs[(docs >> 32) == f] & _ROW_MASK).tolist()
+    meta = load_meta(state, f)
+    sets, found = [], []
+    nxt = iter(wanted)
+    want = next(nxt, None)
+    rows = np.flatnonzero(~meta["short"]).tolist()
+    fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
+    for row, line in zip(rows, fixed, strict=False):  # stops early once all are found
+        if want is None:
+            break
+        if row == want:
+            text = normalise(json.loads(line)["text"])
+            sets.append(np.unique(fast_shingle_hashes(text, ngram)))
+            found.append(row)
+            want = next(nxt, None)
+    base = state / "sets" / f"{f:05d}"
+    np.save(f"{base}.rows.npy", np.array(found, dtype=np.int64))
+    np.save(f"{base}.offsets.npy", np.cumsum([0] + [len(s) for s in sets]).astype(np.int64))
+    np.save(f"{base}.values.npy", np.concatenate(sets) if sets else np.empty(0, np.uint64))
+    return _done(marker(state, "sets", f), {"documents": len(found)})
+
+
+def verify_chunk(state: Path, c: int, threshold: float) -> dict[str, Any]:
+    """Whether each pair of chunk c reaches `threshold` in exact Jaccard (exact but for 64-bit
+    hash collisions, ~2^-64), from the memory-mapped shingle sets."""
+    pairs = np.load(state / "pairs.npy", mmap_mode="r")[c * VERIFY_CHUNK : (c + 1) * VERIFY_CHUNK]
+    opened: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def shingles(g: int) -> np.ndarray:
+        f, row = g >> 32, g & _ROW_MASK
+        if f not in opened:
+            base = state / "sets" / f"{f:05d}"
+            opened[f] = (
+                np.load(f"{base}.rows.npy"),
+                np.load(f"{base}.offsets.npy"),
+                np.load(f"{base}.values.npy", mmap_mode="r"),
+            )
+        rows, offsets, values = opened[f]
+        k = int(np.searchsorted(rows, row))
+        return np.asarray(values[offsets[k] : offsets[k + 1]])
+
+    ok = np.empty(len(pairs), dtype=bool)
+    for k, (a, b) in enumerate(np.asarray(pairs).tolist()):
+        x, y = shingles(a), shingles(b)
+        inter = len(np.intersect1d(x, y, assume_unique=True))
+        ok[k] = inter / (len(x) + len(y) - inter) >= threshold
+    np.save(state / "verify" / f"{c:05d}.npy", ok)
+    return _done(marker(state, "verify", c), {"pairs": len(ok), "kept": int(ok.sum())})
+
+
+# --- decide: the components, one unit ------------------------------------------------------------
+
+
+def doc_ref(path: str, lines: np.ndarray, ids: list[Any], row: int) -> dict[str, Any]:
+    ref: dict[str, Any] = {"file": path, "line": int(lines[row])}
+    if ids[row] is not None:
+        ref["id"] = ids[row]
+    return ref
+
+
+def decide_all(
+    state: Path, names: list[str], verify: bool, keep: str, chunks: int
+) -> dict[str, Any]:
+    """Union-find over the documents with a pair; writes `decide/<file>.json` for each file with
+    removed documents: their rows, reasons and the reference of the document kept instead."""
+    exact = exact_pairs(state)
+    near = np.load(state / "pairs.npy")
+    if verify and len(near):
+        near = near[np.concatenate([np.load(state / "verify" / f"{c:05d}.npy") for c in range(chunks)])]  # fmt: skip
+    nodes = np.unique(np.concatenate([near.ravel(), exact.ravel()]))
+    files = nodes >> 32
+    priority = None
+    if keep == "longest":
+        priority = np.empty(len(nodes), dtype=np.int64)
+        for f in np.unique(files).tolist():
+            at = np.flatnonzero(files == f)
+            priority[at] = load_meta(state, f)["nbytes"][nodes[at] & _ROW_MASK]
+    reason, root = resolve(
+        len(nodes), np.searchsorted(nodes, near), np.searchsorted(nodes, exact), priority
+    )
+    gone = np.flatnonzero(reason != KEPT)
+    keepers = nodes[root[gone]]
+    refs: dict[int, dict[str, Any]] = {}
+    for f in np.unique(keepers >> 32).tolist():
+        lines, ids = load_meta(state, f)["lines"], load_ids(state, f)["ids"]
+        for g in np.unique(keepers[(keepers >> 32) == f]).tolist():
+            refs[g] = doc_ref(names[f], lines, ids, g & _ROW_MASK)
+    for f in np.unique(files[gone]).tolist():
+        mine = gone[files[gone] == f]
+        listing = {
+            "rows": (nodes[mine] & _ROW_MASK).tolist(),
+            "reasons": reason[mine].tolist(),
+            "duplicate_of": [refs[g] for g in nodes[root[mine]].tolist()],
+        }
+        write_json_atomic(state / "decide" / f"{f:05d}.json", listing)
+    return _done(marker(state, "decide"), {"documents": len(nodes), "removed": len(gone)})
+
+
+# --- filter: one input file ----------------------------------------------------------------------
+
+
+def filter_file(state: Path, f: int, name: str) -> dict[str, Any]:
+    """Write file f's kept records (`part-<f>.jsonl.zst` beside the state folder, none when it
+    keeps nothing) and its removal listing; report its counts per bucket."""
+    meta, info = load_meta(state, f), load_ids(state, f)
+    reason = np.where(meta["short"], SHORT, KEPT).astype(np.int8)
+    dup_of: dict[int, dict[str, Any]] = {}
+    decided = state / "decide" / f"{f:05d}.json"
+    if decided.is_file():
+        d = json.loads(decided.read_text(encoding="utf-8"))
+        reason[d["rows"]] = d["reasons"]
+        dup_of = dict(zip(d["rows"], d["duplicate_of"], strict=True))
+    kept = int((reason == KEPT).sum())
+    if kept:
+        not_short = np.flatnonzero(~meta["short"])
+        fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
+        with ZstdLines(state.parent / part_name(f)) as part:
+            for row, line in zip(not_short.tolist(), fixed, strict=True):
+                if reason[row] == KEPT:
+                    part.write_line(line)  # the fixed record as scan wrote it
+    listing: list[dict[str, Any]] = [
+        {"file": name, "line": line_no, "reason": "invalid", "detail": why}
+        for line_no, why in info["invalid"]
+    ]
+    for row in np.flatnonzero(reason != KEPT).tolist():
+        entry = {**doc_ref(name, meta["lines"], info["ids"], row), "reason": REASONS[int(reason[row])]}  # fmt: skip
+        if reason[row] != SHORT:
+            entry["duplicate_of"] = dup_of[row]
+        listing.append(entry)
+    listing.sort(key=lambda e: e["line"])
+    with open(state / "filter" / f"{f:05d}.removed.jsonl", "wb") as out:
+        for entry in listing:
+            out.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+    counts = {b: {"documents": 0, "bytes": 0} for b in ("input", *BUCKETS)}
+    # Bytes are those of the input `text`; an invalid line has no text: a document of 0 bytes.
+    counts["input"] = {"documents": len(reason) + len(info["invalid"]), "bytes": int(meta["nbytes"].sum())}  # fmt: skip
+    counts["invalid"]["documents"] = len(info["invalid"])
+    for code, bucket in enumerate(BUCKETS[:4]):
+        counts[bucket] = {
+            "documents": int((reason == code).sum()),
+            "bytes": int(meta["nbytes"][reason == code].sum()),
+        }
+    return _done(marker(state, "filter", f), {"kept": kept, "counts": counts})

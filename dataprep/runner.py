@@ -1,0 +1,103 @@
+"""Run a stage's independent tasks: in this process, on a local process pool, or as Ray tasks.
+
+`Runner(workers, engine)` is a context manager; `runner.map(fn, jobs)` calls `fn(*job)` for each
+job and returns the results in job order, so what a stage makes never depends on where, or in
+which order, its tasks ran. `fn` must be a module-level function and the jobs picklable; tasks
+talk to each other only through files, so with Ray every node must see the same file system
+(the input and output folders on shared storage).
+
+engine "local": `workers` processes (1: this process, no pool). engine "ray": plain `ray.remote`
+tasks on the cluster at `RAY_ADDRESS` if set, else on a local Ray instance with `workers` CPUs
+started (and stopped) here. Ray is an optional extra: `pip install 'lmpipe[ray]'`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+
+ENGINES = ("local", "ray")
+
+
+class Runner:
+    def __init__(self, workers: int = 1, engine: str = "local"):
+        if engine not in ENGINES:
+            raise LmpipeError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if workers < 1:
+            raise LmpipeError("workers must be at least 1")
+        self.workers, self.engine = workers, engine
+        self._pool: Any = None
+        self._ray: Any = None
+        self._started_ray = False
+
+    def __enter__(self) -> Runner:
+        if self.engine == "ray":
+            try:
+                import ray
+            except ImportError:
+                raise LmpipeError(
+                    "--engine ray needs Ray: pip install 'lmpipe[ray]' (or ray>=2.9)"
+                ) from None
+            self._ray = ray
+            if not ray.is_initialized():
+                options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+                if not os.environ.get("RAY_ADDRESS"):
+                    options["num_cpus"] = self.workers
+                ray.init(**options)
+                self._started_ray = True
+        elif self.workers > 1:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            # spawn: not fork, since the parent may hold threads (rich's progress refresher),
+            # and not forkserver, whose workers are not children of this process, so their CPU
+            # time would be missing from this process's accounting (and from any benchmark).
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        if self._started_ray:
+            self._ray.shutdown()
+            self._started_ray = False
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        jobs: Sequence[tuple[Any, ...]],
+        on_done: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """`fn(*job)` for every job; results in job order. `on_done` is called as each ends."""
+        tick = on_done or (lambda: None)
+        if not jobs:
+            return []
+        if self._ray is not None:
+            ray = self._ray
+            task = ray.remote(num_cpus=1, max_retries=0)(fn)
+            refs = [task.remote(*job) for job in jobs]
+            waiting = list(refs)
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1)
+                ray.get(ready)  # raises the task's error here, as the local engines do
+                tick()
+            return ray.get(refs)
+        if self._pool is None:
+            results = []
+            for job in jobs:
+                results.append(fn(*job))
+                tick()
+            return results
+        import concurrent.futures as cf
+
+        futures = [self._pool.submit(fn, *job) for job in jobs]
+        for future in cf.as_completed(futures):
+            future.result()
+            tick()
+        return [f.result() for f in futures]
