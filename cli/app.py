@@ -109,6 +109,30 @@ def dedup(
     keep: Annotated[
         str, typer.Option(help="Document kept per group: first (input order) or longest.")
     ] = "first",
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of the kept documents held out (by a seeded hash of their text) into "
+            "OUT/_holdout/; training drops any document with a held-out text (SlimPajama: 0.0017)."
+        ),
+    ] = 0.0,
+    decontaminate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Eval data (.jsonl/.jsonl.zst/.jsonl.gz files or folders; repeatable): kept "
+            "documents whose exact text (SHA-256 after ftfy) is an eval text are removed."
+        ),
+    ] = None,
+    decontaminate_field: Annotated[
+        str, typer.Option(help="Field of the eval records to compare (dotted for nested).")
+    ] = "text",
+    source_field: Annotated[
+        str | None,
+        typer.Option(
+            help="Count sources by this field (dotted, e.g. meta.redpajama_set_name) instead "
+            "of each file's folder; a record without it is an invalid line."
+        ),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -121,7 +145,7 @@ def dedup(
         str,
         typer.Option(
             help="local (process pool) or ray (Ray tasks; the cluster at RAY_ADDRESS, else a "
-            "local instance; needs `pip install 'lmpipe[ray]'`). Same output either way."
+            "local instance; needs `pip install 'lmpipe\\[ray]'`). Same output either way."
         ),
     ] = "local",
     skip_invalid: SkipInvalid = False,
@@ -144,6 +168,10 @@ def dedup(
         verify=verify,
         lsh_threshold=lsh_threshold,
         keep=keep,
+        holdout=holdout,
+        decontaminate=decontaminate or [],
+        decontaminate_field=decontaminate_field,
+        source_field=source_field,
         workers=workers,
         engine=engine,
         strict=not skip_invalid,

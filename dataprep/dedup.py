@@ -7,12 +7,14 @@ the normalised text -> drops near duplicates: MinHash over character n-grams (`m
 datasketch-identical sha1 signatures, or the faster one-permutation scheme), LSH banding tuned
 for the Jaccard threshold (or a lower `lsh_threshold`), optionally `verify` (the exact n-gram
 Jaccard of each candidate pair, edges below the threshold dropped), connected components of the
-remaining pairs; per group the first document in input order is kept (or the longest). Kept
-records are unchanged but for the fixed `text`. `out` gets `part-<k>.jsonl.zst` (the kept
+remaining pairs; per group the first document in input order is kept (or the longest). Then,
+over the kept documents, SlimPajama's holdout and SHA-256 decontamination (`holdout.py`). Kept
+records are unchanged but for the fixed `text`. `out` gets `part-<k>.jsonl.zst` (the training
 documents of the k-th input file, in order; none for a file that keeps nothing),
-`removed.ndjson.zst` (every removed document, why, and the kept document it duplicates) and
-`manifest.json` with per-source document and byte counts (input = kept + short + exact + near
-duplicate + invalid), written last.
+`_holdout/part-<k>.jsonl.zst` (its held-out documents), `removed.ndjson.zst` (every removed
+document, why, and the kept document it duplicates) and `manifest.json` with per-source document
+and byte counts, written last. Per source (its folder, or `source_field`) and in total:
+input = kept + short + exact_duplicate + near_duplicate + decontaminated + held_out + invalid.
 
 The work is the map-reduce of `dedup_steps.py` in `<out>.partial/`, which a failed or killed run
 leaves behind: a rerun with the same inputs and settings redoes only the units that had not
@@ -108,10 +110,11 @@ def print_summary(counts: dict[str, dict[str, dict[str, int]]], console: Any) ->
         title="lmpipe dedup: documents per source", box=box.SIMPLE_HEAD, collapse_padding=True
     )
     table.add_column("source", no_wrap=True)
-    for head in ("input", "kept", "short", "exact\ndup", "near\ndup", "invalid", "bytes\nremoved"):
+    heads = ("input", "kept", "short", "exact\ndup", "near\ndup", "decon-\ntam.", "held\nout")
+    for head in (*heads, "invalid", "bytes\nremoved"):
         table.add_column(head, justify="right", no_wrap=True)
     for name, c in counts.items():
-        removed = c["input"]["bytes"] - c["kept"]["bytes"]
+        removed = c["input"]["bytes"] - c["kept"]["bytes"] - c["held_out"]["bytes"]
         share = 100.0 * removed / c["input"]["bytes"] if c["input"]["bytes"] else 0.0
         cells = [f"{c[b]['documents']:,}" for b in ("input", *BUCKETS)]
         table.add_row(name, *cells, f"{share:.2f}%", style="bold" if name == "total" else None)
@@ -144,7 +147,7 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
         return state
     for entry in work.iterdir():
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    for sub in ("scan", "exact", "lsh", "sets", "verify", "decide", "filter"):
+    for sub in ("scan", "exact", "lsh", "sets", "verify", "decide", "evals", "holdout", "filter"):
         (state / sub).mkdir(parents=True)
     write_json_atomic(stamp, fingerprint)
     return state
@@ -165,6 +168,11 @@ def dedup(
     verify: bool = True,
     lsh_threshold: float | None = None,
     keep: str = "first",
+    holdout: float = 0.0,
+    holdout_seed: int = 42,
+    decontaminate: Sequence[Path] = (),
+    decontaminate_field: str = "text",
+    source_field: str | None = None,
     workers: int = 1,
     engine: str = "local",
     progress: bool = True,
@@ -178,6 +186,10 @@ def dedup(
     recall 0.999 and precision 1.0 on benchmarks/dedup_bench.py, where 0.8 gave 0.87), else
     `threshold`. `hash_scheme="legacy", verify=False` is SlimPajama's run, decision for decision.
     `keep`: "first" (input order) or "longest" (most bytes, then first) per group.
+    `holdout`, `holdout_seed`, `decontaminate` (eval files or folders), `decontaminate_field`:
+    SlimPajama's holdout and SHA-256 decontamination over the kept documents (`holdout.py`).
+    `source_field`: a document's source for the counts, a dotted path into the record, instead
+    of its file's folder.
     `workers`, `engine`: processes (or Ray tasks) for every step that splits; `part_entries`:
     keys per partition of the grouping steps. None of the three changes the output."""
     from rich.console import Console
@@ -193,12 +205,17 @@ def dedup(
         raise LmpipeError(
             "dedup settings: need 0 < lsh_threshold < 1, keep first or longest, workers >= 1"
         )
+    if not 0.0 <= holdout < 1.0 or not decontaminate_field or source_field == "":
+        raise LmpipeError(
+            "dedup settings: need 0 <= holdout < 1 and non-empty field names (SlimPajama: 0.0017)"
+        )
     if engine not in ENGINES or part_entries < 1:
         raise LmpipeError(f"dedup settings: engine is one of {', '.join(ENGINES)}")
     inputs = [Path(p) for p in inputs]
     files = find_inputs(inputs)
+    evals = find_inputs(decontaminate) if decontaminate else []
     out = Path(out)
-    for f in files:  # --overwrite must never delete what it reads
+    for f in files + evals:  # --overwrite must never delete what it reads
         if out.resolve() in f.resolve().parents:
             raise LmpipeError(f"{f}: input lies inside the output folder {out}")
     hasher = make_hasher(hash_scheme, num_perm, seed=1)
@@ -209,12 +226,15 @@ def dedup(
         "hash": "fnv1a64+fmix64" if hash_scheme == "oph" else "sha1_hash32",
         "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "keep": keep, "strict": strict,
         "fix_text": "ftfy.fix_text(normalization='NFC')",
+        "holdout": holdout, "holdout_seed": holdout_seed, "decontaminate_field": decontaminate_field,
+        "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)",
     }  # fmt: skip
     # A resumed run must read what the killed one read: same files, sizes and times.
     fingerprint = {
         "lmpipe_version": lmpipe_version(),
         "settings": settings,
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
     }
     err = Console(stderr=True)
     bar = Progress(
@@ -227,9 +247,9 @@ def dedup(
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
             with Runner(workers, engine) as runner, bar:
-                counts, outputs = _steps(
+                counts, outputs, eval_info = _steps(
                     runner, bar, state, files, hasher, bands, rows, settings, part_entries,
-                    [source_of(f, inputs) for f in files],
+                    [source_of(f, inputs) for f in files], evals,
                 )  # fmt: skip
         except LmpipeError:
             # Bad input or settings: a rerun would fail the same way, so nothing is kept.
@@ -238,6 +258,9 @@ def dedup(
         manifest = write_manifest(
             work, "dedup", settings=settings,
             inputs=[{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
+            decontaminate=[
+                {"path": str(f), "sha256": sha256_file(f), **info} for f, info in zip(evals, eval_info, strict=True)
+            ],
             outputs=outputs, counts=counts,
         )  # fmt: skip
         shutil.rmtree(state)  # after the manifest: a run killed between the two resumes at the end
@@ -257,13 +280,14 @@ def _steps(
     settings: dict[str, Any],
     part_entries: int,
     sources: list[str],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    evals: list[Path],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """The map-reduce of `dedup_steps`, then the stage's listing, counts and outputs."""
     n = range(len(files))
     s = settings
     scans = _run_step(
         runner, bar, "fix, normalise, MinHash", steps.scan_file,
-        [(state, f, files[f].resolve(), hasher, bands, rows, s["min_chars"], s["ngram"], s["strict"]) for f in n],
+        [(state, f, files[f].resolve(), hasher, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"]) for f in n],
         [steps.marker(state, "scan", f) for f in n],
     )  # fmt: skip
     listed = [f for f in n if scans[f]["not_short"]]  # an empty key file cannot be mapped
@@ -300,9 +324,20 @@ def _steps(
         )  # fmt: skip
     names = [str(f) for f in files]
     _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], chunks)], [steps.marker(state, "decide")])  # fmt: skip
+    eval_info = _run_step(
+        runner, bar, "eval data", steps.eval_file,
+        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"]) for e, path in enumerate(evals)],
+        [steps.marker(state, "evals", e) for e in range(len(evals))],
+    )  # fmt: skip
+    if s["holdout"] > 0:
+        _run_step(
+            runner, bar, "holdout", steps.holdout_file,
+            [(state, f, s["holdout"], s["holdout_seed"]) for f in n],
+            [steps.marker(state, "holdout", f) for f in n],
+        )  # fmt: skip
     filtered = _run_step(
         runner, bar, "write kept documents", steps.filter_file,
-        [(state, f, names[f]) for f in n],
+        [(state, f, names[f], sources[f], s["holdout"], s["holdout_seed"]) for f in n],
         [steps.marker(state, "filter", f) for f in n],
     )  # fmt: skip
 
@@ -312,21 +347,26 @@ def _steps(
     outputs = []
     with steps.ZstdLines(work / REMOVED) as removed:
         for f in n:
-            c = counts.setdefault(sources[f], _empty_counts())
-            for bucket, add in filtered[f]["counts"].items():
-                for unit in ("documents", "bytes"):
-                    c[bucket][unit] += add[unit]
+            for source, buckets in filtered[f]["counts"].items():
+                c = counts.setdefault(source, _empty_counts())
+                for bucket, add in buckets.items():
+                    for unit in ("documents", "bytes"):
+                        c[bucket][unit] += add[unit]
             with open(state / "filter" / f"{f:05d}.removed.jsonl", "rb") as listing:
                 for line in listing:
                     removed.write_line(line)
             if filtered[f]["kept"]:
                 name = steps.part_name(f)
                 outputs.append({"file": name, "kind": "documents", "sha256": sha256_file(work / name), "documents": filtered[f]["kept"]})  # fmt: skip
+            if filtered[f]["held_out"]:
+                name = f"{steps.HOLDOUT}/{steps.part_name(f)}"
+                outputs.append({"file": name, "kind": "holdout", "sha256": sha256_file(work / name), "documents": filtered[f]["held_out"]})  # fmt: skip
     outputs.append({"file": REMOVED, "kind": "removed", "sha256": sha256_file(work / REMOVED), "documents": removed.lines})  # fmt: skip
+    counts = dict(sorted(counts.items()))  # sources by name, whatever order files name them in
     counts["total"] = {
         b: {u: sum(c[b][u] for c in counts.values()) for u in ("documents", "bytes")}
         for b in ("input", *BUCKETS)
     }
     for name, c in counts.items():
         check_counts(c, name)
-    return counts, outputs
+    return counts, outputs, eval_info

@@ -7,8 +7,9 @@ without a marker. A unit's files depend only on its inputs, never on timing, wor
 engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical output.
 
   scan    per input file: ftfy, normalise, short filter; the fixed records of the documents that
-          are not short; per document its line, bytes and id; 128-bit keys of its normalised text
-          (for the exact step) and of each LSH band, each file's keys sorted by their first 64 bits
+          are not short; per document its line, bytes, id (and source) and the SHA-256 of its
+          fixed text; 128-bit keys of its normalised text (for the exact step) and of each LSH
+          band, each file's keys sorted by their first 64 bits
   exact   per partition of the 64-bit key range: equal text keys -> (duplicate, first) pairs
   lsh     per partition: band keys of the documents that are not exact duplicates, grouped ->
           (document, first of its bucket) pairs, plus pairs with up to `window` earlier members
@@ -18,7 +19,10 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
   verify  per chunk of pairs: each pair's exact n-gram Jaccard >= threshold
   decide  one unit: union-find over the documents that have a pair; per input file its removed
           documents, why, and a reference to the document kept in their place
-  filter  per input file: kept records -> `part-<file>.jsonl.zst`, its removal listing and counts
+  evals   per eval file (with decontaminate): the SHA-256 set of its texts
+  holdout per input file (with a holdout): the SHA-256 digests of its documents drawn for it
+  filter  per input file: training records -> `part-<file>.jsonl.zst`, held-out records ->
+          `_holdout/part-<file>.jsonl.zst`, its removal listing and counts per source
 
 Memory: a scan holds one file's keys; an exact or lsh unit holds its partition (partitions are
 sized after the scan to about `part_entries` keys each); `pairs`, `verify` and `decide` hold only
@@ -30,31 +34,52 @@ compared the values themselves): two different bands collide with probability ~2
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zstandard
 
-from lmpipe.dataprep.documents import InvalidLines, read_documents
+from lmpipe.dataprep.clusters import (  # noqa: F401  (decide: re-exported for dedup.py)
+    DECONTAMINATED,
+    EXACT,
+    HELD_OUT,
+    KEPT,
+    NEAR,
+    SHORT,
+    band_hashes,
+    bucket_pairs,
+    decide,
+    resolve,
+    union_find,
+)
+from lmpipe.dataprep.documents import InvalidLines, field_value, read_documents
+from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import write_json_atomic
+from lmpipe.dataprep.holdout import as_digests, digest_set, held_out, read_field, text_digest
 from lmpipe.dataprep.minhash import (
     MinHasher,
     OnePermHasher,
-    _fmix64,
     fast_shingle_hashes,
     normalise,
 )
 
-# Buckets every input document ends up in exactly one of, in manifest order.
-BUCKETS = ("kept", "short", "exact_duplicate", "near_duplicate", "invalid")
-KEPT, SHORT, EXACT, NEAR = 0, 1, 2, 3
-REASONS = {SHORT: "short", EXACT: "exact duplicate", NEAR: "near duplicate"}
+# Buckets every input document ends up in exactly one of, in manifest order: the first six are
+# the decision codes of `clusters.py` (KEPT is the training output), then the invalid lines.
+BUCKETS = (
+    "kept", "short", "exact_duplicate", "near_duplicate", "decontaminated", "held_out", "invalid"
+)  # fmt: skip
+REASONS = {
+    SHORT: "short", EXACT: "exact duplicate", NEAR: "near duplicate",
+    DECONTAMINATED: "decontaminated",
+}  # fmt: skip
+HOLDOUT = "_holdout"  # the held-out documents' folder in the output (see `find_inputs`)
 STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
 # Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
 _CHUNK_ROWS = 1 << 13
@@ -62,8 +87,6 @@ _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
 # Pairs per verify unit: enough to amortise a task's start, few enough to spread over workers.
 VERIFY_CHUNK = 1 << 16
 _ROW_MASK = (1 << 32) - 1
-# Two seeds for the two 64-bit halves of a band key (arbitrary odd constants).
-_KEY_SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
 
 # What ftfy.fix_text can change in ASCII text: HTML entities (&), line breaks (\r) and the control
 # characters it deletes (0x00-0x08, 0x0b, 0x0e-0x1f, 0x7f; \x1b starts terminal escapes). Every
@@ -133,135 +156,6 @@ def zstd_lines(path: Path) -> Iterator[bytes]:
         yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
 
 
-# --- keys and groups -----------------------------------------------------------------------------
-
-
-def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(documents, bands, 2) uint64: a 128-bit key per band of each signature, the band's index
-    mixed in so that equal values in different bands do not meet."""
-    n, words = len(signatures), (rows + 1) // 2
-    # The band's values two to a uint64 word (a zero pads an odd count), every band at once: the
-    # cost is a few vector passes per word, not a Python call per band and value.
-    values = np.zeros((n, bands, 2 * words), dtype=np.uint32)
-    values[:, :, :rows] = signatures[:, : bands * rows].reshape(n, bands, rows)
-    packed = values.view(np.uint64)
-    out = np.empty((n, bands, 2), dtype=np.uint64)
-    band = np.arange(1, bands + 1, dtype=np.uint64)
-    for half, seed in enumerate(_KEY_SEEDS):
-        h = np.broadcast_to(band * np.uint64(seed), (n, bands)).copy()
-        for w in range(words):
-            h = _fmix64(h ^ packed[:, :, w])  # a bijection per word: distinct inputs stay apart
-        out[:, :, half] = h
-    return out
-
-
-def bucket_pairs(k1: np.ndarray, k2: np.ndarray, gid: np.ndarray, window: int = 0) -> np.ndarray:
-    """(pairs, 2) int64 (later, earlier), unique, over entries that share the key (k1, k2).
-
-    `window=0`: each entry with the first (smallest gid) of its bucket, as SlimPajama's
-    generate_duplicate_pairs.py pairs them (enough for connected components). `window=w`: also
-    with the w entries before it in its bucket; with verification an edge to the first may fail
-    where one to a later member holds, and the window gives those a chance without the quadratic
-    cost of every pair in a large bucket."""
-    if len(gid) == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    order = np.lexsort((gid, k2, k1))
-    k1, k2, gid = k1[order], k2[order], gid[order]
-    new = np.r_[True, (k1[1:] != k1[:-1]) | (k2[1:] != k2[:-1])]
-    group = np.cumsum(new) - 1
-    first = gid[new][group]
-    found = [np.stack([gid[~new], first[~new]], axis=1)]
-    for k in range(1, window + 1):
-        same = np.flatnonzero(group[k:] == group[:-k])
-        if len(same) == 0:
-            break
-        found.append(np.stack([gid[same + k], gid[same]], axis=1))
-    pairs = np.concatenate(found).astype(np.int64)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
-
-
-def union_find(n: int, pairs: np.ndarray) -> np.ndarray:
-    """The smallest member of each document's connected component (the partition union-find over
-    the pairs gives), for documents 0..n-1.
-
-    Vectorised as hooking + pointer jumping: every label points to a smaller (or equal) member of
-    the same component; each round hooks the root of the larger side of every unsatisfied pair onto
-    the smaller root, then flattens. At the fixed point the component's minimum is its own label.
-    """
-    labels = np.arange(n, dtype=np.int64)
-    if len(pairs) == 0:
-        return labels
-    u, v = pairs[:, 0], pairs[:, 1]
-    while True:
-        lu, lv = labels[u], labels[v]
-        open_ = lu != lv
-        if not open_.any():
-            return labels
-        lo = np.minimum(lu[open_], lv[open_])
-        np.minimum.at(labels, lu[open_], lo)
-        np.minimum.at(labels, lv[open_], lo)
-        while True:  # pointer jumping until every label is a root
-            jumped = labels[labels]
-            if np.array_equal(jumped, labels):
-                break
-            labels = jumped
-
-
-def resolve(
-    n: int, near: np.ndarray, exact: np.ndarray, priority: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per document 0..n-1 (in input order): its bucket (KEPT, EXACT, NEAR) and the document
-    kept for its component. `exact` pairs are (duplicate, first with the same text); per
-    component the highest `priority` is kept, ties (and None) to the first."""
-    root = union_find(n, np.concatenate([near, exact]).astype(np.int64))
-    if priority is not None:
-        order = np.lexsort((np.arange(n), -priority, root))
-        heads = order[np.r_[True, root[order][1:] != root[order][:-1]]]
-        best = np.empty(n, dtype=np.int64)
-        best[root[heads]] = heads
-        root = best[root]
-    text = np.arange(n)
-    text[exact[:, 0]] = exact[:, 1]
-    same_text = text == text[root]
-    reason = np.where(root == np.arange(n), KEPT, np.where(same_text, EXACT, NEAR))
-    return reason.astype(np.int8), root
-
-
-def decide(
-    short: np.ndarray,
-    digests: np.ndarray,
-    signatures: np.ndarray,
-    bands: int,
-    rows: int,
-    exact: bool = True,
-    *,
-    verify: Callable[[np.ndarray], np.ndarray] | None = None,
-    window: int = 0,
-    priority: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The stage's decisions for documents held in memory, from the same pieces as the on-disk
-    steps: per document its bucket and the document kept in its place (-1 when short).
-    `digests` (16 bytes), `signatures`, the pairs `verify` gets and `priority` cover the
-    documents that are not short, in order."""
-    reason = np.full(len(short), SHORT, dtype=np.int8)
-    keeper = np.full(len(short), -1, dtype=np.int64)
-    cand = np.flatnonzero(~short)
-    idx = np.arange(len(cand), dtype=np.int64)
-    if len(cand) == 0:
-        return reason, keeper
-    text_keys = np.ascontiguousarray(digests).view(np.uint64).reshape(-1, 2)
-    ex = bucket_pairs(text_keys[:, 0], text_keys[:, 1], idx) if exact else np.empty((0, 2), int)
-    reps = np.ones(len(cand), dtype=bool)
-    reps[ex[:, 0]] = False  # exact duplicates stay out of LSH: they would collide in every band
-    keys = band_hashes(signatures[reps], bands, rows).reshape(-1, 2)
-    near = bucket_pairs(keys[:, 0], keys[:, 1], np.repeat(idx[reps], bands), window)
-    if verify is not None and len(near):
-        near = near[verify(near)]
-    mine, root = resolve(len(cand), near, ex, priority)
-    reason[cand], keeper[cand] = mine, cand[root]
-    return reason, keeper
-
-
 # --- scan: one input file ------------------------------------------------------------------------
 
 
@@ -293,12 +187,16 @@ def scan_file(
     min_chars: int,
     ngram: int,
     strict: bool,
+    source_field: str | None = None,
 ) -> dict[str, Any]:
-    """Read input file `f`: ftfy each text, normalise, mark short, hash; write the scan files."""
+    """Read input file `f`: ftfy each text, normalise, mark short, hash; write the scan files.
+    With `source_field`, each document's source is read from it: a record without a string
+    there is an invalid line (an error under `strict`)."""
     base = state / "scan" / f"{f:05d}"
     invalid = _AllInvalid()
-    lines, nbytes, short, ids = [], [], [], []
+    lines, nbytes, short, ids, sources = [], [], [], [], []
     digests: list[bytes] = []
+    shas: list[bytes] = []
     key_parts: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     pending_rows = 0
@@ -316,6 +214,15 @@ def scan_file(
     with ZstdLines(Path(f"{base}.fixed.jsonl.zst"), level=1) as fixed:
         for line_no, record in read_documents(path, strict, invalid):
             text = record["text"]
+            if source_field is not None:
+                source = field_value(record, source_field)
+                if not isinstance(source, str) or not source:
+                    why = f"no string {source_field!r} field (--source-field)"
+                    if strict:
+                        raise LmpipeError(f"{path}:{line_no}: {why}")
+                    invalid.add(line_no, why)
+                    continue
+                sources.append(source)
             lines.append(line_no)
             nbytes.append(len(text.encode("utf-8")))
             ids.append(record.get("id"))
@@ -325,6 +232,7 @@ def scan_file(
             if short[-1]:
                 continue
             fixed.write(record)
+            shas.append(text_digest(record["text"]))
             digests.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
             pending.append(hasher.shingles(norm, ngram))
             pending_rows += len(pending[-1])
@@ -338,6 +246,7 @@ def scan_file(
     np.save(f"{base}.text.npy", _keys_sorted(text_keys, kept_rows))
     band_keys = np.concatenate(key_parts)  # (not short, bands, 2)
     np.save(f"{base}.bands.npy", _keys_sorted(band_keys, np.repeat(kept_rows, bands)))
+    np.save(f"{base}.sha.npy", as_digests(b"".join(shas)))
     np.savez(
         f"{base}.meta.npz",
         lines=np.array(lines, dtype=np.int64),
@@ -345,7 +254,8 @@ def scan_file(
         short=short_a,
     )
     with open(f"{base}.ids.json", "w", encoding="utf-8") as out:
-        json.dump({"ids": ids, "invalid": invalid.lines}, out, ensure_ascii=False)
+        found = {"ids": ids, "invalid": invalid.lines, "sources": sources if source_field else None}
+        json.dump(found, out, ensure_ascii=False)
     return _done(
         marker(state, "scan", f),
         {"documents": len(lines), "not_short": len(kept_rows), "invalid": invalid.count},
@@ -518,48 +428,129 @@ def decide_all(
     return _done(marker(state, "decide"), {"documents": len(nodes), "removed": len(gone)})
 
 
-# --- filter: one input file ----------------------------------------------------------------------
+# --- evals, holdout, filter: the documents dedup kept ------------------------------------------
 
 
-def filter_file(state: Path, f: int, name: str) -> dict[str, Any]:
-    """Write file f's kept records (`part-<f>.jsonl.zst` beside the state folder, none when it
-    keeps nothing) and its removal listing; report its counts per bucket."""
-    meta, info = load_meta(state, f), load_ids(state, f)
+def eval_file(state: Path, e: int, path: Path, field: str, strict: bool) -> dict[str, Any]:
+    """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed as the corpus is)."""
+    invalid = InvalidLines()
+    shas = [text_digest(fix_text(t)) for _, t in read_field(path, field, strict, invalid)]
+    np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
+    info = {"documents": len(shas), "invalid": invalid.count, "examples": invalid.examples}
+    return _done(marker(state, "evals", e), info)
+
+
+def _decided(state: Path, f: int, meta: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """File f's decision per document after `decide`, and what each duplicate duplicates."""
     reason = np.where(meta["short"], SHORT, KEPT).astype(np.int8)
-    dup_of: dict[int, dict[str, Any]] = {}
     decided = state / "decide" / f"{f:05d}.json"
-    if decided.is_file():
-        d = json.loads(decided.read_text(encoding="utf-8"))
-        reason[d["rows"]] = d["reasons"]
-        dup_of = dict(zip(d["rows"], d["duplicate_of"], strict=True))
-    kept = int((reason == KEPT).sum())
-    if kept:
-        not_short = np.flatnonzero(~meta["short"])
-        fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
-        with ZstdLines(state.parent / part_name(f)) as part:
-            for row, line in zip(not_short.tolist(), fixed, strict=True):
-                if reason[row] == KEPT:
-                    part.write_line(line)  # the fixed record as scan wrote it
+    if not decided.is_file():
+        return reason, {}
+    d = json.loads(decided.read_text(encoding="utf-8"))
+    reason[d["rows"]] = d["reasons"]
+    return reason, dict(zip(d["rows"], d["duplicate_of"], strict=True))
+
+
+def _kept_digests(state: Path, f: int, meta: dict, reason: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows of the documents still KEPT, and their SHA-256 digests."""
+    rows = np.flatnonzero(reason == KEPT)
+    sha = np.load(state / "scan" / f"{f:05d}.sha.npy")  # one per document that is not short
+    return rows, sha[np.searchsorted(np.flatnonzero(~meta["short"]), rows)]
+
+
+def _fates(state: Path, f: int, fraction: float, seed: int, evals: np.ndarray) -> tuple:
+    """Decisions with steps 1 and 2 of `holdout.py` applied: eval matches DECONTAMINATED, then
+    the draw HELD_OUT among the rest."""
+    meta = load_meta(state, f)
+    reason, dup_of = _decided(state, f, meta)
+    rows, sha = _kept_digests(state, f, meta, reason)
+    reason[rows[np.isin(sha, evals)]] = DECONTAMINATED
+    rows, sha = _kept_digests(state, f, meta, reason)
+    reason[rows[held_out(sha, fraction, seed)]] = HELD_OUT
+    return meta, reason, dup_of
+
+
+def holdout_file(state: Path, f: int, fraction: float, seed: int) -> dict[str, Any]:
+    """The digests of file f's held-out documents, which every file's training output avoids."""
+    meta, reason, _ = _fates(state, f, fraction, seed, _digests(state, "evals"))
+    held = np.flatnonzero(reason == HELD_OUT)
+    sha = np.load(state / "scan" / f"{f:05d}.sha.npy")
+    np.save(state / "holdout" / f"{f:05d}.npy", sha[np.searchsorted(np.flatnonzero(~meta["short"]), held)])  # fmt: skip
+    return _done(marker(state, "holdout", f), {"held_out": len(held)})
+
+
+def _digests(state: Path, step: str) -> np.ndarray:
+    return digest_set(np.load(p) for p in sorted((state / step).glob("*.npy")))
+
+
+def filter_file(
+    state: Path, f: int, name: str, source: str, fraction: float = 0.0, seed: int = 42
+) -> dict[str, Any]:
+    """Write file f's training records (`part-<f>.jsonl.zst` beside the state folder, none when
+    it keeps nothing), its held-out records (`_holdout/part-<f>.jsonl.zst`) and its removal
+    listing; report its counts per source and bucket (`source`: the file's, unless scan read
+    one per document)."""
+    info = load_ids(state, f)
+    meta, reason, dup_of = _fates(state, f, fraction, seed, evals := _digests(state, "evals"))
+    detail = {row: "same text as an eval document" for row in np.flatnonzero(reason == DECONTAMINATED).tolist()}  # fmt: skip
+    rows, sha = _kept_digests(state, f, meta, reason)
+    leaked = rows[np.isin(sha, _digests(state, "holdout"))]
+    reason[leaked] = DECONTAMINATED
+    detail.update({row: "same text as a held-out document" for row in leaked.tolist()})
+    kept, held = int((reason == KEPT).sum()), int((reason == HELD_OUT).sum())
+    if held:
+        (state.parent / HOLDOUT).mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        # Parts only for files that keep (or hold out) something; both from the fixed records.
+        sinks = {
+            code: stack.enter_context(ZstdLines(path))
+            for code, n, path in (
+                (KEPT, kept, state.parent / part_name(f)),
+                (HELD_OUT, held, state.parent / HOLDOUT / part_name(f)),
+            )
+            if n
+        }
+        if sinks:
+            fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
+            not_short = np.flatnonzero(~meta["short"]).tolist()
+            for row, line in zip(not_short, fixed, strict=True):
+                if int(reason[row]) in sinks:
+                    sinks[int(reason[row])].write_line(line)
     listing: list[dict[str, Any]] = [
         {"file": name, "line": line_no, "reason": "invalid", "detail": why}
         for line_no, why in info["invalid"]
     ]
-    for row in np.flatnonzero(reason != KEPT).tolist():
+    for row in np.flatnonzero((reason != KEPT) & (reason != HELD_OUT)).tolist():
         entry = {**doc_ref(name, meta["lines"], info["ids"], row), "reason": REASONS[int(reason[row])]}  # fmt: skip
-        if reason[row] != SHORT:
+        if reason[row] in (EXACT, NEAR):
             entry["duplicate_of"] = dup_of[row]
+        elif reason[row] == DECONTAMINATED:
+            entry["detail"] = detail[row]
         listing.append(entry)
     listing.sort(key=lambda e: e["line"])
     with open(state / "filter" / f"{f:05d}.removed.jsonl", "wb") as out:
         for entry in listing:
             out.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
-    counts = {b: {"documents": 0, "bytes": 0} for b in ("input", *BUCKETS)}
-    # Bytes are those of the input `text`; an invalid line has no text: a document of 0 bytes.
-    counts["input"] = {"documents": len(reason) + len(info["invalid"]), "bytes": int(meta["nbytes"].sum())}  # fmt: skip
-    counts["invalid"]["documents"] = len(info["invalid"])
-    for code, bucket in enumerate(BUCKETS[:4]):
-        counts[bucket] = {
-            "documents": int((reason == code).sum()),
-            "bytes": int(meta["nbytes"][reason == code].sum()),
-        }
-    return _done(marker(state, "filter", f), {"kept": kept, "counts": counts})
+    return _done(marker(state, "filter", f), {"kept": kept, "held_out": held, "counts": _counts(meta, info, reason, source)})  # fmt: skip
+
+
+def _counts(meta: dict, info: dict, reason: np.ndarray, source: str) -> dict[str, Any]:
+    """Documents and bytes per source and bucket. Bytes are those of the input `text`; an
+    invalid line has no text (a document of 0 bytes) and no source field, so it counts under
+    the file's `source`."""
+    by_field = info["sources"] is not None
+    sources = np.array(info["sources"] if by_field else [source] * len(reason), dtype=object)
+    counts: dict[str, Any] = {}
+    # With --source-field the file's own source appears only when it has invalid lines to count.
+    named = {*sources.tolist(), *([source] if info["invalid"] or not by_field else [])}
+    for name in sorted(named):
+        mine = sources == name
+        c = counts[name] = {b: {"documents": 0, "bytes": 0} for b in ("input", *BUCKETS)}
+        c["input"] = {"documents": int(mine.sum()), "bytes": int(meta["nbytes"][mine].sum())}
+        for code, bucket in enumerate(BUCKETS[:-1]):
+            at = mine & (reason == code)
+            c[bucket] = {"documents": int(at.sum()), "bytes": int(meta["nbytes"][at].sum())}
+    if source in counts:
+        counts[source]["invalid"]["documents"] = len(info["invalid"])
+        counts[source]["input"]["documents"] += len(info["invalid"])
+    return counts

@@ -28,12 +28,23 @@ def is_document_file(path: Path) -> bool:
     return path.name.endswith(SUFFIXES)
 
 
+def _private(path: Path, folder: Path) -> bool:
+    # Subfolders named `_x` or `.x` hold what is not the folder's documents: dedup's `_holdout/`
+    # (so `lmpipe tokenize clean/` trains on the training documents only), `.git`.
+    return any(part.startswith(("_", ".")) for part in path.relative_to(folder).parts[:-1])
+
+
 def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of document files."""
+    """Expand files and folders (recursively) into a sorted list of document files. Within a
+    folder, subfolders whose name starts with `_` or `.` are skipped; name them to read them."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and is_document_file(f))
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and is_document_file(f) and not _private(f, p)
+            )
             if not files:
                 raise LmpipeError(f"{p}: folder holds no {' or '.join(SUFFIXES)} files")
             found.extend(files)
@@ -132,6 +143,15 @@ def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -
             yield rest  # a last line without a newline
         if on_bytes is not None:
             on_bytes(raw.tell() - reported)
+
+
+def field_value(record: Any, path: str) -> Any:
+    """The value at a dotted `path` (`meta.redpajama_set_name`) in a JSON record; None if absent."""
+    for key in path.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return None
+        record = record[key]
+    return record
 
 
 def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:

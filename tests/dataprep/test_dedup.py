@@ -231,8 +231,9 @@ def test_without_exact_step_same_kept_set_and_variants_are_near(corpus, tmp_path
 
 def test_counts_add_up_per_source(corpus, tmp_path):
     manifest = dedup([corpus], tmp_path / "out", progress=False)
-    buckets = ("kept", "short", "exact_duplicate", "near_duplicate", "invalid")
+    buckets = ("kept", "short", "exact_duplicate", "near_duplicate", "decontaminated", "held_out", "invalid")  # fmt: skip
     assert set(manifest["counts"]) == {"web", "books", "total"}
+    assert set(manifest["counts"]["total"]) == {"input", *buckets}
     for source, c in manifest["counts"].items():
         for unit in ("documents", "bytes"):
             assert sum(c[b][unit] for b in buckets) == c["input"][unit], (source, unit)
