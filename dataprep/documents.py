@@ -73,46 +73,41 @@ class InvalidLines:
             self.examples.append(f"line {line_no}: {reason}")
 
 
-def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of every zstd frame in `raw`, in order. A file whose last frame stops
-    before its end (a truncated download, a writer killed mid-file) is an error, not a short
-    file: zstandard's stream reader would end quietly there."""
-    dctx = zstandard.ZstdDecompressor()
-    frame, fed = dctx.decompressobj(), False
+def decoded_chunks(
+    raw: BinaryIO, path: Path, new_decoder: Callable[[], Any], error: type[Exception], what: str
+) -> Iterator[bytes]:
+    """Decompressed bytes of every frame (zstd) or member (gzip) in `raw`, in order. A file whose
+    last frame stops before its end (a truncated download, a writer killed mid-file) is an error,
+    not a short file: the libraries' stream readers would end quietly there."""
+    decoder, fed = new_decoder(), False
     try:
         while chunk := raw.read(READ_BYTES):
             while chunk:
                 fed = True
-                yield frame.decompress(chunk)
-                if not frame.eof:
+                yield decoder.decompress(chunk)
+                if not decoder.eof:
                     break
-                chunk = frame.unused_data  # the next frame starts within this chunk
-                frame, fed = dctx.decompressobj(), False
-    except zstandard.ZstdError as e:
-        raise LmpipeError(f"{path}: corrupt zstd data ({e})") from None
-    if fed and not frame.eof:
-        raise LmpipeError(f"{path}: truncated zstd data (the last frame is incomplete)")
+                chunk = decoder.unused_data  # the next frame starts within this chunk
+                decoder, fed = new_decoder(), False
+    except error as e:
+        raise LmpipeError(f"{path}: corrupt {what} data ({e})") from None
+    if fed and not decoder.eof:
+        raise LmpipeError(f"{path}: truncated {what} data (the last frame is incomplete)")
+
+
+def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
+    return decoded_chunks(
+        raw, path, zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError, "zstd"
+    )
 
 
 def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of a gzip file (every member); truncated or corrupt data is an error."""
     import zlib
 
-    member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: a gzip header, not a zlib one
-    fed = False
-    try:
-        while chunk := raw.read(READ_BYTES):
-            while chunk:
-                fed = True
-                yield member.decompress(chunk)
-                if not member.eof:
-                    break
-                chunk = member.unused_data  # the next member starts within this chunk
-                member, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
-    except zlib.error as e:
-        raise LmpipeError(f"{path}: corrupt gzip data ({e})") from None
-    if fed and not member.eof:
-        raise LmpipeError(f"{path}: truncated gzip data (the last member is incomplete)")
+    # 16 + MAX_WBITS: a gzip header, not a zlib one
+    return decoded_chunks(
+        raw, path, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error, "gzip"
+    )
 
 
 def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
