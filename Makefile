@@ -24,10 +24,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Dependencies once; the package itself on every call, so tests see the current tree as installed.
-# The `ray` extra (about 15 s to install) lets the suite test `lmpipe dedup --engine ray` locally.
+# The `ray` and `plot` extras let the suite test `lmpipe dedup --engine ray` and its clusters.png.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) $(DEEPSPEED)
-	$(BIN)/pip install -q ".[test,ray]"
+	$(BIN)/pip install -q ".[test,ray,plot]"
 	touch $@
 
 install: $(VENV)/.deps tokenizer-cache

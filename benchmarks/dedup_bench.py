@@ -2,6 +2,7 @@
 
     python benchmarks/dedup_bench.py [--scale 1.0] [--seed 0] [--systems lmpipe,baseline,datatrove]
                                      [--lmpipe-args "--verify -j 2"] [--workdir /tmp/lmpipe-dedup-bench]
+                                     [--files-scale 4]
 
 Corpus (built here, offline, cached in `--workdir` per scale and seed): real text of this
 installation in four sources (folders): `stdlib_code` (the standard library's .py files cut at line
@@ -26,6 +27,14 @@ the pair list is exact, given distinct shingles get distinct 64-bit hashes: with
 (Python's `hash`) over ~70M distinct shingles the chance of any collision is ~1e-4, and a collision
 could only move one Jaccard by one shingle. True clusters: connected components of pairs at J >= 0.8
 (the threshold every system is asked to use).
+
+`--files-scale K` (memory against corpus size): the same corpus at the same file size, K times as
+many files. Each input file is written K times (`part-<k>-copy<c>.jsonl.zst`, copy 0 byte-identical
+to the cached file, copy c's ids suffixed `#c`), so every document has K - 1 verbatim duplicates in
+other files, and the truth stays exact: a copy has J = 1 with its original, so each true cluster of
+the corpus takes in all its copies (a singleton becomes a cluster of K). What grows K-fold: the
+bytes read, fixed, hashed and written, the exact and LSH keys, the documents in the union-find.
+What does not: the near duplicates to verify (the copies leave at the exact step).
 
 Metrics, as issue 3 defines them: removal precision, the share of removed documents whose true
 cluster still has a kept member; removal recall, the share of the removals the truth asks for (all
@@ -560,6 +569,32 @@ def score(removed: set[str], truth: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def files_scaled(folder: Path, truth: dict[str, Any], k: int) -> tuple[Path, dict[str, Any]]:
+    """The corpus with every file written `k` times (`--files-scale`), and its exact truth."""
+    if k == 1:
+        return folder / "raw", truth
+    raw = folder / f"raw-files{k}"
+    if not raw.exists():
+        staging = folder / f"raw-files{k}.partial"
+        subprocess.run(["rm", "-rf", str(staging)], check=True)
+        for part in sorted((folder / "raw").rglob("*.jsonl.zst")):
+            target = staging / part.parent.relative_to(folder / "raw")
+            target.mkdir(parents=True, exist_ok=True)
+            stem = part.name.removesuffix(".jsonl.zst")
+            (target / f"{stem}-copy0.jsonl.zst").write_bytes(part.read_bytes())
+            records = read_zst_lines(part)
+            for c in range(1, k):
+                lines = [json.dumps({**r, "id": f"{r['id']}#{c}"}) for r in records]
+                data = zstandard.ZstdCompressor(level=3).compress(
+                    ("\n".join(lines) + "\n").encode()
+                )
+                (target / f"{stem}-copy{c}.jsonl.zst").write_bytes(data)
+        staging.rename(raw)
+    ids = list(truth["ids"]) + [f"{i}#{c}" for c in range(1, k) for i in truth["ids"]]
+    scaled = truth | {"ids": ids, "cluster": list(truth["cluster"]) * k}
+    return raw, scaled | {"documents": truth["documents"] * k, "bytes": truth["bytes"] * k}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: ~41k documents, ~78 MB")
@@ -572,6 +607,12 @@ def main() -> None:
         help="extra `lmpipe dedup` options; repeat to run several lmpipe configurations",
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lmpipe-dedup-bench"))
+    parser.add_argument(
+        "--files-scale",
+        type=int,
+        default=1,
+        help="K times as many files of the same size: every file of the corpus K times",
+    )
     parser.add_argument("--run-system", help=argparse.SUPPRESS)  # internal: one system, in-process
     parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -582,7 +623,7 @@ def main() -> None:
 
     truth = prepare(args.workdir, args.scale, args.seed)
     folder = Path(truth["folder"])
-    raw = folder / "raw"
+    raw, truth = files_scaled(folder, truth, args.files_scale)
     size = np.bincount(truth["cluster"])
     print(
         f"corpus {folder}: {truth['documents']:,} documents, {truth['bytes'] / 1e6:.1f} MB, "
@@ -597,7 +638,7 @@ def main() -> None:
     for system in args.systems.split(","):
         configs = (args.lmpipe_args or [""]) if system == "lmpipe" else [""]
         for extra in configs:
-            out = folder / f"out-{system}"
+            out = folder / f"out-{system}" if args.files_scale == 1 else folder / f"out-{system}-files{args.files_scale}"  # fmt: skip
             subprocess.run(["rm", "-rf", str(out), str(out) + ".partial"], check=True)
             if system == "lmpipe":
                 cmd = [sys.executable, "-m", "lmpipe.cli", "dedup", str(raw), "-o", str(out)]
@@ -622,7 +663,8 @@ def main() -> None:
             rows.append({"system": name, **usage, **score(removed, truth)})
             print(f"{name}: {rows[-1]}", file=sys.stderr)
     print(
-        f"\n{truth['documents']:,} documents, {truth['bytes'] / 1e6:.1f} MB (scale {args.scale})\n"
+        f"\n{truth['documents']:,} documents, {truth['bytes'] / 1e6:.1f} MB (scale {args.scale}, "
+        f"files scale {args.files_scale})\n"
     )
     print(
         "| system | core-s | wall s | peak RSS MB | removed | precision | recall | true clusters wiped |"

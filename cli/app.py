@@ -72,9 +72,26 @@ def dedup(
     min_chars: Annotated[
         int,
         typer.Option(
-            help="Drop documents shorter than this after normalisation (SlimPajama: 200)."
+            help="Drop documents shorter than this after normalisation (SlimPajama: 200; "
+            "0: no short filter)."
         ),
     ] = 200,
+    fix_text: Annotated[
+        bool,
+        typer.Option(
+            "--fix-text/--no-fix-text",
+            help="Repair each text with ftfy.fix_text, NFC (SlimPajama's first step); without "
+            "it texts pass through byte for byte.",
+        ),
+    ] = True,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact/--no-exact",
+            help="Remove exact duplicates of the normalised text first (without it the copies "
+            "are removed as near duplicates, with more work).",
+        ),
+    ] = True,
     threshold: Annotated[
         float,
         typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8)."),
@@ -161,6 +178,8 @@ def dedup(
         inputs,
         out,
         min_chars=min_chars,
+        fix=fix_text,
+        exact=exact,
         threshold=threshold,
         num_perm=num_perm,
         ngram=ngram,

@@ -1,19 +1,23 @@
 """dedup: SlimPajama's cleaning and MinHash-LSH deduplication (seeds-spec section 5).
 
 `dedup(inputs, out)` reads `.jsonl` / `.jsonl.zst` documents and, across all sources at once:
-fixes each text with ftfy (NFC) -> drops it when its normalised form (lowercase, no ASCII
-punctuation, whitespace runs collapsed) is shorter than `min_chars` -> drops exact duplicates of
-the normalised text -> drops near duplicates: MinHash over character n-grams (`minhash.py`:
-datasketch-identical sha1 signatures, or the faster one-permutation scheme), LSH banding tuned
-for the Jaccard threshold (or a lower `lsh_threshold`), optionally `verify` (the exact n-gram
-Jaccard of each candidate pair, edges below the threshold dropped), connected components of the
-remaining pairs; per group the first document in input order is kept (or the longest). Then,
-over the kept documents, SlimPajama's holdout and SHA-256 decontamination (`holdout.py`). Kept
-records are unchanged but for the fixed `text`. `out` gets `part-<k>.jsonl.zst` (the training
-documents of the k-th input file, in order; none for a file that keeps nothing),
+fixes each text with ftfy (NFC; `fix=False` skips it) -> drops it when its normalised form
+(lowercase, no ASCII punctuation, whitespace runs collapsed) is shorter than `min_chars` (0: no
+short filter) -> drops exact duplicates of the normalised text (`exact=False` skips the step: the
+copies then meet in every LSH band and go as near duplicates) -> drops near duplicates: MinHash
+over character n-grams (`minhash.py`: datasketch-identical sha1 signatures, or the faster
+one-permutation scheme), LSH banding tuned for the Jaccard threshold (or a lower `lsh_threshold`),
+optionally `verify` (the exact n-gram Jaccard of each candidate pair, edges below the threshold
+dropped), connected components of the remaining pairs; per group the first document in input
+order is kept (or the longest). Then, over the kept documents, SlimPajama's holdout and SHA-256
+decontamination (`holdout.py`). Kept records are unchanged but for the fixed `text`. `out` gets
+`part-<k>.jsonl.zst` (the training documents of the k-th input file, in order; none for a file
+that keeps nothing),
 `_holdout/part-<k>.jsonl.zst` (its held-out documents), `removed.ndjson.zst` (every removed
-document, why, and the kept document it duplicates) and `manifest.json` with per-source document
-and byte counts, written last. Per source (its folder, or `source_field`) and in total:
+document, why, and the kept document it duplicates), `clusters.png` (the duplicate cluster
+sizes, when matplotlib is importable: `cluster_plot.py`) and `manifest.json` with per-source
+document and byte counts and `cluster_sizes` (size -> clusters), written last. Per source (its
+folder, or `source_field`) and in total:
 input = kept + short + exact_duplicate + near_duplicate + decontaminated + held_out + invalid.
 
 The work is the map-reduce of `dedup_steps.py` in `<out>.partial/`, which a failed or killed run
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import lmpipe.dataprep.dedup_steps as steps
+from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
 
 # Re-exported: callers and tests import the pieces of the stage from here.
 from lmpipe.dataprep.dedup_steps import (  # noqa: F401
@@ -164,6 +169,7 @@ def dedup(
     strict: bool = True,
     overwrite: bool = False,
     exact: bool = True,
+    fix: bool = True,
     hash_scheme: str = "oph",
     verify: bool = True,
     lsh_threshold: float | None = None,
@@ -179,6 +185,11 @@ def dedup(
     part_entries: int = PART_ENTRIES,
 ) -> dict[str, Any]:
     """Clean and deduplicate `inputs` into the folder `out`; returns the manifest.
+
+    `fix`: ftfy each text (NFC) first; without it texts pass through byte for byte. `min_chars`:
+    the short filter's length (0 turns it off: an empty text is then one empty shingle, an exact
+    duplicate of every other empty text). `exact`: the exact-duplicate step (without it, the
+    copies are found as near duplicates, at more LSH and verify work).
 
     `verify`: keep only candidate pairs whose true n-gram Jaccard reaches `threshold`.
     `lsh_threshold`: the Jaccard the LSH bands are tuned for; default `threshold` - 0.2 with
@@ -225,9 +236,9 @@ def dedup(
         "bands": bands, "rows": rows, "lsh_threshold": lsh_threshold, "verify": verify,
         "hash": "fnv1a64+fmix64" if hash_scheme == "oph" else "sha1_hash32",
         "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "keep": keep, "strict": strict,
-        "fix_text": "ftfy.fix_text(normalization='NFC')",
+        "fix_text": "ftfy.fix_text(normalization='NFC')" if fix else None,
         "holdout": holdout, "holdout_seed": holdout_seed, "decontaminate_field": decontaminate_field,
-        "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)",
+        "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)" if fix else "sha256(text, utf-8)",
     }  # fmt: skip
     # A resumed run must read what the killed one read: same files, sizes and times.
     fingerprint = {
@@ -247,7 +258,7 @@ def dedup(
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
             with Runner(workers, engine) as runner, bar:
-                counts, outputs, eval_info = _steps(
+                counts, outputs, eval_info, cluster_sizes = _steps(
                     runner, bar, state, files, hasher, bands, rows, settings, part_entries,
                     [source_of(f, inputs) for f in files], evals,
                 )  # fmt: skip
@@ -255,17 +266,22 @@ def dedup(
             # Bad input or settings: a rerun would fail the same way, so nothing is kept.
             shutil.rmtree(work, ignore_errors=True)
             raise
+        # Before the manifest (which marks the folder finished); not among its outputs, so the
+        # manifest is the same with or without matplotlib.
+        plotted = write_cluster_png(cluster_sizes, work / PNG)
         manifest = write_manifest(
             work, "dedup", settings=settings,
             inputs=[{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
             decontaminate=[
                 {"path": str(f), "sha256": sha256_file(f), **info} for f, info in zip(evals, eval_info, strict=True)
             ],
-            outputs=outputs, counts=counts,
+            outputs=outputs, counts=counts, cluster_sizes=cluster_sizes,
         )  # fmt: skip
         shutil.rmtree(state)  # after the manifest: a run killed between the two resumes at the end
     if progress:
         print_summary(counts, Console())
+        if not plotted:
+            Console().print(NO_PLOT, markup=False)  # "[plot]" is not a rich tag
     return manifest
 
 
@@ -281,13 +297,14 @@ def _steps(
     part_entries: int,
     sources: list[str],
     evals: list[Path],
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The map-reduce of `dedup_steps`, then the stage's listing, counts and outputs."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs and cluster
+    sizes."""
     n = range(len(files))
     s = settings
     scans = _run_step(
         runner, bar, "fix, normalise, MinHash", steps.scan_file,
-        [(state, f, files[f].resolve(), hasher, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"]) for f in n],
+        [(state, f, files[f].resolve(), hasher, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"], s["fix_text"] is not None) for f in n],
         [steps.marker(state, "scan", f) for f in n],
     )  # fmt: skip
     listed = [f for f in n if scans[f]["not_short"]]  # an empty key file cannot be mapped
@@ -323,10 +340,10 @@ def _steps(
             [steps.marker(state, "verify", c) for c in range(chunks)],
         )  # fmt: skip
     names = [str(f) for f in files]
-    _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], chunks)], [steps.marker(state, "decide")])  # fmt: skip
+    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], chunks)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
         runner, bar, "eval data", steps.eval_file,
-        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"]) for e, path in enumerate(evals)],
+        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None) for e, path in enumerate(evals)],
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
     if s["holdout"] > 0:
@@ -369,4 +386,4 @@ def _steps(
     }
     for name, c in counts.items():
         check_counts(c, name)
-    return counts, outputs, eval_info
+    return counts, outputs, eval_info, decided[0]["cluster_sizes"]

@@ -188,10 +188,12 @@ def scan_file(
     ngram: int,
     strict: bool,
     source_field: str | None = None,
+    fix: bool = True,
 ) -> dict[str, Any]:
-    """Read input file `f`: ftfy each text, normalise, mark short, hash; write the scan files.
-    With `source_field`, each document's source is read from it: a record without a string
-    there is an invalid line (an error under `strict`)."""
+    """Read input file `f`: ftfy each text (unless not `fix`), normalise, mark short (shorter than
+    `min_chars`; 0 marks none), hash; write the scan files. With `source_field`, each document's
+    source is read from it: a record without a string there is an invalid line (an error under
+    `strict`)."""
     base = state / "scan" / f"{f:05d}"
     invalid = _AllInvalid()
     lines, nbytes, short, ids, sources = [], [], [], [], []
@@ -226,7 +228,8 @@ def scan_file(
             lines.append(line_no)
             nbytes.append(len(text.encode("utf-8")))
             ids.append(record.get("id"))
-            record["text"] = fix_text(text)
+            if fix:
+                record["text"] = fix_text(text)
             norm = normalise(record["text"])
             short.append(len(norm) < min_chars)
             if short[-1]:
@@ -425,16 +428,24 @@ def decide_all(
             "duplicate_of": [refs[g] for g in nodes[root[mine]].tolist()],
         }
         write_json_atomic(state / "decide" / f"{f:05d}.json", listing)
-    return _done(marker(state, "decide"), {"documents": len(nodes), "removed": len(gone)})
+    # Component sizes (a kept document and every document removed in its place), for the
+    # manifest and clusters.png; JSON object keys are strings, so sizes are too.
+    sizes, counts = np.unique(np.unique(root, return_counts=True)[1], return_counts=True)
+    cluster_sizes = {str(k): int(v) for k, v in zip(sizes.tolist(), counts.tolist(), strict=True)}
+    info = {"documents": len(nodes), "removed": len(gone), "cluster_sizes": cluster_sizes}
+    return _done(marker(state, "decide"), info)
 
 
 # --- evals, holdout, filter: the documents dedup kept ------------------------------------------
 
 
-def eval_file(state: Path, e: int, path: Path, field: str, strict: bool) -> dict[str, Any]:
-    """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed as the corpus is)."""
+def eval_file(
+    state: Path, e: int, path: Path, field: str, strict: bool, fix: bool = True
+) -> dict[str, Any]:
+    """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed when the corpus is: the
+    two must be compared in the same form)."""
     invalid = InvalidLines()
-    shas = [text_digest(fix_text(t)) for _, t in read_field(path, field, strict, invalid)]
+    shas = [text_digest(fix_text(t) if fix else t) for _, t in read_field(path, field, strict, invalid)]  # fmt: skip
     np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
     info = {"documents": len(shas), "invalid": invalid.count, "examples": invalid.examples}
     return _done(marker(state, "evals", e), info)
