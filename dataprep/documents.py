@@ -175,8 +175,23 @@ def read_documents(
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, record) for each valid line; blank lines are skipped silently.
-    `on_bytes` reports reading progress in file bytes (see `open_text_lines`)."""
-    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
+    `on_bytes` reports reading progress in file bytes (see `open_text_lines`). Compressed data
+    that breaks off (a truncated or corrupt .zst / .gz) ends the file: an error when strict,
+    otherwise one invalid line after the last one read, the lines before it kept."""
+    lines = enumerate(open_text_lines(path, on_bytes), start=1)
+    line_no = 0
+    while True:
+        try:
+            line_no, raw = next(lines)
+        except StopIteration:
+            return
+        except LmpipeError as e:
+            if strict or invalid is None:
+                raise
+            invalid.add(
+                line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
+            )
+            return
         if not raw.strip():
             continue
         record, reason = parse_line(raw)

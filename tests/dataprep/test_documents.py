@@ -92,3 +92,17 @@ def test_gzip_documents_read_like_plain_ones_and_truncation_is_an_error(tmp_path
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) - 20])
     with pytest.raises(LmpipeError, match="truncated gzip"):
         list(read_documents(tmp_path / "cut.jsonl.gz"))
+
+
+def test_truncated_zstd_keeps_what_precedes_when_counting(tmp_path):
+    path = tmp_path / "t.jsonl.zst"
+    write_lines(path, [json.dumps({"text": f"line {i} of a file cut short"}) for i in range(20000)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    invalid = InvalidLines()
+    good = [n for n, _ in read_documents(path, strict=False, invalid=invalid)]
+    assert good == list(range(1, len(good) + 1)) and 0 < len(good) < 20000
+    assert invalid.count == 1
+    assert invalid.examples == [
+        f"line {len(good) + 1}: unreadable from here on (truncated zstd data (the last frame is incomplete))"
+    ]
