@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.dataprep.shards import write_shard_folder
-from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, ranks_sha256
 from lmpipe.train.model import alibi_bias, alibi_slopes, flex_alibi_attention
 from lmpipe.train.recipe import load_recipe
 
@@ -110,14 +109,7 @@ def check_training(work: Path, overrides: list[str], n_tokens: int) -> dict:
         rng.integers(0, 50000, size=int(rng.integers(500, 5000))) for _ in range(n_tokens // 2750)
     ]
     data = work / "tokens"
-    write_shard_folder(
-        data,
-        {"train": docs, "heldout": docs[:2]},
-        tokenizer_name=NAME,
-        tokenizer_sha256=ranks_sha256(),
-        vocab_size=VOCAB_SIZE,
-        eot_id=EOT_ID,
-    )
+    write_shard_folder(data, {"train": docs, "heldout": docs[:2]})
     recipe = load_recipe("btlm3b", overrides)
     summary = train(recipe, data, work / "run")
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]

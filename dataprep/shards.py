@@ -350,18 +350,25 @@ def write_shard_folder(
     folder: Path,
     splits: dict[str, Sequence[Sequence[int] | np.ndarray]],
     *,
-    tokenizer_name: str,
-    tokenizer_sha256: str,
-    vocab_size: int,
-    eot_id: int,
+    tokenizer_name: str | None = None,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    eot_id: int | None = None,
     shard_tokens: int = 128 << 20,
     **fields: Any,
 ) -> dict[str, Any]:
     """Write a complete shard folder (manifest included) from token arrays, one list per split.
 
     For tests and for users' own tokenizers; `lmpipe tokenize` streams through `ShardWriter`.
-    Returns the manifest.
+    Tokenizer fields left out are GPT-2's (the fingerprint then needs its files). Returns the
+    manifest.
     """
+    from lmpipe.dataprep import tokenizer
+
+    tokenizer_name = tokenizer_name or tokenizer.NAME
+    vocab_size = vocab_size or tokenizer.VOCAB_SIZE
+    eot_id = tokenizer.EOT_ID if eot_id is None else eot_id
+    tokenizer_sha256 = tokenizer_sha256 or tokenizer.ranks_sha256(tokenizer_name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries = {}

@@ -38,19 +38,11 @@ def pattern_tokens(tmp_path_factory, gpt2) -> Path:
     import numpy as np
 
     from lmpipe.dataprep.shards import write_shard_folder
-    from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, ranks_sha256
 
     rng = np.random.default_rng(0)
     docs = [
         (int(rng.integers(100)) + np.arange(int(rng.integers(100, 300)))) % 100 for _ in range(60)
     ]
     folder = tmp_path_factory.mktemp("pattern") / "tokens"
-    write_shard_folder(
-        folder,
-        {"train": docs, "heldout": docs[:2]},
-        tokenizer_name=NAME,
-        tokenizer_sha256=ranks_sha256(),
-        vocab_size=VOCAB_SIZE,
-        eot_id=EOT_ID,
-    )
+    write_shard_folder(folder, {"train": docs, "heldout": docs[:2]})
     return folder
