@@ -56,11 +56,13 @@ Inputs = Annotated[
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")
 ]
-SkipInvalid = Annotated[
+Strict = Annotated[
     bool,
     typer.Option(
-        "--skip-invalid",
-        help="Count and report bad lines (not JSON, not UTF-8, no string 'text') instead of stopping at the first.",
+        "--strict/--skip-invalid",
+        help="Stop at the first bad line (not JSON, not UTF-8, no string 'text', an empty or "
+        "truncated file) with its file and line; by default bad lines are counted per file, "
+        "reported and listed, and the rest is processed.",
     ),
 ]
 
@@ -165,7 +167,7 @@ def dedup(
             "local instance; needs `pip install 'lmpipe\\[ray]'`). Same output either way."
         ),
     ] = "local",
-    skip_invalid: SkipInvalid = False,
+    strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Clean and deduplicate documents as SlimPajama did: ftfy NFC, short filter, MinHash-LSH.
@@ -193,7 +195,7 @@ def dedup(
         source_field=source_field,
         workers=workers,
         engine=engine,
-        strict=not skip_invalid,
+        strict=strict,
         overwrite=overwrite,
     )
 
@@ -220,7 +222,7 @@ def tokenize(
             help="Encoding threads (tiktoken releases the GIL); output is identical for any number.",
         ),
     ] = 1,
-    skip_invalid: SkipInvalid = False,
+    strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Encode documents with GPT-2 BPE into packed uint16 token shards (train and held-out)."""
@@ -233,7 +235,7 @@ def tokenize(
         holdout=holdout,
         seed=seed,
         shard_tokens=shard_tokens,
-        strict=not skip_invalid,
+        strict=strict,
         overwrite=overwrite,
         workers=workers,
     )

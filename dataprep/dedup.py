@@ -51,7 +51,7 @@ from lmpipe.dataprep.dedup_steps import (  # noqa: F401
     fix_text,
     union_find,
 )
-from lmpipe.dataprep.documents import find_inputs
+from lmpipe.dataprep.documents import find_inputs, print_invalid
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
     lmpipe_version,
@@ -166,7 +166,7 @@ def dedup(
     threshold: float = 0.8,
     num_perm: int = 128,
     ngram: int = 13,
-    strict: bool = True,
+    strict: bool = False,
     overwrite: bool = False,
     exact: bool = True,
     fix: bool = True,
@@ -258,7 +258,7 @@ def dedup(
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
             with Runner(workers, engine) as runner, bar:
-                counts, outputs, eval_info, cluster_sizes = _steps(
+                counts, outputs, eval_info, cluster_sizes, invalid = _steps(
                     runner, bar, state, files, hasher, bands, rows, settings, part_entries,
                     [source_of(f, inputs) for f in files], evals,
                 )  # fmt: skip
@@ -271,7 +271,9 @@ def dedup(
         plotted = write_cluster_png(cluster_sizes, work / PNG)
         manifest = write_manifest(
             work, "dedup", settings=settings,
-            inputs=[{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
+            inputs=[
+                {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, **bad} for f, bad in zip(files, invalid, strict=True)
+            ],
             decontaminate=[
                 {"path": str(f), "sha256": sha256_file(f), **info} for f, info in zip(evals, eval_info, strict=True)
             ],
@@ -280,6 +282,7 @@ def dedup(
         shutil.rmtree(state)  # after the manifest: a run killed between the two resumes at the end
     if progress:
         print_summary(counts, Console())
+        print_invalid(Console(), manifest["inputs"] + manifest["decontaminate"])
         if not plotted:
             Console().print(NO_PLOT, markup=False)  # "[plot]" is not a rich tag
     return manifest
@@ -297,9 +300,9 @@ def _steps(
     part_entries: int,
     sources: list[str],
     evals: list[Path],
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs and cluster
-    sizes."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, int], list]:
+    """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs, cluster sizes
+    and each input's invalid lines (count and first examples)."""
     n = range(len(files))
     s = settings
     scans = _run_step(
@@ -386,4 +389,7 @@ def _steps(
     }
     for name, c in counts.items():
         check_counts(c, name)
-    return counts, outputs, eval_info, decided[0]["cluster_sizes"]
+    invalid = [
+        {"invalid": scan["invalid"], "invalid_examples": scan["invalid_examples"]} for scan in scans
+    ]
+    return counts, outputs, eval_info, decided[0]["cluster_sizes"], invalid

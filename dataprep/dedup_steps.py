@@ -261,7 +261,12 @@ def scan_file(
         json.dump(found, out, ensure_ascii=False)
     return _done(
         marker(state, "scan", f),
-        {"documents": len(lines), "not_short": len(kept_rows), "invalid": invalid.count},
+        {
+            "documents": len(lines),
+            "not_short": len(kept_rows),
+            "invalid": invalid.count,
+            "invalid_examples": invalid.examples,
+        },
     )
 
 
@@ -447,7 +452,7 @@ def eval_file(
     invalid = InvalidLines()
     shas = [text_digest(fix_text(t) if fix else t) for _, t in read_field(path, field, strict, invalid)]  # fmt: skip
     np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
-    info = {"documents": len(shas), "invalid": invalid.count, "examples": invalid.examples}
+    info = {"documents": len(shas), "invalid": invalid.count, "invalid_examples": invalid.examples}
     return _done(marker(state, "evals", e), info)
 
 

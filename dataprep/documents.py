@@ -3,8 +3,9 @@ one object a line.
 
 Each object needs a string `text`; every other field passes through untouched. Reading streams:
 nothing holds a whole file in memory. A bad line (not JSON, not UTF-8, no string `text`) is either
-an error naming the file and line (`strict=True`, the default) or counted in `InvalidLines`, with
-the first few line numbers kept for the report.
+an error naming the file and line (`strict=True`) or counted in `InvalidLines`, with the first
+few line numbers kept for the report; so is an empty file and compressed data that breaks off. The
+commands count by default and stop at the first bad line with `--strict`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ class InvalidLines:
         self.count += 1
         if len(self.examples) < MAX_REPORTED_LINES:
             self.examples.append(f"line {line_no}: {reason}")
+
+
+def print_invalid(console: Any, entries: Iterable[dict[str, Any]]) -> None:
+    """Report the bad lines a stage skipped: one line per file with its count and first examples
+    (`entries`: manifest input entries with `path`, `invalid`, `invalid_examples`)."""
+    bad = [e for e in entries if e["invalid"]]
+    if not bad:
+        return
+    total = sum(e["invalid"] for e in bad)
+    # soft_wrap: paths and line numbers stay whole on one line, for copying and grep
+    console.print(
+        f"[yellow]warning:[/] {total:,} invalid line(s) in {len(bad)} file(s) were skipped "
+        "(counted in the manifest; --strict stops at the first):",
+        soft_wrap=True,
+    )
+    for e in bad:
+        console.print(f"  {e['path']}: {e['invalid']:,} ({'; '.join(e['invalid_examples'])})", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def decoded_chunks(
@@ -174,16 +192,22 @@ def read_documents(
     invalid: InvalidLines | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) for each valid line; blank lines are skipped silently.
+    """Yield (line number, record) for each valid line; blank lines are skipped silently, but a
+    file with no other line is one invalid line ("empty file") or, when strict, an error.
     `on_bytes` reports reading progress in file bytes (see `open_text_lines`). Compressed data
     that breaks off (a truncated or corrupt .zst / .gz) ends the file: an error when strict,
     otherwise one invalid line after the last one read, the lines before it kept."""
     lines = enumerate(open_text_lines(path, on_bytes), start=1)
-    line_no = 0
+    line_no, seen = 0, False
     while True:
         try:
             line_no, raw = next(lines)
         except StopIteration:
+            if not seen:  # an empty file is bad input too: often a failed download or export
+                if strict:
+                    raise LmpipeError(f"{path}: empty file (no non-blank line)") from None
+                if invalid is not None:
+                    invalid.add(1, "empty file (no non-blank line)")
             return
         except LmpipeError as e:
             if strict or invalid is None:
@@ -194,6 +218,7 @@ def read_documents(
             return
         if not raw.strip():
             continue
+        seen = True
         record, reason = parse_line(raw)
         if record is None:
             if strict:

@@ -7,8 +7,9 @@ document goes to `heldout` when blake2b(text as UTF-8, key=str(seed), 8-byte dig
 little-endian uint64 is below `holdout * 2**64`: the choice depends only on the text and the seed,
 so identical documents land in the same split and the training split never holds a held-out text.
 Output is byte-identical for any number of `workers` (encoding threads; tiktoken releases the GIL),
-since results are written in input order. Bad lines stop the run (`strict`) with the file and line,
-or are counted per file in the manifest; the counts add up: documents + invalid = non-blank lines.
+since results are written in input order. Bad lines are counted per file in the manifest (the
+default) or stop the run with the file and line (`strict`); the counts add up: documents + invalid
+= non-blank lines (an empty file, or compressed data that breaks off, is one invalid line).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lmpipe.dataprep.documents import InvalidLines, find_inputs, read_documents
+from lmpipe.dataprep.documents import InvalidLines, find_inputs, print_invalid, read_documents
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_manifest
 from lmpipe.dataprep.shards import SPLITS, TOKEN_DTYPE, ShardWriter, format_fields
@@ -146,7 +147,7 @@ def tokenize(
     holdout: float = 0.0017,
     seed: int = 0,
     shard_tokens: int = 128 << 20,
-    strict: bool = True,
+    strict: bool = False,
     overwrite: bool = False,
     workers: int = 1,
 ) -> dict[str, Any]:
@@ -278,7 +279,4 @@ def print_summary(manifest: dict[str, Any], out: Path) -> None:
             f"{len(s['shards']):>5} shard(s)"
         )
     console.print(f"  invalid  {t['invalid']:>12,} lines")
-    for entry in manifest["inputs"]:
-        if entry["invalid"]:
-            examples = "; ".join(entry["invalid_examples"])
-            console.print(f"    {entry['path']}: {entry['invalid']} invalid ({examples})")
+    print_invalid(console, manifest["inputs"])

@@ -276,7 +276,7 @@ def test_bad_line_strict_errors_and_leaves_nothing(tmp_path, bad, reason):
     path = write_jsonl(tmp_path / "in" / "d.jsonl.zst", [{"text": prose(1)}, {"text": prose(2)}], {1: bad})  # fmt: skip
     out = tmp_path / "out"
     with pytest.raises(LmpipeError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(reason)):
-        dedup([tmp_path / "in"], out, progress=False)
+        dedup([tmp_path / "in"], out, strict=True, progress=False)
     assert not out.exists() and not partial_path(out).exists()
 
 
@@ -322,11 +322,23 @@ def test_cli_dedup(corpus, tmp_path):
     assert "near" in result.output and "total" in result.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["total"]["kept"]["documents"] == 6  # fmt: skip
 
+    # Bad lines are counted, reported and listed by default; --strict stops at the first.
     bad = write_jsonl(tmp_path / "bad" / "x.jsonl", [{"text": prose(1)}], {1: "oops"})
-    result = CliRunner().invoke(app, ["dedup", str(bad), "-o", str(tmp_path / "out2")])
+    (tmp_path / "bad" / "empty.jsonl").write_text("\n")
+    result = CliRunner().invoke(app, ["dedup", str(tmp_path / "bad"), "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 0, result.output
+    assert "2 invalid line(s) in 2 file(s)" in result.output
+    assert f"{bad}: 1 (line 2: not JSON" in result.output
+    assert "empty.jsonl: 1 (line 1: empty file" in result.output
+    manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert [(Path(e["path"]).name, e["invalid"]) for e in manifest["inputs"]] == [("empty.jsonl", 1), ("x.jsonl", 1)]  # fmt: skip
+    assert manifest["counts"]["total"]["invalid"]["documents"] == 2
+    removed = read_zst(tmp_path / "out2" / "removed.ndjson.zst")
+    assert sorted((Path(r["file"]).name, r["line"], r["reason"]) for r in removed) == [("empty.jsonl", 1, "invalid"), ("x.jsonl", 2, "invalid")]  # fmt: skip
+    result = CliRunner().invoke(app, ["dedup", str(bad), "-o", str(tmp_path / "out3"), "--strict"])
     assert result.exit_code == 2
     assert f"{bad}:2:" in result.output
-    assert not (tmp_path / "out2").exists()
+    assert not (tmp_path / "out3").exists()
 
 
 # --- verification, workers, keep, the fast path of ftfy ------------------------------------------

@@ -139,7 +139,7 @@ def test_decontaminate_field_missing_is_clear(distinct, evals, tmp_path):
     with pytest.raises(
         LmpipeError, match=r"a\.jsonl:1: .*'text' is missing.*--decontaminate-field"
     ):
-        dedup([distinct], tmp_path / "out", decontaminate=[evals], progress=False)
+        dedup([distinct], tmp_path / "out", decontaminate=[evals], strict=True, progress=False)
     assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
     m = dedup([distinct], tmp_path / "out", decontaminate=[evals], strict=False, progress=False)
     assert [e["invalid"] for e in m["decontaminate"]] == [2, 1]
@@ -186,7 +186,7 @@ def test_source_field_counts_by_the_field(tmp_path):
         ],
     )
     with pytest.raises(LmpipeError, match=r"a\.jsonl:4: no string 'meta.redpajama_set_name' field \(--source-field\)"):  # fmt: skip
-        dedup([raw], tmp_path / "out", source_field="meta.redpajama_set_name", progress=False)
+        dedup([raw], tmp_path / "out", source_field="meta.redpajama_set_name", strict=True, progress=False)  # fmt: skip
     m = dedup([raw], tmp_path / "out", source_field="meta.redpajama_set_name", strict=False, progress=False)  # fmt: skip
     counts = m["counts"]
     assert list(counts) == ["RedPajamaBook", "RedPajamaC4", "mixed", "total"]

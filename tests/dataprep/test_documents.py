@@ -106,3 +106,14 @@ def test_truncated_zstd_keeps_what_precedes_when_counting(tmp_path):
     assert invalid.examples == [
         f"line {len(good) + 1}: unreadable from here on (truncated zstd data (the last frame is incomplete))"
     ]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file_is_one_invalid_line_or_an_error(tmp_path, content):
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(content)
+    invalid = InvalidLines()
+    assert list(read_documents(path, strict=False, invalid=invalid)) == []
+    assert invalid.count == 1 and invalid.examples == ["line 1: empty file (no non-blank line)"]
+    with pytest.raises(LmpipeError, match=r"e\.jsonl: empty file"):
+        list(read_documents(path, strict=True))

@@ -151,14 +151,14 @@ def test_bad_input_strict_leaves_no_output(gpt2, tmp_path: Path) -> None:
     src.write_bytes(b"".join(BAD_LINES))
     out = tmp_path / "tok"
     with pytest.raises(LmpipeError, match=r"bad.jsonl:2: not JSON"):
-        tokenize([src], out)
+        tokenize([src], out, strict=True)
     assert not out.exists() and not partial_path(out).exists()
     src.write_bytes(BAD_LINES[0] + BAD_LINES[5])
     with pytest.raises(LmpipeError, match=r"bad.jsonl:2: .*surrogate"):
-        tokenize([src], out)
+        tokenize([src], out, strict=True)
     assert not out.exists() and not partial_path(out).exists()
     with pytest.raises(LmpipeError, match="no such file"):
-        tokenize([tmp_path / "missing.jsonl"], out)
+        tokenize([tmp_path / "missing.jsonl"], out, strict=True)
 
 
 def test_bad_lines_counted_when_not_strict(gpt2, tmp_path: Path) -> None:
@@ -199,10 +199,11 @@ def test_cli_tokenize(gpt2, corpus: Path, tmp_path: Path) -> None:
     assert len(shards.shards) > 1 and shards.n_documents < len(TEXTS)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b"".join(BAD_LINES))
-    result = runner.invoke(app, ["tokenize", str(bad), "-o", str(tmp_path / "x")])
+    result = runner.invoke(app, ["tokenize", str(bad), "-o", str(tmp_path / "x"), "--strict"])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output
-    result = runner.invoke(app, ["tokenize", str(bad), "-o", str(tmp_path / "x"), "--skip-invalid"])
-    assert result.exit_code == 0 and "invalid" in result.output
+    result = runner.invoke(app, ["tokenize", str(bad), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 0 and "5 invalid line(s) in 1 file(s)" in result.output
+    assert "bad.jsonl: 5 (line 2: not JSON" in result.output
     assert (
         np.sum(
             [
