@@ -145,6 +145,14 @@ def dedup(
     decontaminate_field: Annotated[
         str, typer.Option(help="Field of the eval records to compare (dotted for nested).")
     ] = "text",
+    decontaminate_ngrams: Annotated[
+        int,
+        typer.Option(
+            help="Also remove kept documents that share any run of this many consecutive words "
+            "(of the normalised text) with an eval text; 13 is GPT-3's choice, 0 compares "
+            "exact texts only."
+        ),
+    ] = 0,
     source_field: Annotated[
         str | None,
         typer.Option(
@@ -192,6 +200,7 @@ def dedup(
         holdout=holdout,
         decontaminate=decontaminate or [],
         decontaminate_field=decontaminate_field,
+        decontaminate_ngrams=decontaminate_ngrams,
         source_field=source_field,
         workers=workers,
         engine=engine,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lmpipe.dataprep.minhash import _fmix64
+from lmpipe.dataprep.minhash import fmix64
 
 # A document's decision. The first four are dedup's; DECONTAMINATED and HELD_OUT are given after
 # it, to documents it kept (`holdout.py`).
@@ -34,7 +34,7 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     for half, seed in enumerate(_KEY_SEEDS):
         h = np.broadcast_to(band * np.uint64(seed), (n, bands)).copy()
         for w in range(words):
-            h = _fmix64(h ^ packed[:, :, w])  # a bijection per word: distinct inputs stay apart
+            h = fmix64(h ^ packed[:, :, w])  # a bijection per word: distinct inputs stay apart
         out[:, :, half] = h
     return out
 

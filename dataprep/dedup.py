@@ -10,7 +10,8 @@ one-permutation scheme), LSH banding tuned for the Jaccard threshold (or a lower
 optionally `verify` (the exact n-gram Jaccard of each candidate pair, edges below the threshold
 dropped), connected components of the remaining pairs; per group the first document in input
 order is kept (or the longest). Then, over the kept documents, SlimPajama's holdout and SHA-256
-decontamination (`holdout.py`). Kept records are unchanged but for the fixed `text`. `out` gets
+decontamination (`holdout.py`), and with `decontaminate_ngrams` N the removal of documents that
+share N consecutive words with an eval text (`decontaminate.py`). Kept records are unchanged but for the fixed `text`. `out` gets
 `part-<k>.jsonl.zst` (the training documents of the k-th input file, in order; none for a file
 that keeps nothing),
 `_holdout/part-<k>.jsonl.zst` (its held-out documents), `removed.ndjson.zst` (every removed
@@ -38,6 +39,7 @@ import numpy as np
 
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
+from lmpipe.dataprep.decontaminate import EVAL_NGRAMS, NGRAMS
 
 # Re-exported: callers and tests import the pieces of the stage from here.
 from lmpipe.dataprep.dedup_steps import (  # noqa: F401
@@ -108,6 +110,7 @@ def check_counts(c: dict[str, dict[str, int]], source: str) -> None:
 def print_summary(counts: dict[str, dict[str, dict[str, int]]], console: Any) -> None:
     """SlimPajama's per-source table: documents per bucket and the share of bytes removed."""
     from rich import box
+    from rich.console import Console
     from rich.table import Table
 
     # Two-line headings and a light box keep the table inside 80 columns.
@@ -123,6 +126,11 @@ def print_summary(counts: dict[str, dict[str, dict[str, int]]], console: Any) ->
         share = 100.0 * removed / c["input"]["bytes"] if c["input"]["bytes"] else 0.0
         cells = [f"{c[b]['documents']:,}" for b in ("input", *BUCKETS)]
         table.add_row(name, *cells, f"{share:.2f}%", style="bold" if name == "total" else None)
+    # Never cut a count short ("18,2…"): a table wider than the console (80 columns when output
+    # is not a terminal) is printed at its own width.
+    width = console.measure(table, options=console.options.update(max_width=1000)).maximum
+    if width > console.width:
+        console = Console(width=width, file=console.file)
     console.print(table)
 
 
@@ -152,7 +160,8 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
         return state
     for entry in work.iterdir():
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    for sub in ("scan", "exact", "lsh", "sets", "verify", "decide", "evals", "holdout", "filter"):
+    subs = ("scan", "exact", "lsh", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
+    for sub in subs:
         (state / sub).mkdir(parents=True)
     write_json_atomic(stamp, fingerprint)
     return state
@@ -178,6 +187,7 @@ def dedup(
     holdout_seed: int = 42,
     decontaminate: Sequence[Path] = (),
     decontaminate_field: str = "text",
+    decontaminate_ngrams: int = 0,
     source_field: str | None = None,
     workers: int = 1,
     engine: str = "local",
@@ -199,6 +209,8 @@ def dedup(
     `keep`: "first" (input order) or "longest" (most bytes, then first) per group.
     `holdout`, `holdout_seed`, `decontaminate` (eval files or folders), `decontaminate_field`:
     SlimPajama's holdout and SHA-256 decontamination over the kept documents (`holdout.py`).
+    `decontaminate_ngrams` N > 0: also remove kept documents that share any N consecutive words
+    of normalised text with an eval text (`decontaminate.py`; GPT-3 used 13).
     `source_field`: a document's source for the counts, a dotted path into the record, instead
     of its file's folder.
     `workers`, `engine`: processes (or Ray tasks) for every step that splits; `part_entries`:
@@ -220,6 +232,10 @@ def dedup(
         raise LmpipeError(
             "dedup settings: need 0 <= holdout < 1 and non-empty field names (SlimPajama: 0.0017)"
         )
+    if not 0 <= decontaminate_ngrams <= 64 or (decontaminate_ngrams and not decontaminate):
+        raise LmpipeError(
+            "dedup settings: --decontaminate-ngrams needs 0 <= N <= 64 and eval files (--decontaminate)"
+        )
     if engine not in ENGINES or part_entries < 1:
         raise LmpipeError(f"dedup settings: engine is one of {', '.join(ENGINES)}")
     inputs = [Path(p) for p in inputs]
@@ -238,6 +254,7 @@ def dedup(
         "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "keep": keep, "strict": strict,
         "fix_text": "ftfy.fix_text(normalization='NFC')" if fix else None,
         "holdout": holdout, "holdout_seed": holdout_seed, "decontaminate_field": decontaminate_field,
+        "decontaminate_ngrams": decontaminate_ngrams,
         "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)" if fix else "sha256(text, utf-8)",
     }  # fmt: skip
     # A resumed run must read what the killed one read: same files, sizes and times.
@@ -346,9 +363,15 @@ def _steps(
     decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], chunks)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
         runner, bar, "eval data", steps.eval_file,
-        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None) for e, path in enumerate(evals)],
+        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None, s["decontaminate_ngrams"]) for e, path in enumerate(evals)],
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
+    if s["decontaminate_ngrams"]:
+        _run_step(
+            runner, bar, "eval n-gram overlap", steps.ngram_file,
+            [(state, f, s["decontaminate_ngrams"], [str(e) for e in evals]) for f in n],
+            [steps.marker(state, NGRAMS, f) for f in n],
+        )  # fmt: skip
     if s["holdout"] > 0:
         _run_step(
             runner, bar, "holdout", steps.holdout_file,

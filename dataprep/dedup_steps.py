@@ -19,7 +19,10 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
   verify  per chunk of pairs: each pair's exact n-gram Jaccard >= threshold
   decide  one unit: union-find over the documents that have a pair; per input file its removed
           documents, why, and a reference to the document kept in their place
-  evals   per eval file (with decontaminate): the SHA-256 set of its texts
+  evals   per eval file (with decontaminate): the SHA-256 set of its texts (and, with
+          decontaminate_ngrams, the set of its word n-grams)
+  ngrams  per input file (with decontaminate_ngrams): its kept documents that share a word
+          n-gram with an eval text
   holdout per input file (with a holdout): the SHA-256 digests of its documents drawn for it
   filter  per input file: training records -> `part-<file>.jsonl.zst`, held-out records ->
           `_holdout/part-<file>.jsonl.zst`, its removal listing and counts per source
@@ -58,6 +61,14 @@ from lmpipe.dataprep.clusters import (  # noqa: F401  (decide: re-exported for d
     decide,
     resolve,
     union_find,
+)
+from lmpipe.dataprep.decontaminate import (
+    EVAL_NGRAMS,
+    NGRAMS,
+    load_eval_ngrams,
+    match_documents,
+    write_eval_ngrams,
+    write_matches,
 )
 from lmpipe.dataprep.documents import InvalidLines, field_value, read_documents
 from lmpipe.dataprep.errors import LmpipeError
@@ -445,15 +456,35 @@ def decide_all(
 
 
 def eval_file(
-    state: Path, e: int, path: Path, field: str, strict: bool, fix: bool = True
+    state: Path, e: int, path: Path, field: str, strict: bool, fix: bool = True, ngrams: int = 0
 ) -> dict[str, Any]:
     """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed when the corpus is: the
-    two must be compared in the same form)."""
+    two must be compared in the same form) and, with `ngrams`, the set of its word n-grams."""
     invalid = InvalidLines()
-    shas = [text_digest(fix_text(t) if fix else t) for _, t in read_field(path, field, strict, invalid)]  # fmt: skip
+    texts = [fix_text(t) if fix else t for _, t in read_field(path, field, strict, invalid)]
+    shas = [text_digest(t) for t in texts]
     np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
     info = {"documents": len(shas), "invalid": invalid.count, "invalid_examples": invalid.examples}
+    if ngrams:
+        info.update(write_eval_ngrams(state / EVAL_NGRAMS, e, texts, ngrams))
     return _done(marker(state, "evals", e), info)
+
+
+def ngram_file(state: Path, f: int, n: int, eval_names: list[str]) -> dict[str, Any]:
+    """Which of file f's documents still kept after `decide` share an n-word sequence with an
+    eval text (`decontaminate.py`), and the sequence, for the removal listing."""
+    meta = load_meta(state, f)
+    reason, _ = _decided(state, f, meta)
+    fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
+    not_short = np.flatnonzero(~meta["short"]).tolist()
+    texts = (
+        (row, json.loads(line)["text"])
+        for row, line in zip(not_short, fixed, strict=True)
+        if reason[row] == KEPT  # a duplicate goes anyway: its text is not read twice
+    )
+    found = match_documents(texts, n, load_eval_ngrams(state / EVAL_NGRAMS, eval_names))
+    write_matches(state / NGRAMS / f"{f:05d}.json", found)
+    return _done(marker(state, NGRAMS, f), {"documents": len(found)})
 
 
 def _decided(state: Path, f: int, meta: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
@@ -475,20 +506,30 @@ def _kept_digests(state: Path, f: int, meta: dict, reason: np.ndarray) -> tuple[
 
 
 def _fates(state: Path, f: int, fraction: float, seed: int, evals: np.ndarray) -> tuple:
-    """Decisions with steps 1 and 2 of `holdout.py` applied: eval matches DECONTAMINATED, then
-    the draw HELD_OUT among the rest."""
+    """Decisions with steps 1 and 2 of `holdout.py` applied: eval matches (exact text, then
+    n-gram overlap) DECONTAMINATED, then the draw HELD_OUT among the rest; and why each
+    decontaminated document was."""
     meta = load_meta(state, f)
     reason, dup_of = _decided(state, f, meta)
     rows, sha = _kept_digests(state, f, meta, reason)
-    reason[rows[np.isin(sha, evals)]] = DECONTAMINATED
+    same = rows[np.isin(sha, evals)]
+    reason[same] = DECONTAMINATED
+    detail = dict.fromkeys(same.tolist(), "same text as an eval document")
+    overlap = state / NGRAMS / f"{f:05d}.json"
+    if overlap.is_file():
+        found = read_marker(overlap)
+        for row, why in zip(found["rows"], found["details"], strict=True):
+            if reason[row] == KEPT:
+                reason[row] = DECONTAMINATED
+                detail[row] = why
     rows, sha = _kept_digests(state, f, meta, reason)
     reason[rows[held_out(sha, fraction, seed)]] = HELD_OUT
-    return meta, reason, dup_of
+    return meta, reason, dup_of, detail
 
 
 def holdout_file(state: Path, f: int, fraction: float, seed: int) -> dict[str, Any]:
     """The digests of file f's held-out documents, which every file's training output avoids."""
-    meta, reason, _ = _fates(state, f, fraction, seed, _digests(state, "evals"))
+    meta, reason, _, _ = _fates(state, f, fraction, seed, _digests(state, "evals"))
     held = np.flatnonzero(reason == HELD_OUT)
     sha = np.load(state / "scan" / f"{f:05d}.sha.npy")
     np.save(state / "holdout" / f"{f:05d}.npy", sha[np.searchsorted(np.flatnonzero(~meta["short"]), held)])  # fmt: skip
@@ -507,8 +548,7 @@ def filter_file(
     listing; report its counts per source and bucket (`source`: the file's, unless scan read
     one per document)."""
     info = load_ids(state, f)
-    meta, reason, dup_of = _fates(state, f, fraction, seed, evals := _digests(state, "evals"))
-    detail = {row: "same text as an eval document" for row in np.flatnonzero(reason == DECONTAMINATED).tolist()}  # fmt: skip
+    meta, reason, dup_of, detail = _fates(state, f, fraction, seed, _digests(state, "evals"))
     rows, sha = _kept_digests(state, f, meta, reason)
     leaked = rows[np.isin(sha, _digests(state, "holdout"))]
     reason[leaked] = DECONTAMINATED

@@ -39,11 +39,18 @@ SCHEMES = ("legacy", "affine32", "oph")
 _CHUNK_ROWS = 1 << 13
 
 
+def normalised_words(text: str) -> list[str]:
+    """The words of SlimPajama's clean() text: lowercase, ASCII punctuation deleted, split on
+    whitespace runs."""
+    # str.split() splits on exactly the characters re's \s matches in a str pattern (both use
+    # Py_UNICODE_ISSPACE), and drops the ends, so joining these with one space equals
+    # re.sub(r"\s+", " ", t).strip().
+    return text.lower().translate(_PUNCTUATION).split()
+
+
 def normalise(text: str) -> str:
     """SlimPajama's clean(): lowercase, delete ASCII punctuation, one space per whitespace run."""
-    # str.split() splits on exactly the characters re's \s matches in a str pattern (both use
-    # Py_UNICODE_ISSPACE), and drops the ends, so this equals re.sub(r"\s+", " ", t).strip().
-    return " ".join(text.lower().translate(_PUNCTUATION).split())
+    return " ".join(normalised_words(text))
 
 
 def shingle_hashes(text: str, ngram: int) -> np.ndarray:
@@ -171,7 +178,7 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_BASIS = np.uint64(0xCBF29CE484222325)
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finalizer: every output bit depends on every input bit."""
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xFF51AFD7ED558CCD)
@@ -194,7 +201,7 @@ def fast_shingle_hashes(text: str, ngram: int) -> np.ndarray:
     for k in range(n):  # n vector passes over the text instead of a Python loop per shingle
         h ^= cp[k : k + count]
         h *= _FNV_PRIME
-    return _fmix64(h)
+    return fmix64(h)
 
 
 class OnePermHasher:
@@ -220,7 +227,7 @@ class OnePermHasher:
             return out
         lengths = np.array([len(h) for h in hashes])
         doc = np.repeat(np.arange(len(hashes)), lengths)
-        h = _fmix64(np.concatenate(hashes) ^ self.salt)  # the seed picks the permutation
+        h = fmix64(np.concatenate(hashes) ^ self.salt)  # the seed picks the permutation
         # Bin by multiply-shift on the high 32 bits (any num_perm), value: the low 32 bits.
         bins = ((h >> np.uint64(32)) * np.uint64(self.num_perm)) >> np.uint64(32)
         np.minimum.at(out.ravel(), doc * self.num_perm + bins.astype(np.int64), h.astype(np.uint32))

@@ -149,11 +149,11 @@ def test_decontaminate_field_missing_is_clear(distinct, evals, tmp_path):
 def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, evals, tmp_path, monkeypatch):  # fmt: skip
     import lmpipe.dataprep.dedup_steps as steps
 
-    options = {"holdout": 0.2, "decontaminate": [evals], "decontaminate_field": "doc.question", "progress": False}  # fmt: skip
+    options = {"holdout": 0.2, "decontaminate": [evals], "decontaminate_field": "doc.question", "decontaminate_ngrams": 13, "progress": False}  # fmt: skip
     dedup([distinct], tmp_path / "one", **options)
     dedup([distinct], tmp_path / "two", workers=2, part_entries=40, **options)
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
-    for step in ("eval_file", "holdout_file"):
+    for step in ("eval_file", "ngram_file", "holdout_file"):
         real = getattr(steps, step)
         monkeypatch.setattr(steps, step, lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
@@ -169,6 +169,61 @@ def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, eva
     write_jsonl(evals / "a.jsonl", [{"doc": {"question": "nothing in the corpus"}}])
     m = dedup([distinct], tmp_path / "changed", **options)
     assert m["counts"]["total"]["decontaminated"]["documents"] == 1  # books3 only
+
+
+# --- n-gram decontamination ----------------------------------------------------------------------
+
+
+def test_word_ngram_hashes_follow_the_normalised_words():
+    from lmpipe.dataprep.decontaminate import ngram_hashes, words_of
+
+    words = words_of("The quick, brown FOX -- jumps over the lazy dog!")
+    assert words == ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    h = ngram_hashes(words, 3)
+    assert len(h) == 7 and len(set(h.tolist())) == 7
+    # the same run of words hashes alike wherever it is; its order matters
+    assert ngram_hashes(words_of("x y THE QUICK BROWN"), 3)[-1] == h[0]
+    assert ngram_hashes(["quick", "the", "brown"], 3)[0] != h[0]
+    assert len(ngram_hashes(words, 10)) == 0 and len(ngram_hashes([], 1)) == 0
+
+
+def test_ngram_decontamination_removes_documents_quoting_eval_text(distinct, tmp_path):
+    web = read_jsonl(distinct / "web" / "d.jsonl")
+    words7, words8 = web[7]["text"].split(" "), web[8]["text"].split(" ")
+    quoted = " ".join(words7[40:60]).upper().replace(" ", ", ", 3)  # case and commas differ
+    evals = write_jsonl(
+        tmp_path / "evals" / "q.jsonl",
+        [
+            {"text": f"Question: which passage says {quoted}? Answer: that one"},
+            {"text": "alpha beta " + " ".join(words8[10:22]) + " gamma"},  # only 12 words shared
+            {"text": "too short to have an n-gram"},
+        ],
+    )
+    exact_only = dedup([distinct], tmp_path / "exact", decontaminate=[evals], progress=False)
+    assert exact_only["counts"]["total"]["decontaminated"]["documents"] == 0
+    m = dedup([distinct], tmp_path / "out", decontaminate=[evals], decontaminate_ngrams=13, progress=False)  # fmt: skip
+    kept = {r["id"] for r in kept_docs(tmp_path / "out")}
+    assert "web7" not in kept and "web8" in kept
+    removed = removed_by_id(tmp_path / "out")["web7"]
+    assert removed["reason"] == "decontaminated"
+    expected = " ".join(words7[40:53]).lower().rstrip(".")
+    assert removed["detail"] == f"shares the 13-word sequence {expected!r} with {evals}"
+    assert m["counts"]["web"]["decontaminated"]["documents"] == 1
+    assert m["counts"]["total"]["decontaminated"]["documents"] == 1
+    assert_counts_add_up(m)
+    (info,) = m["decontaminate"]
+    assert info["short_for_ngrams"] == 1 and info["ngrams"] > 0
+    with pytest.raises(LmpipeError, match="--decontaminate-ngrams needs"):
+        dedup([distinct], tmp_path / "x", decontaminate_ngrams=13, progress=False)
+    # the command line gives the same output
+    from typer.testing import CliRunner
+
+    from lmpipe.cli.app import app
+
+    args = ["dedup", str(distinct), "-o", str(tmp_path / "cli"), "--decontaminate", str(evals)]
+    result = CliRunner().invoke(app, [*args, "--decontaminate-ngrams", "13"])
+    assert result.exit_code == 0, result.output
+    assert tree_bytes(tmp_path / "cli") == tree_bytes(tmp_path / "out")
 
 
 # --- --source-field --------------------------------------------------------------------------------
