@@ -24,10 +24,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Dependencies once; the package itself on every call, so tests see the current tree as installed.
-# The `ray` and `plot` extras let the suite test `lmpipe dedup --engine ray` and its clusters.png.
+# The `ray` and `plot` extras let the suite test `lmpipe dedup --engine ray` and its clusters.png,
+# the `parquet` extra reading .parquet input.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) $(DEEPSPEED)
-	$(BIN)/pip install -q ".[test,ray,plot]"
+	$(BIN)/pip install -q ".[test,ray,plot,parquet]"
 	touch $@
 
 install: $(VENV)/.deps tokenizer-cache

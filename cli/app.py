@@ -51,7 +51,9 @@ def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 Inputs = Annotated[
     list[Path],
-    typer.Argument(help="Input .jsonl / .jsonl.zst files or folders (searched recursively)."),
+    typer.Argument(
+        help="Input .jsonl / .jsonl.zst / .jsonl.gz / .parquet files or folders (searched recursively)."
+    ),
 ]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")
@@ -138,7 +140,7 @@ def dedup(
     decontaminate: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Eval data (.jsonl/.jsonl.zst/.jsonl.gz files or folders; repeatable): kept "
+            help="Eval data (.jsonl/.jsonl.zst/.jsonl.gz/.parquet files or folders; repeatable): kept "
             "documents whose exact text (SHA-256 after ftfy) is an eval text are removed."
         ),
     ] = None,

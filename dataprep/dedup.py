@@ -1,7 +1,7 @@
 """dedup: SlimPajama's cleaning and MinHash-LSH deduplication (seeds-spec section 5).
 
-`dedup(inputs, out)` reads `.jsonl` / `.jsonl.zst` documents and, across all sources at once:
-fixes each text with ftfy (NFC; `fix=False` skips it) -> drops it when its normalised form
+`dedup(inputs, out)` reads `.jsonl` / `.jsonl.zst` / `.jsonl.gz` / `.parquet` documents and,
+across all sources at once: fixes each text with ftfy (NFC; `fix=False` skips it) -> drops it when its normalised form
 (lowercase, no ASCII punctuation, whitespace runs collapsed) is shorter than `min_chars` (0: no
 short filter) -> drops exact duplicates of the normalised text (`exact=False` skips the step: the
 copies then meet in every LSH band and go as near duplicates) -> drops near duplicates: MinHash

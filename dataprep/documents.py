@@ -1,11 +1,13 @@
 """Documents: JSON lines, plain (`.jsonl`), zstd- or gzip-compressed (`.jsonl.zst`, `.jsonl.gz`),
-one object a line.
+one object a line; or Parquet (`.parquet`, with the `parquet` extra), one document a row.
 
-Each object needs a string `text`; every other field passes through untouched. Reading streams:
-nothing holds a whole file in memory. A bad line (not JSON, not UTF-8, no string `text`) is either
-an error naming the file and line (`strict=True`) or counted in `InvalidLines`, with the first
-few line numbers kept for the report; so is an empty file and compressed data that breaks off. The
-commands count by default and stop at the first bad line with `--strict`.
+Each document needs a string `text`; every other field passes through. Reading streams: nothing
+holds a whole file in memory (Parquet is read by record batches). A bad line or row (not JSON,
+not UTF-8, no string `text`) is either an error naming the file and line (`strict=True`) or
+counted in `InvalidLines`, with the first few line numbers kept for the report; so is an empty
+file and data that breaks off. The commands count by default and stop at the first bad line with
+`--strict`. In a Parquet file a "line" is a row: its 1-based number across the whole file.
+Parquet's values become JSON values by the rules in `parquet.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.parquet import batch_rows, is_parquet, open_parquet, require_pyarrow
 
-SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
+SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet")
 MAX_REPORTED_LINES = 5
 READ_BYTES = 1 << 20
 
@@ -57,6 +60,10 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
             raise LmpipeError(f"{p}: no such file or folder")
     if not found:
         raise LmpipeError("no input files given")
+    # Here, before a stage starts: not after hours of work, at the first .parquet file.
+    parquet = next(filter(is_parquet, found), None)
+    if parquet is not None:
+        require_pyarrow(parquet)
     # The same file named twice (a folder and a file inside it) would be read twice.
     return list(dict.fromkeys(found))
 
@@ -167,6 +174,15 @@ def field_value(record: Any, path: str) -> Any:
     return record
 
 
+def record_problem(record: dict[str, Any]) -> str:
+    """Why a record (a JSON line's object, a Parquet row) is not a document; "" when it is."""
+    if "text" not in record:
+        return "no 'text' field"
+    if not isinstance(record["text"], str):
+        return f"'text' is {type(record['text']).__name__}, not a string"
+    return ""
+
+
 def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
     """A record, or None and the reason it is not one."""
     try:
@@ -179,11 +195,46 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON ({e.msg})"
     if not isinstance(record, dict):
         return None, "not a JSON object"
-    if "text" not in record:
-        return None, "no 'text' field"
-    if not isinstance(record["text"], str):
-        return None, f"'text' is {type(record['text']).__name__}, not a string"
-    return record, ""
+    reason = record_problem(record)
+    return (None, reason) if reason else (record, "")
+
+
+# --- Parquet (`parquet.py`) ------------------------------------------------------------------
+
+
+def _parquet_entries(
+    path: Path, strict: bool, on_bytes: Callable[[int], None] | None
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """Every row of a Parquet file: (row number, record, "") or (row number, None, reason)."""
+    with open_parquet(path) as file:
+        names = file.schema_arrow.names
+        if "text" not in names:
+            # A file-wide fault, named once under strict; otherwise counted per row, so that
+            # documents + invalid = rows, as documents + invalid = non-blank lines in JSON lines.
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            reason = f"no 'text' column (columns: {shown})"
+            if strict:
+                raise LmpipeError(f"{path}: {reason}")
+            if on_bytes is not None:
+                on_bytes(path.stat().st_size)
+            yield from ((row_no, None, reason) for row_no in range(1, file.metadata.num_rows + 1))
+            return
+        for row_no, record, reason in batch_rows(file, path, on_bytes):
+            if record is not None:
+                reason = record_problem(record)
+            yield row_no, None if reason else record, reason
+
+
+def _json_entries(
+    path: Path, on_bytes: Callable[[int], None] | None
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record or None, reason) of each line; a blank line is (line number, None,
+    "")."""
+    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
+        if not raw.strip():
+            yield line_no, None, ""
+        else:
+            yield line_no, *parse_line(raw)
 
 
 def read_documents(
@@ -192,22 +243,28 @@ def read_documents(
     invalid: InvalidLines | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) for each valid line; blank lines are skipped silently, but a
-    file with no other line is one invalid line ("empty file") or, when strict, an error.
-    `on_bytes` reports reading progress in file bytes (see `open_text_lines`). Compressed data
-    that breaks off (a truncated or corrupt .zst / .gz) ends the file: an error when strict,
-    otherwise one invalid line after the last one read, the lines before it kept."""
-    lines = enumerate(open_text_lines(path, on_bytes), start=1)
+    """Yield (line number, record) for each valid line (row, for Parquet); blank lines are skipped
+    silently, but a file with no other line (no row) is one invalid line ("empty file") or, when
+    strict, an error. `on_bytes` reports reading progress in file bytes (see `open_text_lines`).
+    Data that breaks off (a truncated or corrupt .zst / .gz / .parquet) ends the file: an error
+    when strict, otherwise one invalid line after the last one read, the lines before it kept."""
+    if is_parquet(path):
+        require_pyarrow(path)  # outside the loop below: an install problem, never an invalid line
+        entries = _parquet_entries(path, strict, on_bytes)
+        empty = "empty file (no rows)"
+    else:
+        entries = _json_entries(path, on_bytes)
+        empty = "empty file (no non-blank line)"
     line_no, seen = 0, False
     while True:
         try:
-            line_no, raw = next(lines)
+            line_no, record, reason = next(entries)
         except StopIteration:
             if not seen:  # an empty file is bad input too: often a failed download or export
                 if strict:
-                    raise LmpipeError(f"{path}: empty file (no non-blank line)") from None
+                    raise LmpipeError(f"{path}: {empty}") from None
                 if invalid is not None:
-                    invalid.add(1, "empty file (no non-blank line)")
+                    invalid.add(1, empty)
             return
         except LmpipeError as e:
             if strict or invalid is None:
@@ -216,10 +273,9 @@ def read_documents(
                 line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
             )
             return
-        if not raw.strip():
+        if record is None and not reason:  # a blank line
             continue
         seen = True
-        record, reason = parse_line(raw)
         if record is None:
             if strict:
                 raise LmpipeError(f"{path}:{line_no}: {reason}")

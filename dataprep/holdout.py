@@ -21,11 +21,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lmpipe.dataprep.documents import InvalidLines, field_value, open_text_lines
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.parquet import is_parquet, parquet_rows, require_pyarrow
 
 DIGEST = np.dtype("V32")
 
@@ -63,20 +65,30 @@ def held_out(digests: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return draws < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
-def read_field(
-    path: Path, field: str, strict: bool, invalid: InvalidLines
-) -> Iterator[tuple[int, str]]:
-    """(line number, the string at `field`) of each line of an eval file; `field` may be dotted
-    (`doc.question`). A line without it is an error under `strict`, else counted in `invalid`."""
+def _records(path: Path) -> Iterator[tuple[int, Any, str]]:
+    """(line number, record or None, why not) of each non-blank line, or of each Parquet row."""
+    if is_parquet(path):
+        require_pyarrow(path)
+        yield from parquet_rows(path)
+        return
     for line_no, raw in enumerate(open_text_lines(path), start=1):
         if not raw.strip():
             continue
-        value, reason = None, ""
         try:
-            record = json.loads(raw.decode("utf-8"))
+            yield line_no, json.loads(raw.decode("utf-8")), ""
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            reason = f"not UTF-8 JSON ({e})"
-        else:
+            yield line_no, None, f"not UTF-8 JSON ({e})"
+
+
+def read_field(
+    path: Path, field: str, strict: bool, invalid: InvalidLines
+) -> Iterator[tuple[int, str]]:
+    """(line number, the string at `field`) of each line (or Parquet row) of an eval file;
+    `field` may be dotted (`doc.question`). A line without it is an error under `strict`, else
+    counted in `invalid`."""
+    for line_no, record, reason in _records(path):
+        value = None
+        if record is not None:
             value = field_value(record, field)
             if not isinstance(value, str):
                 got = "missing" if value is None else f"a {type(value).__name__}"
