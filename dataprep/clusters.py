@@ -7,7 +7,8 @@ small inputs). Documents are numbered in input order; "the first" of a group is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -64,40 +65,65 @@ def bucket_pairs(k1: np.ndarray, k2: np.ndarray, gid: np.ndarray, window: int = 
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
-def union_find(n: int, pairs: np.ndarray) -> np.ndarray:
+# Pairs per union-find batch: small batches are joined (a round costs a pass over every label),
+# large ones bound the temporaries (~100 bytes a pair).
+UNION_BATCH = 1 << 22
+
+
+def _batches(chunks: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield np.concatenate(pending)
+            pending, held = [], 0
+    if held:
+        yield np.concatenate(pending)
+
+
+def union_find(n: int, pairs: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
     """The smallest member of each document's connected component (the partition union-find over
-    the pairs gives), for documents 0..n-1.
+    the pairs gives), for documents 0..n-1. `pairs`: one (k, 2) array, or several, streamed.
 
     Vectorised as hooking + pointer jumping: every label points to a smaller (or equal) member of
     the same component; each round hooks the root of the larger side of every unsatisfied pair onto
     the smaller root, then flattens. At the fixed point the component's minimum is its own label.
-    """
+    Batches are joined one after another: a pair satisfied by an earlier batch stays satisfied,
+    since later rounds only hook whole roots under smaller ones and flatten again, so memory is
+    the labels and one batch, whatever the number of pairs."""
     labels = np.arange(n, dtype=np.int64)
-    if len(pairs) == 0:
-        return labels
-    u, v = pairs[:, 0], pairs[:, 1]
-    while True:
-        lu, lv = labels[u], labels[v]
-        open_ = lu != lv
-        if not open_.any():
-            return labels
-        lo = np.minimum(lu[open_], lv[open_])
-        np.minimum.at(labels, lu[open_], lo)
-        np.minimum.at(labels, lv[open_], lo)
-        while True:  # pointer jumping until every label is a root
-            jumped = labels[labels]
-            if np.array_equal(jumped, labels):
+    for batch in _batches([pairs] if isinstance(pairs, np.ndarray) else pairs, UNION_BATCH):
+        u, v = batch[:, 0], batch[:, 1]
+        while True:
+            lu, lv = labels[u], labels[v]
+            open_ = lu != lv
+            if not open_.any():
                 break
-            labels = jumped
+            lo = np.minimum(lu[open_], lv[open_])
+            np.minimum.at(labels, lu[open_], lo)
+            np.minimum.at(labels, lv[open_], lo)
+            while True:  # pointer jumping until every label is a root
+                jumped = labels[labels]
+                if np.array_equal(jumped, labels):
+                    break
+                labels = jumped
+    return labels
 
 
 def resolve(
-    n: int, near: np.ndarray, exact: np.ndarray, priority: np.ndarray | None = None
+    n: int,
+    near: np.ndarray | Iterable[np.ndarray],
+    exact: np.ndarray,
+    priority: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per document 0..n-1 (in input order): its bucket (KEPT, EXACT, NEAR) and the document
-    kept for its component. `exact` pairs are (duplicate, first with the same text); per
-    component the highest `priority` is kept, ties (and None) to the first."""
-    root = union_find(n, np.concatenate([near, exact]).astype(np.int64))
+    kept for its component. `near`: the near-duplicate pairs, one array or streamed; `exact`
+    pairs are (duplicate, first with the same text); per component the highest `priority` is
+    kept, ties (and None) to the first."""
+    near = [near] if isinstance(near, np.ndarray) else near
+    root = union_find(n, itertools.chain([exact.astype(np.int64)], near))
     if priority is not None:
         order = np.lexsort((np.arange(n), -priority, root))
         heads = order[np.r_[True, root[order][1:] != root[order][:-1]]]

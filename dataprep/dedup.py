@@ -23,8 +23,9 @@ input = kept + short + exact_duplicate + near_duplicate + decontaminated + held_
 
 The work is the map-reduce of `dedup_steps.py` in `<out>.partial/`, which a failed or killed run
 leaves behind: a rerun with the same inputs and settings redoes only the units that had not
-finished (other settings start afresh). Memory does not grow with the corpus but with its
-duplicates. The output is byte-identical for any `workers`, either engine, and after a resume.
+finished (other settings start afresh). Memory does not grow with the corpus: a unit holds one
+file, one partition of keys or one bucket of pairs, and the union-find a few int64 per document
+that has a candidate pair. The output is byte-identical for any `workers`, either engine, and after a resume.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
@@ -160,7 +159,7 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
         return state
     for entry in work.iterdir():
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    subs = ("scan", "exact", "lsh", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
+    subs = ("scan", "exact", "lsh", "pairs", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
     for sub in subs:
         (state / sub).mkdir(parents=True)
     write_json_atomic(stamp, fingerprint)
@@ -260,6 +259,7 @@ def dedup(
     # A resumed run must read what the killed one read: same files, sizes and times.
     fingerprint = {
         "lmpipe_version": lmpipe_version(),
+        "state_layout": steps.STATE_LAYOUT,
         "settings": settings,
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
@@ -340,27 +340,34 @@ def _steps(
     # With verification, an edge to a bucket's first document can fail where one to a later
     # member holds: look at a few more members of each bucket.
     window = 8 if s["verify"] else 0
+    # As many pair buckets as partitions: a bucket gets at most a partition's pairs.
+    buckets = parts
     _run_step(
         runner, bar, "LSH buckets", steps.lsh_partition,
-        [(state, p, parts, listed, window) for p in range(parts)],
+        [(state, p, parts, listed, window, buckets) for p in range(parts)],
         [steps.marker(state, "lsh", p) for p in range(parts)],
     )  # fmt: skip
-    pairs = _run_step(runner, bar, "candidate pairs", steps.merge_pairs, [(state, parts)], [steps.marker(state, "pairs")])[0]["pairs"]  # fmt: skip
-    chunks = math.ceil(pairs / steps.VERIFY_CHUNK)
-    if s["verify"] and pairs:
-        involved = np.unique(np.load(state / "pairs.npy") >> 32).tolist()
+    merged = _run_step(
+        runner, bar, "candidate pairs", steps.merge_bucket,
+        [(state, q, parts) for q in range(buckets)],
+        [steps.marker(state, "pairs", q) for q in range(buckets)],
+    )  # fmt: skip
+    sizes = [m["pairs"] for m in merged]
+    units = steps.verify_units(sizes) if s["verify"] else []
+    if units:
+        involved = sorted(set().union(*(m["files"] for m in merged)))
         _run_step(
             runner, bar, "shingle sets", steps.shingle_sets_file,
-            [(state, f, s["ngram"]) for f in involved],
+            [(state, f, s["ngram"], buckets) for f in involved],
             [steps.marker(state, "sets", f) for f in involved],
         )  # fmt: skip
         _run_step(
             runner, bar, "verify pairs", steps.verify_chunk,
-            [(state, c, s["threshold"]) for c in range(chunks)],
-            [steps.marker(state, "verify", c) for c in range(chunks)],
+            [(state, *unit, u, s["threshold"]) for u, unit in enumerate(units)],
+            [steps.marker(state, "verify", u) for u in range(len(units))],
         )  # fmt: skip
     names = [str(f) for f in files]
-    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], chunks)], [steps.marker(state, "decide")])  # fmt: skip
+    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
         runner, bar, "eval data", steps.eval_file,
         [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None, s["decontaminate_ngrams"]) for e, path in enumerate(evals)],

@@ -12,13 +12,16 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
           band, each file's keys sorted by their first 64 bits
   exact   per partition of the 64-bit key range: equal text keys -> (duplicate, first) pairs
   lsh     per partition: band keys of the documents that are not exact duplicates, grouped ->
-          (document, first of its bucket) pairs, plus pairs with up to `window` earlier members
-  pairs   one unit: the LSH pairs of every partition, made unique
+          (document, first of its bucket) pairs, plus pairs with up to `window` earlier members,
+          routed by a hash of the pair's later document into as many pair buckets as partitions
+  pairs   per pair bucket: its pairs from every partition, made unique (a pair found in several
+          bands was routed to the same bucket from each)
   sets    per input file (with verify): the distinct 64-bit shingle hashes of its documents that
           are in a pair, written so that `verify` can memory-map them
-  verify  per chunk of pairs: each pair's exact n-gram Jaccard >= threshold
-  decide  one unit: union-find over the documents that have a pair; per input file its removed
-          documents, why, and a reference to the document kept in their place
+  verify  per chunk of a pair bucket: each pair's exact n-gram Jaccard >= threshold
+  decide  one unit: union-find over the documents that have a pair, the pairs streamed bucket by
+          bucket; per input file its removed documents, why, and a reference to the document
+          kept in their place
   evals   per eval file (with decontaminate): the SHA-256 set of its texts (and, with
           decontaminate_ngrams, the set of its word n-grams)
   ngrams  per input file (with decontaminate_ngrams): its kept documents that share a word
@@ -28,8 +31,9 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
           `_holdout/part-<file>.jsonl.zst`, its removal listing and counts per source
 
 Memory: a scan holds one file's keys; an exact or lsh unit holds its partition (partitions are
-sized after the scan to about `part_entries` keys each); `pairs`, `verify` and `decide` hold only
-documents that have a candidate pair. Documents are named by gid = file index << 32 | position
+sized after the scan to about `part_entries` keys each); a `pairs` or `verify` unit holds one
+bucket of pairs; `decide` holds the documents that have a pair (a few int64 each) and a batch of
+pairs at a time. Documents are named by gid = file index << 32 | position
 among the file's valid documents, so ordering by gid is input order, and "the first document" of
 a group is its smallest gid. Band keys are 128-bit hashes of the band's values (SlimPajama
 compared the values themselves): two different bands collide with probability ~2^-128.
@@ -78,6 +82,7 @@ from lmpipe.dataprep.minhash import (
     MinHasher,
     OnePermHasher,
     fast_shingle_hashes,
+    fmix64,
     normalise,
 )
 
@@ -92,6 +97,8 @@ REASONS = {
 }  # fmt: skip
 HOLDOUT = "_holdout"  # the held-out documents' folder in the output (see `find_inputs`)
 STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
+# The files' layout in STATE: a work folder of another layout is started afresh, not resumed.
+STATE_LAYOUT = 2
 # Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
 _CHUNK_ROWS = 1 << 13
 _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
@@ -321,35 +328,50 @@ def exact_pairs(state: Path) -> np.ndarray:
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def lsh_partition(state: Path, p: int, parts: int, files: list[int], window: int) -> dict[str, Any]:
-    """Candidate pairs of the documents (not exact duplicates) whose band keys are in partition p.
-    Holds the exact duplicates' gids (one int64 each) to leave them out."""
+def lsh_partition(
+    state: Path, p: int, parts: int, files: list[int], window: int, buckets: int
+) -> dict[str, Any]:
+    """Candidate pairs of the documents (not exact duplicates) whose band keys are in partition
+    p, one file per pair bucket. Holds the exact duplicates' gids (one int64 each) to leave them
+    out."""
     keys = _partition(state, "bands", p, parts, files)
     gid = keys[:, 2].astype(np.int64)
     keep = ~np.isin(gid, exact_pairs(state)[:, 0])
     pairs = bucket_pairs(keys[keep, 0], keys[keep, 1], gid[keep], window)
-    np.save(state / "lsh" / f"{p:05d}.npy", pairs)
+    # By the later document: the same pair from another band, in another partition, goes to
+    # the same bucket, where `merge_bucket` makes it one.
+    route = (fmix64(pairs[:, 0].astype(np.uint64)) % np.uint64(buckets)).astype(np.int64)
+    for q in range(buckets):
+        np.save(state / "lsh" / f"{p:05d}-{q:05d}.npy", pairs[route == q])
     return _done(marker(state, "lsh", p), {"pairs": len(pairs)})
 
 
-def merge_pairs(state: Path, parts: int) -> dict[str, Any]:
-    """All partitions' candidate pairs, unique (a pair found in two bands lands in two)."""
-    found = [np.load(state / "lsh" / f"{p:05d}.npy") for p in range(parts)]
+def pair_bucket(state: Path, q: int) -> Path:
+    return state / "pairs" / f"{q:05d}.npy"
+
+
+def merge_bucket(state: Path, q: int, parts: int) -> dict[str, Any]:
+    """Pair bucket q's pairs from every partition, unique (a pair found in two bands is found
+    twice); which input files its documents are in."""
+    found = [np.load(state / "lsh" / f"{p:05d}-{q:05d}.npy") for p in range(parts)]
     pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
     pairs = np.unique(pairs, axis=0) if len(pairs) else pairs
-    np.save(state / "pairs.npy", pairs)
-    return _done(marker(state, "pairs"), {"pairs": len(pairs)})
+    np.save(pair_bucket(state, q), pairs)
+    files = np.unique(pairs.ravel() >> 32).tolist()
+    return _done(marker(state, "pairs", q), {"pairs": len(pairs), "files": files})
 
 
 # --- verify: exact Jaccard of the candidate pairs ------------------------------------------------
 
 
-def shingle_sets_file(state: Path, f: int, ngram: int) -> dict[str, Any]:
+def shingle_sets_file(state: Path, f: int, ngram: int, buckets: int) -> dict[str, Any]:
     """The sorted distinct shingle hashes of file f's documents that are in a candidate pair,
     recomputed from the fixed records (one hash per shingle: cheap, and only for these)."""
-    pairs = np.load(state / "pairs.npy", mmap_mode="r")
-    docs = np.unique(np.asarray(pairs))
-    wanted = (docs[(docs >> 32) == f] & _ROW_MASK).tolist()
+    mine = []
+    for q in range(buckets):  # one bucket in memory at a time
+        docs = np.load(pair_bucket(state, q)).ravel()
+        mine.append(np.unique(docs[(docs >> 32) == f] & _ROW_MASK))
+    wanted = np.unique(np.concatenate(mine)).tolist()
     meta = load_meta(state, f)
     sets, found = [], []
     nxt = iter(wanted)
@@ -371,10 +393,13 @@ def shingle_sets_file(state: Path, f: int, ngram: int) -> dict[str, Any]:
     return _done(marker(state, "sets", f), {"documents": len(found)})
 
 
-def verify_chunk(state: Path, c: int, threshold: float) -> dict[str, Any]:
-    """Whether each pair of chunk c reaches `threshold` in exact Jaccard (exact but for 64-bit
-    hash collisions, ~2^-64), from the memory-mapped shingle sets."""
-    pairs = np.load(state / "pairs.npy", mmap_mode="r")[c * VERIFY_CHUNK : (c + 1) * VERIFY_CHUNK]
+def verify_chunk(
+    state: Path, q: int, start: int, stop: int, unit: int, threshold: float
+) -> dict[str, Any]:
+    """Whether each pair start..stop of pair bucket q (verify unit `unit`) reaches `threshold` in
+    exact Jaccard (exact but for 64-bit hash collisions, ~2^-64), from the memory-mapped shingle
+    sets."""
+    pairs = np.load(pair_bucket(state, q), mmap_mode="r")[start:stop]
     opened: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def shingles(g: int) -> np.ndarray:
@@ -395,8 +420,8 @@ def verify_chunk(state: Path, c: int, threshold: float) -> dict[str, Any]:
         x, y = shingles(a), shingles(b)
         inter = len(np.intersect1d(x, y, assume_unique=True))
         ok[k] = inter / (len(x) + len(y) - inter) >= threshold
-    np.save(state / "verify" / f"{c:05d}.npy", ok)
-    return _done(marker(state, "verify", c), {"pairs": len(ok), "kept": int(ok.sum())})
+    np.save(state / "verify" / f"{unit:05d}.npy", ok)
+    return _done(marker(state, "verify", unit), {"pairs": len(ok), "kept": int(ok.sum())})
 
 
 # --- decide: the components, one unit ------------------------------------------------------------
@@ -409,16 +434,38 @@ def doc_ref(path: str, lines: np.ndarray, ids: list[Any], row: int) -> dict[str,
     return ref
 
 
+def verify_units(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(pair bucket, first pair, end) of every verify unit, in unit order, for pair buckets of
+    these sizes (decided here, in the driver, so workers never slice by their own constant)."""
+    return [
+        (q, a, min(a + VERIFY_CHUNK, n))
+        for q, n in enumerate(sizes)
+        for a in range(0, n, VERIFY_CHUNK)
+    ]
+
+
+def near_pairs(state: Path, sizes: list[int], units: list, verify: bool) -> Iterator[np.ndarray]:
+    """Each pair bucket's pairs (those that passed `verify`, with it), one bucket at a time;
+    `units`: the verify units (`verify_units`) that checked them."""
+    for q in range(len(sizes)):
+        pairs = np.load(pair_bucket(state, q))
+        if verify and len(pairs):
+            mine = [u for u, (b, _, _) in enumerate(units) if b == q]
+            pairs = pairs[np.concatenate([np.load(state / "verify" / f"{u:05d}.npy") for u in mine])]  # fmt: skip
+        yield pairs
+
+
 def decide_all(
-    state: Path, names: list[str], verify: bool, keep: str, chunks: int
+    state: Path, names: list[str], verify: bool, keep: str, sizes: list[int], units: list
 ) -> dict[str, Any]:
-    """Union-find over the documents with a pair; writes `decide/<file>.json` for each file with
-    removed documents: their rows, reasons and the reference of the document kept instead."""
-    exact = exact_pairs(state)
-    near = np.load(state / "pairs.npy")
-    if verify and len(near):
-        near = near[np.concatenate([np.load(state / "verify" / f"{c:05d}.npy") for c in range(chunks)])]  # fmt: skip
-    nodes = np.unique(np.concatenate([near.ravel(), exact.ravel()]))
+    """Union-find over the documents with a pair (`sizes`: the pairs of each bucket, `units`: the
+    verify units that checked them); writes
+    `decide/<file>.json` for each file with removed documents: their rows, reasons and the
+    reference of the document kept instead."""
+    exact = exact_pairs(state)  # one per exact duplicate: as many as nodes at most
+    ends = [np.unique(exact)] + [np.unique(p) for p in near_pairs(state, sizes, units, verify)]
+    nodes = np.unique(np.concatenate(ends))
+    del ends
     files = nodes >> 32
     priority = None
     if keep == "longest":
@@ -426,9 +473,8 @@ def decide_all(
         for f in np.unique(files).tolist():
             at = np.flatnonzero(files == f)
             priority[at] = load_meta(state, f)["nbytes"][nodes[at] & _ROW_MASK]
-    reason, root = resolve(
-        len(nodes), np.searchsorted(nodes, near), np.searchsorted(nodes, exact), priority
-    )
+    near = (np.searchsorted(nodes, p) for p in near_pairs(state, sizes, units, verify))
+    reason, root = resolve(len(nodes), near, np.searchsorted(nodes, exact), priority)
     gone = np.flatnonzero(reason != KEPT)
     keepers = nodes[root[gone]]
     refs: dict[int, dict[str, Any]] = {}

@@ -125,6 +125,30 @@ def test_normalise_is_slimpajamas_clean():
 # --- grouping ---------------------------------------------------------------------------------
 
 
+def test_union_find_streamed_in_batches_equals_all_at_once(monkeypatch):
+    import lmpipe.dataprep.clusters as clusters
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    pairs = rng.integers(0, n, (4000, 2))
+    whole = union_find(n, pairs)
+    # a union-find by hand: the component minimum of every node
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for u, v in pairs.tolist():
+        a, b = find(u), find(v)
+        parent[max(a, b)] = min(a, b)
+    assert whole.tolist() == [find(x) for x in range(n)]
+    monkeypatch.setattr(clusters, "UNION_BATCH", 7)  # batches joined one after another
+    assert np.array_equal(union_find(n, iter(np.array_split(pairs, 300))), whole)
+
+
 def test_union_find_chain_and_order():
     # 4 - 3 - 1 and 2 - 0 - 5: chains listed out of order still collapse onto their minimum
     pairs = np.array([[4, 3], [3, 1], [5, 0], [2, 0]])
@@ -474,7 +498,7 @@ def test_partitions_and_workers_do_not_change_a_byte(many_files, tmp_path, monke
     assert len(kept & ({f"n{f}" for f in range(12)} | {f"e{f}" for f in range(12)})) == 8
 
 
-STEPS = ["scan_file", "exact_partition", "lsh_partition", "merge_pairs", "shingle_sets_file",
+STEPS = ["scan_file", "exact_partition", "lsh_partition", "merge_bucket", "shingle_sets_file",
          "verify_chunk", "decide_all", "filter_file"]  # fmt: skip
 
 
@@ -489,7 +513,7 @@ def test_a_crash_in_any_step_resumes_to_identical_output(many_files, tmp_path, m
 
     def crash_on_second(*args):
         calls.append(1)
-        if len(calls) == 2 or step in ("merge_pairs", "decide_all"):
+        if len(calls) == 2 or step == "decide_all":
             raise RuntimeError("crash")
         return real(*args)
 
