@@ -96,6 +96,14 @@ def dedup(
             "are removed as near duplicates, with more work).",
         ),
     ] = True,
+    near: Annotated[
+        bool,
+        typer.Option(
+            "--near/--no-near",
+            help="Remove near duplicates (MinHash-LSH over character n-grams, SlimPajama's fuzzy "
+            "step); without it only exact duplicates go, several times faster.",
+        ),
+    ] = True,
     threshold: Annotated[
         float,
         typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8)."),
@@ -192,6 +200,7 @@ def dedup(
         min_chars=min_chars,
         fix=fix_text,
         exact=exact,
+        near=near,
         threshold=threshold,
         num_perm=num_perm,
         ngram=ngram,

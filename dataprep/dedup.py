@@ -4,7 +4,8 @@
 across all sources at once: fixes each text with ftfy (NFC; `fix=False` skips it) -> drops it when its normalised form
 (lowercase, no ASCII punctuation, whitespace runs collapsed) is shorter than `min_chars` (0: no
 short filter) -> drops exact duplicates of the normalised text (`exact=False` skips the step: the
-copies then meet in every LSH band and go as near duplicates) -> drops near duplicates: MinHash
+copies then meet in every LSH band and go as near duplicates) -> drops near duplicates
+(`near=False` skips the step, and with it all MinHash work): MinHash
 over character n-grams (`minhash.py`: datasketch-identical sha1 signatures, or the faster
 one-permutation scheme), LSH banding tuned for the Jaccard threshold (or a lower `lsh_threshold`),
 optionally `verify` (the exact n-gram Jaccard of each candidate pair, edges below the threshold
@@ -177,6 +178,7 @@ def dedup(
     strict: bool = False,
     overwrite: bool = False,
     exact: bool = True,
+    near: bool = True,
     fix: bool = True,
     hash_scheme: str = "oph",
     verify: bool = True,
@@ -250,7 +252,7 @@ def dedup(
         "min_chars": min_chars, "threshold": threshold, "num_perm": num_perm, "ngram": ngram,
         "bands": bands, "rows": rows, "lsh_threshold": lsh_threshold, "verify": verify,
         "hash": "fnv1a64+fmix64" if hash_scheme == "oph" else "sha1_hash32",
-        "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "keep": keep, "strict": strict,
+        "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "near": near, "keep": keep, "strict": strict,
         "fix_text": "ftfy.fix_text(normalization='NFC')" if fix else None,
         "holdout": holdout, "holdout_seed": holdout_seed, "decontaminate_field": decontaminate_field,
         "decontaminate_ngrams": decontaminate_ngrams,
@@ -323,8 +325,8 @@ def _steps(
     n = range(len(files))
     s = settings
     scans = _run_step(
-        runner, bar, "fix, normalise, MinHash", steps.scan_file,
-        [(state, f, files[f].resolve(), hasher, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"], s["fix_text"] is not None) for f in n],
+        runner, bar, "fix, normalise" + (", MinHash" if s["near"] else ""), steps.scan_file,
+        [(state, f, files[f].resolve(), hasher if s["near"] else None, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"], s["fix_text"] is not None) for f in n],
         [steps.marker(state, "scan", f) for f in n],
     )  # fmt: skip
     listed = [f for f in n if scans[f]["not_short"]]  # an empty key file cannot be mapped
@@ -336,36 +338,9 @@ def _steps(
             [(state, p, parts, listed) for p in range(parts)],
             [steps.marker(state, "exact", p) for p in range(parts)],
         )  # fmt: skip
-    parts = max(1, math.ceil(docs * bands / part_entries))
-    # With verification, an edge to a bucket's first document can fail where one to a later
-    # member holds: look at a few more members of each bucket.
-    window = 8 if s["verify"] else 0
-    # As many pair buckets as partitions: a bucket gets at most a partition's pairs.
-    buckets = parts
-    _run_step(
-        runner, bar, "LSH buckets", steps.lsh_partition,
-        [(state, p, parts, listed, window, buckets) for p in range(parts)],
-        [steps.marker(state, "lsh", p) for p in range(parts)],
-    )  # fmt: skip
-    merged = _run_step(
-        runner, bar, "candidate pairs", steps.merge_bucket,
-        [(state, q, parts) for q in range(buckets)],
-        [steps.marker(state, "pairs", q) for q in range(buckets)],
-    )  # fmt: skip
-    sizes = [m["pairs"] for m in merged]
-    units = steps.verify_units(sizes) if s["verify"] else []
-    if units:
-        involved = sorted(set().union(*(m["files"] for m in merged)))
-        _run_step(
-            runner, bar, "shingle sets", steps.shingle_sets_file,
-            [(state, f, s["ngram"], buckets) for f in involved],
-            [steps.marker(state, "sets", f) for f in involved],
-        )  # fmt: skip
-        _run_step(
-            runner, bar, "verify pairs", steps.verify_chunk,
-            [(state, *unit, u, s["threshold"]) for u, unit in enumerate(units)],
-            [steps.marker(state, "verify", u) for u in range(len(units))],
-        )  # fmt: skip
+    sizes, units = [], []
+    if s["near"]:
+        sizes, units = _near_steps(runner, bar, state, s, listed, docs * bands, part_entries)
     names = [str(f) for f in files]
     decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
@@ -423,3 +398,48 @@ def _steps(
         {"invalid": scan["invalid"], "invalid_examples": scan["invalid_examples"]} for scan in scans
     ]
     return counts, outputs, eval_info, decided[0]["cluster_sizes"], invalid
+
+
+def _near_steps(
+    runner: Runner,
+    bar: Any,
+    state: Path,
+    s: dict[str, Any],
+    listed: list[int],
+    keys: int,
+    part_entries: int,
+) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """LSH, candidate pairs and their verification: the pairs of each pair bucket and the verify
+    units, for `decide_all`. `listed`: the files with documents that are not short; `keys`: the
+    band keys their scans wrote."""
+    parts = max(1, math.ceil(keys / part_entries))
+    # With verification, an edge to a bucket's first document can fail where one to a later
+    # member holds: look at a few more members of each bucket.
+    window = 8 if s["verify"] else 0
+    # As many pair buckets as partitions: a bucket gets at most a partition's pairs.
+    buckets = parts
+    _run_step(
+        runner, bar, "LSH buckets", steps.lsh_partition,
+        [(state, p, parts, listed, window, buckets) for p in range(parts)],
+        [steps.marker(state, "lsh", p) for p in range(parts)],
+    )  # fmt: skip
+    merged = _run_step(
+        runner, bar, "candidate pairs", steps.merge_bucket,
+        [(state, q, parts) for q in range(buckets)],
+        [steps.marker(state, "pairs", q) for q in range(buckets)],
+    )  # fmt: skip
+    sizes = [m["pairs"] for m in merged]
+    units = steps.verify_units(sizes) if s["verify"] else []
+    if units:
+        involved = sorted(set().union(*(m["files"] for m in merged)))
+        _run_step(
+            runner, bar, "shingle sets", steps.shingle_sets_file,
+            [(state, f, s["ngram"], buckets) for f in involved],
+            [steps.marker(state, "sets", f) for f in involved],
+        )  # fmt: skip
+        _run_step(
+            runner, bar, "verify pairs", steps.verify_chunk,
+            [(state, *unit, u, s["threshold"]) for u, unit in enumerate(units)],
+            [steps.marker(state, "verify", u) for u in range(len(units))],
+        )  # fmt: skip
+    return sizes, units

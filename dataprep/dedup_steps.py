@@ -199,7 +199,7 @@ def scan_file(
     state: Path,
     f: int,
     path: Path,
-    hasher: MinHasher | OnePermHasher,
+    hasher: MinHasher | OnePermHasher | None,
     bands: int,
     rows: int,
     min_chars: int,
@@ -209,7 +209,8 @@ def scan_file(
     fix: bool = True,
 ) -> dict[str, Any]:
     """Read input file `f`: ftfy each text (unless not `fix`), normalise, mark short (shorter than
-    `min_chars`; 0 marks none), hash; write the scan files. With `source_field`, each document's
+    `min_chars`; 0 marks none), hash (no MinHash without a `hasher`: no near-duplicate step);
+    write the scan files. With `source_field`, each document's
     source is read from it: a record without a string there is an invalid line (an error under
     `strict`)."""
     base = state / "scan" / f"{f:05d}"
@@ -224,6 +225,8 @@ def scan_file(
     sig_parts: list[np.ndarray] = []
 
     def flush(last: bool = False) -> None:
+        if hasher is None:
+            return
         sig_parts.append(hasher.signatures(pending))
         pending.clear()
         # Keys by the thousand documents: whole-array passes, and memory bounded within a file.
@@ -255,6 +258,8 @@ def scan_file(
             fixed.write(record)
             shas.append(text_digest(record["text"]))
             digests.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
+            if hasher is None:
+                continue
             pending.append(hasher.shingles(norm, ngram))
             pending_rows += len(pending[-1])
             if pending_rows >= _CHUNK_ROWS:
@@ -265,8 +270,9 @@ def scan_file(
     kept_rows = np.flatnonzero(~short_a)
     text_keys = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)
     np.save(f"{base}.text.npy", _keys_sorted(text_keys, kept_rows))
-    band_keys = np.concatenate(key_parts)  # (not short, bands, 2)
-    np.save(f"{base}.bands.npy", _keys_sorted(band_keys, np.repeat(kept_rows, bands)))
+    if hasher is not None:
+        band_keys = np.concatenate(key_parts)  # (not short, bands, 2)
+        np.save(f"{base}.bands.npy", _keys_sorted(band_keys, np.repeat(kept_rows, bands)))
     np.save(f"{base}.sha.npy", as_digests(b"".join(shas)))
     np.savez(
         f"{base}.meta.npz",

@@ -1,4 +1,4 @@
-"""dedup's selectable steps (--fix-text, --exact, --min-chars 0) and its cluster sizes."""
+"""dedup's selectable steps (--fix-text, --exact, --near, --min-chars 0) and its cluster sizes."""
 
 from __future__ import annotations
 
@@ -86,6 +86,21 @@ def test_no_exact_removes_copies_as_near_duplicates(copies, tmp_path):
     assert m["settings"]["exact"] is False
     assert m["counts"]["total"]["exact_duplicate"]["documents"] == 0
     assert m["counts"]["total"]["near_duplicate"]["documents"] == 2
+
+
+def test_no_near_removes_exact_duplicates_only(copies, tmp_path):
+    near_copy = {"text": edit(prose(21), 5), "id": "A-near"}  # an edited copy of A: J ~ 0.9
+    raw = write_jsonl(copies, [*map(json.loads, copies.read_text().splitlines()), near_copy])
+    run_cli(str(raw), "-o", str(tmp_path / "with"))
+    run_cli(str(raw), "-o", str(tmp_path / "exact-only"), "--no-near")
+    assert [d["id"] for d in kept_docs(tmp_path / "with")] == ["A", "B"]
+    assert [d["id"] for d in kept_docs(tmp_path / "exact-only")] == ["A", "B", "A-near"]
+    removed = removed_by_id(tmp_path / "exact-only")
+    assert {doc: r["reason"] for doc, r in removed.items()} == {"A-case": "exact duplicate", "A-copy": "exact duplicate"}  # fmt: skip
+    m = json.loads((tmp_path / "exact-only" / "manifest.json").read_text())
+    assert m["settings"]["near"] is False
+    assert m["counts"]["total"]["near_duplicate"]["documents"] == 0
+    assert m["cluster_sizes"] == {"3": 1}  # A with its two exact copies
 
 
 def test_min_chars_zero_turns_the_short_filter_off(tmp_path):
