@@ -65,8 +65,8 @@ def bucket_pairs(k1: np.ndarray, k2: np.ndarray, gid: np.ndarray, window: int = 
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
-# Pairs per union-find batch: small batches are joined (a round costs a pass over every label),
-# large ones bound the temporaries (~100 bytes a pair).
+# Pairs per union-find batch: large enough to amortise numpy's per-call cost, small enough to
+# bound the temporaries (~100 bytes a pair).
 UNION_BATCH = 1 << 22
 
 
@@ -83,33 +83,67 @@ def _batches(chunks: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.concatenate(pending)
 
 
-def union_find(n: int, pairs: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
-    """The smallest member of each document's connected component (the partition union-find over
-    the pairs gives), for documents 0..n-1. `pairs`: one (k, 2) array, or several, streamed.
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """The smallest member of each node's connected component, nodes 0..n-1, all pairs at once.
 
     Vectorised as hooking + pointer jumping: every label points to a smaller (or equal) member of
     the same component; each round hooks the root of the larger side of every unsatisfied pair onto
     the smaller root, then flattens. At the fixed point the component's minimum is its own label.
-    Batches are joined one after another: a pair satisfied by an earlier batch stays satisfied,
-    since later rounds only hook whole roots under smaller ones and flatten again, so memory is
-    the labels and one batch, whatever the number of pairs."""
+    """
+    labels = np.arange(n, dtype=np.int64)
+    u, v = pairs[:, 0], pairs[:, 1]
+    while True:
+        lu, lv = labels[u], labels[v]
+        open_ = lu != lv
+        if not open_.any():
+            return labels
+        lo = np.minimum(lu[open_], lv[open_])
+        np.minimum.at(labels, lu[open_], lo)
+        np.minimum.at(labels, lv[open_], lo)
+        while True:  # pointer jumping until every label is a root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+
+
+def _roots(labels: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The root of each of `x`, following labels (each points to a smaller or equal member)."""
+    r = labels[x]
+    while True:
+        up = labels[r]
+        if np.array_equal(up, r):
+            return r
+        r = up
+
+
+def union_find(n: int, pairs: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+    """The smallest member of each document's connected component (the partition union-find over
+    the pairs gives), for documents 0..n-1. `pairs`: one (k, 2) array, or several, streamed.
+
+    Pairs are joined a batch at a time into `labels`, where every document points to a smaller (or
+    equal) member of its component and a root, the smallest member found so far, to itself. A
+    batch becomes pairs of the roots of its endpoints; `_components` solves that small graph, and
+    each root in it is pointed at its group's smallest root, which is the merged component's
+    minimum. So a batch costs in proportion to its pairs, not to n, and a pair joined by an
+    earlier batch stays joined (later batches only hook whole roots under smaller ones). One pass
+    of pointer jumping over all labels at the end makes each label its component's minimum.
+    Memory: the labels and one batch."""
     labels = np.arange(n, dtype=np.int64)
     for batch in _batches([pairs] if isinstance(pairs, np.ndarray) else pairs, UNION_BATCH):
         u, v = batch[:, 0], batch[:, 1]
-        while True:
-            lu, lv = labels[u], labels[v]
-            open_ = lu != lv
-            if not open_.any():
-                break
-            lo = np.minimum(lu[open_], lv[open_])
-            np.minimum.at(labels, lu[open_], lo)
-            np.minimum.at(labels, lv[open_], lo)
-            while True:  # pointer jumping until every label is a root
-                jumped = labels[labels]
-                if np.array_equal(jumped, labels):
-                    break
-                labels = jumped
-    return labels
+        ru, rv = _roots(labels, u), _roots(labels, v)
+        open_ = ru != rv
+        if open_.any():
+            roots, local = np.unique(np.concatenate([ru[open_], rv[open_]]), return_inverse=True)
+            labels[roots] = roots[_components(len(roots), local.reshape(2, -1).T)]
+        # endpoints straight to their roots: short paths when the next batches meet them again
+        labels[u], labels[v] = labels[ru], labels[rv]
+    while True:  # pointer jumping until every label is a root
+        jumped = labels[labels]
+        if np.array_equal(jumped, labels):
+            return labels
+        labels = jumped
 
 
 def resolve(
@@ -124,7 +158,7 @@ def resolve(
     kept, ties (and None) to the first."""
     near = [near] if isinstance(near, np.ndarray) else near
     root = union_find(n, itertools.chain([exact.astype(np.int64)], near))
-    if priority is not None:
+    if priority is not None and n:  # (no documents with a pair: nothing to order)
         order = np.lexsort((np.arange(n), -priority, root))
         heads = order[np.r_[True, root[order][1:] != root[order][:-1]]]
         best = np.empty(n, dtype=np.int64)

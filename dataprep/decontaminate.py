@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -70,15 +69,28 @@ def ngram_hashes(words: list[str], n: int) -> np.ndarray:
     return fmix64(h)
 
 
-def eval_ngram_set(texts: Iterable[str], n: int) -> tuple[np.ndarray, int]:
-    """The sorted distinct N-gram hashes of `texts`, and how many texts have fewer than n words."""
-    parts, short = [], 0
-    for text in texts:
-        h = ngram_hashes(words_of(text), n)
-        short += not len(h)
-        parts.append(np.unique(h))
-    found = np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
-    return found, short
+class NgramSet:
+    """The distinct N-grams of texts added one at a time, and how many texts had fewer than n
+    words. Kept as sorted arrays, merged every few thousand texts, so memory is 8 bytes an
+    N-gram rather than a Python object each."""
+
+    _MERGE_EVERY = 4096
+
+    def __init__(self, n: int):
+        self.n, self.short = n, 0
+        self._parts: list[np.ndarray] = []
+
+    def add(self, text: str) -> None:
+        h = ngram_hashes(words_of(text), self.n)
+        self.short += not len(h)
+        self._parts.append(np.unique(h))
+        if len(self._parts) >= self._MERGE_EVERY:
+            self._parts = [self.array()]
+
+    def array(self) -> np.ndarray:
+        if not self._parts:
+            return np.empty(0, dtype=np.uint64)
+        return np.unique(np.concatenate(self._parts))
 
 
 def contains_any(sorted_set: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -90,13 +102,13 @@ def contains_any(sorted_set: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def match_documents(
-    texts: Iterable[tuple[int, str]], n: int, eval_sets: list[tuple[str, np.ndarray]]
+    texts: Iterable[tuple[int, str]], n: int, union: np.ndarray, eval_sets: list[tuple[str, Path]]
 ) -> dict[int, str]:
-    """For each (row, text) that shares an N-gram with an eval file, why: the first shared word
-    sequence and the eval file it comes from. `eval_sets`: (eval file name, its N-gram set)."""
-    union = np.unique(np.concatenate([s for _, s in eval_sets])) if eval_sets else None
+    """For each (row, text) that shares an N-gram with eval data, why: the first shared word
+    sequence and the eval file it comes from. `union`: every eval file's N-grams, sorted;
+    `eval_sets`: (eval file name, its N-gram set's .npy), read only to name the file of a match."""
     found: dict[int, str] = {}
-    if union is None or not len(union):
+    if not len(union):
         return found
     for row, text in texts:
         words = words_of(text)
@@ -104,21 +116,27 @@ def match_documents(
         if not len(hit):
             continue
         first = int(hit[0])
-        source = next(name for name, s in eval_sets if contains_any(s, h[first : first + 1])[0])
+        source = next(
+            name for name, path in eval_sets if contains_any(np.load(path), h[first : first + 1])[0]
+        )
         quoted = " ".join(words[first : first + n])
         found[row] = f"shares the {n}-word sequence {quoted!r} with {source}"
     return found
 
 
-def write_eval_ngrams(folder: Path, e: int, texts: Iterable[str], n: int) -> dict[str, Any]:
-    """Save eval file e's N-gram set; what the manifest reports of it."""
-    found, short = eval_ngram_set(texts, n)
-    np.save(folder / f"{e:05d}.npy", found)
-    return {"ngrams": len(found), "short_for_ngrams": short}
+def eval_set_path(folder: Path, e: int) -> Path:
+    return folder / f"{e:05d}.npy"
 
 
-def load_eval_ngrams(folder: Path, names: list[str]) -> list[tuple[str, np.ndarray]]:
-    return [(name, np.load(folder / f"{e:05d}.npy")) for e, name in enumerate(names)]
+def union_path(folder: Path) -> Path:
+    return folder / "union.npy"
+
+
+def write_union(folder: Path, count: int) -> int:
+    """Every eval file's N-grams in one sorted array, made once for all input files; its size."""
+    union = np.unique(np.concatenate([np.load(eval_set_path(folder, e)) for e in range(count)]))
+    np.save(union_path(folder), union)
+    return len(union)
 
 
 def write_matches(path: Path, found: dict[int, str]) -> None:

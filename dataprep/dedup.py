@@ -258,10 +258,15 @@ def dedup(
         "decontaminate_ngrams": decontaminate_ngrams,
         "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)" if fix else "sha256(text, utf-8)",
     }  # fmt: skip
+    if not near:  # no MinHash, LSH or verification: the manifest names none of their settings
+        near_only = ("threshold", "num_perm", "ngram", "bands", "rows", "lsh_threshold", "verify", "hash", "hash_scheme", "seed")  # fmt: skip
+        settings.update(dict.fromkeys(near_only))
     # A resumed run must read what the killed one read: same files, sizes and times.
     fingerprint = {
         "lmpipe_version": lmpipe_version(),
         "state_layout": steps.STATE_LAYOUT,
+        # Not an output setting, but it sets the partitions and pair buckets the units write.
+        "part_entries": part_entries,
         "settings": settings,
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
@@ -349,6 +354,7 @@ def _steps(
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
     if s["decontaminate_ngrams"]:
+        _run_step(runner, bar, "eval n-grams", steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
         _run_step(
             runner, bar, "eval n-gram overlap", steps.ngram_file,
             [(state, f, s["decontaminate_ngrams"], [str(e) for e in evals]) for f in n],
@@ -416,7 +422,7 @@ def _near_steps(
     # With verification, an edge to a bucket's first document can fail where one to a later
     # member holds: look at a few more members of each bucket.
     window = 8 if s["verify"] else 0
-    # As many pair buckets as partitions: a bucket gets at most a partition's pairs.
+    # As many pair buckets as partitions: a bucket gets about as many pairs as a partition makes.
     buckets = parts
     _run_step(
         runner, bar, "LSH buckets", steps.lsh_partition,
@@ -431,10 +437,14 @@ def _near_steps(
     sizes = [m["pairs"] for m in merged]
     units = steps.verify_units(sizes) if s["verify"] else []
     if units:
-        involved = sorted(set().union(*(m["files"] for m in merged)))
+        holding: dict[int, list[int]] = {}  # input file -> the pair buckets with its documents
+        for q, m in enumerate(merged):
+            for f in m["files"]:
+                holding.setdefault(f, []).append(q)
+        involved = sorted(holding)
         _run_step(
             runner, bar, "shingle sets", steps.shingle_sets_file,
-            [(state, f, s["ngram"], buckets) for f in involved],
+            [(state, f, s["ngram"], holding[f]) for f in involved],
             [steps.marker(state, "sets", f) for f in involved],
         )  # fmt: skip
         _run_step(

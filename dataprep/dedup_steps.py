@@ -24,6 +24,7 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
           kept in their place
   evals   per eval file (with decontaminate): the SHA-256 set of its texts (and, with
           decontaminate_ngrams, the set of its word n-grams)
+  eval_union  one unit (with decontaminate_ngrams): the eval files' n-grams in one sorted array
   ngrams  per input file (with decontaminate_ngrams): its kept documents that share a word
           n-gram with an eval text
   holdout per input file (with a holdout): the SHA-256 digests of its documents drawn for it
@@ -69,10 +70,12 @@ from lmpipe.dataprep.clusters import (  # noqa: F401  (decide: re-exported for d
 from lmpipe.dataprep.decontaminate import (
     EVAL_NGRAMS,
     NGRAMS,
-    load_eval_ngrams,
+    NgramSet,
+    eval_set_path,
     match_documents,
-    write_eval_ngrams,
+    union_path,
     write_matches,
+    write_union,
 )
 from lmpipe.dataprep.documents import InvalidLines, field_value, read_documents
 from lmpipe.dataprep.errors import LmpipeError
@@ -98,7 +101,7 @@ REASONS = {
 HOLDOUT = "_holdout"  # the held-out documents' folder in the output (see `find_inputs`)
 STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
 # The files' layout in STATE: a work folder of another layout is started afresh, not resumed.
-STATE_LAYOUT = 2
+STATE_LAYOUT = 3
 # Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
 _CHUNK_ROWS = 1 << 13
 _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
@@ -338,7 +341,8 @@ def lsh_partition(
     state: Path, p: int, parts: int, files: list[int], window: int, buckets: int
 ) -> dict[str, Any]:
     """Candidate pairs of the documents (not exact duplicates) whose band keys are in partition
-    p, one file per pair bucket. Holds the exact duplicates' gids (one int64 each) to leave them
+    p, in one file ordered by pair bucket, with each bucket's offsets (so P partitions write P
+    files, not P x buckets). Holds the exact duplicates' gids (one int64 each) to leave them
     out."""
     keys = _partition(state, "bands", p, parts, files)
     gid = keys[:, 2].astype(np.int64)
@@ -347,8 +351,10 @@ def lsh_partition(
     # By the later document: the same pair from another band, in another partition, goes to
     # the same bucket, where `merge_bucket` makes it one.
     route = (fmix64(pairs[:, 0].astype(np.uint64)) % np.uint64(buckets)).astype(np.int64)
-    for q in range(buckets):
-        np.save(state / "lsh" / f"{p:05d}-{q:05d}.npy", pairs[route == q])
+    order = np.argsort(route, kind="stable")
+    np.save(state / "lsh" / f"{p:05d}.npy", pairs[order])
+    offsets = np.searchsorted(route[order], np.arange(buckets + 1))
+    np.save(state / "lsh" / f"{p:05d}.offsets.npy", offsets.astype(np.int64))
     return _done(marker(state, "lsh", p), {"pairs": len(pairs)})
 
 
@@ -359,7 +365,10 @@ def pair_bucket(state: Path, q: int) -> Path:
 def merge_bucket(state: Path, q: int, parts: int) -> dict[str, Any]:
     """Pair bucket q's pairs from every partition, unique (a pair found in two bands is found
     twice); which input files its documents are in."""
-    found = [np.load(state / "lsh" / f"{p:05d}-{q:05d}.npy") for p in range(parts)]
+    found = []
+    for p in range(parts):  # its slice of each partition's file, read through a memory map
+        at = np.load(state / "lsh" / f"{p:05d}.offsets.npy")
+        found.append(np.load(state / "lsh" / f"{p:05d}.npy", mmap_mode="r")[at[q] : at[q + 1]])
     pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
     pairs = np.unique(pairs, axis=0) if len(pairs) else pairs
     np.save(pair_bucket(state, q), pairs)
@@ -370,11 +379,12 @@ def merge_bucket(state: Path, q: int, parts: int) -> dict[str, Any]:
 # --- verify: exact Jaccard of the candidate pairs ------------------------------------------------
 
 
-def shingle_sets_file(state: Path, f: int, ngram: int, buckets: int) -> dict[str, Any]:
+def shingle_sets_file(state: Path, f: int, ngram: int, buckets: list[int]) -> dict[str, Any]:
     """The sorted distinct shingle hashes of file f's documents that are in a candidate pair,
-    recomputed from the fixed records (one hash per shingle: cheap, and only for these)."""
+    recomputed from the fixed records (one hash per shingle: cheap, and only for these).
+    `buckets`: the pair buckets that hold a document of file f."""
     mine = []
-    for q in range(buckets):  # one bucket in memory at a time
+    for q in buckets:  # one bucket in memory at a time
         docs = np.load(pair_bucket(state, q)).ravel()
         mine.append(np.unique(docs[(docs >> 32) == f] & _ROW_MASK))
     wanted = np.unique(np.concatenate(mine)).tolist()
@@ -450,19 +460,29 @@ def verify_units(sizes: list[int]) -> list[tuple[int, int, int]]:
     ]
 
 
-def near_pairs(state: Path, sizes: list[int], units: list, verify: bool) -> Iterator[np.ndarray]:
+def near_pairs(
+    state: Path, sizes: list[int], units: list[tuple[int, int, int]], verify: bool
+) -> Iterator[np.ndarray]:
     """Each pair bucket's pairs (those that passed `verify`, with it), one bucket at a time;
     `units`: the verify units (`verify_units`) that checked them."""
+    checked: list[list[int]] = [[] for _ in sizes]  # the verify units of each bucket, in order
+    for u, (q, _, _) in enumerate(units):
+        checked[q].append(u)
     for q in range(len(sizes)):
         pairs = np.load(pair_bucket(state, q))
         if verify and len(pairs):
-            mine = [u for u, (b, _, _) in enumerate(units) if b == q]
-            pairs = pairs[np.concatenate([np.load(state / "verify" / f"{u:05d}.npy") for u in mine])]  # fmt: skip
+            ok = [np.load(state / "verify" / f"{u:05d}.npy") for u in checked[q]]
+            pairs = pairs[np.concatenate(ok)]
         yield pairs
 
 
 def decide_all(
-    state: Path, names: list[str], verify: bool, keep: str, sizes: list[int], units: list
+    state: Path,
+    names: list[str],
+    verify: bool,
+    keep: str,
+    sizes: list[int],
+    units: list[tuple[int, int, int]],
 ) -> dict[str, Any]:
     """Union-find over the documents with a pair (`sizes`: the pairs of each bucket, `units`: the
     verify units that checked them); writes
@@ -498,8 +518,10 @@ def decide_all(
         write_json_atomic(state / "decide" / f"{f:05d}.json", listing)
     # Component sizes (a kept document and every document removed in its place), for the
     # manifest and clusters.png; JSON object keys are strings, so sizes are too.
-    sizes, counts = np.unique(np.unique(root, return_counts=True)[1], return_counts=True)
-    cluster_sizes = {str(k): int(v) for k, v in zip(sizes.tolist(), counts.tolist(), strict=True)}
+    members, clusters = np.unique(np.unique(root, return_counts=True)[1], return_counts=True)
+    cluster_sizes = {
+        str(k): int(v) for k, v in zip(members.tolist(), clusters.tolist(), strict=True)
+    }
     info = {"documents": len(nodes), "removed": len(gone), "cluster_sizes": cluster_sizes}
     return _done(marker(state, "decide"), info)
 
@@ -513,13 +535,24 @@ def eval_file(
     """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed when the corpus is: the
     two must be compared in the same form) and, with `ngrams`, the set of its word n-grams."""
     invalid = InvalidLines()
-    texts = [fix_text(t) if fix else t for _, t in read_field(path, field, strict, invalid)]
-    shas = [text_digest(t) for t in texts]
+    shas, grams = [], NgramSet(ngrams)
+    for _, text in read_field(path, field, strict, invalid):
+        text = fix_text(text) if fix else text
+        shas.append(text_digest(text))
+        if ngrams:
+            grams.add(text)
     np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
     info = {"documents": len(shas), "invalid": invalid.count, "invalid_examples": invalid.examples}
     if ngrams:
-        info.update(write_eval_ngrams(state / EVAL_NGRAMS, e, texts, ngrams))
+        found = grams.array()
+        np.save(eval_set_path(state / EVAL_NGRAMS, e), found)
+        info.update(ngrams=len(found), short_for_ngrams=grams.short)
     return _done(marker(state, "evals", e), info)
+
+
+def eval_ngram_union(state: Path, count: int) -> dict[str, Any]:
+    """One sorted array of the N-grams of all `count` eval files, read by every `ngram_file`."""
+    return _done(marker(state, "eval_union"), {"ngrams": write_union(state / EVAL_NGRAMS, count)})
 
 
 def ngram_file(state: Path, f: int, n: int, eval_names: list[str]) -> dict[str, Any]:
@@ -534,7 +567,10 @@ def ngram_file(state: Path, f: int, n: int, eval_names: list[str]) -> dict[str, 
         for row, line in zip(not_short, fixed, strict=True)
         if reason[row] == KEPT  # a duplicate goes anyway: its text is not read twice
     )
-    found = match_documents(texts, n, load_eval_ngrams(state / EVAL_NGRAMS, eval_names))
+    folder = state / EVAL_NGRAMS
+    union = np.load(union_path(folder))
+    sets = [(name, eval_set_path(folder, e)) for e, name in enumerate(eval_names)]
+    found = match_documents(texts, n, union, sets)
     write_matches(state / NGRAMS / f"{f:05d}.json", found)
     return _done(marker(state, NGRAMS, f), {"documents": len(found)})
 

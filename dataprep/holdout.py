@@ -85,8 +85,11 @@ def read_field(
 ) -> Iterator[tuple[int, str]]:
     """(line number, the string at `field`) of each line (or Parquet row) of an eval file;
     `field` may be dotted (`doc.question`). A line without it is an error under `strict`, else
-    counted in `invalid`."""
+    counted in `invalid`, and so is an empty file (one invalid line: a failed download must not
+    turn decontamination off unnoticed)."""
+    seen = False
     for line_no, record, reason in _records(path):
+        seen = True
         value = None
         if record is not None:
             value = field_value(record, field)
@@ -100,3 +103,7 @@ def read_field(
             continue
         assert isinstance(value, str)
         yield line_no, value
+    if not seen:
+        if strict:
+            raise LmpipeError(f"{path}: eval data for --decontaminate: empty file")
+        invalid.add(1, "empty file")

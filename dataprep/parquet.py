@@ -13,7 +13,9 @@ nulls stay as they are, structs become objects, lists arrays, and
   binary                 UTF-8 text when it decodes, else base64 text
   map                    an array of [key, value] pairs (arrow maps may repeat or type keys)
   anything else          its text (`str(value)`)
-Columns that hold none of these cost no conversion. `text` itself must be a string column: it is
+Floating-point NaN and infinities pass through as Python's json module writes them (`NaN`,
+`Infinity`), as they would from a JSON line: lmpipe and Python read them back, strict JSON parsers
+do not. Columns that hold none of these cost no conversion. `text` itself must be a string column: it is
 never converted, so a binary `text` is an invalid row like a JSON number would be. A row holding a
 value Python cannot read (invalid UTF-8 in a string column) is an invalid row. A file without a
 `text` column is an error under strict, otherwise every row is invalid for that reason.

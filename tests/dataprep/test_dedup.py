@@ -544,6 +544,27 @@ def test_other_settings_do_not_resume_a_partial_folder(many_files, tmp_path, mon
     assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
 
 
+def test_resume_with_other_part_entries_starts_afresh(many_files, tmp_path, monkeypatch):
+    """Partitions and pair buckets follow part_entries: a rerun with another value must not read
+    the crashed run's units as its own."""
+    import lmpipe.dataprep.dedup_steps as steps
+
+    monkeypatch.setattr(steps, "decide_all", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        dedup([many_files], tmp_path / "out", progress=False, part_entries=30)
+    monkeypatch.undo()
+    dedup([many_files], tmp_path / "out", progress=False)
+    dedup([many_files], tmp_path / "clean", progress=False)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_keep_longest_without_any_duplicate(tmp_path, near):
+    raw = write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": prose(k)} for k in range(3)])
+    m = dedup([raw], tmp_path / "out", keep="longest", near=near, progress=False)
+    assert m["counts"]["total"]["kept"]["documents"] == 3 and m["cluster_sizes"] == {}
+
+
 KILLABLE = """
 import sys, time
 from pathlib import Path

@@ -144,6 +144,12 @@ def test_decontaminate_field_missing_is_clear(distinct, evals, tmp_path):
     m = dedup([distinct], tmp_path / "out", decontaminate=[evals], strict=False, progress=False)
     assert [e["invalid"] for e in m["decontaminate"]] == [2, 1]
     assert m["counts"]["total"]["decontaminated"]["documents"] == 0
+    # an empty eval file (a failed download) is reported, not read as "nothing to remove"
+    (evals / "c.jsonl").write_text("")
+    m = dedup([distinct], tmp_path / "out2", decontaminate=[evals / "c.jsonl"], progress=False)
+    assert m["decontaminate"][0]["invalid_examples"] == ["line 1: empty file"]
+    with pytest.raises(LmpipeError, match=r"c\.jsonl: eval data for --decontaminate: empty file"):
+        dedup([distinct], tmp_path / "out3", decontaminate=[evals / "c.jsonl"], strict=True, progress=False)  # fmt: skip
 
 
 def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, evals, tmp_path, monkeypatch):  # fmt: skip
@@ -153,7 +159,7 @@ def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, eva
     dedup([distinct], tmp_path / "one", **options)
     dedup([distinct], tmp_path / "two", workers=2, part_entries=40, **options)
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
-    for step in ("eval_file", "ngram_file", "holdout_file"):
+    for step in ("eval_file", "eval_ngram_union", "ngram_file", "holdout_file"):
         real = getattr(steps, step)
         monkeypatch.setattr(steps, step, lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
