@@ -22,9 +22,9 @@ document and byte counts and `cluster_sizes` (size -> clusters), written last. P
 folder, or `source_field`) and in total:
 input = kept + short + exact_duplicate + near_duplicate + decontaminated + held_out + invalid.
 
-The work is the map-reduce of `dedup_steps.py` in `<out>.partial/`, which a failed or killed run
-leaves behind: a rerun with the same inputs and settings redoes only the units that had not
-finished (other settings start afresh). Memory does not grow with the corpus: a unit holds one
+The work is the map-reduce of `dedup_steps.py` and `dedup_kept.py` in `<out>.partial/`, which a
+failed or killed run leaves behind: a rerun with the same inputs and settings redoes only the
+units that had not finished (other settings start afresh). Memory does not grow with the corpus: a unit holds one
 file, one partition of keys or one bucket of pairs, and the union-find a few int64 per document
 that has a candidate pair. The output is byte-identical for any `workers`, either engine, and after a resume.
 """
@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lmpipe.dataprep.dedup_kept as kept_steps
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
 from lmpipe.dataprep.decontaminate import EVAL_NGRAMS, NGRAMS
@@ -349,25 +350,25 @@ def _steps(
     names = [str(f) for f in files]
     decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
-        runner, bar, "eval data", steps.eval_file,
+        runner, bar, "eval data", kept_steps.eval_file,
         [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None, s["decontaminate_ngrams"]) for e, path in enumerate(evals)],
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
     if s["decontaminate_ngrams"]:
-        _run_step(runner, bar, "eval n-grams", steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
+        _run_step(runner, bar, "eval n-grams", kept_steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
         _run_step(
-            runner, bar, "eval n-gram overlap", steps.ngram_file,
+            runner, bar, "eval n-gram overlap", kept_steps.ngram_file,
             [(state, f, s["decontaminate_ngrams"], [str(e) for e in evals]) for f in n],
             [steps.marker(state, NGRAMS, f) for f in n],
         )  # fmt: skip
     if s["holdout"] > 0:
         _run_step(
-            runner, bar, "holdout", steps.holdout_file,
+            runner, bar, "holdout", kept_steps.holdout_file,
             [(state, f, s["holdout"], s["holdout_seed"]) for f in n],
             [steps.marker(state, "holdout", f) for f in n],
         )  # fmt: skip
     filtered = _run_step(
-        runner, bar, "write kept documents", steps.filter_file,
+        runner, bar, "write kept documents", kept_steps.filter_file,
         [(state, f, names[f], sources[f], s["holdout"], s["holdout_seed"]) for f in n],
         [steps.marker(state, "filter", f) for f in n],
     )  # fmt: skip

@@ -498,6 +498,14 @@ STEPS = ["scan_file", "exact_partition", "lsh_partition", "merge_bucket", "shing
          "verify_chunk", "decide_all", "filter_file"]  # fmt: skip
 
 
+def step_module(name: str):
+    """The module whose attribute `dedup` calls for a step: dedup_kept for the last steps."""
+    import lmpipe.dataprep.dedup_kept as kept_steps
+    import lmpipe.dataprep.dedup_steps as steps
+
+    return kept_steps if hasattr(kept_steps, name) else steps
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_a_crash_in_any_step_resumes_to_identical_output(many_files, tmp_path, monkeypatch, step):
     import lmpipe.dataprep.dedup_steps as steps
@@ -505,7 +513,7 @@ def test_a_crash_in_any_step_resumes_to_identical_output(many_files, tmp_path, m
     options = {"strict": False, "progress": False, "part_entries": 30}
     dedup([many_files], tmp_path / "clean", **options)
     monkeypatch.setattr(steps, "VERIFY_CHUNK", 3)  # several verify units, same output
-    real, calls = getattr(steps, step), []
+    real, calls = getattr(step_module(step), step), []
 
     def crash_on_second(*args):
         calls.append(1)
@@ -513,17 +521,19 @@ def test_a_crash_in_any_step_resumes_to_identical_output(many_files, tmp_path, m
             raise RuntimeError("crash")
         return real(*args)
 
-    monkeypatch.setattr(steps, step, crash_on_second)
+    monkeypatch.setattr(step_module(step), step, crash_on_second)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="crash"):
         dedup([many_files], out, **options)
     assert not out.exists() and partial_path(out).exists()
     done_before = sorted(p.name for p in partial_path(out).rglob("*.done"))
-    monkeypatch.setattr(steps, step, real)
+    monkeypatch.setattr(step_module(step), step, real)
     redone = []
     for name in STEPS:  # count what the rerun does: only units without a marker
-        fn = getattr(steps, name)
-        monkeypatch.setattr(steps, name, lambda *a, fn=fn, name=name: redone.append(name) or fn(*a))
+        fn = getattr(step_module(name), name)
+        monkeypatch.setattr(
+            step_module(name), name, lambda *a, fn=fn, name=name: redone.append(name) or fn(*a)
+        )
     dedup([many_files], out, **options)
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
     assert not partial_path(out).exists()
@@ -568,13 +578,14 @@ def test_keep_longest_without_any_duplicate(tmp_path, near):
 KILLABLE = """
 import sys, time
 from pathlib import Path
+import lmpipe.dataprep.dedup_kept as kept_steps
 import lmpipe.dataprep.dedup_steps as steps
-for name in ("scan_file", "exact_partition", "lsh_partition", "shingle_sets_file",
-             "verify_chunk", "filter_file"):
-    def slow(*args, fn=getattr(steps, name)):
+for module, name in [(steps, "scan_file"), (steps, "exact_partition"), (steps, "lsh_partition"),
+                     (steps, "shingle_sets_file"), (steps, "verify_chunk"), (kept_steps, "filter_file")]:
+    def slow(*args, fn=getattr(module, name)):
         time.sleep(0.05)  # slow enough that the parent kills it mid-step, on any machine
         return fn(*args)
-    setattr(steps, name, slow)
+    setattr(module, name, slow)
 from lmpipe.dataprep.dedup import dedup
 dedup([Path(sys.argv[1])], Path(sys.argv[2]), strict=False, progress=False, part_entries=30)
 """

@@ -153,22 +153,22 @@ def test_decontaminate_field_missing_is_clear(distinct, evals, tmp_path):
 
 
 def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, evals, tmp_path, monkeypatch):  # fmt: skip
-    import lmpipe.dataprep.dedup_steps as steps
+    import lmpipe.dataprep.dedup_kept as kept_steps
 
     options = {"holdout": 0.2, "decontaminate": [evals], "decontaminate_field": "doc.question", "decontaminate_ngrams": 13, "progress": False}  # fmt: skip
     dedup([distinct], tmp_path / "one", **options)
     dedup([distinct], tmp_path / "two", workers=2, part_entries=40, **options)
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
     for step in ("eval_file", "eval_ngram_union", "ngram_file", "holdout_file"):
-        real = getattr(steps, step)
-        monkeypatch.setattr(steps, step, lambda *a: 1 / 0)
+        real = getattr(kept_steps, step)
+        monkeypatch.setattr(kept_steps, step, lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             dedup([distinct], tmp_path / step, **options)
-        monkeypatch.setattr(steps, step, real)
+        monkeypatch.setattr(kept_steps, step, real)
         dedup([distinct], tmp_path / step, **options)
         assert tree_bytes(tmp_path / step) == tree_bytes(tmp_path / "one"), step
     # new eval data is new state: the partial folder of other evals is not reused
-    monkeypatch.setattr(steps, "filter_file", lambda *a: 1 / 0)
+    monkeypatch.setattr(kept_steps, "filter_file", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         dedup([distinct], tmp_path / "changed", **options)
     monkeypatch.undo()

@@ -43,9 +43,9 @@ def test_fix_text_repairs_and_no_fix_text_passes_through(mojibake, tmp_path):
 
 def test_no_fix_text_is_not_resumed_from_a_fixed_scan(mojibake, tmp_path, monkeypatch):
     """The setting is in the resume fingerprint: a crashed run's ftfy-fixed scan is not reused."""
-    import lmpipe.dataprep.dedup_steps as steps
+    import lmpipe.dataprep.dedup_kept as kept_steps
 
-    monkeypatch.setattr(steps, "filter_file", lambda *a: 1 / 0)
+    monkeypatch.setattr(kept_steps, "filter_file", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         dedup([mojibake], tmp_path / "out", progress=False)
     monkeypatch.undo()
