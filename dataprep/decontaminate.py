@@ -110,15 +110,20 @@ def match_documents(
     found: dict[int, str] = {}
     if not len(union):
         return found
+    loaded: dict[str, np.ndarray] = {}  # eval sets read once, at the first match that needs them
+
+    def holds(name: str, path: Path, value: np.ndarray) -> bool:
+        if name not in loaded:
+            loaded[name] = np.load(path)
+        return bool(contains_any(loaded[name], value)[0])
+
     for row, text in texts:
         words = words_of(text)
         hit = np.flatnonzero(contains_any(union, h := ngram_hashes(words, n)))
         if not len(hit):
             continue
         first = int(hit[0])
-        source = next(
-            name for name, path in eval_sets if contains_any(np.load(path), h[first : first + 1])[0]
-        )
+        source = next(name for name, path in eval_sets if holds(name, path, h[first : first + 1]))
         quoted = " ".join(words[first : first + n])
         found[row] = f"shares the {n}-word sequence {quoted!r} with {source}"
     return found

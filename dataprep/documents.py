@@ -21,7 +21,13 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.parquet import batch_rows, is_parquet, open_parquet, require_pyarrow
+from lmpipe.dataprep.parquet import (
+    batch_rows,
+    is_parquet,
+    open_parquet,
+    parquet_rows,
+    require_pyarrow,
+)
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet")
 MAX_REPORTED_LINES = 5
@@ -183,8 +189,8 @@ def record_problem(record: dict[str, Any]) -> str:
     return ""
 
 
-def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """A record, or None and the reason it is not one."""
+def parse_json(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A line's JSON object, or None and the reason it is not one (no field is checked)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -195,8 +201,31 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON ({e.msg})"
     if not isinstance(record, dict):
         return None, "not a JSON object"
-    reason = record_problem(record)
-    return (None, reason) if reason else (record, "")
+    return record, ""
+
+
+def read_records(
+    path: Path, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record, "") of each line of a JSON-lines file or each row of a Parquet file,
+    or (line number, None, why not); no field is checked (eval data need not have `text`). A
+    blank line is (line number, None, ""). `on_bytes`: progress, as in `open_text_lines`."""
+    if is_parquet(path):
+        require_pyarrow(path)  # an install problem, never an invalid line
+        yield from parquet_rows(path, on_bytes)
+        return
+    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
+        yield (line_no, *parse_json(raw)) if raw.strip() else (line_no, None, "")
+
+
+def _documents(
+    entries: Iterator[tuple[int, dict[str, Any] | None, str]],
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """`entries` with each record that is not a document (no string `text`) turned into why."""
+    for line_no, record, reason in entries:
+        if record is not None:
+            reason = record_problem(record)
+        yield line_no, None if reason else record, reason
 
 
 # --- Parquet (`parquet.py`) ------------------------------------------------------------------
@@ -219,22 +248,7 @@ def _parquet_entries(
                 on_bytes(path.stat().st_size)
             yield from ((row_no, None, reason) for row_no in range(1, file.metadata.num_rows + 1))
             return
-        for row_no, record, reason in batch_rows(file, path, on_bytes):
-            if record is not None:
-                reason = record_problem(record)
-            yield row_no, None if reason else record, reason
-
-
-def _json_entries(
-    path: Path, on_bytes: Callable[[int], None] | None
-) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line number, record or None, reason) of each line; a blank line is (line number, None,
-    "")."""
-    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
-        if not raw.strip():
-            yield line_no, None, ""
-        else:
-            yield line_no, *parse_line(raw)
+        yield from _documents(batch_rows(file, path, on_bytes))
 
 
 def read_documents(
@@ -249,11 +263,11 @@ def read_documents(
     Data that breaks off (a truncated or corrupt .zst / .gz / .parquet) ends the file: an error
     when strict, otherwise one invalid line after the last one read, the lines before it kept."""
     if is_parquet(path):
-        require_pyarrow(path)  # outside the loop below: an install problem, never an invalid line
+        require_pyarrow(path)  # an install problem, never an invalid line
         entries = _parquet_entries(path, strict, on_bytes)
         empty = "empty file (no rows)"
     else:
-        entries = _json_entries(path, on_bytes)
+        entries = _documents(read_records(path, on_bytes))
         empty = "empty file (no non-blank line)"
     line_no, seen = 0, False
     while True:

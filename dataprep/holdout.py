@@ -18,16 +18,13 @@ membership is a sort-merge (`np.isin`), not a set of Python objects.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from lmpipe.dataprep.documents import InvalidLines, field_value, open_text_lines
+from lmpipe.dataprep.documents import InvalidLines, field_value, read_records
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.parquet import is_parquet, parquet_rows, require_pyarrow
 
 DIGEST = np.dtype("V32")
 
@@ -65,21 +62,6 @@ def held_out(digests: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return draws < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
-def _records(path: Path) -> Iterator[tuple[int, Any, str]]:
-    """(line number, record or None, why not) of each non-blank line, or of each Parquet row."""
-    if is_parquet(path):
-        require_pyarrow(path)
-        yield from parquet_rows(path)
-        return
-    for line_no, raw in enumerate(open_text_lines(path), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield line_no, json.loads(raw.decode("utf-8")), ""
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            yield line_no, None, f"not UTF-8 JSON ({e})"
-
-
 def read_field(
     path: Path, field: str, strict: bool, invalid: InvalidLines
 ) -> Iterator[tuple[int, str]]:
@@ -88,7 +70,9 @@ def read_field(
     counted in `invalid`, and so is an empty file (one invalid line: a failed download must not
     turn decontamination off unnoticed)."""
     seen = False
-    for line_no, record, reason in _records(path):
+    for line_no, record, reason in read_records(path):
+        if record is None and not reason:
+            continue  # a blank line
         seen = True
         value = None
         if record is not None:

@@ -12,12 +12,10 @@ import sys
 
 import pytest
 
+from tests.train.test_loop import TINY_MODEL
+
 SETTINGS = [
-    "model.d_model=32",
-    "model.d_ff=85",
-    "model.n_heads=2",
-    "model.mup.d_model_base=32",
-    "model.mup.d_ff_base=85",
+    *TINY_MODEL,
     "tokens_per_step=512",
     "micro_batch_tokens=128",
     "stages.0.tokens=3072",

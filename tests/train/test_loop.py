@@ -19,12 +19,16 @@ from lmpipe.train.loop import train
 from lmpipe.train.recipe import load_recipe
 
 # 12 steps at 64 tokens, then 4 at 128; 512 tokens per step in 2 micro-steps; a checkpoint every 4
-SMALL = [
+# The tiny recipe's model made smaller still (shared with test_distributed.py).
+TINY_MODEL = [
     "model.d_model=32",
     "model.d_ff=85",
     "model.n_heads=2",
     "model.mup.d_model_base=32",
     "model.mup.d_ff_base=85",
+]
+SMALL = [
+    *TINY_MODEL,
     "tokens_per_step=512",
     "micro_batch_tokens=256",
     "stages.0.tokens=6144",

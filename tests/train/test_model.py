@@ -25,6 +25,17 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def wide_config(n_layers: int) -> ModelConfig:
+    """4x the muP base width (m_d = 4), wide enough for init statistics to be measured."""
+    return tiny_config(
+        d_model=256,
+        n_heads=8,
+        d_ff=682,
+        n_layers=n_layers,
+        mup=MupConfig(d_model_base=64, d_ff_base=170.5, sigma_base=0.08),
+    )
+
+
 def test_alibi_slopes_match_press_et_al():
     s = alibi_slopes(32)
     assert s[0].item() == pytest.approx(2**-0.25)  # 0.8409, seeds-spec 1.1
@@ -130,13 +141,7 @@ def test_mup_init_stds_and_lr_groups_follow_cerebras_rules():
 
 def test_initialised_weights_have_the_mup_std_and_groups_cover_every_parameter():
     torch.manual_seed(0)
-    cfg = tiny_config(
-        d_model=256,
-        n_heads=8,
-        d_ff=682,
-        n_layers=4,
-        mup=MupConfig(d_model_base=64, d_ff_base=170.5, sigma_base=0.08),
-    )
+    cfg = wide_config(n_layers=4)
     model = GPT(cfg)
     w = model.h[0].attn.c_attn.weight
     expected = 0.08 / math.sqrt(4)  # sigma_base / sqrt(m_d)
@@ -178,13 +183,7 @@ def test_parameter_count_matches_the_module_and_btlm():
 def test_sparse_mup_masks_init_and_learning_rates():
     """SμPar (seeds-spec 4): hidden init variance and Adam rate both divided by m_d * m_rho."""
     torch.manual_seed(0)
-    dense_cfg = tiny_config(
-        d_model=256,
-        n_heads=8,
-        d_ff=682,
-        n_layers=2,
-        mup=MupConfig(d_model_base=64, d_ff_base=170.5, sigma_base=0.08),
-    )
+    dense_cfg = wide_config(n_layers=2)
     sparse = GPT(dense_cfg.model_copy(update={"density": 0.25}))
     w = sparse.h[0].attn.c_attn.weight
     assert (w != 0).float().mean().item() == pytest.approx(0.25, abs=1e-4)
