@@ -17,10 +17,11 @@ share N consecutive words with an eval text (`decontaminate.py`). Kept records a
 that keeps nothing),
 `_holdout/part-<k>.jsonl.zst` (its held-out documents), `removed.ndjson.zst` (every removed
 document, why, and the kept document it duplicates), `clusters.png` (the duplicate cluster
-sizes, when matplotlib is importable: `cluster_plot.py`) and `manifest.json` with per-source
-document and byte counts and `cluster_sizes` (size -> clusters), written last. Per source (its
-folder, or `source_field`) and in total:
+sizes, when matplotlib is importable: `cluster_plot.py`) and `manifest.json` with document and
+byte counts (`counts.total`, and `counts.sources` by name) and `cluster_sizes` (size ->
+clusters), written last. Per source (its folder, or `source_field`) and in total:
 input = kept + short + exact_duplicate + near_duplicate + decontaminated + held_out + invalid.
+Blank lines are no documents: each input's `blank_lines` counts them.
 
 The work is the map-reduce of `dedup_steps.py` and `dedup_kept.py` in `<out>.partial/`, which a
 failed or killed run leaves behind: a rerun with the same inputs and settings redoes only the
@@ -57,6 +58,7 @@ from lmpipe.dataprep.dedup_steps import (  # noqa: F401
 from lmpipe.dataprep.documents import find_inputs, print_invalid
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
+    OWNER,
     lmpipe_version,
     sha256_file,
     staged_output,
@@ -108,8 +110,9 @@ def check_counts(c: dict[str, dict[str, int]], source: str) -> None:
             )
 
 
-def print_summary(counts: dict[str, dict[str, dict[str, int]]], console: Any) -> None:
-    """SlimPajama's per-source table: documents per bucket and the share of bytes removed."""
+def print_summary(counts: dict[str, Any], console: Any) -> None:
+    """SlimPajama's per-source table: documents per bucket and the share of bytes removed; the
+    total in its own section below the sources."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -122,11 +125,19 @@ def print_summary(counts: dict[str, dict[str, dict[str, int]]], console: Any) ->
     heads = ("input", "kept", "short", "exact\ndup", "near\ndup", "decon-\ntam.", "held\nout")
     for head in (*heads, "invalid", "bytes\nremoved"):
         table.add_column(head, justify="right", no_wrap=True)
-    for name, c in counts.items():
+    rows = [*counts["sources"].items(), ("all sources", counts["total"])]
+    for i, (name, c) in enumerate(rows):
         removed = c["input"]["bytes"] - c["kept"]["bytes"] - c["held_out"]["bytes"]
         share = 100.0 * removed / c["input"]["bytes"] if c["input"]["bytes"] else 0.0
         cells = [f"{c[b]['documents']:,}" for b in ("input", *BUCKETS)]
-        table.add_row(name, *cells, f"{share:.2f}%", style="bold" if name == "total" else None)
+        last = i == len(rows) - 1
+        table.add_row(
+            name,
+            *cells,
+            f"{share:.2f}%",
+            style="bold" if last else None,
+            end_section=i == len(rows) - 2,
+        )
     # Never cut a count short ("18,2…"): a table wider than the console (80 columns when output
     # is not a terminal) is printed at its own width.
     width = console.measure(table, options=console.options.update(max_width=1000)).maximum
@@ -160,7 +171,8 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
     if stamp.is_file() and steps.read_marker(stamp) == fingerprint:
         return state
     for entry in work.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if entry.name != OWNER:  # the mark that lmpipe made this folder stays
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     subs = ("scan", "exact", "lsh", "pairs", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
     for sub in subs:
         (state / sub).mkdir(parents=True)
@@ -244,9 +256,6 @@ def dedup(
     files = find_inputs(inputs)
     evals = find_inputs(decontaminate) if decontaminate else []
     out = Path(out)
-    for f in files + evals:  # --overwrite must never delete what it reads
-        if out.resolve() in f.resolve().parents:
-            raise LmpipeError(f"{f}: input lies inside the output folder {out}")
     hasher = make_hasher(hash_scheme, num_perm, seed=1)
     bands, rows = optimal_bands(lsh_threshold, num_perm)
     settings = {
@@ -278,7 +287,8 @@ def dedup(
         console=err, transient=True, disable=not progress,
     )  # fmt: skip
 
-    with staged_output(out, overwrite, resume=True) as work:
+    reads = [*inputs, *map(Path, decontaminate)]
+    with staged_output(out, stage="dedup", reads=reads, overwrite=overwrite, resume=True) as work:
         try:
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
@@ -394,15 +404,18 @@ def _steps(
                 name = f"{steps.HOLDOUT}/{steps.part_name(f)}"
                 outputs.append({"file": name, "kind": "holdout", "sha256": sha256_file(work / name), "documents": filtered[f]["held_out"]})  # fmt: skip
     outputs.append({"file": REMOVED, "kind": "removed", "sha256": sha256_file(work / REMOVED), "documents": removed.lines})  # fmt: skip
-    counts = dict(sorted(counts.items()))  # sources by name, whatever order files name them in
-    counts["total"] = {
-        b: {u: sum(c[b][u] for c in counts.values()) for u in ("documents", "bytes")}
+    sources = dict(sorted(counts.items()))  # by name, whatever order files name them in
+    total = {
+        b: {u: sum(c[b][u] for c in sources.values()) for u in ("documents", "bytes")}
         for b in ("input", *BUCKETS)
     }
-    for name, c in counts.items():
+    # The total apart from the sources: a source may be named anything, "total" included.
+    counts = {"total": total, "sources": sources}
+    check_counts(total, "all sources")
+    for name, c in sources.items():
         check_counts(c, name)
     invalid = [
-        {"invalid": scan["invalid"], "invalid_examples": scan["invalid_examples"]} for scan in scans
+        {k: scan[k] for k in ("invalid", "invalid_examples", "blank_lines")} for scan in scans
     ]
     return counts, outputs, eval_info, decided[0]["cluster_sizes"], invalid
 

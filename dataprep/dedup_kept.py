@@ -65,7 +65,12 @@ def eval_file(
         if ngrams:
             grams.add(text)
     np.save(state / "evals" / f"{e:05d}.npy", digest_set([as_digests(b"".join(shas))]))
-    info = {"documents": len(shas), "invalid": invalid.count, "invalid_examples": invalid.examples}
+    info = {
+        "documents": len(shas),
+        "invalid": invalid.count,
+        "invalid_examples": invalid.examples,
+        "blank_lines": invalid.blank,
+    }
     if ngrams:
         found = grams.array()
         np.save(eval_set_path(state / EVAL_NGRAMS, e), found)

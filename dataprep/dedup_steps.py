@@ -64,10 +64,12 @@ from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import write_json_atomic
 from lmpipe.dataprep.holdout import as_digests, text_digest
 from lmpipe.dataprep.minhash import (
+    LONG_TEXT_CHARS,
     MinHasher,
     OnePermHasher,
-    fast_shingle_hashes,
+    distinct_shingles,
     fmix64,
+    long_signature,
     normalise,
 )
 
@@ -83,7 +85,7 @@ REASONS = {
 HOLDOUT = "_holdout"  # the held-out documents' folder in the output (see `find_inputs`)
 STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
 # The files' layout in STATE: a work folder of another layout is started afresh, not resumed.
-STATE_LAYOUT = 3
+STATE_LAYOUT = 4
 # Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
 _CHUNK_ROWS = 1 << 13
 _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
@@ -141,10 +143,13 @@ class ZstdLines:
         self.lines = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.write_line(json.dumps(record, ensure_ascii=False).encode("utf-8"), b"\n")
 
-    def write_line(self, line: bytes) -> None:
+    def write_line(self, line: bytes, end: bytes = b"") -> None:
+        """One line; `end` is its newline when `line` lacks it (no copy of a long line to add it)."""
         self._sink.write(line)
+        if end:
+            self._sink.write(end)
         self.lines += 1
 
     def __enter__(self) -> ZstdLines:
@@ -209,11 +214,14 @@ def scan_file(
 
     sig_parts: list[np.ndarray] = []
 
-    def flush(last: bool = False) -> None:
+    def flush(last: bool = False, signature: np.ndarray | None = None) -> None:
+        """Sign the pending documents (then append `signature`, a long text's, in its place)."""
         if hasher is None:
             return
         sig_parts.append(hasher.signatures(pending))
         pending.clear()
+        if signature is not None:
+            sig_parts.append(signature)
         # Keys by the thousand documents: whole-array passes, and memory bounded within a file.
         if last or sum(len(p) for p in sig_parts) >= _KEY_DOCS:
             key_parts.append(band_hashes(np.concatenate(sig_parts), bands, rows))
@@ -221,7 +229,6 @@ def scan_file(
 
     with ZstdLines(Path(f"{base}.fixed.jsonl.zst"), level=1) as fixed:
         for line_no, record in read_documents(path, strict, invalid):
-            text = record["text"]
             if source_field is not None:
                 source = field_value(record, source_field)
                 if not isinstance(source, str) or not source:
@@ -232,10 +239,10 @@ def scan_file(
                     continue
                 sources.append(source)
             lines.append(line_no)
-            nbytes.append(len(text.encode("utf-8")))
+            nbytes.append(len(record["text"].encode("utf-8")))
             ids.append(record.get("id"))
-            if fix:
-                record["text"] = fix_text(text)
+            if fix:  # (the original text is not kept beside the fixed one: it may be 40 MB)
+                record["text"] = fix_text(record["text"])
             norm = normalise(record["text"])
             short.append(len(norm) < min_chars)
             if short[-1]:
@@ -244,6 +251,10 @@ def scan_file(
             shas.append(text_digest(record["text"]))
             digests.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
             if hasher is None:
+                continue
+            if len(norm) > LONG_TEXT_CHARS:  # signed piece by piece: memory of a piece
+                flush(signature=long_signature(hasher, norm, ngram))
+                pending_rows = 0
                 continue
             pending.append(hasher.shingles(norm, ngram))
             pending_rows += len(pending[-1])
@@ -275,6 +286,7 @@ def scan_file(
             "not_short": len(kept_rows),
             "invalid": invalid.count,
             "invalid_examples": invalid.examples,
+            "blank_lines": invalid.blank,
         },
     )
 
@@ -381,7 +393,7 @@ def shingle_sets_file(state: Path, f: int, ngram: int, buckets: list[int]) -> di
             break
         if row == want:
             text = normalise(json.loads(line)["text"])
-            sets.append(np.unique(fast_shingle_hashes(text, ngram)))
+            sets.append(distinct_shingles(text, ngram))
             found.append(row)
             want = next(nxt, None)
     base = state / "sets" / f"{f:05d}"

@@ -12,7 +12,9 @@ Parquet's values become JSON values by the rules in `parquet.py`.
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
     """Expand files and folders (recursively) into a sorted list of document files. Within a
     folder, subfolders whose name starts with `_` or `.` are skipped; name them to read them."""
     found: list[Path] = []
+    given: dict[Path, Path] = {}  # each file (resolved) -> the argument that named it
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(
@@ -57,29 +60,37 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
             )
             if not files:
                 raise LmpipeError(f"{p}: folder holds no {' or '.join(SUFFIXES)} files")
-            found.extend(files)
         elif p.is_file():
             if not is_document_file(p):
                 raise LmpipeError(f"{p}: not a {' or '.join(SUFFIXES)} file")
-            found.append(p)
+            files = [p]
         else:
             raise LmpipeError(f"{p}: no such file or folder")
+        for f in files:
+            # A file named twice (twice over, or as a file and inside a folder) would be read
+            # twice or, quietly, once; neither is what the user can have meant.
+            first = given.setdefault(f.resolve(), p)
+            if first is not p:
+                how = "twice" if first == p else f"as {first} and as {p}"
+                raise LmpipeError(f"{f}: given {how}; name each input once")
+        found.extend(files)
     if not found:
         raise LmpipeError("no input files given")
     # Here, before a stage starts: not after hours of work, at the first .parquet file.
     parquet = next(filter(is_parquet, found), None)
     if parquet is not None:
         require_pyarrow(parquet)
-    # The same file named twice (a folder and a file inside it) would be read twice.
-    return list(dict.fromkeys(found))
+    return found
 
 
 @dataclass
 class InvalidLines:
-    """Bad lines of one file: how many, and the first few line numbers with the reason."""
+    """Bad lines of one file: how many, and the first few line numbers with the reason; and its
+    blank lines, which are skipped and counted apart (they are not documents, nor bad ones)."""
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    blank: int = 0
 
     def add(self, line_no: int, reason: str) -> None:
         self.count += 1
@@ -90,6 +101,15 @@ class InvalidLines:
 def print_invalid(console: Any, entries: Iterable[dict[str, Any]]) -> None:
     """Report the bad lines a stage skipped: one line per file with its count and first examples
     (`entries`: manifest input entries with `path`, `invalid`, `invalid_examples`)."""
+    entries = list(entries)
+    blank = [e for e in entries if e.get("blank_lines")]
+    if blank:
+        console.print(
+            f"note: {sum(e['blank_lines'] for e in blank):,} blank line(s) in {len(blank)} "
+            "file(s) were skipped (counted in the manifest as blank_lines)",
+            soft_wrap=True,
+            highlight=False,
+        )
     bad = [e for e in entries if e["invalid"]]
     if not bad:
         return
@@ -142,7 +162,8 @@ def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
 
 
 def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    """Raw lines (with their newline) of a plain, zstd- or gzip-compressed file, not decoded.
+    """Raw lines (without their newline) of a plain, zstd- or gzip-compressed file, not decoded.
+    A line of many blocks is joined once, so its memory is its size, however long it is.
 
     `on_bytes(n)` is told after each block how many more bytes of the file itself (compressed
     bytes for `.zst`) have been consumed, so a progress bar moves within a large file; the calls
@@ -155,18 +176,25 @@ def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -
             blocks = gzip_chunks(raw, path)
         else:
             blocks = iter(lambda: raw.read(READ_BYTES), b"")
-        reported, rest = 0, b""
+        reported = 0
+        rest: list[bytes] = []  # the start of a line that continues in the next block(s)
         for block in blocks:
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                yield line + b"\n"
+            lines = block.split(b"\n")
+            if len(lines) > 1:
+                lines[0] = b"".join([*rest, lines[0]])
+                rest = []
+            last = lines.pop()
+            if last:
+                rest.append(last)
+            lines.reverse()
+            while lines:  # popped as they go: a long line is not kept alive by this list
+                yield lines.pop()
             if on_bytes is not None:
                 position = raw.tell()
                 on_bytes(position - reported)
                 reported = position
         if rest:
-            yield rest  # a last line without a newline
+            yield b"".join(rest)  # a last line without a newline
         if on_bytes is not None:
             on_bytes(raw.tell() - reported)
 
@@ -189,8 +217,39 @@ def record_problem(record: dict[str, Any]) -> str:
     return ""
 
 
+# JSON may spell a UTF-16 surrogate alone (`"\\ud800"`): json.loads accepts it, but the string
+# is not Unicode text that any UTF-8 file (or the tokenizer) can hold. Lines with such an escape
+# (or with an escaped backslash before "ud8..", which this also matches) get the full check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def surrogate_problem(value: Any, path: tuple[str, ...] = (), key: bool = False) -> str:
+    """Why a parsed JSON value is not valid Unicode text (a lone surrogate in a string or a key,
+    named by its dotted path), or ""."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            dotted = f"'{'.'.join(path)}'" if path else "the record"
+            where = f"a key in {dotted}" if key else dotted
+            return f"{where} holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}"
+        return ""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = [(str(i), sub) for i, sub in enumerate(value)]
+    else:
+        return ""
+    for key, sub in items:
+        problem = surrogate_problem(key, path, key=True) or surrogate_problem(sub, (*path, key))
+        if problem:
+            return problem
+    return ""
+
+
 def parse_json(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """A line's JSON object, or None and the reason it is not one (no field is checked)."""
+    """A line's JSON object, or None and the reason it is not one (no field is checked beyond
+    being valid Unicode text)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -201,6 +260,10 @@ def parse_json(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON ({e.msg})"
     if not isinstance(record, dict):
         return None, "not a JSON object"
+    if _SURROGATE_ESCAPE.search(text):
+        problem = surrogate_problem(record)
+        if problem:
+            return None, problem
     return record, ""
 
 
@@ -214,8 +277,16 @@ def read_records(
         require_pyarrow(path)  # an install problem, never an invalid line
         yield from parquet_rows(path, on_bytes)
         return
-    for line_no, raw in enumerate(open_text_lines(path, on_bytes), start=1):
-        yield (line_no, *parse_json(raw)) if raw.strip() else (line_no, None, "")
+    line_no = 0
+    # (not enumerate: it keeps its last (number, line) pair alive, a 40 MB line with it)
+    for raw in open_text_lines(path, on_bytes):
+        line_no += 1
+        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]  # a byte-order mark some editors write first
+        blank = not raw or raw.isspace()  # (not raw.strip(): that copies a 40 MB line)
+        entry = (line_no, None, "") if blank else (line_no, *parse_json(raw))
+        del raw  # not held while the caller works on the record
+        yield entry
 
 
 def _documents(
@@ -287,7 +358,9 @@ def read_documents(
                 line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
             )
             return
-        if record is None and not reason:  # a blank line
+        if record is None and not reason:  # a blank line: not a document, counted apart
+            if invalid is not None:
+                invalid.blank += 1
             continue
         seen = True
         if record is None:

@@ -5,6 +5,11 @@ after the manifest is in place, so a folder named `<out>` is always finished, an
 run leaves only a `.partial` folder that the next run clears (or, for stages that resume, reuses).
 The manifest records what was made, from what, with which settings and lmpipe version, counts and
 checksums; it holds no timestamp, so data stages are reproducible byte for byte.
+
+A stage never writes into what it reads: an output that is, contains or lies inside an input is
+refused before anything is touched (`check_output`), and `--overwrite` only ever deletes an empty
+folder or an earlier output of the same stage (`made_by`: its manifest, or for work in progress
+the `.lmpipe-owner` file, names the stage).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -89,23 +94,124 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+# --- outputs never touch inputs --------------------------------------------------------------
+
+# A folder lmpipe creates for work in progress (`<out>.partial/`, the demo's folder) holds this
+# file naming the stage, so that lmpipe only ever deletes a folder it made itself.
+OWNER = ".lmpipe-owner"
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also right on case-insensitive file systems
+    except OSError:
+        return False
+
+
+def _self_and_parents(path: Path) -> list[Path]:
+    path = path.resolve()
+    return [path, *path.parents]
+
+
+def relation(out: Path, read: Path) -> str | None:
+    """'is', 'lies inside' or 'contains' when the path `out` overlaps the path `read`, else None.
+    Paths are compared resolved (symbolic links followed), and existing ones by identity."""
+    out, read = Path(out), Path(read)
+    if any(p == read.resolve() or _same(p, read) for p in _self_and_parents(out)):
+        return "is" if out.resolve() == read.resolve() or _same(out, read) else "lies inside"
+    if any(p == out.resolve() or _same(p, out) for p in _self_and_parents(read)):
+        return "contains"
+    return None
+
+
+def check_output(out: Path, reads: Iterable[Path | None], what: str = "output folder") -> None:
+    """Refuse, before anything is touched, an output (or its `.partial` work folder) that is,
+    contains or lies inside anything the stage reads: with `--overwrite` that would delete the
+    input, and without it the output would be written into the input."""
+    out = Path(out)
+    for target, name in (
+        (out, what),
+        (partial_path(out), f"work folder {partial_path(out)} of the {what}"),
+    ):
+        for read in reads:
+            if read is None:
+                continue
+            how = relation(target, Path(read))
+            if how is not None:
+                raise LmpipeError(
+                    f"{out}: the {name} {how} {read}, which this stage reads; "
+                    "choose an output outside everything it reads"
+                )
+
+
+def claim_folder(folder: Path, stage: str) -> None:
+    """Create `folder` (if needed) and mark it as made by `stage`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OWNER).write_text(stage + "\n", encoding="utf-8")
+
+
+def made_by(folder: Path, stage: str) -> bool:
+    """Whether lmpipe may delete `folder` for `stage`: an empty folder, one that `claim_folder`
+    marked for the stage, or a finished output whose manifest names the stage."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    owner = folder / OWNER
+    if owner.is_file() and owner.read_text(encoding="utf-8").strip() == stage:
+        return True
+    try:
+        return read_manifest(folder).get("stage") == stage
+    except (LmpipeError, AttributeError):
+        return False
+
+
+def check_replaceable(folder: Path, stage: str) -> None:
+    """The error for `--overwrite` of a folder that this stage did not make."""
+    if not made_by(folder, stage):
+        kind = "a file" if folder.is_file() or folder.is_symlink() else "a folder"
+        raise LmpipeError(
+            f"{folder}: --overwrite only replaces an empty folder or an output of "
+            f"`lmpipe {stage}`, and this is {kind} that is neither; remove it yourself or "
+            "choose another output"
+        )
+
+
 @contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def staged_output(
+    out: Path,
+    *,
+    stage: str,
+    reads: Iterable[Path | None],
+    overwrite: bool = False,
+    resume: bool = False,
+) -> Iterator[Path]:
     """Yield a work folder for a stage's output; publish it as `out` when the block succeeds.
 
-    The block must write the manifest last (`write_manifest`). On an exception the work folder is
-    removed, unless `resume` is set, in which case it stays for the next run to pick up. Either way
-    `out` itself never appears unfinished.
+    Refused before anything is touched: an `out` that is, contains or lies inside a path in
+    `reads`; an existing `out` without `overwrite`, or with it when `out` is neither empty nor an
+    output of `stage`; a `.partial` folder that this stage did not make. The block must write the
+    manifest last (`write_manifest`). On an exception the work folder is removed, unless `resume`
+    is set, in which case it stays for the next run to pick up. Either way `out` itself never
+    appears unfinished.
     """
     out = Path(out)
-    if out.exists():
+    check_output(out, reads)
+    if out.exists() or out.is_symlink():
         if not overwrite:
             what = "a finished lmpipe output" if is_finished(out) else "in the way"
             raise LmpipeError(f"{out}: already exists ({what}); pass --overwrite to replace it")
+        check_replaceable(out, stage)
     work = partial_path(out)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() or work.is_symlink():
+        if not made_by(work, stage):
+            raise LmpipeError(
+                f"{work}: exists and was not made by `lmpipe {stage}`; remove or rename it"
+            )
+        if not resume:
+            shutil.rmtree(work)
+    claim_folder(work, stage)
     try:
         yield work
     except BaseException:
@@ -114,6 +220,7 @@ def staged_output(out: Path, overwrite: bool = False, resume: bool = False) -> I
         raise
     if not is_finished(work):
         raise RuntimeError(f"stage wrote no {MANIFEST} into {work}")  # a bug, not user input
+    (work / OWNER).unlink(missing_ok=True)
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)

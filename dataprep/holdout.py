@@ -71,8 +71,9 @@ def read_field(
     turn decontamination off unnoticed)."""
     seen = False
     for line_no, record, reason in read_records(path):
-        if record is None and not reason:
-            continue  # a blank line
+        if record is None and not reason:  # a blank line: counted apart
+            invalid.blank += 1
+            continue
         seen = True
         value = None
         if record is not None:

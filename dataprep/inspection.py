@@ -4,18 +4,22 @@
 with `verify`, sha256 checked), prints the tokenizer, per-split counts and document length
 statistics, and returns them. With `decode`, it also writes every document of every split, in
 shard order (train, then heldout), as JSON lines `{"text": ..., "split": ...}`, so anyone can read
-exactly what training will see.
+exactly what training will see. The file must be new and outside the folder; it is written as
+`<file>.partial` and renamed when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import check_output, partial_path
 from lmpipe.dataprep.shards import SPLITS, TokenShards
 
 
@@ -46,6 +50,11 @@ def inspect_shards(
     from rich.console import Console
 
     folder = Path(folder)
+    if decode is not None:
+        decode = Path(decode)
+        check_output(decode, [folder], what="--decode file")
+        if decode.exists() or decode.is_symlink():
+            raise LmpipeError(f"{decode}: already exists; --decode writes a new file")
     splits = {split: TokenShards(folder, split, verify) for split in SPLITS}
     manifest = splits["train"].manifest
     tok = manifest["tokenizer"]
@@ -78,7 +87,10 @@ def inspect_shards(
 
         enc = get_encoding(tok["name"])
         n = 0
-        with open(decode, "w", encoding="utf-8") as f:
+        # Written under another name and renamed when complete: a failed decode leaves no file
+        # that looks whole.
+        partial = partial_path(decode)
+        with _removed_on_error(partial), open(partial, "w", encoding="utf-8") as f:
             for split, data in splits.items():
                 for i, doc in enumerate(data.documents()):
                     try:
@@ -90,6 +102,16 @@ def inspect_shards(
                         ) from None
                     f.write(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n")
                     n += 1
+        partial.replace(decode)
         console.print(f"  decoded {n:,} documents -> {decode}")
         summary["decoded"] = n
     return summary
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

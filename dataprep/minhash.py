@@ -21,14 +21,19 @@ of arrays)` -> (documents, num_perm) uint32):
 from __future__ import annotations
 
 import hashlib
+import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+_WHITESPACE = re.compile(r"\s+")
+# A text longer than this is normalised without a word list and hashed a piece at a time
+# (`text_pieces`): one 40 MB document then costs a few times its size, not fifty.
+LONG_TEXT_CHARS = 1 << 20
 
 # datasketch's constants (minhash.py): the legacy scheme permutes within the Mersenne prime 2^61-1
 # and keeps the low 32 bits.
@@ -50,7 +55,33 @@ def normalised_words(text: str) -> list[str]:
 
 def normalise(text: str) -> str:
     """SlimPajama's clean(): lowercase, delete ASCII punctuation, one space per whitespace run."""
-    return " ".join(normalised_words(text))
+    if len(text) <= LONG_TEXT_CHARS:
+        return " ".join(normalised_words(text))
+    # A long text a piece at a time, cut inside whitespace runs: the same string without a list
+    # of every word of it (~60 bytes a word). Lowercasing looks across no whitespace (Final_Sigma
+    # ends at it), and re's \s matches exactly the characters str.split() splits on (all of
+    # Unicode checked), so the pieces' words are the text's words.
+    parts, start = [], 0
+    while start < len(text):
+        gap = _WHITESPACE.search(text, start + LONG_TEXT_CHARS)
+        stop = gap.start() if gap else len(text)
+        words = normalised_words(text[start:stop])
+        if words:
+            parts.append(" ".join(words))
+        start = gap.end() if gap else len(text)
+    return " ".join(parts)
+
+
+def text_pieces(text: str, ngram: int, piece: int | None = None) -> Iterator[str]:
+    """`text` itself, or for a text longer than `piece` characters (default LONG_TEXT_CHARS)
+    pieces that overlap by ngram - 1 characters: together they hold exactly the text's n-grams,
+    so a set or a minimum over the pieces is the text's own, at the memory of one piece."""
+    piece = piece or LONG_TEXT_CHARS
+    if len(text) <= piece:
+        yield text
+        return
+    for start in range(0, len(text) - ngram + 1, piece):
+        yield text[start : start + piece + ngram - 1]
 
 
 def shingle_hashes(text: str, ngram: int) -> np.ndarray:
@@ -137,6 +168,13 @@ class MinHasher:
 
     def signatures(self, hashes: Sequence[np.ndarray]) -> np.ndarray:
         """One signature row (uint32, num_perm) per document, from each one's shingle hashes."""
+        return self.finish(self.minima(hashes))
+
+    def finish(self, minima: np.ndarray) -> np.ndarray:
+        """A MinHash signature is its minima; the minimum over a text's pieces is the text's."""
+        return minima
+
+    def minima(self, hashes: Sequence[np.ndarray]) -> np.ndarray:
         out = np.full((len(hashes), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         if not hashes:
             return out
@@ -221,8 +259,12 @@ class OnePermHasher:
         return fast_shingle_hashes(text, ngram)
 
     def signatures(self, hashes: Sequence[np.ndarray]) -> np.ndarray:
-        empty = np.iinfo(np.uint32).max
-        out = np.full((len(hashes), self.num_perm), empty, dtype=np.uint32)
+        return self.finish(self.minima(hashes))
+
+    def minima(self, hashes: Sequence[np.ndarray]) -> np.ndarray:
+        """Each document's minimum per bin (empty bins at the uint32 maximum); the minimum over a
+        text's pieces is the text's."""
+        out = np.full((len(hashes), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         if not hashes:
             return out
         lengths = np.array([len(h) for h in hashes])
@@ -231,6 +273,11 @@ class OnePermHasher:
         # Bin by multiply-shift on the high 32 bits (any num_perm), value: the low 32 bits.
         bins = ((h >> np.uint64(32)) * np.uint64(self.num_perm)) >> np.uint64(32)
         np.minimum.at(out.ravel(), doc * self.num_perm + bins.astype(np.int64), h.astype(np.uint32))
+        return out
+
+    def finish(self, out: np.ndarray) -> np.ndarray:
+        """Fill each empty bin from the bins its probe sequence visits (densification)."""
+        empty = np.iinfo(np.uint32).max
         holes = out == empty
         if holes.any():
             filled = out.copy()
@@ -244,6 +291,31 @@ class OnePermHasher:
                     break
             out = filled
         return out
+
+
+def long_signature(
+    hasher: MinHasher | OnePermHasher, text: str, ngram: int, piece: int | None = None
+) -> np.ndarray:
+    """`hasher.signatures([hasher.shingles(text, ngram)])`, value for value, one piece of the
+    text at a time (`text_pieces`)."""
+    minima = None
+    for part in text_pieces(text, ngram, piece):
+        found = hasher.minima([hasher.shingles(part, ngram)])
+        minima = found if minima is None else np.minimum(minima, found)
+    return hasher.finish(minima)
+
+
+def distinct_shingles(text: str, ngram: int, piece: int | None = None) -> np.ndarray:
+    """`np.unique(fast_shingle_hashes(text, ngram))`, one piece of the text at a time."""
+    parts = [
+        np.unique(fast_shingle_hashes(part, ngram)) for part in text_pieces(text, ngram, piece)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    hashes = np.concatenate(parts)
+    del parts
+    hashes.sort()  # in place: np.unique would sort a copy
+    return hashes[np.r_[True, hashes[1:] != hashes[:-1]]]
 
 
 def make_hasher(scheme: str, num_perm: int, seed: int = 1) -> MinHasher | OnePermHasher:

@@ -6,7 +6,8 @@ which order, its tasks ran. `fn` must be a module-level function and the jobs pi
 talk to each other only through files, so with Ray every node must see the same file system
 (the input and output folders on shared storage).
 
-engine "local": `workers` processes (1: this process, no pool). engine "ray": plain `ray.remote`
+engine "local": `workers` processes (1: this process, no pool), each ended with the stage's
+process if that is killed (`die_with_parent`). engine "ray": plain `ray.remote`
 tasks on the cluster at `RAY_ADDRESS` if set, else on a local Ray instance with `workers` CPUs
 started (and stopped) here. Ray is an optional extra: `pip install 'lmpipe[ray]'`.
 """
@@ -14,12 +15,40 @@ started (and stopped) here. Ray is an optional extra: `pip install 'lmpipe[ray]'
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 
 ENGINES = ("local", "ray")
+
+
+def die_with_parent() -> None:
+    """Pool initializer: a worker ends as soon as the stage's process dies (kill -9 included),
+    instead of finishing its task beside a rerun that writes the same files. On Linux the kernel
+    sends it SIGKILL (PR_SET_PDEATHSIG); everywhere a thread waits on the parent's sentinel, which
+    the operating system closes when the parent exits."""
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is None:
+        return
+    if not parent.is_alive():  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lmpipe-parent-watch", daemon=True).start()
 
 
 class Runner:
@@ -56,7 +85,9 @@ class Runner:
             # and not forkserver, whose workers are not children of this process, so their CPU
             # time would be missing from this process's accounting (and from any benchmark).
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent,
             )
         return self
 

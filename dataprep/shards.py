@@ -300,11 +300,22 @@ class TokenShards:
             base = int(self._starts[i])
             take = min(stop, int(self._starts[i + 1])) - pos
             if take > 0:
-                out[pos - start : pos - start + take] = self._shard(i)[
-                    pos - base : pos - base + take
-                ]
+                piece = out[pos - start : pos - start + take]
+                piece[:] = self._shard(i)[pos - base : pos - base + take]
+                self._check_ids(piece, i, pos - base)
                 pos += take
             i += 1
+
+    def _check_ids(self, tokens: np.ndarray, shard: int, offset: int) -> None:
+        """Refuse ids outside the manifest's vocabulary, which only a damaged shard holds (one
+        read without its sha256 check): a model would index past its embedding table."""
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            at = int(np.argmax(tokens >= self.vocab_size))
+            raise LmpipeError(
+                f"{self.folder / self.shards[shard]['bin']}: token id {int(tokens[at])} at token "
+                f"offset {offset + at} is outside the vocabulary ({self.vocab_size} ids); the shard "
+                "is damaged (`lmpipe inspect` checks its sha256)"
+            )
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """A copy of stream tokens [start, stop) as uint16."""
@@ -338,7 +349,9 @@ class TokenShards:
                     f"{self.eot_id} (corrupted shard or index)"
                 )
             for start, end in zip(idx[:-1].tolist(), ends.tolist(), strict=True):
-                yield np.array(tokens[start:end])
+                doc = np.array(tokens[start:end])
+                self._check_ids(doc, i, start)
+                yield doc
 
     def document_lengths(self) -> np.ndarray:
         """Tokens per document (end-of-text excluded), in stream order."""

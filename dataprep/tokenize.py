@@ -9,7 +9,7 @@ so identical documents land in the same split and the training split never holds
 Output is byte-identical for any number of `workers` (encoding threads; tiktoken releases the GIL),
 since results are written in input order. Bad lines are counted per file in the manifest (the
 default) or stop the run with the file and line (`strict`); the counts add up: documents + invalid
-= non-blank lines (an empty file, or compressed data that breaks off, is one invalid line).
++ blank_lines = lines (an empty file, or compressed data that breaks off, is one invalid line).
 """
 
 from __future__ import annotations
@@ -71,18 +71,9 @@ def read_batches(
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[Batch]:
     batch = Batch()
-    for line_no, record in read_documents(path, strict, stats.invalid, on_bytes):
+    for _, record in read_documents(path, strict, stats.invalid, on_bytes):
         text = record["text"]
-        try:
-            utf8 = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            # JSON can spell a lone surrogate (\\ud800) that no UTF-8 text holds: it cannot round
-            # trip through the tokenizer, so it is bad input like invalid UTF-8.
-            reason = f"'text' holds a lone surrogate at character {e.start}"
-            if strict:
-                raise LmpipeError(f"{path}:{line_no}: {reason}") from None
-            stats.invalid.add(line_no, reason)
-            continue
+        utf8 = text.encode("utf-8")  # valid: read_documents refuses lone surrogates
         held = is_heldout(utf8, key, threshold)
         stats.documents["heldout" if held else "train"] += 1
         batch.texts.append(text)
@@ -169,7 +160,9 @@ def tokenize(
     total_bytes = sum(f.stat().st_size for f in files)
 
     with contextlib.ExitStack() as stack:
-        work = stack.enter_context(staged_output(out, overwrite))
+        work = stack.enter_context(
+            staged_output(out, stage="tokenize", reads=inputs, overwrite=overwrite)
+        )
         writers = {
             split: stack.enter_context(
                 ShardWriter(
@@ -246,17 +239,20 @@ def input_entry(stats: FileStats, sha256: str) -> dict[str, Any]:
         **{f"{split}_documents": n for split, n in stats.documents.items()},
         "invalid": stats.invalid.count,
         "invalid_examples": stats.invalid.examples,
+        "blank_lines": stats.invalid.blank,
     }
 
 
 def totals(splits: dict[str, dict[str, Any]], stats: list[FileStats]) -> dict[str, int]:
     documents = sum(s["n_documents"] for s in splits.values())
     invalid = sum(s.invalid.count for s in stats)
+    blank = sum(s.invalid.blank for s in stats)
     return {
         "files": len(stats),
-        "lines": documents + invalid,
+        "lines": documents + invalid + blank,
         "documents": documents,
         "invalid": invalid,
+        "blank_lines": blank,
         "tokens": sum(s["n_tokens"] for s in splits.values()),
         **{f"{split}_documents": splits[split]["n_documents"] for split in SPLITS},
         **{f"{split}_tokens": splits[split]["n_tokens"] for split in SPLITS},

@@ -7,6 +7,9 @@ folder (`data`); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready file
 `task_data`. Each task's metrics are {"value", "stderr"} plus its item count `n`; results.json
 holds them per task with the settings; the output folder is published only when every task ran.
 The model reads at most its training sequence length (the recipe's last stage) per forward pass.
+The output folder may not be, contain or lie inside what eval reads (the model's folder, the
+token data, the task files); the default, `RUN_DIR/eval`, sits beside the model. A task row whose
+gold label is not one of its choices is an error naming the file and line (`tasks.py`).
 """
 
 from __future__ import annotations
@@ -82,11 +85,14 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lmpipe.dataprep.tokenizer import get_encoding
-    from lmpipe.train.checkpoint import load_model
+    from lmpipe.train.checkpoint import load_model, model_folder
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console()
-    with staged_output(Path(out), overwrite) as work:
+    # What eval reads: the model's folder (a run's `model/`), the token data and the task files;
+    # the output may sit beside the model in the run folder (the default RUN_DIR/eval).
+    reads = [model_folder(Path(run_dir)), data, task_data]
+    with staged_output(Path(out), stage="eval", reads=reads, overwrite=overwrite) as work:
         model, recipe = load_model(Path(run_dir), device)
         max_length = recipe.stages[-1].seq_len
         encoding = get_encoding()

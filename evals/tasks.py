@@ -64,6 +64,35 @@ class Rolling:
 Item = Choice | Cloze | Rolling
 
 
+class BadRow(ValueError):
+    """A task row that cannot be scored as it stands (`load_items` names the file and line)."""
+
+
+def gold_index(value: Any, n_choices: int, field: str, first: int = 0) -> int:
+    """The gold choice's 0-based index from a label numbered from `first`: an integer or a string
+    of digits, and one of the choices. Anything else (true, 1.7, 5, -1) is refused: the harness
+    would score such a row as a wrong answer, or as choice 1, without a word."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        number = int(value.strip())
+    else:
+        raise BadRow(f"{field} is {json.dumps(value)}, not an integer label")
+    if not first <= number < first + n_choices:
+        raise BadRow(
+            f"{field} is {json.dumps(value)}, outside the {n_choices} choices "
+            f"({first}..{first + n_choices - 1})"
+        )
+    return number - first
+
+
+def key_index(labels: Sequence[str], key: Any, field: str) -> int:
+    """The position of an answer key (ARC's "A".."E" or "1".."5") among the choice labels."""
+    if not isinstance(key, str) or key.strip() not in labels:
+        raise BadRow(f"{field} is {json.dumps(key)}, not one of the labels {', '.join(labels)}")
+    return list(labels).index(key.strip())
+
+
 def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> Choice:
     """The harness's default multiple-choice requests: (context, delimiter + choice) per choice."""
     return Choice(tuple((context, f"{delimiter}{c}") for c in choices), tuple(choices), gold)
@@ -78,32 +107,37 @@ def arc(row: dict[str, Any]) -> Choice:
     return choice_item(
         f"Question: {row['question']}\nAnswer:",
         text,
-        row["choices"]["label"].index(row["answerKey"]),
+        key_index(row["choices"]["label"], row["answerKey"], "answerKey"),
     )
 
 
 def piqa(row: dict[str, Any]) -> Choice:
     return choice_item(
-        f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"])
+        f"Question: {row['goal']}\nAnswer:",
+        [row["sol1"], row["sol2"]],
+        gold_index(row["label"], 2, "label"),
     )
 
 
 def openbookqa(row: dict[str, Any]) -> Choice:
     # The question stem alone is the context; the answer continues the sentence.
-    gold = row["choices"]["label"].index(row["answerKey"].lstrip())
+    gold = key_index(row["choices"]["label"], row["answerKey"], "answerKey")
     return choice_item(row["question_stem"], row["choices"]["text"], gold)
 
 
 def boolq(row: dict[str, Any]) -> Choice:
     return choice_item(
-        f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(row["label"])
+        f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
+        ["no", "yes"],
+        gold_index(row["label"], 2, "label"),
     )
 
 
 def social_iqa(row: dict[str, Any]) -> Choice:
     # siqa.yaml: "Q: {{context}} {{question}}\nA:", label "1".."3"
     answers = [row["answerA"], row["answerB"], row["answerC"]]
-    return choice_item(f"Q: {row['context']} {row['question']}\nA:", answers, int(row["label"]) - 1)
+    gold = gold_index(row["label"], 3, "label", first=1)
+    return choice_item(f"Q: {row['context']} {row['question']}\nA:", answers, gold)
 
 
 def winogrande(row: dict[str, Any]) -> Choice:
@@ -114,9 +148,8 @@ def winogrande(row: dict[str, Any]) -> Choice:
     rest = sentence[blank + 1 :].strip()
     contexts = [sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]]
     # multiple_input: requests are (context + choice, " " + target) with an empty 0-shot context.
-    return Choice(
-        tuple((c, f" {rest}") for c in contexts), tuple(contexts), {"1": 0, "2": 1}[row["answer"]]
-    )
+    gold = gold_index(row["answer"], 2, "answer", first=1)
+    return Choice(tuple((c, f" {rest}") for c in contexts), tuple(contexts), gold)
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -151,7 +184,7 @@ def hellaswag(lines: Sequence[str]) -> Choice:
     removed differently, and a capitalised ctx_b's lower-cased rest, can still differ."""
     query = hellaswag_preprocess(hellaswag_capitalize_ctx_b(lines[0]))
     endings = [hellaswag_preprocess(e) for e in lines[2:6]]
-    return choice_item(query, endings, int(lines[1]))
+    return choice_item(query, endings, gold_index(lines[1], len(endings), "the gold line"))
 
 
 def lambada(row: dict[str, Any]) -> Cloze:
@@ -253,7 +286,10 @@ def load_items(spec: TaskSpec, task_data: Path, limit: int | None = None) -> lis
         for start in range(0, len(lines), 6):
             if limit is not None and len(items) >= limit:
                 break
-            items.append(spec.build(lines[start : start + 6]))
+            try:
+                items.append(spec.build(lines[start : start + 6]))
+            except BadRow as e:
+                raise LmpipeError(f"{path}:{start + 2}: {e}") from None
         return items
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -263,6 +299,8 @@ def load_items(spec: TaskSpec, task_data: Path, limit: int | None = None) -> lis
                 continue
             try:
                 items.append(spec.build(json.loads(line)))
+            except BadRow as e:
+                raise LmpipeError(f"{path}:{lineno}: {e}") from None
             except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
                 raise LmpipeError(
                     f"{path}:{lineno}: not a {spec.name} row ({type(e).__name__}: {e})"

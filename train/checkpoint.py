@@ -10,21 +10,36 @@
       manifest.json                            written last: the run finished
 
 `load_model` reads `model/` (or a checkpoint folder's exported weights) without DeepSpeed.
+
+Nothing read from a run folder can run code. `model.pt` loads with `weights_only=True`. A
+checkpoint's `lmpipe.json` (written last, the mark of a finished checkpoint) lists the sha256 of
+every other file in it; `--resume` checks them all (`verify_checkpoint`) before DeepSpeed opens
+any, and DeepSpeed's own `torch.load` calls, which ask for the full unpickler, run under
+`weights_only_loading`: weights-only unpickling with just the three DeepSpeed classes its
+checkpoints hold allowed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import sha256_file
 from lmpipe.train.model import GPT
-from lmpipe.train.recipe import Recipe, recipe_yaml, validate_recipe
+from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
 
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+MARKER = "lmpipe.json"  # a checkpoint's position and checksums; written last
 
 
 def step_tag(step: int) -> str:
@@ -36,9 +51,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.iterdir() if p.name.startswith("step") and (p / "lmpipe.json").is_file()
-    )
+    return sorted(p for p in root.iterdir() if p.name.startswith("step") and (p / MARKER).is_file())
 
 
 def save_model(
@@ -59,23 +72,128 @@ def save_model(
     tmp.replace(folder / "model.pt")
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, Recipe]:
-    """The model in a run folder (its `model/`) or in a folder that holds model.pt + recipe.yaml."""
+def model_folder(path: Path) -> Path:
+    """The folder holding `model.pt` and `recipe.yaml`: a run folder's `model/`, or `path` itself."""
     path = Path(path)
     folder = path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path
-    weights, recipe_file = folder / "model.pt", folder / "recipe.yaml"
-    if not weights.is_file() or not recipe_file.is_file():
+    if not (folder / "model.pt").is_file() or not (folder / "recipe.yaml").is_file():
         raise LmpipeError(
             f"{path}: no trained model (model/model.pt and recipe.yaml); has the run finished?"
         )
-    recipe = validate_recipe(
-        yaml.safe_load(recipe_file.read_text(encoding="utf-8")), str(recipe_file)
-    )
+    return folder
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, Recipe]:
+    """The model in a run folder (its `model/`) or in a folder that holds model.pt + recipe.yaml."""
+    folder = model_folder(path)
+    weights = folder / "model.pt"
+    recipe = load_recipe(str(folder / "recipe.yaml"))
     model = GPT(recipe.model)
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise LmpipeError(
-            f"{weights}: unreadable or does not match the recipe ({str(e).splitlines()[0]})"
+            f"{weights}: unreadable or does not match the recipe ({_why(e)})"
         ) from None
     return model.to(device).eval(), recipe
+
+
+# --- checkpoints: checksums and weights-only loading ------------------------------------------
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder but its marker, as sorted relative paths."""
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER
+    )
+
+
+def hash_share(folder: Path, names: list[str], part: int, parts: int) -> dict[str, str]:
+    """sha256 of every `parts`-th file from `part` on (ranks share the hashing of a checkpoint)."""
+    return {name: sha256_file(folder / name) for name in names[part::parts]}
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    path = folder / MARKER
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        step, tokens, files = int(marker["step"]), int(marker["tokens"]), marker["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError("'files' is not a mapping of names to sha256")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LmpipeError(
+            f"{path}: not a checkpoint marker with step, tokens and file checksums ({_why(e)}); "
+            "the checkpoint cannot be verified, so it is not loaded"
+        ) from None
+    return {"step": step, "tokens": tokens, "files": files}
+
+
+def verify_checkpoint(folder: Path, part: int = 0, parts: int = 1) -> dict[str, Any]:
+    """Check a checkpoint against its marker: the same files, and (this rank's share of) their
+    sha256. Returns the marker; an `LmpipeError` naming the file otherwise."""
+    marker = read_marker(folder)
+    listed, present = sorted(marker["files"]), checkpoint_files(folder)
+    extra = sorted(set(present) - set(listed))
+    missing = sorted(set(listed) - set(present))
+    if extra or missing:
+        name, how = (
+            (extra[0], "is not listed in") if extra else (missing[0], "is missing but listed in")
+        )
+        raise LmpipeError(f"{folder / name}: {how} {MARKER} (tampered or incomplete checkpoint)")
+    for name, digest in hash_share(folder, listed, part, parts).items():
+        if digest != marker["files"][name]:
+            raise LmpipeError(
+                f"{folder / name}: sha256 differs from {MARKER} (corrupted or tampered checkpoint)"
+            )
+    return marker
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The classes, besides tensors and containers, that DeepSpeed 0.19's checkpoints pickle
+    (ZeRO 0-3, fp32 and bf16: each file loaded with weights_only=True and every global that
+    stopped it collected)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Make every `torch.load` in the block unpickle weights-only, even one that asks for the
+    full unpickler (DeepSpeed's checkpoint loader passes weights_only=False): torch reads
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call. Only DeepSpeed's own checkpoint classes are
+    allowed besides what weights-only loading allows anyway."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
+    """DeepSpeed's state from a verified checkpoint folder, weights-only; the client state."""
+    try:
+        with weights_only_loading():
+            _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise LmpipeError(f"{folder}: cannot be loaded as a safe checkpoint ({_why(e)})") from None
+    if client is None:
+        raise LmpipeError(f"{folder}: DeepSpeed found no checkpoint to load there")
+    return client
+
+
+def _why(e: BaseException) -> str:
+    """One line for an exception; for a refused global, the global's name."""
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it would unpickle {refused.group(1)}, which lmpipe does not allow"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)

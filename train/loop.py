@@ -10,6 +10,10 @@ process group); lmpipe owns what DeepSpeed's own features get wrong for this rec
 
 Launch: one process (`lmpipe train`), or several with `torchrun --nproc_per_node N -m lmpipe.cli
 train ...` / the `deepspeed` launcher; every rank runs this same function.
+
+The run folder is new, empty or an earlier run's (with `resume`), and never overlaps the data.
+A resume verifies the newest checkpoint's checksums on every rank before DeepSpeed loads it
+weights-only (`checkpoint.py`); nothing in a run folder can run code.
 """
 
 from __future__ import annotations
@@ -22,13 +26,25 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import is_finished, write_json_atomic, write_manifest
-from lmpipe.train.checkpoint import CHECKPOINTS, MODEL_DIR, list_checkpoints, save_model, step_tag
+from lmpipe.dataprep.folders import check_output, is_finished, write_json_atomic, write_manifest
+from lmpipe.train.checkpoint import (
+    CHECKPOINTS,
+    MARKER,
+    MODEL_DIR,
+    checkpoint_files,
+    hash_share,
+    list_checkpoints,
+    load_checkpoint,
+    read_marker,
+    save_model,
+    step_tag,
+    verify_checkpoint,
+)
 from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
 from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
 
@@ -86,13 +102,26 @@ def finish_process() -> None:
     os._exit(0)
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+# What a run folder holds (`checkpoint.py`): a folder with none of these is not a run.
+RUN_FILES = ("recipe.yaml", "plan.json", "deepspeed.json", "metrics.jsonl", "logs", CHECKPOINTS)
+
+
+def check_run_dir(run_dir: Path, data: Path, recipe: Recipe, resume: bool) -> None:
     """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
+    check_output(run_dir, [data], what="run folder")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
     if is_finished(run_dir):
         raise LmpipeError(
             f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
         )
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and not any(name in RUN_FILES for name in entries):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise LmpipeError(
+            f"{run_dir}: not empty and holds no lmpipe run ({shown}); choose an empty or new --run-dir"
+        )
+    if entries and not resume:
         what = "checkpoints" if list_checkpoints(run_dir) else "files"
         raise LmpipeError(
             f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
@@ -132,21 +161,31 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric rows after `step`: steps that ran after the last checkpoint run again on resume."""
+    """Drop metric rows after `step`: steps that ran after the last checkpoint run again on resume.
+    A row that does not parse (the torn last line of a killed run) goes too."""
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
-def verify_data_on_all_ranks(shards: Any, rank: int, world: int) -> None:
-    """Hash the shards, each rank a share, and fail on every rank if any share failed (a rank
-    that hashed a terabyte alone would keep the others waiting past the process-group timeout)."""
+def on_all_ranks(check: Callable[[], object], world: int) -> None:
+    """Run a check on every rank (each its share of the work) and fail on every rank if it failed
+    on any: a rank that failed alone would leave the others waiting past the process-group timeout."""
     import torch.distributed as dist
 
     try:
-        shards.verify_checksums(rank, world)
+        check()
         error = ""
     except LmpipeError as e:
         error = str(e)
@@ -210,21 +249,59 @@ def print_coverage(coverage: list[dict[str, Any]], data: Path) -> None:
 
 
 def save_checkpoint(
-    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int
+    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int, world: int
 ) -> None:
-    """DeepSpeed checkpoint plus lmpipe's position; `lmpipe.json` marks it finished (written last)."""
+    """DeepSpeed checkpoint plus lmpipe's position and the sha256 of every file in it; the
+    marker `lmpipe.json` is written last and marks the checkpoint finished."""
     import torch.distributed as dist
 
     root = run_dir / CHECKPOINTS
     tag = step_tag(step)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
-    dist.barrier()
     if rank == 0:
         (root / tag / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-        write_json_atomic(root / tag / "lmpipe.json", {"step": step, "tokens": tokens})
+    dist.barrier()
+    names = checkpoint_files(root / tag)
+    shares: list[dict[str, str]] = [{}] * world
+    dist.all_gather_object(shares, hash_share(root / tag, names, rank, world))
+    if rank == 0:
+        files = {name: digest for share in shares for name, digest in share.items()}
+        marker = {"step": step, "tokens": tokens, "files": dict(sorted(files.items()))}
+        write_json_atomic(root / tag / MARKER, marker)
         for old in list_checkpoints(run_dir)[: -recipe.keep_checkpoints]:
             shutil.rmtree(old)
     dist.barrier()
+
+
+def resume_from(engine: Any, run_dir: Path, rank: int, world: int) -> int:
+    """Load the newest finished checkpoint, after every rank has checked its share of the
+    checksums; the step it ends. Without a checkpoint: step 0, and the user is told."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        if rank == 0:
+            _notice(
+                f"resume: no finished checkpoint in {run_dir / CHECKPOINTS}; starting from step 0"
+            )
+            trim_metrics(run_dir, 0)
+        log.info("no checkpoint in %s: starting from step 0", run_dir)
+        return 0
+    latest = checkpoints[-1]
+    on_all_ranks(lambda: verify_checkpoint(latest, rank, world), world)
+    client = load_checkpoint(engine, latest)
+    step = int(client["step"])
+    if step != read_marker(latest)["step"]:
+        raise LmpipeError(f"{latest}: DeepSpeed's state is of step {step}, {MARKER} says otherwise")
+    log.info("resumed from %s at step %d", latest, step)
+    if rank == 0:
+        _notice(f"resume: from {latest} (step {step:,}, checksums verified)")
+        trim_metrics(run_dir, step)
+    return step
+
+
+def _notice(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, markup=False)
 
 
 def train(
@@ -270,13 +347,13 @@ def train_run(
             f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
         )
     plan = make_plan(recipe, launch_world)
-    check_run_dir(run_dir, recipe, resume)
+    check_run_dir(run_dir, data, recipe, resume)
     rank, world = init_distributed()
     import deepspeed
     import torch.distributed as dist
 
     if verify_data:
-        verify_data_on_all_ranks(shards, rank, world)
+        on_all_ranks(lambda: shards.verify_checksums(rank, world), world)
     dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
     if rank == 0:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -318,17 +395,7 @@ def train_run(
     )
     device = engine.device
 
-    step = 0
-    checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
-        latest = checkpoints[-1]
-        _, client = engine.load_checkpoint(str(latest.parent), tag=latest.name)
-        step = int(client["step"])
-        log.info("resumed from %s at step %d", latest, step)
-        if rank == 0:
-            trim_metrics(run_dir, step)
-    elif resume and rank == 0:
-        log.info("no checkpoint in %s: starting from step 0", run_dir)
+    step = resume_from(engine, run_dir, rank, world) if resume else 0
 
     summary = run_steps(
         engine,
@@ -479,7 +546,7 @@ def run_steps(
                     info=f"stage {stage.index} seq {stage.seq_len} loss {loss_value:.3f}",
                 )
                 if step % every == 0 or step == end_step:
-                    save_checkpoint(engine, run_dir, recipe, step, tokens, rank)
+                    save_checkpoint(engine, run_dir, recipe, step, tokens, rank, world)
                 if step >= end_step or step == stage.first_step + stage.steps:
                     break
     if metrics is not None:

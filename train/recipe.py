@@ -138,6 +138,28 @@ class Recipe(Section):
         return sum(stage.tokens for stage in self.stages)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    quietly, so a second `lr:` further down a file would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.YAMLError(
+                    f"key {key!r} appears twice in one mapping, at lines {first[key]} and {line}"
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Safe YAML (no tags that build objects), duplicate keys refused."""
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds no objects
+
+
 def shipped_recipes() -> list[str]:
     return sorted(
         p.name[: -len(".yaml")]
@@ -175,7 +197,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             node = node.setdefault(part, {})
         else:
             raise LmpipeError(f"--set {key}: {part!r} is not a section")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = parse_yaml(text) if text else ""
+    except yaml.YAMLError as e:
+        raise LmpipeError(f"--set {key}: not a YAML value ({str(e).splitlines()[0]})") from None
     if isinstance(node, list):
         if not (last.isdigit() and int(last) < len(node)):
             raise LmpipeError(f"--set {key}: {last!r} is not an index of the list")
@@ -203,7 +228,7 @@ def validate_recipe(raw: Any, label: str) -> Recipe:
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     label, text = recipe_source(name_or_path)
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as e:
         raise LmpipeError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
     for assignment in overrides:

@@ -220,7 +220,9 @@ def test_duplicates_found_and_distinct_kept(corpus, tmp_path):
     assert (total["input"]["documents"], total["kept"]["documents"]) == (12, 6)
     assert (total["short"]["documents"], total["exact_duplicate"]["documents"]) == (1, 1)
     assert total["near_duplicate"]["documents"] == 4
-    assert manifest["counts"]["books"]["input"]["documents"] == 6  # source: the file's folder
+    assert (
+        manifest["counts"]["sources"]["books"]["input"]["documents"] == 6
+    )  # source: the file's folder
     assert (manifest["settings"]["bands"], manifest["settings"]["rows"]) == optimal_bands(0.6, 128)
 
 
@@ -252,12 +254,15 @@ def test_without_exact_step_same_kept_set_and_variants_are_near(corpus, tmp_path
 def test_counts_add_up_per_source(corpus, tmp_path):
     manifest = dedup([corpus], tmp_path / "out", progress=False)
     buckets = ("kept", "short", "exact_duplicate", "near_duplicate", "decontaminated", "held_out", "invalid")  # fmt: skip
-    assert set(manifest["counts"]) == {"web", "books", "total"}
+    assert set(manifest["counts"]["sources"]) == {"web", "books"}
     assert set(manifest["counts"]["total"]) == {"input", *buckets}
-    for source, c in manifest["counts"].items():
+    for source, c in [
+        *manifest["counts"]["sources"].items(),
+        ("total", manifest["counts"]["total"]),
+    ]:
         for unit in ("documents", "bytes"):
             assert sum(c[b][unit] for b in buckets) == c["input"][unit], (source, unit)
-    books = manifest["counts"]["books"]
+    books = manifest["counts"]["sources"]["books"]
     assert books["short"]["bytes"] == len(b"Too short to keep.")
     outputs = {o["file"]: o["documents"] for o in manifest["outputs"]}
     assert outputs["removed.ndjson.zst"] == 6
@@ -278,7 +283,7 @@ def test_text_fixed_and_other_fields_pass_through(tmp_path):
     ]
     write_jsonl(tmp_path / "in" / "d.jsonl", records)
     manifest = dedup([tmp_path / "in"], tmp_path / "out", progress=False)
-    assert set(manifest["counts"]) == {"in", "total"}  # a flat folder: its own name is the source
+    assert set(manifest["counts"]["sources"]) == {"in"}  # a flat folder: its own name is the source
     kept = kept_docs(tmp_path / "out")
     assert kept[0]["text"].startswith("don't panic")  # mojibake repaired (ftfy also uncurls)
     assert kept[1]["text"].startswith("caf\u00e9 au lait")  # NFC: one code point
@@ -304,9 +309,9 @@ def test_bad_lines_counted_as_invalid_when_not_strict(tmp_path):
     write_jsonl(tmp_path / "in" / "s1" / "d.jsonl", [{"text": prose(1), "id": "ok"}], {0: "{x", 1: '{"text": 5}'})  # fmt: skip
     write_jsonl(tmp_path / "in" / "s2" / "e.jsonl", [{"text": prose(2)}])
     manifest = dedup([tmp_path / "in"], tmp_path / "out", strict=False, progress=False)
-    assert manifest["counts"]["s1"]["invalid"]["documents"] == 2
-    assert manifest["counts"]["s1"]["input"]["documents"] == 3
-    assert manifest["counts"]["s2"]["invalid"]["documents"] == 0
+    assert manifest["counts"]["sources"]["s1"]["invalid"]["documents"] == 2
+    assert manifest["counts"]["sources"]["s1"]["input"]["documents"] == 3
+    assert manifest["counts"]["sources"]["s2"]["invalid"]["documents"] == 0
     assert manifest["counts"]["total"]["kept"]["documents"] == 2
     listing = read_zst(tmp_path / "out" / "removed.ndjson.zst")
     assert [(r["line"], r["reason"]) for r in listing] == [(1, "invalid"), (2, "invalid")]
@@ -324,7 +329,9 @@ def test_finished_output_refused_without_overwrite(corpus, tmp_path):
 
 
 def test_input_inside_output_refused(corpus, tmp_path):
-    with pytest.raises(LmpipeError, match="inside the output folder"):
+    with pytest.raises(
+        LmpipeError, match="the output folder contains .*books, which this stage reads"
+    ):
         dedup([corpus / "books"], corpus, overwrite=True, progress=False)
     assert (corpus / "books" / "a.jsonl").is_file()
 
@@ -339,7 +346,7 @@ def test_cli_dedup(corpus, tmp_path):
 
     result = CliRunner().invoke(app, ["dedup", str(corpus), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "near" in result.output and "total" in result.output
+    assert "near" in result.output and "all sources" in result.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["total"]["kept"]["documents"] == 6  # fmt: skip
 
     # Bad lines are counted, reported and listed by default; --strict stops at the first.

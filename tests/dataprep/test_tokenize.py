@@ -170,7 +170,8 @@ def test_bad_lines_counted_when_not_strict(gpt2, tmp_path: Path) -> None:
     assert [e.split(":")[0] for e in entry["invalid_examples"]] == [
         f"line {n}" for n in (2, 3, 4, 6, 7)
     ]
-    assert m["totals"]["lines"] == 7  # the non-blank lines of the input
+    assert entry["blank_lines"] == m["totals"]["blank_lines"] == 1
+    assert m["totals"]["lines"] == 8  # every line: documents + invalid + blank
     assert decoded(gpt2, tmp_path / "tok", "train") == ["fine", "also fine"]
 
 

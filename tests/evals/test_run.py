@@ -103,8 +103,16 @@ def test_missing_inputs_name_the_option(run_dir, tmp_path):
         )
     with pytest.raises(LmpipeError, match="piqa needs --task-data"):
         evaluate(run_dir, tmp_path / "e", tasks=["piqa"], data=None, task_data=None, limit=None)
+    (tmp_path / "tasks").mkdir()
     with pytest.raises(LmpipeError, match="piqa/validation.jsonl: no such file"):
-        evaluate(run_dir, tmp_path / "e", tasks=["piqa"], data=None, task_data=tmp_path, limit=None)
+        evaluate(
+            run_dir,
+            tmp_path / "e",
+            tasks=["piqa"],
+            data=None,
+            task_data=tmp_path / "tasks",
+            limit=None,
+        )
     assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
 
 

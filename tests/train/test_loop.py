@@ -178,3 +178,23 @@ def test_resume_with_another_recipe_is_refused_and_metrics_are_not_duplicated(da
         stop_after_steps=3,
     )
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("zero_stage, precision", [(2, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_resume_loads_every_zero_stage_weights_only(data, tmp_path, zero_stage, precision):
+    """DeepSpeed's checkpoint files of each ZeRO stage load through lmpipe's weights-only path
+    (only the DeepSpeed classes they hold allowed), and the resumed run equals the whole one."""
+    overrides = [
+        *SMALL,
+        f"zero_stage={zero_stage}",
+        f"precision={precision}",
+        "stages.0.tokens=1024",
+        "stages.1.tokens=512",
+        "checkpoint_every_tokens=512",
+    ]
+    recipe = load_recipe("tiny", overrides)
+    train(recipe, data, tmp_path / "whole")
+    train(recipe, data, tmp_path / "split", stop_after_steps=1)
+    train(recipe, data, tmp_path / "split", resume=True)
+    want = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
+    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split")] == want
