@@ -372,6 +372,14 @@ def eval_(
     limit: Annotated[
         int | None, typer.Option(help="Score at most this many items per task.")
     ] = None,
+    alibi_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="ALiBi position interpolation of every forward pass (slopes divided by it); "
+            "default: the model's own, from its recipe's last stage (1 unless a long fine-tune "
+            "set one)."
+        ),
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Score a trained model: zero-shot tasks the lm-evaluation-harness way, and perplexity."""
@@ -385,6 +393,7 @@ def eval_(
         data=data,
         task_data=task_data,
         limit=limit,
+        alibi_scale=alibi_scale,
         overwrite=overwrite,
     )
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import claim_folder, made_by
+from lmpipe.dataprep.folders import check_output, claim_folder, owned_by
 
 # The demo corpus is ~1,200 documents; SlimPajama's 0.17% would hold out two of them.
 DEMO_HOLDOUT = 0.05
@@ -43,16 +43,17 @@ def run_demo(
 
     console = Console()
     workdir = Path(workdir)
+    check_output(workdir, [], what="demo folder")
     if workdir.exists() or workdir.is_symlink():
         if not overwrite:
             raise LmpipeError(f"{workdir}: already exists; pass --overwrite to start the demo over")
-        if not made_by(workdir, "demo"):  # never delete a folder the demo did not make
+        if not owned_by(workdir, "demo"):  # never delete a folder the demo did not make
             raise LmpipeError(
                 f"{workdir}: --overwrite only replaces an empty folder or an earlier demo's "
                 "folder, and this is neither; choose another --workdir"
             )
         shutil.rmtree(workdir)
-    claim_folder(workdir, "demo")
+    claim_folder(workdir, "demo", new=True)
     timings: dict[str, float] = {}
 
     def stage(title: str) -> float:

@@ -74,6 +74,7 @@ from lmpipe.dataprep.minhash import (  # noqa: F401
     optimal_bands,
     shingle_hashes,
 )
+from lmpipe.dataprep.report import print_table
 from lmpipe.dataprep.runner import ENGINES, Runner
 
 # Keys an exact or lsh partition holds (24 bytes each, plus the sort's copies): ~100 MB a task.
@@ -114,7 +115,6 @@ def print_summary(counts: dict[str, Any], console: Any) -> None:
     """SlimPajama's per-source table: documents per bucket and the share of bytes removed; the
     total in its own section below the sources."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     # Two-line headings and a light box keep the table inside 80 columns.
@@ -138,12 +138,7 @@ def print_summary(counts: dict[str, Any], console: Any) -> None:
             style="bold" if last else None,
             end_section=i == len(rows) - 2,
         )
-    # Never cut a count short ("18,2…"): a table wider than the console (80 columns when output
-    # is not a terminal) is printed at its own width.
-    width = console.measure(table, options=console.options.update(max_width=1000)).maximum
-    if width > console.width:
-        console = Console(width=width, file=console.file)
-    console.print(table)
+    print_table(console, table)
 
 
 def _run_step(
@@ -168,8 +163,11 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
     never mix into this run's)."""
     state = work / steps.STATE
     stamp = state / "fingerprint.json"
-    if stamp.is_file() and steps.read_marker(stamp) == fingerprint:
-        return state
+    try:
+        if stamp.is_file() and steps.read_marker(stamp) == fingerprint:
+            return state
+    except ValueError:  # unreadable (not JSON, not UTF-8): not this run's, so start afresh
+        pass
     for entry in work.iterdir():
         if entry.name != OWNER:  # the mark that lmpipe made this folder stays
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -287,7 +285,8 @@ def dedup(
         console=err, transient=True, disable=not progress,
     )  # fmt: skip
 
-    reads = [*inputs, *map(Path, decontaminate)]
+    # The files found too: a link inside an input folder may point anywhere, the output included.
+    reads = [*inputs, *map(Path, decontaminate), *files, *evals]
     with staged_output(out, stage="dedup", reads=reads, overwrite=overwrite, resume=True) as work:
         try:
             state = _prepare_state(work, fingerprint)

@@ -50,7 +50,7 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
     """Expand files and folders (recursively) into a sorted list of document files. Within a
     folder, subfolders whose name starts with `_` or `.` are skipped; name them to read them."""
     found: list[Path] = []
-    given: dict[Path, Path] = {}  # each file (resolved) -> the argument that named it
+    given: dict[tuple[int, int], Path] = {}  # each file (device, inode) -> the argument naming it
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(
@@ -67,9 +67,10 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
         else:
             raise LmpipeError(f"{p}: no such file or folder")
         for f in files:
-            # A file named twice (twice over, or as a file and inside a folder) would be read
-            # twice or, quietly, once; neither is what the user can have meant.
-            first = given.setdefault(f.resolve(), p)
+            # A file named twice (twice over, as a file and inside a folder, through a link)
+            # would be read twice or, quietly, once; neither is what the user can have meant.
+            st = f.stat()
+            first = given.setdefault((st.st_dev, st.st_ino), p)
             if first is not p:
                 how = "twice" if first == p else f"as {first} and as {p}"
                 raise LmpipeError(f"{f}: given {how}; name each input once")

@@ -8,8 +8,8 @@ checksums; it holds no timestamp, so data stages are reproducible byte for byte.
 
 A stage never writes into what it reads: an output that is, contains or lies inside an input is
 refused before anything is touched (`check_output`), and `--overwrite` only ever deletes an empty
-folder or an earlier output of the same stage (`made_by`: its manifest, or for work in progress
-the `.lmpipe-owner` file, names the stage).
+folder or an earlier output of the same stage (`made_by`: its manifest names the stage); a
+`.partial` work folder is only deleted when its `.lmpipe-owner` file names the stage (`owned_by`).
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LmpipeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise LmpipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(manifest, dict):
+        raise LmpipeError(f"{path}: not a manifest (a JSON object)")
     if stage is not None and manifest.get("stage") != stage:
         raise LmpipeError(
             f"{folder}: is the output of `lmpipe {manifest.get('stage')}`, expected `lmpipe {stage}`"
@@ -127,8 +131,15 @@ def relation(out: Path, read: Path) -> str | None:
 def check_output(out: Path, reads: Iterable[Path | None], what: str = "output folder") -> None:
     """Refuse, before anything is touched, an output (or its `.partial` work folder) that is,
     contains or lies inside anything the stage reads: with `--overwrite` that would delete the
-    input, and without it the output would be written into the input."""
+    input, and without it the output would be written into the input. Also refused: an output
+    not named by its last part (`.`, `..`, `/`: `new/..` would be a folder that exists only once
+    `new` is made) and one under a file."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise LmpipeError(f"{out}: name the {what} itself (a path that does not end in . or ..)")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if existing != out.absolute() and not existing.is_dir():
+        raise LmpipeError(f"{out}: {existing} is a file, so no {what} can be made under it")
     for target, name in (
         (out, what),
         (partial_path(out), f"work folder {partial_path(out)} of the {what}"),
@@ -144,22 +155,36 @@ def check_output(out: Path, reads: Iterable[Path | None], what: str = "output fo
                 )
 
 
-def claim_folder(folder: Path, stage: str) -> None:
-    """Create `folder` (if needed) and mark it as made by `stage`."""
-    folder.mkdir(parents=True, exist_ok=True)
+def claim_folder(folder: Path, stage: str, *, new: bool = False) -> None:
+    """Create `folder` (if needed; with `new`, it must not exist) and mark it as made by `stage`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=not new)
+    except FileExistsError:
+        raise LmpipeError(f"{folder}: appeared while lmpipe was making it; run again") from None
+    except OSError as e:
+        raise LmpipeError(f"{folder}: cannot be created ({e.strerror})") from None
     (folder / OWNER).write_text(stage + "\n", encoding="utf-8")
 
 
+def owned_by(folder: Path, stage: str) -> bool:
+    """Whether `folder` is a real folder marked by `claim_folder` for `stage` (or empty): work in
+    progress that lmpipe may delete."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    owner = folder / OWNER
+    if owner.is_file() and not owner.is_symlink():
+        return owner.read_text(encoding="utf-8", errors="replace").strip() == stage
+    return not any(folder.iterdir())
+
+
 def made_by(folder: Path, stage: str) -> bool:
-    """Whether lmpipe may delete `folder` for `stage`: an empty folder, one that `claim_folder`
-    marked for the stage, or a finished output whose manifest names the stage."""
+    """Whether `--overwrite` may delete `folder` for `stage`: an empty real folder, or a finished
+    output whose manifest names the stage."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return False
     if not any(folder.iterdir()):
-        return True
-    owner = folder / OWNER
-    if owner.is_file() and owner.read_text(encoding="utf-8").strip() == stage:
         return True
     try:
         return read_manifest(folder).get("stage") == stage
@@ -205,7 +230,7 @@ def staged_output(
         check_replaceable(out, stage)
     work = partial_path(out)
     if work.exists() or work.is_symlink():
-        if not made_by(work, stage):
+        if not owned_by(work, stage):
             raise LmpipeError(
                 f"{work}: exists and was not made by `lmpipe {stage}`; remove or rename it"
             )
@@ -220,7 +245,8 @@ def staged_output(
         raise
     if not is_finished(work):
         raise RuntimeError(f"stage wrote no {MANIFEST} into {work}")  # a bug, not user input
-    (work / OWNER).unlink(missing_ok=True)
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)
+    # After the rename: until then the work folder is marked as lmpipe's, whatever happens.
+    (out / OWNER).unlink(missing_ok=True)

@@ -55,6 +55,8 @@ def inspect_shards(
         check_output(decode, [folder], what="--decode file")
         if decode.exists() or decode.is_symlink():
             raise LmpipeError(f"{decode}: already exists; --decode writes a new file")
+        if not decode.absolute().parent.is_dir():
+            raise LmpipeError(f"{decode}: no folder {decode.parent} to write it in")
     splits = {split: TokenShards(folder, split, verify) for split in SPLITS}
     manifest = splits["train"].manifest
     tok = manifest["tokenizer"]
@@ -90,7 +92,13 @@ def inspect_shards(
         # Written under another name and renamed when complete: a failed decode leaves no file
         # that looks whole.
         partial = partial_path(decode)
-        with _removed_on_error(partial), open(partial, "w", encoding="utf-8") as f:
+        try:  # "x": a new file, never one that exists (nor what a link there points to)
+            f = open(partial, "x", encoding="utf-8")
+        except FileExistsError:
+            raise LmpipeError(
+                f"{partial}: exists (an unfinished --decode, or not lmpipe's); remove it first"
+            ) from None
+        with _removed_on_error(partial), f:
             for split, data in splits.items():
                 for i, doc in enumerate(data.documents()):
                     try:

@@ -161,7 +161,7 @@ def tokenize(
 
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(
-            staged_output(out, stage="tokenize", reads=inputs, overwrite=overwrite)
+            staged_output(out, stage="tokenize", reads=[*inputs, *files], overwrite=overwrite)
         )
         writers = {
             split: stack.enter_context(

@@ -147,14 +147,16 @@ def loss_by_position(
     n_windows: int | None = 8,
     n_buckets: int = 8,
     batch_size: int = 1,
+    base_scale: float = 1.0,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Loss per position bucket over windows of `length`, without and (past the training length)
-    with ALiBi position interpolation; the same windows for both."""
-    runs = {"alibi": 1.0}
+    with ALiBi position interpolation; the same windows for both. `base_scale`: the fixed
+    interpolation the model was trained with (a long fine-tune's), under both."""
+    runs = {"alibi": base_scale}
     if length > train_seq_len:
-        runs["alibi_pi"] = length / train_seq_len
+        runs["alibi_pi"] = base_scale * length / train_seq_len
     out: dict[str, Any] = {"length": length, "train_seq_len": train_seq_len, "curves": {}}
     for name, scale in runs.items():
         losses = position_losses(

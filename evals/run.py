@@ -75,8 +75,11 @@ def evaluate(
     batch_size: int = 8,
     device: str | None = None,
     seed: int = 0,
+    alibi_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Run the tasks on the run's final model; the results dict that results.json holds."""
+    """Run the tasks on the run's final model; the results dict that results.json holds.
+    `alibi_scale`: ALiBi interpolation of every forward pass; by default the one the model was
+    last trained with (its recipe's last stage: 1, or a long fine-tune's fixed factor)."""
     names = check_tasks(tasks, data, task_data)
     if limit is not None and limit < 1:
         raise LmpipeError(f"--limit must be at least 1, got {limit}")
@@ -95,6 +98,16 @@ def evaluate(
     with staged_output(Path(out), stage="eval", reads=reads, overwrite=overwrite) as work:
         model, recipe = load_model(Path(run_dir), device)
         max_length = recipe.stages[-1].seq_len
+        if alibi_scale is None:
+            alibi_scale = recipe.stages[-1].alibi_scale
+        if alibi_scale <= 0:
+            raise LmpipeError(f"--alibi-scale must be positive, got {alibi_scale:g}")
+        if alibi_scale != 1 and recipe.model.position != "alibi":
+            raise LmpipeError("--alibi-scale: this model has learned positions, not ALiBi")
+        if "long_context" in names and recipe.model.position != "alibi":
+            raise LmpipeError(
+                "long_context: this model has learned positions, which end at its training length"
+            )
         encoding = get_encoding()
         shards = open_heldout(Path(data)) if any(t in HELDOUT_TASKS for t in names) else None  # type: ignore[arg-type]
         results: dict[str, Any] = {}
@@ -123,6 +136,7 @@ def evaluate(
                     batch_size=batch_size,
                     device=device,
                     seed=seed,
+                    alibi_scale=alibi_scale,
                     progress=advance,
                 )
                 results[name]["seconds"] = round(time.perf_counter() - started, 3)
@@ -139,6 +153,7 @@ def evaluate(
                 "batch_size": batch_size,
                 "device": device,
                 "seed": seed,
+                "alibi_scale": alibi_scale,
                 "data": str(data) if data is not None else None,
                 "task_data": str(task_data) if task_data is not None else None,
             },
@@ -185,12 +200,21 @@ def run_task(
     batch_size: int,
     device: str,
     seed: int,
+    alibi_scale: float,
     progress,
 ) -> dict[str, Any]:
     from lmpipe.evals.lm import GPTLM
     from lmpipe.evals.tasks import EXTERNAL_TASKS, continuation_items, load_items, score_items
 
-    lm = GPTLM(model, encoding, max_length, batch_size=batch_size, device=device, progress=progress)
+    lm = GPTLM(
+        model,
+        encoding,
+        max_length,
+        batch_size=batch_size,
+        alibi_scale=alibi_scale,
+        device=device,
+        progress=progress,
+    )
     if name == "perplexity":
         from lmpipe.evals.perplexity import heldout_perplexity
 
@@ -206,6 +230,7 @@ def run_task(
                 2 * max_length,
                 max_length,
                 n_windows=limit or 8,
+                base_scale=alibi_scale,
                 device=device,
                 progress=progress,
             )

@@ -86,11 +86,15 @@ def gold_index(value: Any, n_choices: int, field: str, first: int = 0) -> int:
     return number - first
 
 
-def key_index(labels: Sequence[str], key: Any, field: str) -> int:
-    """The position of an answer key (ARC's "A".."E" or "1".."5") among the choice labels."""
+def key_index(labels: Sequence[str], key: Any, n_choices: int, field: str) -> int:
+    """The position of an answer key (ARC's "A".."E" or "1".."5") among the choice labels, which
+    must name a choice that is there."""
     if not isinstance(key, str) or key.strip() not in labels:
         raise BadRow(f"{field} is {json.dumps(key)}, not one of the labels {', '.join(labels)}")
-    return list(labels).index(key.strip())
+    index = list(labels).index(key.strip())
+    if index >= n_choices:
+        raise BadRow(f"{field} is {json.dumps(key)}, a label without a choice ({n_choices} given)")
+    return index
 
 
 def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> Choice:
@@ -107,7 +111,7 @@ def arc(row: dict[str, Any]) -> Choice:
     return choice_item(
         f"Question: {row['question']}\nAnswer:",
         text,
-        key_index(row["choices"]["label"], row["answerKey"], "answerKey"),
+        key_index(row["choices"]["label"], row["answerKey"], len(text), "answerKey"),
     )
 
 
@@ -121,8 +125,9 @@ def piqa(row: dict[str, Any]) -> Choice:
 
 def openbookqa(row: dict[str, Any]) -> Choice:
     # The question stem alone is the context; the answer continues the sentence.
-    gold = key_index(row["choices"]["label"], row["answerKey"], "answerKey")
-    return choice_item(row["question_stem"], row["choices"]["text"], gold)
+    text = row["choices"]["text"]
+    gold = key_index(row["choices"]["label"], row["answerKey"], len(text), "answerKey")
+    return choice_item(row["question_stem"], text, gold)
 
 
 def boolq(row: dict[str, Any]) -> Choice:
@@ -277,8 +282,11 @@ def load_items(spec: TaskSpec, task_data: Path, limit: int | None = None) -> lis
         )
     items: list[Item] = []
     if path.name.endswith(".txt.bz2"):
-        with bz2.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        try:
+            with bz2.open(path, "rb") as f:
+                lines = f.read().decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise LmpipeError(f"{path}: not bz2-compressed UTF-8 text ({e})") from None
         if lines and lines[-1] == "":
             lines.pop()
         if len(lines) % 6:
@@ -286,26 +294,32 @@ def load_items(spec: TaskSpec, task_data: Path, limit: int | None = None) -> lis
         for start in range(0, len(lines), 6):
             if limit is not None and len(items) >= limit:
                 break
-            try:
-                items.append(spec.build(lines[start : start + 6]))
-            except BadRow as e:
-                raise LmpipeError(f"{path}:{start + 2}: {e}") from None
+            items.append(_build(spec, lines[start : start + 6], path, start + 2))
         return items
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(items) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                items.append(spec.build(json.loads(line)))
-            except BadRow as e:
-                raise LmpipeError(f"{path}:{lineno}: {e}") from None
-            except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-                raise LmpipeError(
-                    f"{path}:{lineno}: not a {spec.name} row ({type(e).__name__}: {e})"
-                ) from None
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise LmpipeError(f"{path}:{lineno}: not a JSON line ({e})") from None
+            items.append(_build(spec, row, path, lineno))
     return items
+
+
+def _build(spec: TaskSpec, row: Any, path: Path, lineno: int) -> Item:
+    """One item, or an error naming the file and line of a row the task cannot score."""
+    try:
+        return spec.build(row)
+    except BadRow as e:
+        raise LmpipeError(f"{path}:{lineno}: {e}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise LmpipeError(
+            f"{path}:{lineno}: not a {spec.name} row ({type(e).__name__}: {e})"
+        ) from None
 
 
 # --- the held-out continuation task --------------------------------------------------------

@@ -149,7 +149,7 @@ def model_run(tmp_path_factory) -> Path:
     from lmpipe.train.recipe import load_recipe
 
     recipe = load_recipe(
-        "tiny", ["model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.d_ff=64"]
+        "tiny", ["model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.d_ff=85"]
     )
     run = tmp_path_factory.mktemp("evalrun") / "run"
     torch.manual_seed(0)
@@ -729,3 +729,163 @@ def test_dedup_memory_on_one_huge_document_is_a_small_multiple_of_it(tmp_path):
     grown = peak_rss_kb(big, tmp_path / "o1") - peak_rss_kb(small, tmp_path / "o2")
     # measured: ~4x; before long texts were read, normalised and hashed a piece at a time, ~35x
     assert grown * 1024 < 6 * len(text), (grown, len(text))
+
+
+# --- paths and files a careless user gives (found by a review of the guards) ------------------
+
+
+@pytest.mark.parametrize("name", ["new/..", ".", "/"])
+def test_an_output_not_named_by_its_last_part_is_refused(
+    name, raw, model_run, pattern_tokens, tmp_path, monkeypatch
+):
+    victim = tmp_path / "victim"
+    write_lines(victim / "precious.txt", ["mine"])
+    before = tree_digest(victim)
+    monkeypatch.chdir(victim)  # "." is the victim
+    out = name if name in ("/", ".") else str(victim / name)
+    for args in (
+        ("dedup", raw, "-o", out),
+        ("tokenize", raw, "-o", out),
+        ("eval", model_run, "-o", out, "--tasks", "piqa", "--task-data", tmp_path),
+        ("train", "--recipe", "tiny", "--data", pattern_tokens, "--run-dir", out),
+        ("demo", "--workdir", out, "--overwrite"),
+    ):
+        assert_one_line_error(cli(*args), "name the .* itself")
+    assert tree_digest(victim) == before and sorted(p.name for p in victim.iterdir()) == ["precious.txt"]  # fmt: skip
+
+
+def test_an_output_under_a_file_is_one_line(raw, pattern_tokens, tmp_path, gpt2):
+    afile = write_lines(tmp_path / "afile", ["x"])
+    for args in (
+        ("tokenize", raw, "-o", afile / "sub"),
+        ("dedup", raw, "-o", afile / "sub"),
+        ("train", "--recipe", "tiny", "--data", pattern_tokens, "--run-dir", afile / "sub"),
+        ("inspect", pattern_tokens, "--decode", afile / "x.jsonl"),
+    ):
+        assert_one_line_error(cli(*args), r"afile is a file")
+    assert_one_line_error(cli("inspect", pattern_tokens, "--decode", tmp_path / "no" / "x.jsonl"), "no folder")  # fmt: skip
+
+
+def test_a_link_inside_an_input_folder_into_the_output_is_refused(raw, tmp_path):
+    out = tmp_path / "clean"
+    assert cli("dedup", raw / "web", "-o", out).exit_code == 0
+    inputs = tmp_path / "in2"
+    write_lines(inputs / "new.jsonl", docs(3, seed=70))
+    (inputs / "old.jsonl.zst").symlink_to(out / "part-00000.jsonl.zst")
+    before = tree_digest(out)
+    assert_one_line_error(cli("dedup", inputs, "-o", out, "--overwrite"), "which this stage reads")
+    assert tree_digest(out) == before
+
+
+def test_a_partial_folder_with_a_manifest_but_no_owner_is_left_alone(raw, tmp_path, gpt2):
+    work = tmp_path / "tok.partial"
+    write_lines(work / "notes.txt", ["mine"])
+    (work / "manifest.json").write_text('{"stage": "tokenize"}')
+    assert_one_line_error(cli("tokenize", raw, "-o", tmp_path / "tok"), "was not made by")
+    assert (work / "notes.txt").is_file()
+
+
+def test_decode_never_writes_over_a_partial_file_or_through_a_link(pattern_tokens, tmp_path):
+    mine = write_lines(tmp_path / "out.jsonl.partial", ["mine"])
+    assert_one_line_error(cli("inspect", pattern_tokens, "--decode", tmp_path / "out.jsonl"), r"out\.jsonl\.partial: exists")  # fmt: skip
+    target = write_lines(tmp_path / "target.txt", ["also mine"])
+    (tmp_path / "o2.jsonl.partial").symlink_to(target)
+    assert_one_line_error(cli("inspect", pattern_tokens, "--decode", tmp_path / "o2.jsonl"), "exists")  # fmt: skip
+    assert mine.read_text() == "mine\n" and target.read_text() == "also mine\n"
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "o2.jsonl").exists()
+
+
+@pytest.mark.parametrize("state", ["no step", "step not an int", "a list", "module a list"])
+def test_a_rehashed_checkpoint_of_the_wrong_shape_is_one_line(
+    state, checkpointed, pattern_tokens, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    step_dir = run / "checkpoints" / "step00000004"
+    path = step_dir / "mp_rank_00_model_states.pt"
+    sd = torch.load(path, weights_only=False)
+    if state == "no step":
+        del sd["step"]
+    elif state == "step not an int":
+        sd["step"] = "abc"
+    elif state == "a list":
+        sd = [1, 2, 3]
+    else:
+        sd["module"] = [1]
+    torch.save(sd, path)
+    rehash(step_dir)
+    with pytest.raises(LmpipeError) as err:
+        resume(run, pattern_tokens)
+    assert "step00000004" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_pt_of_the_wrong_shape_is_one_line(model_run, tasks, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(model_run, run)
+    torch.save([1, 2], run / "model" / "model.pt")
+    result = cli("eval", run, "--tasks", "piqa", "--task-data", tasks)
+    assert_one_line_error(result, r"model\.pt: unreadable or does not match")
+
+
+def test_files_that_are_not_utf8_are_one_line(raw, model_run, tasks, checkpointed, pattern_tokens, tmp_path):  # fmt: skip
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(b"name: tiny\n\xff\xfe\n")
+    assert_one_line_error(cli("train", "--recipe", recipe, "--dry-run"), r"bad\.yaml: not UTF-8")
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b'{"stage": "dedup"}\xff')
+    assert_one_line_error(cli("dedup", raw, "-o", out, "--overwrite"), "--overwrite only")
+    rows = (tasks / "piqa" / "validation.jsonl").read_bytes().splitlines()
+    rows[1] = rows[1].replace(b"Goal 1?", b"Goal \xff?")
+    (tasks / "piqa" / "validation.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    result = cli("eval", model_run, "-o", tmp_path / "e", "--tasks", "piqa", "--task-data", tasks)
+    assert_one_line_error(result, r"validation\.jsonl:2: not a JSON line")
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    (run / "checkpoints" / "step00000004" / "recipe.yaml").write_bytes(b"name: tiny\n\xff\n")
+    with pytest.raises(LmpipeError, match="not UTF-8"):
+        resume(run, pattern_tokens)
+
+
+def test_task_rows_of_the_wrong_type_and_a_bad_bz2_are_one_line(tmp_path):
+    from lmpipe.evals.tasks import EXTERNAL_TASKS, load_items
+
+    cases = {
+        "winogrande": {"sentence": 123, "option1": "a", "option2": "b", "answer": "1"},
+        "lambada_openai": {"text": 5},
+        "arc_easy": {
+            "question": "q",
+            "choices": {"text": ["a", "b"], "label": ["A", "B", "C"]},
+            "answerKey": "C",
+        },  # fmt: skip
+    }
+    for task, row in cases.items():
+        spec = EXTERNAL_TASKS[task]
+        write_lines(tmp_path / spec.path, [json.dumps(row)])
+        with pytest.raises(LmpipeError, match=rf"{spec.path}:1: ") as err:
+            load_items(spec, tmp_path)
+        assert "\n" not in str(err.value)
+    spec = EXTERNAL_TASKS["hellaswag"]
+    (tmp_path / spec.path).parent.mkdir(parents=True)
+    (tmp_path / spec.path).write_bytes(b"not bz2 at all")
+    with pytest.raises(LmpipeError, match="not bz2-compressed"):
+        load_items(spec, tmp_path)
+
+
+def test_a_folder_with_foreign_files_is_no_run_even_with_some_run_names(pattern_tokens, tmp_path):
+    from lmpipe.train.loop import check_run_dir
+    from lmpipe.train.recipe import load_recipe
+
+    folder = tmp_path / "mine"
+    write_lines(folder / "recipe.yaml", ["# my own notes"])
+    write_lines(folder / "notes.txt", ["x"])
+    (folder / "logs").mkdir()
+    with pytest.raises(LmpipeError, match="holds no lmpipe run"):
+        check_run_dir(folder, pattern_tokens, load_recipe("tiny", SMALL), True)
+
+
+def test_a_hard_link_to_an_input_is_the_same_file(raw, tmp_path, gpt2):
+    file = raw / "web" / "a.jsonl"
+    link = tmp_path / "hard.jsonl"
+    os.link(file, link)
+    assert_one_line_error(cli("tokenize", file, link, "-o", tmp_path / "o"), "name each input once")

@@ -102,7 +102,8 @@ def finish_process() -> None:
     os._exit(0)
 
 
-# What a run folder holds (`checkpoint.py`): a folder with none of these is not a run.
+# What a run folder holds (`checkpoint.py`). A folder is an earlier run's when it has the plan
+# (written at the start) or checkpoints, or holds nothing but these.
 RUN_FILES = ("recipe.yaml", "plan.json", "deepspeed.json", "metrics.jsonl", "logs", CHECKPOINTS)
 
 
@@ -116,7 +117,8 @@ def check_run_dir(run_dir: Path, data: Path, recipe: Recipe, resume: bool) -> No
             f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
         )
     entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    if entries and not any(name in RUN_FILES for name in entries):
+    is_run = "plan.json" in entries or CHECKPOINTS in entries or set(entries) <= set(RUN_FILES)
+    if entries and not is_run:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise LmpipeError(
             f"{run_dir}: not empty and holds no lmpipe run ({shown}); choose an empty or new --run-dir"
@@ -356,7 +358,10 @@ def train_run(
         on_all_ranks(lambda: shards.verify_checksums(rank, world), world)
     dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
     if rank == 0:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LmpipeError(f"{run_dir}: cannot be created ({e.strerror})") from None
     dist.barrier()
     setup_logging(run_dir, rank)
     loader = WindowLoader(shards, recipe.seed)
@@ -384,13 +389,11 @@ def train_run(
         fused=torch.cuda.is_available(),
     )
 
-    def multiplier(step: int) -> float:
-        return lr_multiplier(
-            step * recipe.tokens_per_step, recipe.schedule, opt.lr, plan.total_tokens
-        )
+    def multiplier(step: int) -> float:  # one schedule in tokens, whatever each step holds
+        return lr_multiplier(plan.tokens_at(step), recipe.schedule, opt.lr, plan.total_tokens)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     device = engine.device
@@ -399,7 +402,6 @@ def train_run(
 
     summary = run_steps(
         engine,
-        scheduler,
         loader,
         recipe,
         plan,
@@ -437,6 +439,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     )
     first, last = summary["first_loss"], summary["last_loss"]
     losses = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
+    if summary["lr"] is not None:
+        losses += f", last LR {summary['lr']:.3g} (embeddings) {summary['lr_hidden']:.3g} (hidden)"
     Console(stderr=True).print(
         f"train: {summary['steps_this_call']:,} steps ({summary['tokens']:,} tokens in all){losses}, "
         f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['seconds']:.0f} s; {done}",
@@ -446,7 +450,6 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 def run_steps(
     engine: Any,
-    scheduler: Any,
     loader: Any,
     recipe: Recipe,
     plan: Plan,
@@ -474,8 +477,9 @@ def run_steps(
         if stop_after_steps is None
         else min(plan.total_steps, step + stop_after_steps)
     )
-    every = max(recipe.checkpoint_every_tokens // recipe.tokens_per_step, 1)
+    every = recipe.checkpoint_every_tokens
     losses: list[float] = []
+    rates: dict[str, float] = {}
     start_step, started = step, time.perf_counter()
     progress = Progress(
         TextColumn("[bold]train[/] {task.fields[info]}"),
@@ -488,6 +492,10 @@ def run_steps(
         task = progress.add_task("train", total=plan.total_steps, completed=step, info="")
         while step < end_step:
             stage = plan.stage_at(step)
+            if engine.gradient_accumulation_steps() != stage.grad_accum:
+                # A stage with its own batch (Cerebras-GPT 13B): DeepSpeed scales each micro-step's
+                # loss by 1 / its accumulation, so it must know the new one.
+                engine.set_train_batch_size(plan.stages[0].micro_batch * stage.grad_accum * world)
             batches = loader.batches(
                 seq_len=stage.seq_len,
                 global_batch=stage.global_batch,
@@ -501,11 +509,19 @@ def run_steps(
                 t0 = time.perf_counter()
                 tokens_BT1 = torch.from_numpy(batch).to(device)
                 step_loss = torch.zeros((), device=device)
+                # The rates this step runs at, as the optimizer inside DeepSpeed holds them.
+                rates = group_rates(engine)
                 # One optimizer step = grad_accum micro-steps; DeepSpeed scales each loss by
-                # 1/grad_accum and steps the optimizer (and the LR schedule) on the last one.
+                # 1/grad_accum and steps the optimizer (and the LR schedule) on the last one,
+                # marked here rather than counted by DeepSpeed (its count would drift at a switch
+                # of accumulation).
                 grad_norm = None
-                for micro_BT1 in tokens_BT1.split(stage.micro_batch):
-                    _, loss = engine(micro_BT1[:, :-1], micro_BT1[:, 1:])
+                micros = tokens_BT1.split(stage.micro_batch)
+                for i, micro_BT1 in enumerate(micros):
+                    engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+                    _, loss = engine(
+                        micro_BT1[:, :-1], micro_BT1[:, 1:], alibi_scale=stage.alibi_scale
+                    )
                     engine.backward(loss)
                     if recipe.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
                         # without ZeRO, DeepSpeed clips fp32 gradients without recording the norm
@@ -514,21 +530,24 @@ def run_steps(
                     engine.step()
                     step_loss += loss.detach().float()
                 dist.all_reduce(step_loss)
-                loss_value = step_loss.item() / (plan.grad_accum * world)
+                loss_value = step_loss.item() / (stage.grad_accum * world)
                 step += 1
                 losses.append(loss_value)
-                tokens = step * recipe.tokens_per_step
+                before, tokens = plan.tokens_at(step - 1), plan.tokens_at(step)
                 row = {
                     "step": step,
                     "tokens": tokens,
                     "stage": stage.index,
                     "seq_len": stage.seq_len,
                     "loss": round(loss_value, 6),
-                    "lr": recipe.optimizer.lr * scheduler.lr_lambdas[0](step - 1),
+                    "lr": rates["embedding"],  # eta_base x the schedule
+                    "lr_hidden": rates["hidden"],  # muP: eta_base / m_d (/ m_rho) x the schedule
+                    "lr_groups": rates,  # every group, as the optimizer inside DeepSpeed has it
+                    "grad_accum": engine.gradient_accumulation_steps(),
                     "grad_norm": _float(
                         engine.get_global_grad_norm() if grad_norm is None else grad_norm
                     ),
-                    "tokens_per_s": round(recipe.tokens_per_step / (time.perf_counter() - t0), 1),
+                    "tokens_per_s": round(stage.tokens_per_step / (time.perf_counter() - t0), 1),
                 }
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
@@ -545,25 +564,31 @@ def run_steps(
                     completed=step,
                     info=f"stage {stage.index} seq {stage.seq_len} loss {loss_value:.3f}",
                 )
-                if step % every == 0 or step == end_step:
+                if tokens // every > before // every or step == end_step:
                     save_checkpoint(engine, run_dir, recipe, step, tokens, rank, world)
                 if step >= end_step or step == stage.first_step + stage.steps:
                     break
     if metrics is not None:
         metrics.close()
     elapsed = time.perf_counter() - started
+    trained = plan.tokens_at(step) - plan.tokens_at(start_step)
     return {
         "finished": step >= plan.total_steps,
         "steps": step,
-        "tokens": step * recipe.tokens_per_step,
+        "tokens": plan.tokens_at(step),
         "steps_this_call": step - start_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "tokens_per_s": round((step - start_step) * recipe.tokens_per_step / elapsed, 1)
-        if elapsed
-        else None,
+        "lr": rates.get("embedding"),
+        "lr_hidden": rates.get("hidden"),
+        "tokens_per_s": round(trained / elapsed, 1) if elapsed else None,
         "seconds": round(elapsed, 2),
     }
+
+
+def group_rates(engine: Any) -> dict[str, float]:
+    """Each named parameter group's learning rate in the optimizer DeepSpeed steps."""
+    return {g["name"]: g["lr"] for g in engine.optimizer.param_groups if "name" in g}
 
 
 def _float(value: Any) -> float | None:

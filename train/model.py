@@ -1,19 +1,21 @@
-"""The GPT of BTLM-3B-8K: pre-LayerNorm, ALiBi, SwiGLU, tied embeddings, biases, no dropout, muP.
+"""The GPT of BTLM-3B-8K and Cerebras-GPT: pre-LayerNorm, tied embeddings, biases, no dropout;
+ALiBi or learned positions, SwiGLU or GELU; muP or the standard parametrisation (SP).
 
 Read top to bottom: ALiBi slopes, attention (two kernels that compute the same thing), the MLP,
-the block, the model, then muP's initialisation and per-group learning rates.
+the block, the model, then the initialisation and per-group learning rates.
 
-muP as Cerebras trained BTLM (seeds-spec 1.3), with the width multiplier m_d = d_model /
-d_model_base and the FFN multiplier m_ffn = d_ff / d_ff_base:
-  - embedding output multiplied by alpha_in (width independent);
+BTLM (seeds-spec 1.1) is ALiBi + SwiGLU; Cerebras-GPT (seeds-spec 3.2) learned positions + GELU
+(4 d_model). muP as Cerebras trained both (seeds-spec 1.3, 3.3), with the width multiplier
+m_d = d_model / d_model_base and the FFN multiplier m_ffn = d_ff / d_ff_base:
+  - embedding output (token plus position embeddings) multiplied by alpha_in (width independent);
   - logits multiplied by alpha_out / m_d ("scale by d", not sqrt(d));
   - attention logits divided by d_head instead of sqrt(d_head);
   - hidden init std sigma_base / sqrt(m_d); residual-output projections further / sqrt(2 n_layers)
-    (the FFN down projection uses m_ffn); the embedding keeps sigma_base;
-  - Adam learning rate of hidden matrices eta_base / m_d (FFN down: eta_base / m_ffn); embedding,
+    (the FFN down projection uses m_ffn); the embeddings (token and position) keep sigma_base;
+  - Adam learning rate of hidden matrices eta_base / m_d (FFN down: eta_base / m_ffn); embeddings,
     biases and LayerNorms keep eta_base.
-With d_model == d_model_base, alpha_in = alpha_out = 1 and qk_scale "sqrt_d_head" this is the
-standard parametrisation.
+SP (`mup: null`) is the same model with every multiplier 1: init std `init_std` (0.02) for every
+matrix, / sqrt(2 n_layers) for residual-output projections, q.k / sqrt(d_head), one learning rate.
 
 Shapes: B batch, T sequence (query) length, S key length, H heads, Dh head size, D d_model, F d_ff,
 V vocabulary.
@@ -66,15 +68,23 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused Q, K, V (BTLM's c_attn)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         # muP: q.k / d_head keeps attention logits O(1) as width grows (q and k become correlated).
-        self.scale = 1.0 / self.d_head if cfg.mup.qk_scale == "d_head" else self.d_head**-0.5
+        by_d = cfg.mup is not None and cfg.mup.qk_scale == "d_head"
+        self.scale = 1.0 / self.d_head if by_d else self.d_head**-0.5
 
-    def forward(self, x_BTD: torch.Tensor, slopes_H: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, impl: str
+    ) -> torch.Tensor:
+        """`slopes_H`: ALiBi's slopes, or None for a model with learned positions (plain causal)."""
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=2)
         q_BHTd, k_BHTd, v_BHTd = (
             t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)
         )
-        if impl == "flex":
+        if slopes_H is None:  # no bias: SDPA's causal flash kernel on every device
+            y_BHTd = F.scaled_dot_product_attention(
+                q_BHTd, k_BHTd, v_BHTd, is_causal=True, scale=self.scale
+            )
+        elif impl == "flex":
             y_BHTd = flex_alibi_attention(q_BHTd, k_BHTd, v_BHTd, slopes_H, self.scale)
         else:
             bias_HTT = alibi_bias(slopes_H, T, T, q_BHTd.dtype)
@@ -120,15 +130,18 @@ def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch
 
 
 class MLP(nn.Module):
-    """SwiGLU as BTLM wires it: c_proj(c_fc(x) * silu(c_fc2(x))), c_fc2 being the gate."""
+    """SwiGLU as BTLM wires it: c_proj(c_fc(x) * silu(c_fc2(x))), c_fc2 being the gate; or
+    Cerebras-GPT's GELU MLP, c_proj(gelu(c_fc(x))) (GPT-2's layout, exact erf GELU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.c_fc2 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_fc2 = nn.Linear(cfg.d_model, cfg.d_ff) if cfg.mlp == "swiglu" else None
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.c_fc2 is None:
+            return self.c_proj(F.gelu(self.c_fc(x_BTD)))
         return self.c_proj(self.c_fc(x_BTD) * F.silu(self.c_fc2(x_BTD)))
 
 
@@ -140,7 +153,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, slopes_H: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, impl: str
+    ) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), slopes_H, impl)
         return x_BTD + self.mlp(self.ln_2(x_BTD))
 
@@ -150,12 +165,17 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Learned absolute positions (Cerebras-GPT), or ALiBi's fixed slopes, not trained: a
+        # buffer moves with the model to its device.
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.d_model) if cfg.position == "learned" else None
+        self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        # ALiBi slopes are fixed, not trained; a buffer moves with the model to its device.
-        self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
-        self.m_d = cfg.d_model / cfg.mup.d_model_base
-        self.m_ffn = cfg.d_ff / cfg.mup.d_ff_base
+        mup = cfg.mup  # None: SP, every muP multiplier 1
+        self.m_d = cfg.d_model / mup.d_model_base if mup else 1.0
+        self.m_ffn = cfg.d_ff / mup.d_ff_base if mup else 1.0
+        self.alpha_in = mup.alpha_in if mup else 1.0
+        self.alpha_out = mup.alpha_out if mup else 1.0
         self.reset_parameters()
 
     def attention_impl(self, device: torch.device) -> str:
@@ -172,12 +192,20 @@ class GPT(nn.Module):
         `alibi_scale` > 1 is ALiBi position interpolation (seeds-spec 2): every slope divided by
         the scale, i.e. distances shrunk by it, so a model trained at length L reads s * L tokens.
         """
-        x_BTD = self.wte(idx_BT) * self.cfg.mup.alpha_in
-        slopes_H = self.slopes / alibi_scale
+        x_BTD = self.wte(idx_BT)
+        slopes_H = None
+        if self.wpe is None:
+            slopes_H = self.slopes / alibi_scale
+        else:
+            T = idx_BT.shape[1]
+            if T > self.cfg.n_positions:
+                raise ValueError(f"{T} tokens exceed the {self.cfg.n_positions} learned positions")
+            x_BTD = x_BTD + self.wpe(torch.arange(T, device=idx_BT.device))
+        x_BTD = x_BTD * self.alpha_in  # muP's alpha_in: on the sum, as Cerebras' BTLM class does
         impl = self.attention_impl(idx_BT.device)
         for block in self.h:
             x_BTD = block(x_BTD, slopes_H, impl)
-        return self.ln_f(x_BTD) * (self.cfg.mup.alpha_out / self.m_d)
+        return self.ln_f(x_BTD) * (self.alpha_out / self.m_d)
 
     def unembed(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Logits (float32) from hidden states, through the tied embedding."""
@@ -201,15 +229,18 @@ class GPT(nn.Module):
 
     def width_multiplier(self, name: str) -> float:
         """m_d (m_ffn for the FFN down projection), times sparse muP's density multiplier m_rho:
-        a sparse layer behaves like a dense one of width d * rho (seeds-spec 4)."""
+        a sparse layer behaves like a dense one of width d * rho (seeds-spec 4). 1 under SP."""
+        if self.cfg.mup is None:
+            return 1.0
         m = self.m_ffn if name.endswith("mlp.c_proj.weight") else self.m_d
         return m * self.cfg.density
 
     def init_std(self, name: str) -> float:
-        """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3, 4)."""
-        sigma_base = self.cfg.mup.sigma_base
+        """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3, 3.2, 3.3, 4)."""
+        cfg = self.cfg
+        sigma_base = cfg.mup.sigma_base if cfg.mup else cfg.init_std or cfg.SP_INIT_STD
         if not self.is_hidden(name):
-            return sigma_base  # the embedding
+            return sigma_base  # the token and position embeddings
         std = sigma_base * self.width_multiplier(name) ** -0.5
         if name.endswith("c_proj.weight"):  # residual-output projections: also by depth
             std *= (2 * self.cfg.n_layers) ** -0.5
@@ -253,27 +284,38 @@ class GPT(nn.Module):
         down projection), divided further by the density under sparse muP; 1 for the rest."""
         return 1.0 / self.width_multiplier(name) if self.is_hidden(name) else 1.0
 
+    def group_of(self, name: str) -> str:
+        """The parameter's AdamW group: "embedding" (token and position embeddings), "hidden"
+        (attention and FFN-in matrices), "ffn_down" (the FFN down projection, muP's m_ffn) or
+        "no_decay" (biases and LayerNorms)."""
+        if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+            return "no_decay"
+        if not self.is_hidden(name):
+            return "embedding"
+        return "ffn_down" if name.endswith("mlp.c_proj.weight") else "hidden"
+
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """AdamW groups with each group's own base rate; a schedule must scale, not overwrite, them.
+        """AdamW groups with each group's own base rate and a `name`; a schedule must scale, not
+        overwrite, the rates (metrics.jsonl logs them as the optimizer holds them).
 
         Weight decay skips biases and LayerNorms, as Cerebras does. PyTorch's AdamW multiplies the
         decay by the group's rate, so hidden matrices decay 1/m_d as fast (Cerebras' coupling is
         not documented; seeds-spec 1.3 marks it unconfirmed)."""
-        groups: dict[tuple[float, float], dict] = {}
+        groups: dict[str, dict] = {}
         for name, p in self.named_parameters():
-            decay = (
-                0.0
-                if (name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"))
-                else weight_decay
-            )
-            key = (self.lr_scale(name), decay)
-            group = groups.setdefault(key, {"params": [], "lr": lr * key[0], "weight_decay": decay})
-            group["params"].append(p)
+            group = self.group_of(name)
+            if group not in groups:
+                decay = 0.0 if group == "no_decay" else weight_decay
+                rate = lr * self.lr_scale(name)
+                groups[group] = {"name": group, "params": [], "lr": rate, "weight_decay": decay}
+            groups[group]["params"].append(p)
         return list(groups.values())
 
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Closed-form parameter count (the tied unembedding counted once), for dry runs."""
     d, f = cfg.d_model, cfg.d_ff
-    per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + 2 * (d * f + f) + (f * d + d)
-    return cfg.vocab_size * d + cfg.n_layers * per_layer + 2 * d
+    mlp = (2 if cfg.mlp == "swiglu" else 1) * (d * f + f) + (f * d + d)
+    per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp
+    positions = cfg.n_positions * d if cfg.position == "learned" else 0
+    return cfg.vocab_size * d + positions + cfg.n_layers * per_layer + 2 * d

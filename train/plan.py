@@ -2,10 +2,12 @@
 and the DeepSpeed config. All derived, never written by hand; `--dry-run` prints it and every run
 saves it.
 
-Tokens per step are the same in every stage, so when the sequence length grows 4x the global batch
-shrinks 4x in sequences, and with a fixed `micro_batch_tokens` the gradient accumulation stays the
-same: DeepSpeed's config does not change at a stage switch, only the loader's window length and
-the micro-batch's number of sequences do.
+Tokens per step are usually the same in every stage, so when the sequence length grows 4x the
+global batch shrinks 4x in sequences, and with a fixed `micro_batch_tokens` the gradient
+accumulation stays the same: only the loader's window length and the micro-batch's number of
+sequences change at a stage switch. A stage may state its own `tokens_per_step` (Cerebras-GPT
+13B: 720, then 1,080 sequences of 2,048 from step 57,000); its gradient accumulation then differs,
+and the loop tells DeepSpeed at the switch. The LR schedule stays one schedule in tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.report import print_table
 from lmpipe.train.recipe import Recipe, ScheduleConfig, recipe_yaml
 
 
@@ -25,14 +28,20 @@ class StagePlan:
     steps: int
     first_step: int  # global step at which the stage begins
     region_start: int  # stream token where the stage's data begins (tokens of earlier stages)
+    tokens_per_step: int  # global batch in tokens
     global_batch: int  # sequences per optimizer step, all ranks
     micro_batch: int  # sequences per rank per forward
+    grad_accum: int  # micro-steps per optimizer step on each rank
+    alibi_scale: float  # fixed ALiBi interpolation of the stage (1: none)
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained after global step `step` (within or at the end of this stage)."""
+        return self.region_start + (step - self.first_step) * self.tokens_per_step
 
 
 @dataclass(frozen=True)
 class Plan:
     world_size: int
-    grad_accum: int
     total_steps: int
     total_tokens: int
     n_params: int
@@ -44,19 +53,33 @@ class Plan:
                 return stage
         return self.stages[-1]
 
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained after `step` optimizer steps: the schedule's clock."""
+        for stage in self.stages:
+            if step <= stage.first_step + stage.steps:
+                return stage.tokens_at(step)
+        return self.total_tokens
+
+    @property
+    def grad_accum(self) -> int:
+        """The first stage's accumulation: DeepSpeed's config at start."""
+        return self.stages[0].grad_accum
+
 
 def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
     from lmpipe.train.model import count_parameters  # torch import, only when planning
 
     per_rank_micro_tokens = recipe.micro_batch_tokens * world_size
-    if recipe.tokens_per_step % per_rank_micro_tokens:
-        raise LmpipeError(
-            f"tokens_per_step ({recipe.tokens_per_step}) is not a multiple of micro_batch_tokens x "
-            f"world size ({recipe.micro_batch_tokens} x {world_size}); change either with --set"
-        )
     stages, step, region = [], 0, 0
     for i, s in enumerate(recipe.stages):
-        steps = s.tokens // recipe.tokens_per_step
+        step_tokens = recipe.stage_tokens_per_step(i)
+        if step_tokens % per_rank_micro_tokens:
+            where = f"stages.{i}.tokens_per_step" if s.tokens_per_step else "tokens_per_step"
+            raise LmpipeError(
+                f"{where} ({step_tokens}) is not a multiple of micro_batch_tokens x world size "
+                f"({recipe.micro_batch_tokens} x {world_size}); change either with --set"
+            )
+        steps = s.tokens // step_tokens
         stages.append(
             StagePlan(
                 index=i,
@@ -65,14 +88,16 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
                 steps=steps,
                 first_step=step,
                 region_start=region,
-                global_batch=recipe.tokens_per_step // s.seq_len,
+                tokens_per_step=step_tokens,
+                global_batch=step_tokens // s.seq_len,
                 micro_batch=recipe.micro_batch_tokens // s.seq_len,
+                grad_accum=step_tokens // per_rank_micro_tokens,
+                alibi_scale=s.alibi_scale,
             )
         )
         step, region = step + steps, region + s.tokens
     return Plan(
         world_size=world_size,
-        grad_accum=recipe.tokens_per_step // per_rank_micro_tokens,
         total_steps=step,
         total_tokens=region,
         n_params=count_parameters(recipe.model),
@@ -123,39 +148,42 @@ def plan_summary(recipe: Recipe, plan: Plan) -> dict:
         "total_tokens": plan.total_tokens,
         "total_steps": plan.total_steps,
         "grad_accum": plan.grad_accum,
+        "flops": training_flops(recipe, plan),
         "stages": [asdict(s) for s in plan.stages],
     }
 
 
+def flops_per_token(recipe: Recipe, seq_len: int, n_params: int) -> float:
+    """Training FLOPs a token: 6 N (forward and backward through every weight) plus attention's
+    12 L T d (q.k and the weighted sum of v over T positions, forward and backward), the formula
+    of the PaLM paper's appendix B that MFU figures use."""
+    model = recipe.model
+    return 6 * n_params + 12 * model.n_layers * seq_len * model.d_model
+
+
+def training_flops(recipe: Recipe, plan: Plan) -> float:
+    return sum(s.tokens * flops_per_token(recipe, s.seq_len, plan.n_params) for s in plan.stages)
+
+
 def print_plan(recipe: Recipe, world_size: int = 1) -> Plan:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     plan = make_plan(recipe, world_size)
     console = Console()
     console.print(recipe_yaml(recipe), markup=False, highlight=False)
-    mup = recipe.model.mup
+    model = recipe.model
     console.print(
-        f"parameters {plan.n_params:,} ({plan.n_params / 1e9:.3f}B); tokens per step "
-        f"{recipe.tokens_per_step:,}; {plan.total_steps:,} steps, {plan.total_tokens:,} tokens; "
-        f"gradient accumulation {plan.grad_accum} at world size {world_size}"
+        f"parameters {plan.n_params:,} ({plan.n_params / 1e9:.3f}B); {plan.total_steps:,} steps, "
+        f"{plan.total_tokens:,} tokens ({plan.total_tokens / plan.n_params:.1f} a parameter), "
+        f"{training_flops(recipe, plan):.3g} FLOPs; world size {world_size}"
     )
-    console.print(
-        f"muP: m_d = {recipe.model.d_model / mup.d_model_base:g}, m_ffn = {recipe.model.d_ff / mup.d_ff_base:g}, "
-        f"hidden LR {recipe.optimizer.lr * mup.d_model_base / recipe.model.d_model:.4g}, "
-        f"logit multiplier {mup.alpha_out * mup.d_model_base / recipe.model.d_model:.4g}"
-    )
-    table = Table(title="stages")
-    for col in (
-        "stage",
-        "seq_len",
-        "tokens",
-        "steps",
-        "first step",
-        "sequences/step",
-        "micro-batch/rank",
-    ):
-        table.add_column(col, justify="right")
+    console.print(f"model: {model.position} positions, {model.mlp} MLP, {parametrisation(recipe)}")
+    table = Table(title="stages", box=box.SIMPLE_HEAD)
+    columns = ("stage", "seq_len", "tokens", "steps", "first\nstep", "tokens\n/step", "sequences\n/step", "micro-batch\n/rank", "grad\naccum", "alibi\nscale")  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
     for s in plan.stages:
         table.add_row(
             str(s.index),
@@ -163,8 +191,29 @@ def print_plan(recipe: Recipe, world_size: int = 1) -> Plan:
             f"{s.tokens:,}",
             f"{s.steps:,}",
             f"{s.first_step:,}",
+            f"{s.tokens_per_step:,}",
             f"{s.global_batch:,}",
             str(s.micro_batch),
+            str(s.grad_accum),
+            f"{s.alibi_scale:g}",
         )
-    console.print(table)
+    print_table(console, table)
     return plan
+
+
+def parametrisation(recipe: Recipe) -> str:
+    """muP's derived numbers in a line (or SP's init), as the run will use them."""
+    model, lr = recipe.model, recipe.optimizer.lr
+    mup = model.mup
+    if mup is None:
+        std = model.init_std or model.SP_INIT_STD
+        return f"standard parametrisation: init std {std:g}, one LR {lr:g}"
+    m_d = model.d_model / mup.d_model_base
+    m_rho = model.density
+    return (
+        f"muP: m_d = {m_d:g}, m_ffn = {model.d_ff / mup.d_ff_base:g}"
+        + (f", m_rho = {m_rho:g}" if m_rho < 1 else "")
+        + f"; LR {lr:.4g} (embeddings, norms, biases), {lr / (m_d * m_rho):.4g} (hidden); "
+        f"init std {mup.sigma_base:g} (embeddings), {mup.sigma_base / math.sqrt(m_d * m_rho):.4g} "
+        f"(hidden); logits x {mup.alpha_out / m_d:.4g}, embeddings x {mup.alpha_in:g}"
+    )

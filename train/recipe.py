@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,14 +38,27 @@ class MupConfig(Section):
 
 
 class ModelConfig(Section):
+    """The model's shape and options. Defaults are BTLM's: ALiBi, SwiGLU, muP. Cerebras-GPT is
+    `position: learned` (with `n_positions`) and `mlp: gelu`, in muP or, with `mup: null`, the
+    standard parametrisation (every weight at `init_std`, 0.02 unless set; residual projections
+    / sqrt(2L))."""
+
+    SP_INIT_STD: ClassVar[float] = 0.02
+
     n_layers: int = Field(gt=0)
     n_heads: int = Field(gt=0)
     d_model: int = Field(gt=0)
     d_ff: int = Field(gt=0)
     vocab_size: int = Field(50257, gt=0)
     layer_norm_eps: float = Field(1e-5, gt=0)
+    position: Literal["alibi", "learned"] = "alibi"
+    n_positions: int = Field(2048, gt=0, description="learned positions: the longest sequence")
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
     attn_impl: Literal["auto", "sdpa", "flex"] = "auto"
-    mup: MupConfig = MupConfig()
+    mup: MupConfig | None = Field(MupConfig(), description="muP's base shapes; null: SP")
+    init_std: float | None = Field(
+        None, gt=0, description="SP only: the init std (default 0.02, Cerebras-GPT's)"
+    )
     density: float = Field(
         1.0,
         gt=0,
@@ -54,12 +67,31 @@ class ModelConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
+    def _shapes_fit(self) -> ModelConfig:
+        problems = []
         if self.d_model % self.n_heads:
-            raise ValueError(
+            problems.append(
                 f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads})"
             )
+        if self.mup is not None and self.init_std is not None:
+            problems.append("init_std is the standard parametrisation's; muP's is mup.sigma_base")
+        if self.mup is not None:
+            m_d, m_ffn = self.d_model / self.mup.d_model_base, self.d_ff / self.mup.d_ff_base
+            # One width multiplier for the whole model: an FFN base of another shape (a SwiGLU
+            # base of 8/3 d under a 4 d GELU, say) would give the FFN other muP rates than the rest.
+            if abs(m_ffn / m_d - 1) > 0.01:
+                problems.append(
+                    f"mup.d_ff_base ({self.mup.d_ff_base:g}) does not fit: d_ff / d_ff_base = "
+                    f"{m_ffn:.4g} must equal d_model / d_model_base = {m_d:.4g} (the proxy has "
+                    f"this model's FFN ratio, {self.d_ff / self.d_model:.4g})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
 
 
 class OptimizerConfig(Section):
@@ -85,6 +117,14 @@ class ScheduleConfig(Section):
 class Stage(Section):
     seq_len: int = Field(gt=0)
     tokens: int = Field(gt=0)
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="this stage's global batch in tokens (default: the recipe's)"
+    )
+    alibi_scale: float = Field(
+        1.0,
+        ge=1,
+        description="fixed ALiBi interpolation: slopes divided by it (seeds-spec 2: L_ft / L_train)",
+    )
 
 
 class Recipe(Section):
@@ -94,7 +134,7 @@ class Recipe(Section):
     schedule: ScheduleConfig
     stages: list[Stage] = Field(min_length=1)
     tokens_per_step: int = Field(
-        gt=0, description="global batch in tokens, the same in every stage"
+        gt=0, description="global batch in tokens, in every stage that states none of its own"
     )
     micro_batch_tokens: int = Field(gt=0, description="tokens one rank runs forward at once")
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -110,14 +150,28 @@ class Recipe(Section):
             problems.append(
                 f"tokens_per_step ({self.tokens_per_step}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
             )
+        model = self.model
         for i, stage in enumerate(self.stages):
+            step_tokens = self.stage_tokens_per_step(i)
+            if stage.tokens_per_step is not None and step_tokens % self.micro_batch_tokens:
+                problems.append(
+                    f"stages.{i}.tokens_per_step ({step_tokens}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
+                )
             if self.micro_batch_tokens % stage.seq_len:
                 problems.append(
                     f"stages.{i}.seq_len ({stage.seq_len}) does not divide micro_batch_tokens ({self.micro_batch_tokens})"
                 )
-            if stage.tokens % self.tokens_per_step:
+            if stage.tokens % step_tokens:
                 problems.append(
-                    f"stages.{i}.tokens ({stage.tokens}) is not a whole number of steps of {self.tokens_per_step} tokens"
+                    f"stages.{i}.tokens ({stage.tokens}) is not a whole number of steps of {step_tokens} tokens"
+                )
+            if model.position == "learned" and stage.seq_len > model.n_positions:
+                problems.append(
+                    f"stages.{i}.seq_len ({stage.seq_len}) exceeds model.n_positions ({model.n_positions}): learned positions end there"
+                )
+            if model.position == "learned" and stage.alibi_scale != 1:
+                problems.append(
+                    f"stages.{i}.alibi_scale ({stage.alibi_scale:g}) needs model.position alibi, not learned"
                 )
         if self.precision == "bf16" and self.zero_stage == 0:
             # DeepSpeed 0.19.8 keeps no fp32 master weights for a bf16 model without ZeRO: every
@@ -136,6 +190,9 @@ class Recipe(Section):
     @property
     def total_tokens(self) -> int:
         return sum(stage.tokens for stage in self.stages)
+
+    def stage_tokens_per_step(self, index: int) -> int:
+        return self.stages[index].tokens_per_step or self.tokens_per_step
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -174,7 +231,10 @@ def recipe_source(name_or_path: str) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not path.is_file():
             raise LmpipeError(f"{path}: no such recipe file")
-        return str(path), path.read_text(encoding="utf-8")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LmpipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
     shipped = resources.files("lmpipe.recipes") / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise LmpipeError(

@@ -42,7 +42,7 @@ def tiny_gpt():
     from lmpipe.train.recipe import ModelConfig
 
     torch.manual_seed(0)
-    return GPT(ModelConfig(n_layers=1, n_heads=2, d_model=32, d_ff=64)).eval()
+    return GPT(ModelConfig(n_layers=1, n_heads=2, d_model=32, d_ff=85)).eval()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def run_dir(tmp_path):
             "model.n_layers=1",
             "model.n_heads=2",
             "model.d_model=32",
-            "model.d_ff=64",
+            "model.d_ff=85",
             "stages.1.seq_len=64",
         ],
     )
@@ -121,3 +121,51 @@ def test_a_folder_without_a_model(tmp_path, task_data):
         evaluate(
             tmp_path, tmp_path / "e", tasks=["arc_easy"], data=None, task_data=task_data, limit=1
         )
+
+
+def test_the_models_own_alibi_scale_is_evals_default(task_data, tmp_path, monkeypatch):
+    """A model whose last stage trained at a fixed ALiBi scale is scored with it, unless told."""
+    from lmpipe.evals import lm as lm_module
+    from lmpipe.train.checkpoint import save_model
+    from lmpipe.train.model import GPT
+    from lmpipe.train.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny",
+        ["model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.d_ff=85",
+         "stages.1.seq_len=128", "stages.1.alibi_scale=2"],
+    )  # fmt: skip
+    save_model(GPT(recipe.model), recipe, tmp_path / "run" / "model")
+    used = []
+    forward = lm_module.GPTLM.__init__
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs["alibi_scale"])
+        forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(lm_module.GPTLM, "__init__", spy)
+    kw = dict(tasks=["arc_easy"], data=None, task_data=task_data, limit=2)
+    report = evaluate(tmp_path / "run", tmp_path / "e1", **kw)
+    assert report["settings"]["alibi_scale"] == 2 and used == [2]
+    report = evaluate(tmp_path / "run", tmp_path / "e2", alibi_scale=1.0, **kw)
+    assert report["settings"]["alibi_scale"] == 1 and used == [2, 1]
+
+
+def test_learned_positions_have_no_long_context_and_no_alibi_scale(make_shards, heldout_texts, task_data, tmp_path):  # fmt: skip
+    from lmpipe.train.checkpoint import save_model
+    from lmpipe.train.model import GPT
+    from lmpipe.train.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny",
+        ["model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.d_ff=128",
+         "model.position=learned", "model.n_positions=256", "model.mlp=gelu", "model.mup=null"],
+    )  # fmt: skip
+    save_model(GPT(recipe.model), recipe, tmp_path / "run" / "model")
+    data = make_shards(tmp_path / "tokens", heldout_texts)
+    with pytest.raises(LmpipeError, match="long_context: this model has learned positions"):
+        evaluate(tmp_path / "run", tmp_path / "e", tasks=["long_context"], data=data, task_data=None, limit=1)  # fmt: skip
+    with pytest.raises(LmpipeError, match="--alibi-scale: this model has learned positions"):
+        evaluate(tmp_path / "run", tmp_path / "e", tasks=["arc_easy"], data=None, task_data=task_data, limit=1, alibi_scale=2.0)  # fmt: skip
+    report = evaluate(tmp_path / "run", tmp_path / "e", tasks=["perplexity", "arc_easy"], data=data, task_data=task_data, limit=2)  # fmt: skip
+    assert report["tasks"]["perplexity"]["token_perplexity"]["value"] > 1

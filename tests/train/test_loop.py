@@ -198,3 +198,82 @@ def test_resume_loads_every_zero_stage_weights_only(data, tmp_path, zero_stage, 
     train(recipe, data, tmp_path / "split", resume=True)
     want = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "whole")]
     assert [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "split")] == want
+
+
+# --- muP's rates, a stage's own batch and a fixed ALiBi scale, through the real loop ----------
+
+WIDE = [  # m_d = m_ffn = 2: muP's hidden rates differ from the embedding's
+    "model.d_model=64",
+    "model.d_ff=170",
+    "model.n_heads=2",
+    "model.mup.d_model_base=32",
+    "model.mup.d_ff_base=85",
+    *SMALL[5:],
+]
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_mup_rates_hold_inside_deepspeed_after_warmup_switch_and_resume(data, tmp_path, density):
+    from lmpipe.train.plan import lr_multiplier, make_plan
+
+    recipe = load_recipe("tiny", [*WIDE, f"model.density={density}"])
+    run = tmp_path / "run"
+    train(recipe, data, run, stop_after_steps=14)  # past the switch at step 12, checkpoint at 14
+    train(recipe, data, run, resume=True)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    plan, eta, m = make_plan(recipe), recipe.optimizer.lr, 2.0 * density
+    for r in rows:
+        mult = lr_multiplier(plan.tokens_at(r["step"] - 1), recipe.schedule, eta, plan.total_tokens)
+        got = r["lr_groups"]
+        assert got["embedding"] == pytest.approx(eta * mult, rel=1e-9) == r["lr"]
+        assert got["no_decay"] == pytest.approx(eta * mult, rel=1e-9)
+        assert got["hidden"] == pytest.approx(eta / m * mult, rel=1e-9) == r["lr_hidden"]
+        assert got["ffn_down"] == pytest.approx(eta / m * mult, rel=1e-9)
+    after_warmup, after_switch, after_resume = rows[2], rows[12], rows[15]
+    for r in (after_warmup, after_switch, after_resume):
+        assert r["lr"] > 0 and r["lr_hidden"] == pytest.approx(r["lr"] / m, rel=1e-9)
+    assert after_switch["seq_len"] == 128 and after_resume["step"] == 16
+
+
+def test_a_stage_with_its_own_batch_switches_accumulation_and_resumes_exactly(data, tmp_path):
+    """Cerebras-GPT 13B's switch (720 -> 1,080 sequences a step) on a tiny analogue: 512 tokens
+    a step (2 micro-steps), then 1,024 (4); one LR schedule in tokens across the switch."""
+    overrides = [*SMALL, "stages.1.tokens_per_step=1024", "checkpoint_every_tokens=1024"]
+    recipe = load_recipe("tiny", overrides)
+    train(recipe, data, tmp_path / "whole")
+    whole = metrics(tmp_path / "whole")
+    assert [r["grad_accum"] for r in whole] == [2] * 12 + [4] * 2
+    assert [r["tokens"] for r in whole] == [512 * s for s in range(1, 13)] + [7168, 8192]
+    for stop in (11, 13):  # resume before the switch, and inside the bigger batch
+        run = tmp_path / f"stop{stop}"
+        train(recipe, data, run, stop_after_steps=stop)
+        train(recipe, data, run, resume=True)
+        rows = metrics(run)
+        assert [(r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in rows] == [
+            (r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in whole
+        ]
+
+
+def test_a_stage_with_a_fixed_alibi_scale_divides_the_slopes(data, tmp_path, monkeypatch):
+    """A stage at 2x the length with alibi_scale 2 (seeds-spec 2: L_ft / L_train): every
+    attention call of that stage gets the slopes / 2; the saved model keeps the scale and eval
+    uses it by default."""
+    from lmpipe.train import model as model_module
+    from lmpipe.train.model import alibi_slopes
+
+    seen: dict[int, set] = {}
+    forward = model_module.Attention.forward
+
+    def spy(self, x_BTD, slopes_H, impl):
+        seen.setdefault(x_BTD.shape[1], set()).add(tuple(slopes_H.tolist()))
+        return forward(self, x_BTD, slopes_H, impl)
+
+    monkeypatch.setattr(model_module.Attention, "forward", spy)
+    recipe = load_recipe("tiny", [*SMALL, "stages.1.alibi_scale=2"])
+    train(recipe, data, tmp_path / "run")
+    base = alibi_slopes(2)
+    assert seen[64] == {tuple(base.tolist())}
+    assert seen[128] == {tuple((base / 2).tolist())}
+    _, saved = load_model(tmp_path / "run")
+    assert saved.stages[-1].alibi_scale == 2

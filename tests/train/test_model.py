@@ -219,3 +219,83 @@ def test_density_one_is_the_dense_model():
     b = GPT(tiny_config(density=1.0))
     for x, y in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(x, y)
+
+
+# --- Cerebras-GPT: learned positions, GELU, standard parametrisation --------------------------
+
+
+def cerebras_config(**overrides) -> ModelConfig:
+    """A small Cerebras-GPT-shaped model: learned positions, GELU 4 d, SP unless told."""
+    fields = dict(
+        n_layers=3,
+        n_heads=4,
+        d_model=64,
+        d_ff=256,
+        vocab_size=97,
+        position="learned",
+        n_positions=32,
+        mlp="gelu",
+        mup=None,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def test_gelu_mlp_is_gpt2s_layout():
+    torch.manual_seed(0)
+    model = GPT(cerebras_config())
+    mlp = model.h[0].mlp
+    assert mlp.c_fc2 is None and mlp.c_fc.weight.shape == (256, 64)
+    x = torch.randn(2, 5, 64)
+    want = mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(x)))  # exact (erf) GELU
+    assert torch.allclose(mlp(x), want)
+
+
+def test_learned_positions_are_added_before_alpha_in_and_end_at_n_positions():
+    torch.manual_seed(0)
+    cfg = cerebras_config(mup=MupConfig(d_model_base=32, d_ff_base=128, alpha_in=10.0))
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 97, (1, 32))
+    captured = {}
+    model.h[0].register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    want = (model.wte(idx) + model.wpe(torch.arange(32))) * 10.0
+    assert torch.allclose(captured["x"], want)
+    # positions matter: the same token at two places reads differently
+    with torch.no_grad():
+        same, _ = model(torch.full((1, 4), 5))
+    assert not torch.allclose(same[0, 1], same[0, 2], atol=1e-4)
+    with pytest.raises(ValueError, match="33 tokens exceed the 32 learned positions"):
+        model(torch.randint(0, 97, (1, 33)))
+    # causal without ALiBi: the future does not change the past
+    changed = idx.clone()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 97
+    with torch.no_grad():
+        other, _ = model(changed)
+    assert torch.allclose(logits[0, :20], other[0, :20], atol=1e-5)
+
+
+def test_position_embeddings_are_embeddings_under_mup():
+    torch.manual_seed(0)
+    cfg = cerebras_config(d_model=256, d_ff=1024, n_heads=4, n_layers=2, mup=MupConfig(d_model_base=64, d_ff_base=256, sigma_base=0.08))  # fmt: skip
+    model = GPT(cfg)
+    assert model.init_std("wpe.weight") == 0.08 and model.lr_scale("wpe.weight") == 1.0
+    assert model.group_of("wpe.weight") == "embedding"
+    assert model.wpe.weight.std().item() == pytest.approx(0.08 * 0.88, rel=0.05)
+    groups = {g["name"]: g for g in model.param_groups(lr=6e-3, weight_decay=0.1)}
+    assert groups["hidden"]["lr"] == pytest.approx(6e-3 / 4)  # eta_base x 64 / 256
+    assert any(p is model.wpe.weight for p in groups["embedding"]["params"])
+
+
+def test_standard_parametrisation_is_every_multiplier_one():
+    torch.manual_seed(0)
+    model = GPT(cerebras_config(d_model=256, d_ff=1024, n_layers=4))
+    assert (model.m_d, model.m_ffn, model.alpha_in, model.alpha_out) == (1.0, 1.0, 1.0, 1.0)
+    assert model.h[0].attn.scale == pytest.approx(64**-0.5)  # q.k / sqrt(d_head)
+    assert model.init_std("wte.weight") == model.init_std("h.0.attn.c_attn.weight") == 0.02
+    assert model.init_std("h.1.mlp.c_proj.weight") == pytest.approx(0.02 / math.sqrt(8))
+    assert model.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02 * 0.88, rel=0.05)
+    rates = {g["name"]: g["lr"] for g in model.param_groups(lr=6e-4, weight_decay=0.1)}
+    assert set(rates.values()) == {6e-4}  # one learning rate
+    assert GPT(cerebras_config(init_std=0.05)).init_std("wte.weight") == 0.05

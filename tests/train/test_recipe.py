@@ -16,9 +16,9 @@ def test_every_shipped_recipe_validates_and_plans(name):
     assert plan.total_tokens == recipe.total_tokens
     assert sum(s.steps for s in plan.stages) == plan.total_steps
     for s in plan.stages:
-        # the same tokens per step and the same accumulation in every stage
-        assert s.global_batch * s.seq_len == recipe.tokens_per_step
-        assert s.micro_batch * plan.grad_accum * s.seq_len == recipe.tokens_per_step
+        # each stage's tokens per step, whole micro-steps of micro_batch_tokens
+        assert s.global_batch * s.seq_len == recipe.stage_tokens_per_step(s.index)
+        assert s.micro_batch * s.grad_accum * s.seq_len == s.tokens_per_step
 
 
 def test_shipped_recipes_include_tiny_and_btlm3b():
@@ -136,3 +136,125 @@ def test_bf16_without_zero_is_refused():
     with pytest.raises(LmpipeError, match="bf16 needs zero_stage >= 1"):
         load_recipe("btlm3b", ["zero_stage=0"])
     assert load_recipe("tiny", ["zero_stage=0"]).precision == "fp32"  # fp32 needs no master copy
+
+
+# --- the Cerebras-GPT family (seeds-spec 3.1-3.3) ---------------------------------------------
+
+# name: layers, d_model, heads, d_ff, SP peak LR, sequences a step, steps, warmup steps, decay
+CEREBRAS_GPT = {
+    "111m": (10, 768, 12, 3072, 6.0e-4, 120, 9_037, 1_525, "linear"),
+    "256m": (14, 1088, 17, 4352, 6.0e-4, 264, 9_468, 693, "linear"),
+    "590m": (18, 1536, 12, 6144, 2.0e-4, 264, 21_836, 693, "linear"),
+    "1.3b": (24, 2048, 16, 8192, 2.0e-4, 528, 24_334, 346, "cosine"),
+    "2.7b": (32, 2560, 32, 10240, 2.0e-4, 528, 49_041, 346, "cosine"),
+    "6.7b": (32, 4096, 32, 16384, 1.2e-4, 1040, 62_522, 176, "linear"),
+    "13b": (40, 5120, 40, 20480, 1.2e-4, 720, 57_000, 254, "cosine"),
+}
+MUP_SIZES = ("111m", "256m", "590m", "1.3b", "2.7b")
+
+
+@pytest.mark.parametrize("size", list(CEREBRAS_GPT))
+@pytest.mark.parametrize("mup", [False, True])
+def test_cerebras_gpt_recipes_state_the_papers_numbers(size, mup):
+    if mup and size not in MUP_SIZES:
+        pytest.skip("Cerebras-GPT-muP goes up to 2.7B")
+    layers, d, heads, ff, lr, seqs, steps, warmup, decay = CEREBRAS_GPT[size]
+    recipe = load_recipe(f"cerebras-gpt-{size}" + ("-mup" if mup else ""))
+    m = recipe.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.d_ff) == (layers, d, heads, ff)
+    assert (m.position, m.n_positions, m.mlp, m.vocab_size) == ("learned", 2048, "gelu", 50257)
+    assert recipe.tokens_per_step == seqs * 2048 and recipe.stages[0].seq_len == 2048
+    plan = make_plan(recipe)
+    assert plan.stages[0].steps == steps
+    assert recipe.schedule.warmup_tokens == warmup * seqs * 2048  # ~375M tokens
+    assert recipe.schedule.decay == decay
+    assert recipe.optimizer.eps == (1e-9 if size in ("6.7b", "13b") else 1e-8)
+    assert (recipe.optimizer.betas, recipe.optimizer.weight_decay) == ((0.9, 0.95), 0.1)
+    if mup:
+        mp = m.mup
+        assert (mp.d_model_base, mp.d_ff_base, mp.sigma_base) == (256, 1024, 0.08)
+        assert (mp.alpha_in, mp.alpha_out, mp.qk_scale) == (10, 1, "d_head")
+        assert recipe.optimizer.lr == 6.0e-3 and m.init_std is None
+    else:
+        assert m.mup is None and recipe.optimizer.lr == lr
+    assert recipe.schedule.end_lr == pytest.approx(recipe.optimizer.lr / 10)  # to 10% of peak
+
+
+def test_cerebras_gpt_13b_switches_from_720_to_1080_sequences_at_step_57000():
+    recipe = load_recipe("cerebras-gpt-13b")
+    plan = make_plan(recipe, world_size=8)
+    first, second = plan.stages
+    assert (first.global_batch, first.steps, first.grad_accum) == (720, 57_000, 90)
+    assert (second.global_batch, second.steps, second.first_step) == (1080, 78_223, 57_000)
+    assert second.grad_accum == 135  # one 2,048-token sequence a micro-step on each of 8 ranks
+    assert plan.total_tokens == 257_066_680_320  # 2.57e11 (seeds-spec 3.1)
+    # one schedule in tokens across the switch: the multiplier is continuous there
+    before = lr_multiplier(plan.tokens_at(56_999), recipe.schedule, 1.2e-4, plan.total_tokens)
+    at = lr_multiplier(plan.tokens_at(57_000), recipe.schedule, 1.2e-4, plan.total_tokens)
+    after = lr_multiplier(plan.tokens_at(57_001), recipe.schedule, 1.2e-4, plan.total_tokens)
+    assert before > at > after and (at - after) > (before - at)  # bigger steps after the switch
+
+
+def test_13b_plan_at_one_rank():
+    plan = make_plan(load_recipe("cerebras-gpt-13b"))
+    assert [s.grad_accum for s in plan.stages] == [720, 1080]
+
+
+# nominal sizes, as the model names say (BTLM-3B is 2.6B; seeds-spec 1.1)
+NOMINAL = {"btlm3b": 2.6e9, "proxy": None, "tiny": None}
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_model_builds_on_the_meta_device_with_the_closed_form_count(name):
+    import torch
+
+    from lmpipe.train.model import GPT, count_parameters
+
+    recipe = load_recipe(name)
+    with torch.device("meta"):
+        model = GPT(recipe.model)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == count_parameters(recipe.model) == make_plan(recipe).n_params
+    nominal = NOMINAL.get(name)
+    if name.startswith("cerebras-gpt-"):
+        size = name.split("-")[2]
+        nominal = float(size[:-1]) * (1e9 if size.endswith("b") else 1e6)
+    if nominal is not None:
+        assert abs(n / nominal - 1) < 0.03, (name, n)
+
+
+def test_cerebras_gpt_2_7b_and_13b_counts():
+    from lmpipe.train.model import count_parameters
+
+    assert count_parameters(load_recipe("cerebras-gpt-2.7b").model) == 2_651_553_280
+    assert count_parameters(load_recipe("cerebras-gpt-13b").model) == 12_853_386_240
+
+
+def test_options_that_do_not_go_together_are_refused_with_the_key():
+    with pytest.raises(
+        LmpipeError, match=r"stages\.0\.seq_len \(4096\) exceeds model\.n_positions"
+    ):
+        load_recipe("cerebras-gpt-111m", ["stages.0.seq_len=4096", "micro_batch_tokens=16384"])
+    with pytest.raises(
+        LmpipeError, match=r"stages\.1\.alibi_scale \(4\) needs model\.position alibi"
+    ):
+        load_recipe("tiny", ["model.position=learned", "stages.1.alibi_scale=4"])
+    with pytest.raises(LmpipeError, match=r"mup\.d_ff_base \(682\.6\) does not fit"):
+        load_recipe("btlm3b", ["model.mlp=gelu", "model.d_ff=10240"])
+    with pytest.raises(LmpipeError, match="init_std is the standard parametrisation's"):
+        load_recipe("btlm3b", ["model.init_std=0.02"])
+    with pytest.raises(
+        LmpipeError, match=r"stages\.0\.alibi_scale: Input should be greater than or equal to 1"
+    ):
+        load_recipe("tiny", ["stages.0.alibi_scale=0.5"])
+    with pytest.raises(LmpipeError, match=r"stages\.1\.tokens_per_step \(1000\) is not a multiple"):
+        load_recipe("tiny", ["stages.1.tokens_per_step=1000"])
+
+
+def test_sp_is_mup_null_and_a_proxy_recipe_ships():
+    sp = load_recipe("cerebras-gpt-111m")
+    assert sp.model.mup is None and sp.model.init_std == 0.02
+    proxy = load_recipe("proxy")
+    assert proxy.model.d_model == proxy.model.mup.d_model_base == 256
+    assert (proxy.model.position, proxy.model.mlp) == ("alibi", "swiglu")
+    assert proxy.model.mup == load_recipe("btlm3b").model.mup  # BTLM's base and values
