@@ -398,6 +398,77 @@ def eval_(
     )
 
 
+mup_app = typer.Typer(name="mup", help="muP's tools: the coordinate check.", no_args_is_help=True)
+app.add_typer(mup_app)
+
+
+@mup_app.command("coord-check")
+def coord_check(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name or a YAML file (its model).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: coord.json, coord.png.")],
+    widths: Annotated[
+        str, typer.Option(help="Comma-separated d_model values (multiples of the head size).")
+    ] = "128,256,512,1024",
+    steps: Annotated[int, typer.Option(help="AdamW steps per width.")] = 10,
+    param: Annotated[
+        str, typer.Option(help="mup, sp (the same model with every muP multiplier 1) or both.")
+    ] = "both",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Token folder whose training split gives the batches (default: seeded random tokens)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value: --set model.n_layers=2 (repeatable)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(help="Tokens per sequence (default: the first stage's, at most 256)."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Base learning rate, constant (default: a tenth of the recipe's eta_base)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the initialisation and the random tokens.")
+    ] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train a recipe's model at several widths for a few steps and plot each activation's size
+    against width: flat under muP, growing under the standard parametrisation."""
+    from lmpipe.train.coord_check import CoordCheck
+    from lmpipe.train.coord_check import coord_check as run_check
+    from lmpipe.train.recipe import load_recipe
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(",") if w.strip())
+    except ValueError:
+        typer.echo(
+            f"error: --widths {widths!r}: comma-separated integers, e.g. 128,256,512", err=True
+        )
+        raise typer.Exit(2) from None
+    recipe_obj = run_stage(load_recipe, recipe, set_ or [])
+    params = ("mup", "sp") if param == "both" else (param,)
+    check = CoordCheck(
+        recipe_obj, width_list, steps=steps, params=params, data=data, batch_size=batch_size,
+        seq_len=seq_len, lr=lr, seed=seed,
+    )  # fmt: skip
+    run_stage(run_check, check, out, overwrite=overwrite)
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes: parameters, tokens, training FLOPs and tokens per parameter."""
+    from lmpipe.train.plan import print_recipes
+
+    run_stage(print_recipes)
+
+
 @app.command()
 def demo(
     workdir: Annotated[

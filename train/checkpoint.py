@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import sha256_file
+from lmpipe.dataprep.folders import sha256_file, write_json_atomic
 from lmpipe.train.model import GPT
 from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
 
@@ -125,6 +126,31 @@ def read_marker(folder: Path) -> dict[str, Any]:
             "the checkpoint cannot be verified, so it is not loaded"
         ) from None
     return {"step": step, "tokens": tokens, "files": files}
+
+
+def save_checkpoint(
+    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int, world: int
+) -> None:
+    """DeepSpeed checkpoint plus lmpipe's position and the sha256 of every file in it; the
+    marker `lmpipe.json` is written last and marks the checkpoint finished."""
+    import torch.distributed as dist
+
+    root = run_dir / CHECKPOINTS
+    tag = step_tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
+    if rank == 0:
+        (root / tag / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+    dist.barrier()
+    names = checkpoint_files(root / tag)
+    shares: list[dict[str, str]] = [{}] * world
+    dist.all_gather_object(shares, hash_share(root / tag, names, rank, world))
+    if rank == 0:
+        files = {name: digest for share in shares for name, digest in share.items()}
+        marker = {"step": step, "tokens": tokens, "files": dict(sorted(files.items()))}
+        write_json_atomic(root / tag / MARKER, marker)
+        for old in list_checkpoints(run_dir)[: -recipe.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
 
 
 def verify_checkpoint(folder: Path, part: int = 0, parts: int = 1) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -36,13 +35,11 @@ from lmpipe.train.checkpoint import (
     CHECKPOINTS,
     MARKER,
     MODEL_DIR,
-    checkpoint_files,
-    hash_share,
     list_checkpoints,
     load_checkpoint,
     read_marker,
+    save_checkpoint,
     save_model,
-    step_tag,
     verify_checkpoint,
 )
 from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
@@ -248,31 +245,6 @@ def print_coverage(coverage: list[dict[str, Any]], data: Path) -> None:
         for r in coverage
     ]
     Console(stderr=True).print(f"data {data}: " + "; ".join(parts), highlight=False)
-
-
-def save_checkpoint(
-    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int, world: int
-) -> None:
-    """DeepSpeed checkpoint plus lmpipe's position and the sha256 of every file in it; the
-    marker `lmpipe.json` is written last and marks the checkpoint finished."""
-    import torch.distributed as dist
-
-    root = run_dir / CHECKPOINTS
-    tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
-    if rank == 0:
-        (root / tag / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-    dist.barrier()
-    names = checkpoint_files(root / tag)
-    shares: list[dict[str, str]] = [{}] * world
-    dist.all_gather_object(shares, hash_share(root / tag, names, rank, world))
-    if rank == 0:
-        files = {name: digest for share in shares for name, digest in share.items()}
-        marker = {"step": step, "tokens": tokens, "files": dict(sorted(files.items()))}
-        write_json_atomic(root / tag / MARKER, marker)
-        for old in list_checkpoints(run_dir)[: -recipe.keep_checkpoints]:
-            shutil.rmtree(old)
-    dist.barrier()
 
 
 def resume_from(engine: Any, run_dir: Path, rank: int, world: int) -> int:

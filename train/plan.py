@@ -217,3 +217,43 @@ def parametrisation(recipe: Recipe) -> str:
         f"init std {mup.sigma_base:g} (embeddings), {mup.sigma_base / math.sqrt(m_d * m_rho):.4g} "
         f"(hidden); logits x {mup.alpha_out / m_d:.4g}, embeddings x {mup.alpha_in:g}"
     )
+
+
+def print_recipes() -> list[dict]:
+    """The shipped recipes in a table (and as rows): shape, parameters, tokens, FLOPs."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmpipe.train.recipe import load_recipe, shipped_recipes
+
+    rows = []
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        plan = make_plan(recipe)
+        m = recipe.model
+        rows.append(
+            {
+                "recipe": name,
+                "model": f"{m.n_layers} x {m.d_model}, {m.position}, {m.mlp}, "
+                + ("SP" if m.mup is None else "muP")
+                + (f", density {m.density:g}" if m.density < 1 else ""),
+                "parameters": plan.n_params,
+                "tokens": plan.total_tokens,
+                "flops": training_flops(recipe, plan),
+                "tokens_per_parameter": plan.total_tokens / plan.n_params,
+                "seq_len": " -> ".join(f"{s.seq_len:,}" for s in plan.stages),
+            }
+        )
+    table = Table(title="lmpipe recipes", box=box.SIMPLE_HEAD)
+    for col in ("recipe", "model", "parameters", "tokens", "FLOPs", "tokens\n/param", "seq_len"):
+        table.add_column(
+            col, justify="left" if col in ("recipe", "model") else "right", no_wrap=True
+        )
+    for r in rows:
+        table.add_row(
+            r["recipe"], r["model"], f"{r['parameters']:,}", f"{r['tokens']:.3g}",
+            f"{r['flops']:.2g}", f"{r['tokens_per_parameter']:.1f}", r["seq_len"],
+        )  # fmt: skip
+    print_table(Console(), table)
+    return rows
