@@ -93,3 +93,15 @@ def test_recipes_lists_every_shipped_recipe():
     for name in shipped_recipes():
         assert name in result.output
     assert "12,853,386,240" in result.output and "2,646,255,744" in result.output
+
+
+def test_cerebras_gpt_mup_shape_is_flat_too(tmp_path):
+    """Learned positions and GELU under Cerebras-GPT's muP (base 256, FFN base 1,024)."""
+    check = CoordCheck(
+        load_recipe("cerebras-gpt-111m-mup", SMALL_PROXY), (64, 128, 256, 512), steps=4,
+        params=("mup", "sp"), batch_size=4, seq_len=32, lr=6e-4,
+    )  # fmt: skip
+    report = coord_check(check, tmp_path / "cc")
+    mup, sp = report["params"]["mup"]["slopes"], report["params"]["sp"]["slopes"]
+    for q in HIDDEN:
+        assert abs(mup[q]) < 0.3 and sp[q] > 0.8, (q, mup[q], sp[q])

@@ -256,11 +256,11 @@ def test_a_stage_with_its_own_batch_switches_accumulation_and_resumes_exactly(da
 
 
 def test_a_stage_with_a_fixed_alibi_scale_divides_the_slopes(data, tmp_path, monkeypatch):
-    """A stage at 2x the length with alibi_scale 2 (seeds-spec 2: L_ft / L_train): every
-    attention call of that stage gets the slopes / 2; the saved model keeps the scale and eval
-    uses it by default."""
+    """A model trained at length L with a stage at 4L and alibi_scale 4 (seeds-spec 2: L_ft /
+    L_train): every attention call of that stage gets the slopes / 4, so its bias is
+    -(m_h / 4) (i - j); the saved model keeps the scale (eval's default: tests/evals)."""
     from lmpipe.train import model as model_module
-    from lmpipe.train.model import alibi_slopes
+    from lmpipe.train.model import alibi_bias, alibi_slopes
 
     seen: dict[int, set] = {}
     forward = model_module.Attention.forward
@@ -270,10 +270,15 @@ def test_a_stage_with_a_fixed_alibi_scale_divides_the_slopes(data, tmp_path, mon
         return forward(self, x_BTD, slopes_H, impl)
 
     monkeypatch.setattr(model_module.Attention, "forward", spy)
-    recipe = load_recipe("tiny", [*SMALL, "stages.1.alibi_scale=2"])
+    recipe = load_recipe("tiny", [*SMALL, "stages.1.seq_len=256", "stages.1.alibi_scale=4"])
     train(recipe, data, tmp_path / "run")
     base = alibi_slopes(2)
     assert seen[64] == {tuple(base.tolist())}
-    assert seen[128] == {tuple((base / 2).tolist())}
+    ((slopes,),) = [seen[256]]
+    assert slopes == tuple((base / 4).tolist())
+    bias = alibi_bias(torch.tensor(slopes), 256, 256, torch.float32)
+    i, j = torch.arange(256)[:, None], torch.arange(256)[None, :]
+    want = torch.where(j <= i, -(base[:, None, None] / 4) * (i - j), float("-inf"))
+    assert torch.equal(bias, want)
     _, saved = load_model(tmp_path / "run")
-    assert saved.stages[-1].alibi_scale == 2
+    assert saved.stages[-1].alibi_scale == 4
