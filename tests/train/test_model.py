@@ -226,19 +226,8 @@ def test_density_one_is_the_dense_model():
 
 def cerebras_config(**overrides) -> ModelConfig:
     """A small Cerebras-GPT-shaped model: learned positions, GELU 4 d, SP unless told."""
-    fields = dict(
-        n_layers=3,
-        n_heads=4,
-        d_model=64,
-        d_ff=256,
-        vocab_size=97,
-        position="learned",
-        n_positions=32,
-        mlp="gelu",
-        mup=None,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    shape = dict(n_layers=3, d_model=64, d_ff=256, position="learned", n_positions=32)
+    return tiny_config(**{**shape, "mlp": "gelu", "mup": None, **overrides})
 
 
 def test_gelu_mlp_is_gpt2s_layout():
