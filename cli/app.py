@@ -242,6 +242,13 @@ def tokenize(
             help="Encoding threads (tiktoken releases the GIL); output is identical for any number.",
         ),
     ] = 1,
+    split_by_field: Annotated[
+        str | None,
+        typer.Option(
+            help="Write one token folder per value of this field (dotted: meta.redpajama_set_name) "
+            "under OUT, for a mixture (`lmpipe train --data NAME=OUT/NAME:WEIGHT`)."
+        ),
+    ] = None,
     strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -258,6 +265,7 @@ def tokenize(
         strict=strict,
         overwrite=overwrite,
         workers=workers,
+        split_by_field=split_by_field,
     )
 
 
@@ -286,7 +294,11 @@ def train(
         str, typer.Option(help="A shipped recipe name (tiny, btlm3b) or a path to a YAML file.")
     ],
     data: Annotated[
-        Path | None, typer.Option(help="Token shard folder from `lmpipe tokenize`.")
+        list[str] | None,
+        typer.Option(
+            help="Token folder from `lmpipe tokenize`, or a mixture: NAME=PATH:WEIGHT, repeated "
+            "(weights normalised). Default: the recipe's data section."
+        ),
     ] = None,
     run_dir: Annotated[
         Path | None,
@@ -317,17 +329,20 @@ def train(
     ] = True,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
+    from lmpipe.train.data import parse_data, print_data_plan, with_data
     from lmpipe.train.recipe import load_recipe
 
     recipe_obj = run_stage(load_recipe, recipe, set_ or [])
+    sources = run_stage(parse_data, data or [])
     if dry_run:
         from lmpipe.train.plan import print_plan
 
-        run_stage(print_plan, recipe_obj)
+        if sources is not None or recipe_obj.data:  # the data is optional for a dry run
+            recipe_obj = run_stage(with_data, recipe_obj, sources)
+        plan = run_stage(print_plan, recipe_obj)
+        print_data_plan(recipe_obj, plan)
         return
-    if data is None:
-        typer.echo("error: --data is required unless --dry-run", err=True)
-        raise typer.Exit(2)
+    recipe_obj = run_stage(with_data, recipe_obj, sources)
     import os
 
     from lmpipe.train.loop import finish_process
@@ -335,7 +350,7 @@ def train(
 
     launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
     run_dir = run_dir or Path("runs") / recipe_obj.name
-    run_stage(run_train, recipe_obj, data, run_dir, resume=resume, verify_data=verify_data)
+    run_stage(run_train, recipe_obj, None, run_dir, resume=resume, verify_data=verify_data)
     if launched:
         finish_process()
 

@@ -25,6 +25,7 @@ and `start_batch` resumes exactly.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections.abc import Iterator
 
@@ -36,6 +37,8 @@ FEISTEL_ROUNDS = 6
 BLOCK_TOKENS = 8192  # unit of the stream's shuffle; a 2,049-token window spans at most 2 blocks
 MIN_BLOCKS = 16
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+TABLE_MAX = 1 << 18  # a permutation of at most this many values is kept as a table (2 MB)
+BLOCK_ORDERS_KEPT = 64  # epochs' block orders a loader keeps (tables only for small data)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -58,6 +61,7 @@ class WindowPermutation:
         self.mask = np.uint64((1 << self.half) - 1)
         digest = hashlib.blake2b(key, digest_size=8 * FEISTEL_ROUNDS).digest()
         self.keys = np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+        self._table: np.ndarray | None = None
 
     def _feistel(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> np.uint64(self.half), x & self.mask
@@ -69,6 +73,15 @@ class WindowPermutation:
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= self.n):
             raise IndexError(f"permutation index outside [0, {self.n})")
+        if self.n <= TABLE_MAX:
+            # A small domain (a mixture's small source, a short stage) is evaluated whole once and
+            # then looked up: the same values, without a dozen numpy calls on a few indices.
+            if self._table is None:
+                self._table = self._walk(np.arange(self.n, dtype=np.int64))
+            return self._table[index]
+        return self._walk(index)
+
+    def _walk(self, index: np.ndarray) -> np.ndarray:
         x = index.astype(np.uint64)
         with np.errstate(over="ignore"):
             x = self._feistel(x)
@@ -82,17 +95,22 @@ class WindowPermutation:
 class WindowLoader:
     """Batches of `seq_len + 1`-token windows from `data`, ordered by `seed` (see module doc)."""
 
-    def __init__(self, data: TokenShards, seed: int) -> None:
+    def __init__(self, data: TokenShards, seed: int, key: str = "") -> None:
+        """`key` (a mixture's source name) sets this stream's orders apart from other streams of
+        the same seed; "" keeps the single-folder orders."""
         if data.n_tokens < 2:
             raise ValueError(
                 f"{data.folder}: split {data.split!r} holds too few tokens to train on"
             )
         self.data = data
         self.seed = seed
+        self.key = f" source={key}" if key else ""
         self.block = max(1, min(BLOCK_TOKENS, data.n_tokens // MIN_BLOCKS))
         self.n_blocks = data.n_tokens // self.block
         self.epoch_tokens = self.n_blocks * self.block
-        self._block_orders: dict[int, WindowPermutation] = {}
+        self._block_orders: collections.OrderedDict[int, WindowPermutation] = (
+            collections.OrderedDict()
+        )
 
     def epoch_windows(self, seq_len: int) -> int:
         """Windows of this length in one pass over the data (the stream wraps after it)."""
@@ -101,16 +119,21 @@ class WindowLoader:
         return self.epoch_tokens // seq_len
 
     def permutation(self, *, seq_len: int, region_start: int, n_windows: int) -> WindowPermutation:
-        key = f"lmpipe-windows seed={self.seed} region_start={region_start} seq_len={seq_len}"
+        key = f"lmpipe-windows seed={self.seed} region_start={region_start} seq_len={seq_len}{self.key}"
         return WindowPermutation(n_windows, key.encode())
 
     def block_order(self, epoch: int) -> WindowPermutation:
-        if epoch not in self._block_orders:
-            if len(self._block_orders) >= 4:  # a window touches at most two epochs
-                self._block_orders.clear()
-            key = f"lmpipe-blocks seed={self.seed} epoch={epoch}"
-            self._block_orders[epoch] = WindowPermutation(self.n_blocks, key.encode())
-        return self._block_orders[epoch]
+        """Epoch `epoch`'s block order, from a small LRU: a stage that draws a source for many
+        epochs (a small, upsampled one) reads windows of all of them in every batch."""
+        order = self._block_orders.get(epoch)
+        if order is None:
+            key = f"lmpipe-blocks seed={self.seed} epoch={epoch}{self.key}"
+            order = self._block_orders[epoch] = WindowPermutation(self.n_blocks, key.encode())
+            if len(self._block_orders) > BLOCK_ORDERS_KEPT:
+                self._block_orders.popitem(last=False)
+        else:
+            self._block_orders.move_to_end(epoch)
+        return order
 
     def data_positions(self, positions: np.ndarray) -> np.ndarray:
         """The data token behind each stream position (vectorised; for checks and tools)."""
@@ -118,15 +141,21 @@ class WindowLoader:
         epoch, within = np.divmod(positions, self.epoch_tokens)
         block, offset = np.divmod(within, self.block)
         out = np.empty_like(positions)
-        for e in np.unique(epoch).tolist():
+        if not len(positions):
+            return out
+        # A read spans one epoch or two: a range, not np.unique's sort, finds them.
+        for e in range(int(epoch.min()), int(epoch.max()) + 1):
             at = epoch == e
-            out[at] = self.block_order(e)(block[at]) * self.block + offset[at]
+            if at.any():
+                out[at] = self.block_order(e)(block[at]) * self.block + offset[at]
         return out
 
-    def read_windows(self, positions: np.ndarray, out: np.ndarray) -> None:
-        """Fill each row of `out` with the stream's tokens from its stream position on. The
-        rows are cut into runs of consecutive data tokens (the rest of a block each), whose data
-        positions are found in one vectorised call."""
+    def read_windows(
+        self, positions: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
+        """Fill row `rows[i]` of `out` (default: row i) with the stream's tokens from
+        `positions[i]` on. The rows are cut into runs of consecutive data tokens (the rest of a
+        block each), whose data positions are found in one vectorised call."""
         length = out.shape[1]
         positions = np.asarray(positions, dtype=np.int64)
         first_block = positions // self.block
@@ -135,13 +164,14 @@ class WindowLoader:
         starts = np.maximum(positions[:, None], block_starts)
         stops = np.minimum(positions[:, None] + length, block_starts + self.block)
         data_starts = self.data_positions(starts.ravel()).reshape(starts.shape)
-        for row in range(len(positions)):
+        targets = range(len(positions)) if rows is None else rows.tolist()
+        for row, target in enumerate(targets):
             at = 0
             for piece in range(n_pieces):
                 take = int(stops[row, piece] - starts[row, piece])
                 if take <= 0:
                     break
-                self.data.read_into(int(data_starts[row, piece]), out[row, at : at + take])
+                self.data.read_into(int(data_starts[row, piece]), out[target, at : at + take])
                 at += take
 
     def read_window(self, position: int, out: np.ndarray) -> None:

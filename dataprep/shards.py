@@ -211,6 +211,13 @@ class TokenShards:
         manifest = read_manifest(self.folder, "tokenize")
         self.manifest = manifest
         where = self.folder / "manifest.json"
+        if "split_by_field" in manifest:
+            names = ", ".join(manifest.get("sources", {})) or "none"
+            raise LmpipeError(
+                f"{self.folder}: holds one token folder per value of "
+                f"{manifest['split_by_field']} ({names}); use those, e.g. "
+                f"--data NAME={self.folder}/NAME:WEIGHT"
+            )
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise LmpipeError(
                 f"{where}: shard format {manifest.get('format')!r} version "

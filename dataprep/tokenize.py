@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from lmpipe.dataprep.documents import InvalidLines, find_inputs, print_invalid, read_documents
+from lmpipe.dataprep.documents import (
+    InvalidLines,
+    field_value,
+    find_inputs,
+    print_invalid,
+    read_documents,
+)
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_manifest
 from lmpipe.dataprep.shards import SPLITS, TOKEN_DTYPE, ShardWriter, format_fields
@@ -54,11 +61,46 @@ class FileStats:
 
 @dataclass
 class Batch:
-    """Texts of one input file, in order, with each one's split."""
+    """Texts of one input file, in order, with each one's split and output folder ("" unless
+    split by a field)."""
 
     texts: list[str] = field(default_factory=list)
     heldout: list[bool] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
     n_bytes: int = 0
+
+
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def folder_for(value: str) -> str:
+    """The folder a `--split-by-field` value writes to: its letters, digits, '.', '_' and '-',
+    any other character as '_', and never a hidden or private name (those get an 'x' first: a
+    folder starting with '.' or '_' is skipped when its parent is read as input)."""
+    name = _NOT_IN_NAMES.sub("_", value)
+    return "x" + name if name[:1] in ("", ".", "_") else name
+
+
+@dataclass
+class FieldSplit:
+    """`--split-by-field`: the dotted field, and each output folder's value so far."""
+
+    field: str
+    values: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, record: dict[str, Any]) -> str | None:
+        """The record's folder; None when it has no string value there."""
+        value = field_value(record, self.field)
+        if not isinstance(value, str) or not value:
+            return None
+        name = folder_for(value)
+        first = self.values.setdefault(name, value)
+        if first != value:
+            raise LmpipeError(
+                f"--split-by-field {self.field}: values {first!r} and {value!r} both make "
+                f"folder {name!r}"
+            )
+        return name
 
 
 def read_batches(
@@ -68,16 +110,27 @@ def read_batches(
     stats: FileStats,
     key: bytes,
     threshold: int,
+    split: FieldSplit | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[Batch]:
     batch = Batch()
-    for _, record in read_documents(path, strict, stats.invalid, on_bytes):
+    for line_no, record in read_documents(path, strict, stats.invalid, on_bytes):
+        folder = ""
+        if split is not None:
+            folder = split.folder(record)
+            if folder is None:
+                why = f"no string {split.field!r} field (--split-by-field)"
+                if strict:
+                    raise LmpipeError(f"{path}:{line_no}: {why}")
+                stats.invalid.add(line_no, why)
+                continue
         text = record["text"]
         utf8 = text.encode("utf-8")  # valid: read_documents refuses lone surrogates
         held = is_heldout(utf8, key, threshold)
         stats.documents["heldout" if held else "train"] += 1
         batch.texts.append(text)
         batch.heldout.append(held)
+        batch.folders.append(folder)
         batch.n_bytes += len(utf8)
         if batch.n_bytes >= BATCH_BYTES:
             yield batch
@@ -86,11 +139,12 @@ def read_batches(
         yield batch
 
 
-Packed = dict[str, tuple[np.ndarray, np.ndarray]]
+Packed = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
 
 
 def encode_batch(batch: Batch) -> Packed:
-    """Encode a batch and pack each split as (`doc EOT doc EOT ...` uint16, lengths with EOT)."""
+    """Encode a batch and pack each (folder, split) as (`doc EOT doc EOT ...` uint16, lengths
+    with EOT)."""
     enc = get_encoding()
     # encode_to_numpy with nothing allowed or disallowed is encode_ordinary (special-token text is
     # ordinary text), but fills a numpy buffer instead of a Python list: about 1.5x faster.
@@ -99,15 +153,20 @@ def encode_batch(batch: Batch) -> Packed:
     ]
     eot = np.array([EOT_ID], dtype=np.uint32)
     packed: Packed = {}
-    for split, want in (("train", False), ("heldout", True)):
-        docs = [a for a, h in zip(arrays, batch.heldout, strict=True) if h == want]
-        if not docs:
-            continue
-        flat = np.concatenate([p for a in docs for p in (a, eot)])
-        if flat.max() >= VOCAB_SIZE:  # GPT-2 ids always fit; this guards the uint16 cast
-            raise RuntimeError(f"token id {int(flat.max())} does not fit {TOKEN_DTYPE}")
-        lengths = np.fromiter((len(a) + 1 for a in docs), dtype=np.int64, count=len(docs))
-        packed[split] = (flat.astype(TOKEN_DTYPE), lengths)
+    for folder in dict.fromkeys(batch.folders):
+        for split, want in (("train", False), ("heldout", True)):
+            docs = [
+                a
+                for a, h, f in zip(arrays, batch.heldout, batch.folders, strict=True)
+                if h == want and f == folder
+            ]
+            if not docs:
+                continue
+            flat = np.concatenate([p for a in docs for p in (a, eot)])
+            if flat.max() >= VOCAB_SIZE:  # GPT-2 ids always fit; this guards the uint16 cast
+                raise RuntimeError(f"token id {int(flat.max())} does not fit {TOKEN_DTYPE}")
+            lengths = np.fromiter((len(a) + 1 for a in docs), dtype=np.int64, count=len(docs))
+            packed[folder, split] = (flat.astype(TOKEN_DTYPE), lengths)
     return packed
 
 
@@ -141,8 +200,12 @@ def tokenize(
     strict: bool = False,
     overwrite: bool = False,
     workers: int = 1,
+    split_by_field: str | None = None,
 ) -> dict[str, Any]:
-    """Encode documents into a shard folder at `out`; returns its manifest."""
+    """Encode documents into a shard folder at `out`; returns its manifest. With
+    `split_by_field` (dotted, e.g. meta.redpajama_set_name), one shard folder per value of that
+    field under `out` (`folder_for`), each with its own manifest, in one pass; `out/manifest.json`
+    then lists the folders, and a record without the field is an invalid line."""
     if not 0.0 <= holdout <= 1.0:
         raise LmpipeError(f"holdout must be between 0 and 1, got {holdout}")
     if seed < 0:
@@ -151,7 +214,10 @@ def tokenize(
         raise LmpipeError(f"shard_tokens must be at least 1, got {shard_tokens}")
     if workers < 1:
         raise LmpipeError(f"workers must be at least 1, got {workers}")
+    if split_by_field == "":
+        raise LmpipeError("--split-by-field: name a field (dotted for nested: meta.source)")
     files = find_inputs(inputs)
+    split = FieldSplit(split_by_field) if split_by_field else None
     get_encoding()  # a missing tokenizer fails here, before any output exists
     key, threshold = str(seed).encode(), holdout_threshold(holdout)
     out = Path(out)
@@ -163,14 +229,26 @@ def tokenize(
         work = stack.enter_context(
             staged_output(out, stage="tokenize", reads=[*inputs, *files], overwrite=overwrite)
         )
-        writers = {
-            split: stack.enter_context(
-                ShardWriter(
-                    work, split, eot_id=EOT_ID, vocab_size=VOCAB_SIZE, shard_tokens=shard_tokens
-                )
-            )
-            for split in SPLITS
-        }
+        writers: dict[tuple[str, str], ShardWriter] = {}
+
+        def writer(folder: str, split_name: str) -> ShardWriter:
+            """A folder's writers, made when its first document arrives ("": `out` itself)."""
+            if (folder, split_name) not in writers:
+                (work / folder).mkdir(exist_ok=True)
+                for name in SPLITS:
+                    writers[folder, name] = stack.enter_context(
+                        ShardWriter(
+                            work / folder,
+                            name,
+                            eot_id=EOT_ID,
+                            vocab_size=VOCAB_SIZE,
+                            shard_tokens=shard_tokens,
+                        )  # fmt: skip
+                    )
+            return writers[folder, split_name]
+
+        if split is None:
+            writer("", "train")  # one folder, written even when no document is valid
         progress = stack.enter_context(make_progress())
         bar = progress.add_task("", total=total_bytes, tokens=0)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
@@ -182,8 +260,8 @@ def tokenize(
         def drain(keep: int) -> None:
             nonlocal n_tokens
             while len(pending) > keep:
-                for split, (flat, lengths) in pending.popleft().result().items():
-                    writers[split].add_packed(flat, lengths)
+                for (folder, split_name), (flat, lengths) in pending.popleft().result().items():
+                    writer(folder, split_name).add_packed(flat, lengths)
                     n_tokens += len(flat)
                 progress.update(bar, tokens=n_tokens)
 
@@ -199,6 +277,7 @@ def tokenize(
                     stats=stats,
                     key=key,
                     threshold=threshold,
+                    split=split,
                     on_bytes=lambda n: progress.advance(bar, n),
                 ):
                     pending.append(pool.submit(encode_batch, batch))
@@ -207,26 +286,52 @@ def tokenize(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        splits = {split: writers[split].close() for split in SPLITS}
-        manifest = write_manifest(
-            work,
-            "tokenize",
-            **format_fields(
-                splits,
-                tokenizer_name=NAME,
-                tokenizer_sha256=ranks_sha256(),
-                vocab_size=VOCAB_SIZE,
-                eot_id=EOT_ID,
-            ),
-            inputs=[input_entry(s, sha) for s, sha in zip(all_stats, input_sha, strict=True)],
-            totals=totals(splits, all_stats),
-            settings={
-                "holdout": holdout,
-                "seed": seed,
-                "shard_tokens": shard_tokens,
-                "strict": strict,
-            },
-        )
+        inputs = [input_entry(s, sha) for s, sha in zip(all_stats, input_sha, strict=True)]
+        settings = {
+            "holdout": holdout,
+            "seed": seed,
+            "shard_tokens": shard_tokens,
+            "strict": strict,
+        }
+        folders = sorted({folder for folder, _ in writers})
+        made = {}
+        for folder in folders:
+            splits = {name: writers[folder, name].close() for name in SPLITS}
+            made[folder] = write_manifest(
+                work / folder,
+                "tokenize",
+                **format_fields(
+                    splits,
+                    tokenizer_name=NAME,
+                    tokenizer_sha256=ranks_sha256(),
+                    vocab_size=VOCAB_SIZE,
+                    eot_id=EOT_ID,
+                ),
+                inputs=inputs,
+                totals=totals(splits, all_stats) if split is None else folder_totals(splits),
+                settings=settings
+                if split is None
+                else {
+                    **settings,
+                    "split_by_field": split.field,
+                    "value": split.values[folder],
+                },  # fmt: skip
+            )
+        if split is None:
+            manifest = made[""]
+        else:
+            manifest = write_manifest(
+                work,
+                "tokenize",
+                split_by_field=split.field,
+                sources={
+                    folder: {"value": split.values[folder], **source_totals(m)}
+                    for folder, m in made.items()
+                },
+                inputs=inputs,
+                totals=split_totals(made, all_stats),
+                settings=settings,
+            )
     print_summary(manifest, out)
     return manifest
 
@@ -259,6 +364,38 @@ def totals(splits: dict[str, dict[str, Any]], stats: list[FileStats]) -> dict[st
     }
 
 
+def folder_totals(splits: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """One field value's folder: its documents and tokens (the lines belong to the inputs, whose
+    counts are in the parent folder's manifest)."""
+    return {
+        "documents": sum(s["n_documents"] for s in splits.values()),
+        "tokens": sum(s["n_tokens"] for s in splits.values()),
+        **{f"{split}_documents": splits[split]["n_documents"] for split in SPLITS},
+        **{f"{split}_tokens": splits[split]["n_tokens"] for split in SPLITS},
+    }
+
+
+def source_totals(manifest: dict[str, Any]) -> dict[str, int]:
+    t = manifest["totals"]
+    return {k: t[k] for k in ("documents", "tokens", "train_documents", "heldout_documents")}
+
+
+def split_totals(made: dict[str, dict[str, Any]], stats: list[FileStats]) -> dict[str, int]:
+    """The totals of a split output: every folder's documents and tokens, every input's lines."""
+    documents = sum(m["totals"]["documents"] for m in made.values())
+    invalid = sum(s.invalid.count for s in stats)
+    blank = sum(s.invalid.blank for s in stats)
+    return {
+        "files": len(stats),
+        "folders": len(made),
+        "lines": documents + invalid + blank,
+        "documents": documents,
+        "invalid": invalid,
+        "blank_lines": blank,
+        "tokens": sum(m["totals"]["tokens"] for m in made.values()),
+    }
+
+
 def print_summary(manifest: dict[str, Any], out: Path) -> None:
     from rich.console import Console
 
@@ -268,6 +405,19 @@ def print_summary(manifest: dict[str, Any], out: Path) -> None:
         f"tokenize: {t['documents']:,} documents, {t['tokens']:,} tokens from {t['files']} "
         f"file(s) -> {out}"
     )
+    if "sources" in manifest:
+        console.print(f"  one token folder per value of {manifest['split_by_field']}:")
+        for folder, source in manifest["sources"].items():
+            console.print(
+                f"  {out / folder}  {source['documents']:>12,} documents "
+                f"{source['tokens']:>15,} tokens  ({source['value']!r})",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        console.print(f"  invalid  {t['invalid']:>12,} lines")
+        print_invalid(console, manifest["inputs"])
+        return
     for split in SPLITS:
         s = manifest["splits"][split]
         console.print(

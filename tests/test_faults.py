@@ -647,12 +647,12 @@ def test_the_run_folder_message_tells_a_run_from_an_unrelated_folder(pattern_tok
         with pytest.raises(
             LmpipeError, match=r"photos: not empty and holds no lmpipe run \(cat\.jpg\)"
         ):
-            check_run_dir(unrelated, pattern_tokens, recipe, resume_flag)
+            check_run_dir(unrelated, [pattern_tokens], recipe, resume_flag)
     earlier = tmp_path / "earlier"
     write_lines(earlier / "metrics.jsonl", ['{"step": 1}'])
     with pytest.raises(LmpipeError, match="holds files of an earlier run; pass --resume"):
-        check_run_dir(earlier, pattern_tokens, recipe, False)
-    check_run_dir(earlier, pattern_tokens, recipe, True)  # resuming it is fine
+        check_run_dir(earlier, [pattern_tokens], recipe, False)
+    check_run_dir(earlier, [pattern_tokens], recipe, True)  # resuming it is fine
 
 
 def corrupt_token(folder: Path, split: str, offset: int, value: int) -> Path:
@@ -881,7 +881,7 @@ def test_a_folder_with_foreign_files_is_no_run_even_with_some_run_names(pattern_
     write_lines(folder / "notes.txt", ["x"])
     (folder / "logs").mkdir()
     with pytest.raises(LmpipeError, match="holds no lmpipe run"):
-        check_run_dir(folder, pattern_tokens, load_recipe("tiny", SMALL), True)
+        check_run_dir(folder, [pattern_tokens], load_recipe("tiny", SMALL), True)
 
 
 def test_a_hard_link_to_an_input_is_the_same_file(raw, tmp_path, gpt2):

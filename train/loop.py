@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -42,8 +43,16 @@ from lmpipe.train.checkpoint import (
     save_model,
     verify_checkpoint,
 )
+from lmpipe.train.data import (
+    coverage,
+    heldout_loss,
+    open_heldout,
+    open_sources,
+    print_coverage,
+    with_data,
+)
 from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
-from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
+from lmpipe.train.recipe import DataSource, Recipe, load_recipe, recipe_yaml
 
 log = logging.getLogger("lmpipe.train")
 
@@ -104,9 +113,9 @@ def finish_process() -> None:
 RUN_FILES = ("recipe.yaml", "plan.json", "deepspeed.json", "metrics.jsonl", "logs", CHECKPOINTS)
 
 
-def check_run_dir(run_dir: Path, data: Path, recipe: Recipe, resume: bool) -> None:
+def check_run_dir(run_dir: Path, data: list[Path], recipe: Recipe, resume: bool) -> None:
     """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
-    check_output(run_dir, [data], what="run folder")
+    check_output(run_dir, data, what="run folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
     if is_finished(run_dir):
@@ -131,8 +140,13 @@ def check_run_dir(run_dir: Path, data: Path, recipe: Recipe, resume: bool) -> No
 
 
 # Settings a resumed run may change; anything else would make it a different run from the one
-# its checkpoint, metrics and data order belong to.
-RESUMABLE_CHANGES = {"checkpoint_every_tokens", "keep_checkpoints", "model.attn_impl"}
+# its checkpoint, metrics and data order belong to. (A source's folder may move: `data.N.path`.)
+RESUMABLE_CHANGES = {
+    "checkpoint_every_tokens",
+    "keep_checkpoints",
+    "model.attn_impl",
+    "warn_epochs",
+}
 
 
 def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
@@ -149,7 +163,9 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
     changed = [
         f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
+        if old.get(key) != new.get(key)
+        and key not in RESUMABLE_CHANGES
+        and not re.fullmatch(r"data\.\d+\.path", key)
     ]
     if changed:
         raise LmpipeError(
@@ -220,33 +236,6 @@ def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
         save_model(engine.module, recipe, folder, state)
 
 
-def data_coverage(plan: Plan, loader: Any) -> list[dict[str, Any]]:
-    """How many tokens one pass over the data holds at each stage's window length (a window of
-    seq_len inputs consumes seq_len tokens of the stream), and how many passes the stage reads."""
-    rows = []
-    for s in plan.stages:
-        epoch_tokens = loader.epoch_windows(s.seq_len) * s.seq_len
-        rows.append(
-            {
-                "stage": s.index,
-                "seq_len": s.seq_len,
-                "epoch_tokens": epoch_tokens,
-                "epochs": s.tokens / epoch_tokens,
-            }
-        )
-    return rows
-
-
-def print_coverage(coverage: list[dict[str, Any]], data: Path) -> None:
-    from rich.console import Console
-
-    parts = [
-        f"stage {r['stage']} reads {r['epochs']:.2f} epochs of {r['epoch_tokens']:,} tokens at {r['seq_len']:,}"
-        for r in coverage
-    ]
-    Console(stderr=True).print(f"data {data}: " + "; ".join(parts), highlight=False)
-
-
 def resume_from(engine: Any, run_dir: Path, rank: int, world: int) -> int:
     """Load the newest finished checkpoint, after every rank has checked its share of the
     checksums; the step it ends. Without a checkpoint: step 0, and the user is told."""
@@ -280,27 +269,28 @@ def _notice(text: str) -> None:
 
 def train(
     recipe: Recipe,
-    data: Path,
+    data: Path | list[DataSource] | None,
     run_dir: Path,
     *,
     resume: bool = False,
     stop_after_steps: int | None = None,
     verify_data: bool = True,
 ) -> dict[str, Any]:
-    """Train `recipe` on the shard folder `data`, writing everything into `run_dir`.
+    """Train `recipe` on `data` (one shard folder, named sources with weights, or None for the
+    recipe's own `data` section), writing everything into `run_dir`.
 
     Returns the summary written to the run's manifest. `stop_after_steps` ends the call early with
     a checkpoint (as a preempted job would), for tests and bounded jobs; `resume=True` continues
     from the newest finished checkpoint exactly where the data and the schedule left off.
     `verify_data=False` skips the sha256 check of the shards (sizes are still checked).
     """
+    recipe = with_data(recipe, data)
     with launch_environment():
-        return train_run(recipe, Path(data), Path(run_dir), resume, stop_after_steps, verify_data)
+        return train_run(recipe, Path(run_dir), resume, stop_after_steps, verify_data)
 
 
 def train_run(
     recipe: Recipe,
-    data: Path,
     run_dir: Path,
     resume: bool,
     stop_after_steps: int | None,
@@ -308,26 +298,22 @@ def train_run(
 ) -> dict[str, Any]:
     import torch
 
-    from lmpipe.dataprep.loader import WindowLoader
-    from lmpipe.dataprep.shards import TokenShards
+    from lmpipe.dataprep.mixture import MixtureLoader
     from lmpipe.train.model import GPT
 
     # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
     # cold); the launcher's environment already says how many ranks there are.
     launch_world = int(os.environ.get("WORLD_SIZE", "1"))
-    shards = TokenShards(data, "train", verify=False)  # sizes now, checksums once ranks can share
-    if shards.vocab_size > recipe.model.vocab_size:
-        raise LmpipeError(
-            f"{data}: token ids up to {shards.vocab_size} exceed model.vocab_size {recipe.model.vocab_size}"
-        )
+    sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
+    heldout = open_heldout(recipe) if recipe.validation else {}
     plan = make_plan(recipe, launch_world)
-    check_run_dir(run_dir, data, recipe, resume)
+    check_run_dir(run_dir, [s.path for s in recipe.data or []], recipe, resume)
     rank, world = init_distributed()
     import deepspeed
     import torch.distributed as dist
 
     if verify_data:
-        on_all_ranks(lambda: shards.verify_checksums(rank, world), world)
+        on_all_ranks(lambda: [s.verify_checksums(rank, world) for s in sources.values()], world)
     dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
     if rank == 0:
         try:
@@ -336,19 +322,19 @@ def train_run(
             raise LmpipeError(f"{run_dir}: cannot be created ({e.strerror})") from None
     dist.barrier()
     setup_logging(run_dir, rank)
-    loader = WindowLoader(shards, recipe.seed)
+    loader = MixtureLoader(sources, recipe.seed)
     ds_config = deepspeed_config(recipe, plan)
-    coverage = data_coverage(plan, loader)
-    for row in coverage:
+    drawn = coverage(recipe, plan, loader)
+    for row in drawn:
         log.info(
-            "stage %(stage)d: %(epoch_tokens)d tokens an epoch at seq_len %(seq_len)d, %(epochs).3f epochs",
+            "stage %(stage)d, source %(source)s: %(tokens)d tokens, %(epochs).3f epochs of %(epoch_tokens)d at seq_len %(seq_len)d",
             row,
         )
     if rank == 0:
         (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-        write_json_atomic(run_dir / "plan.json", {**plan_summary(recipe, plan), "data": coverage})
+        write_json_atomic(run_dir / "plan.json", {**plan_summary(recipe, plan), "data": drawn})
         write_json_atomic(run_dir / "deepspeed.json", ds_config)
-        print_coverage(coverage, data)
+        print_coverage(recipe, drawn)
 
     torch.manual_seed(recipe.seed)
     model = GPT(recipe.model)
@@ -375,6 +361,7 @@ def train_run(
     summary = run_steps(
         engine,
         loader,
+        heldout,
         recipe,
         plan,
         run_dir,
@@ -391,7 +378,7 @@ def train_run(
                 run_dir,
                 "train",
                 recipe=recipe.name,
-                data=str(data),
+                data={source.name: str(source.path) for source in recipe.data or []},
                 world_size=world,
                 summary=summary,
             )
@@ -423,6 +410,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def run_steps(
     engine: Any,
     loader: Any,
+    heldout: dict[str, Any],
     recipe: Recipe,
     plan: Plan,
     run_dir: Path,
@@ -471,7 +459,7 @@ def run_steps(
             batches = loader.batches(
                 seq_len=stage.seq_len,
                 global_batch=stage.global_batch,
-                region_start=stage.region_start,
+                sources=stage.sources,
                 n_batches=stage.steps,
                 start_batch=step - stage.first_step,
                 rank=rank,
@@ -521,6 +509,12 @@ def run_steps(
                     ),
                     "tokens_per_s": round(stage.tokens_per_step / (time.perf_counter() - t0), 1),
                 }
+                validation = recipe.validation
+                if validation and heldout and tokens // validation.every_tokens > before // validation.every_tokens:  # fmt: skip
+                    row["val_loss"] = heldout_loss(
+                        engine, heldout, seq_len=stage.seq_len, tokens=validation.tokens,
+                        micro_batch=stage.micro_batch, alibi_scale=stage.alibi_scale, rank=rank, world=world,
+                    )  # fmt: skip
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.mixture import StageSource, counts, quotas
 from lmpipe.dataprep.report import print_table
 from lmpipe.train.recipe import Recipe, ScheduleConfig, recipe_yaml
 
@@ -33,6 +34,7 @@ class StagePlan:
     micro_batch: int  # sequences per rank per forward
     grad_accum: int  # micro-steps per optimizer step on each rank
     alibi_scale: float  # fixed ALiBi interpolation of the stage (1: none)
+    sources: tuple[StageSource, ...]  # what the stage draws from each token folder (mixture.py)
 
     def tokens_at(self, step: int) -> int:
         """Tokens trained after global step `step` (within or at the end of this stage)."""
@@ -71,6 +73,7 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
 
     per_rank_micro_tokens = recipe.micro_batch_tokens * world_size
     stages, step, region = [], 0, 0
+    drawn = {name: 0 for name in source_names(recipe)}  # tokens each source gave earlier stages
     for i, s in enumerate(recipe.stages):
         step_tokens = recipe.stage_tokens_per_step(i)
         if step_tokens % per_rank_micro_tokens:
@@ -80,6 +83,16 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
                 f"({recipe.micro_batch_tokens} x {world_size}); change either with --set"
             )
         steps = s.tokens // step_tokens
+        weights = recipe.stage_weights(i) if recipe.data else {"data": 1.0}
+        names = [name for name in drawn if name in weights]
+        quota = quotas([weights[name] for name in names])
+        windows = counts(steps * (step_tokens // s.seq_len), quota)
+        sources = tuple(
+            StageSource(name, q, drawn[name], n)
+            for name, q, n in zip(names, quota, windows, strict=True)
+        )
+        for source in sources:
+            drawn[source.name] += source.windows * s.seq_len
         stages.append(
             StagePlan(
                 index=i,
@@ -93,6 +106,7 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
                 micro_batch=recipe.micro_batch_tokens // s.seq_len,
                 grad_accum=step_tokens // per_rank_micro_tokens,
                 alibi_scale=s.alibi_scale,
+                sources=sources,
             )
         )
         step, region = step + steps, region + s.tokens
@@ -103,6 +117,11 @@ def make_plan(recipe: Recipe, world_size: int = 1) -> Plan:
         n_params=count_parameters(recipe.model),
         stages=tuple(stages),
     )
+
+
+def source_names(recipe: Recipe) -> list[str]:
+    """The token folders' names, in the recipe's order ("data" for a single --data folder)."""
+    return [source.name for source in recipe.data] if recipe.data else ["data"]
 
 
 def lr_multiplier(

@@ -114,9 +114,29 @@ class ScheduleConfig(Section):
     end_lr: float = Field(ge=0)
 
 
+class DataSource(Section):
+    """One token folder of a mixture: its name (for stage weights, the plan and metrics), where
+    it is, and its share of every batch (weights are normalised over the sources a stage draws)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: Path
+    weight: float = Field(1.0, gt=0)
+
+
+class ValidationConfig(Section):
+    """Held-out loss during training, per source: the first `tokens` tokens of each source's
+    held-out split, in windows of the current stage's length, every `every_tokens` trained."""
+
+    every_tokens: int = Field(gt=0)
+    tokens: int = Field(gt=0)
+
+
 class Stage(Section):
     seq_len: int = Field(gt=0)
     tokens: int = Field(gt=0)
+    weights: dict[str, float] | None = Field(
+        None, description="this stage's mixture: source name -> weight (default: data's weights)"
+    )
     tokens_per_step: int | None = Field(
         None, gt=0, description="this stage's global batch in tokens (default: the recipe's)"
     )
@@ -142,10 +162,17 @@ class Recipe(Section):
     seed: int = 1
     checkpoint_every_tokens: int = Field(gt=0)
     keep_checkpoints: int = Field(2, ge=1)
+    data: list[DataSource] | None = Field(
+        None, description="token folders and weights (or --data); one folder trains as ever"
+    )
+    warn_epochs: float = Field(
+        4.0, gt=0, description="warn when a stage reads more than this many epochs of a source"
+    )
+    validation: ValidationConfig | None = None
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Recipe:
-        problems = []
+        problems = self._mixture_problems()
         if self.tokens_per_step % self.micro_batch_tokens:
             problems.append(
                 f"tokens_per_step ({self.tokens_per_step}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
@@ -187,9 +214,34 @@ class Recipe(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def _mixture_problems(self) -> list[str]:
+        names = [source.name for source in self.data or []]
+        problems = [
+            f"data.{i}.name: {name!r} names two sources"
+            for i, name in enumerate(names)
+            if name in names[:i]
+        ]
+        for i, stage in enumerate(self.stages):  # (names are checked once the data is known)
+            if stage.weights is None:
+                continue
+            if not stage.weights:
+                problems.append(f"stages.{i}.weights: names no source")
+            for name, weight in stage.weights.items():
+                if self.data is not None and name not in names:
+                    problems.append(f"stages.{i}.weights.{name}: no such source (data: {', '.join(names)})")  # fmt: skip
+                if not weight > 0:
+                    problems.append(f"stages.{i}.weights.{name}: weight {weight:g} is not > 0")
+        return problems
+
     @property
     def total_tokens(self) -> int:
         return sum(stage.tokens for stage in self.stages)
+
+    def stage_weights(self, index: int) -> dict[str, float]:
+        """Source name -> normalised weight of stage `index` (absent sources are not drawn)."""
+        raw = self.stages[index].weights or {s.name: s.weight for s in self.data or []}
+        total = sum(raw.values())
+        return {name: w / total for name, w in raw.items()}
 
     def stage_tokens_per_step(self, index: int) -> int:
         return self.stages[index].tokens_per_step or self.tokens_per_step

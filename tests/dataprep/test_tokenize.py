@@ -268,3 +268,47 @@ def test_inspect_decodes_what_training_sees(gpt2, corpus: Path, tmp_path: Path) 
     train = summary["splits"]["train"]
     assert train["n_documents"] + summary["splits"]["heldout"]["n_documents"] == len(TEXTS)
     assert train["document_tokens"]["min"] == 0  # the empty document
+
+
+# --- --split-by-field: one token folder per source, for a mixture -------------------------
+
+SOURCES = ["RedPajamaC4", "RedPajamaBook", "Red/Pajama ArXiv", ".hidden"]
+
+
+def test_split_by_field_round_trip(gpt2, tmp_path: Path) -> None:
+    records = [
+        {"text": t, "meta": {"redpajama_set_name": SOURCES[i % 4]}} for i, t in enumerate(TEXTS)
+    ]
+    records.insert(5, {"text": "no source here", "meta": {}})
+    records.insert(9, {"text": "a number for a source", "meta": {"redpajama_set_name": 7}})
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "tok"
+    m = tokenize([src], out, holdout=0.1, split_by_field="meta.redpajama_set_name", workers=2)
+    folders = {"RedPajamaC4", "RedPajamaBook", "Red_Pajama_ArXiv", "x.hidden"}
+    assert set(m["sources"]) == folders and {p.name for p in out.iterdir() if p.is_dir()} == folders
+    assert {f: s["value"] for f, s in m["sources"].items()}[
+        "Red_Pajama_ArXiv"
+    ] == "Red/Pajama ArXiv"
+    # every valid document in exactly one folder, the one its field names, in input order
+    for i, value in enumerate(SOURCES):
+        folder = next(f for f, s in m["sources"].items() if s["value"] == value)
+        got = decoded(gpt2, out / folder, "train") + decoded(gpt2, out / folder, "heldout")
+        want = [t for j, t in enumerate(TEXTS) if j % 4 == i]
+        assert sorted(got) == sorted(want)
+        sub = json.loads((out / folder / "manifest.json").read_text())
+        assert sub["totals"]["documents"] == len(want) == m["sources"][folder]["documents"]
+    t = m["totals"]
+    assert t["documents"] == len(TEXTS) and t["invalid"] == 2 and t["folders"] == 4
+    assert t["lines"] == t["documents"] + t["invalid"] + t["blank_lines"] == len(records)
+    assert t["tokens"] == sum(s["tokens"] for s in m["sources"].values())
+    with pytest.raises(LmpipeError, match=r"tok: holds one token folder per value of meta\.redpajama_set_name"):  # fmt: skip
+        TokenShards(out)
+
+
+def test_split_values_that_make_one_folder_name_are_refused(gpt2, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a", "src": "a b"}, {"text": "b", "src": "a/b"}])  # fmt: skip
+    with pytest.raises(LmpipeError, match=r"values 'a b' and 'a/b' both make folder 'a_b'"):
+        tokenize([src], tmp_path / "tok", split_by_field="src")
+    assert not (tmp_path / "tok").exists() and not partial_path(tmp_path / "tok").exists()
+    with pytest.raises(LmpipeError, match=r"in\.jsonl:1: no string 'nope' field"):
+        tokenize([src], tmp_path / "tok", split_by_field="nope", strict=True)

@@ -1,0 +1,215 @@
+"""A run's data: its token folders (one, or a weighted mixture), what each stage reads of each,
+and the held-out loss per folder.
+
+`open_sources(recipe)` opens every folder of `recipe.data` (sizes checked; checksums later, when
+the ranks can share them) and refuses folders made with different tokenizers, or with ids past
+the model's vocabulary. `coverage(plan, loader)` gives, per stage and source, the tokens drawn
+and the epochs of that source they make (the plan and the start of a run print it; a stage that
+repeats a source more than `recipe.warn_epochs` times is flagged). `heldout_loss` scores the
+first tokens of each folder's held-out split, every rank a share of the windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.shards import TokenShards
+from lmpipe.train.plan import Plan
+from lmpipe.train.recipe import DataSource, Recipe, validate_recipe
+
+
+def with_data(recipe: Recipe, data: Path | list[DataSource] | None) -> Recipe:
+    """The recipe with its data: a single folder (source "data"), sources, or the recipe's own
+    `data` section when `data` is None; validated again (stage weights name real sources)."""
+    if data is None:
+        if not recipe.data:
+            raise LmpipeError("--data is required: the recipe has no data section")
+        return recipe
+    sources = [DataSource(name="data", path=Path(data))] if isinstance(data, Path | str) else data
+    raw = {**recipe.model_dump(mode="json"), "data": [s.model_dump(mode="json") for s in sources]}
+    return validate_recipe(raw, f"recipe {recipe.name} with --data")
+
+
+def parse_data(values: list[str]) -> Path | list[DataSource] | None:
+    """`--data` options: one folder (`tokens/`), or named sources `NAME=PATH[:WEIGHT]` (weight 1
+    when left out), repeated; None when none is given."""
+    if not values:
+        return None
+    named = [v for v in values if "=" in v.split("/")[0]]
+    if not named:
+        if len(values) > 1:
+            raise LmpipeError("--data: several folders need names and weights: --data NAME=PATH:WEIGHT")  # fmt: skip
+        return Path(values[0])
+    if len(named) != len(values):
+        raise LmpipeError("--data: give one folder, or every source as NAME=PATH:WEIGHT")
+    sources = []
+    for value in values:
+        name, _, rest = value.partition("=")
+        path, sep, weight = rest.rpartition(":")
+        if not sep or "/" in weight:
+            path, weight = rest, "1"
+        try:
+            sources.append(DataSource(name=name, path=Path(path), weight=float(weight)))
+        except ValueError as e:  # pydantic's, or float()'s
+            why = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+            raise LmpipeError(f"--data {value}: {why}") from None
+    return sources
+
+
+def open_sources(recipe: Recipe) -> dict[str, TokenShards]:
+    """Every source's training split, checked against the others and the model."""
+    assert recipe.data  # with_data first
+    sources = {s.name: TokenShards(s.path, "train", verify=False) for s in recipe.data}
+    first_name, first = next(iter(sources.items()))
+    fingerprint = first.manifest["tokenizer"]["ranks_sha256"]
+    for source, shards in zip(recipe.data, sources.values(), strict=True):
+        if shards.manifest["tokenizer"]["ranks_sha256"] != fingerprint:
+            raise LmpipeError(
+                f"{source.path}: made with tokenizer {shards.manifest['tokenizer']['name']!r} "
+                f"(ranks sha256 {shards.manifest['tokenizer']['ranks_sha256'][:12]}...), not the "
+                f"one of source {first_name!r}; every source of a mixture needs the same tokenizer"
+            )
+        if shards.vocab_size > recipe.model.vocab_size:
+            raise LmpipeError(
+                f"{source.path}: token ids up to {shards.vocab_size} exceed model.vocab_size "
+                f"{recipe.model.vocab_size}"
+            )
+    return sources
+
+
+def coverage(recipe: Recipe, plan: Plan, loader: Any) -> list[dict[str, Any]]:
+    """Per stage and source: tokens drawn, tokens in one epoch of the source at the stage's
+    window length (a window of seq_len inputs consumes seq_len tokens), and the epochs drawn."""
+    rows = []
+    for stage in plan.stages:
+        for source in stage.sources:
+            epoch_tokens = loader.epoch_windows(source.name, stage.seq_len) * stage.seq_len
+            drawn = source.windows * stage.seq_len
+            rows.append(
+                {
+                    "stage": stage.index,
+                    "seq_len": stage.seq_len,
+                    "source": source.name,
+                    "tokens": drawn,
+                    "epoch_tokens": epoch_tokens,
+                    "epochs": drawn / epoch_tokens,
+                    "repeats": drawn / epoch_tokens > recipe.warn_epochs,
+                }
+            )
+    return rows
+
+
+def print_coverage(recipe: Recipe, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    paths = {s.name: s.path for s in recipe.data or []}
+    for r in rows:
+        console.print(
+            f"data {r['source']} ({paths.get(r['source'])}): stage {r['stage']} reads "
+            f"{r['tokens']:,} tokens, {r['epochs']:.2f} epochs of {r['epoch_tokens']:,} at "
+            f"{r['seq_len']:,}",
+            highlight=False,
+        )
+        if r["repeats"]:
+            console.print(
+                f"[yellow]warning:[/] stage {r['stage']} repeats source {r['source']} "
+                f"{r['epochs']:.1f} times (more than warn_epochs = {recipe.warn_epochs:g}); "
+                "its weight upsamples it",
+                highlight=False,
+            )
+
+
+def open_heldout(recipe: Recipe) -> dict[str, TokenShards]:
+    """The held-out split of every source that has one."""
+    assert recipe.data
+    out = {}
+    for source in recipe.data:
+        shards = TokenShards(source.path, "heldout", verify=False)
+        if shards.n_tokens > 1:
+            out[source.name] = shards
+    return out
+
+
+def heldout_loss(
+    engine: Any,
+    heldout: dict[str, TokenShards],
+    *,
+    seq_len: int,
+    tokens: int,
+    micro_batch: int,
+    alibi_scale: float,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """Token-mean loss of the first `tokens` tokens of each held-out split (whole windows of
+    `seq_len`, the same windows at every validation), the windows shared among the ranks."""
+    import torch
+    import torch.distributed as dist
+
+    device = engine.device
+    names = sorted(heldout)
+    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
+    was_training = engine.module.training
+    engine.module.eval()
+    with torch.no_grad():
+        for k, name in enumerate(names):
+            shards = heldout[name]
+            n_windows = min(tokens, shards.n_tokens - 1) // seq_len
+            # The same number a rank (ZeRO-3 gathers weights in every forward, on every rank).
+            n_windows -= n_windows % world
+            mine = np.arange(rank, n_windows, world)
+            for start in range(0, len(mine), micro_batch):
+                rows = mine[start : start + micro_batch]
+                batch = np.stack(
+                    [shards.tokens(w * seq_len, w * seq_len + seq_len + 1) for w in rows]
+                )
+                batch_BT1 = torch.from_numpy(batch.astype(np.int64)).to(device)
+                _, loss = engine(batch_BT1[:, :-1], batch_BT1[:, 1:], alibi_scale=alibi_scale)
+                count = rows.size * seq_len
+                sums[2 * k] += loss.double() * count
+                sums[2 * k + 1] += count
+    engine.module.train(was_training)
+    dist.all_reduce(sums)
+    return {  # a split too short for one window a rank has no loss
+        name: round(float(sums[2 * k] / sums[2 * k + 1]), 6)
+        for k, name in enumerate(names)
+        if sums[2 * k + 1]
+    }
+
+
+def print_data_plan(recipe: Recipe, plan: Plan) -> None:
+    """What each stage draws from each source: weight, tokens and, when the folders can be
+    read, the epochs of each source that makes (`--dry-run`)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmpipe.dataprep.mixture import MixtureLoader
+    from lmpipe.dataprep.report import print_table
+
+    rows = None
+    if recipe.data:
+        try:
+            rows = coverage(recipe, plan, MixtureLoader(open_sources(recipe), recipe.seed))
+        except LmpipeError as e:
+            Console(stderr=True).print(f"data: epochs unknown ({e})", markup=False)
+    table = Table(title="data drawn per stage and source", box=box.SIMPLE_HEAD)
+    for col in ("stage", "source", "weight", "tokens", "epochs"):
+        table.add_column(col, justify="left" if col == "source" else "right", no_wrap=True)
+    epochs = {(r["stage"], r["source"]): r["epochs"] for r in rows or []}
+    for stage in plan.stages:
+        total = sum(s.windows for s in stage.sources) or 1
+        for source in stage.sources:
+            e = epochs.get((stage.index, source.name))
+            table.add_row(
+                str(stage.index), source.name, f"{source.windows / total:.3f}",
+                f"{source.windows * stage.seq_len:,}", "-" if e is None else f"{e:.2f}",
+            )  # fmt: skip
+    print_table(Console(), table)
+    if rows:
+        print_coverage(recipe, [r for r in rows if r["repeats"]])
