@@ -10,6 +10,8 @@ Output is byte-identical for any number of `workers` (encoding threads; tiktoken
 since results are written in input order. Bad lines are counted per file in the manifest (the
 default) or stop the run with the file and line (`strict`); the counts add up: documents + invalid
 + blank_lines = lines (an empty file, or compressed data that breaks off, is one invalid line).
+With `split_by_field`, each document goes to the token folder of its field's value under `out`
+(`folder_for`), all written in the same pass, and `out/manifest.json` lists the folders.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""The training loop: one function, `train`, from a recipe and a token-shard folder to a run folder.
+"""The training loop: one function, `train`, from a recipe and its data (a token-shard folder, or a
+weighted mixture of several: `train/data.py`, `dataprep/mixture.py`) to a run folder.
 
 DeepSpeed runs the model (ZeRO stage, bf16, gradient clipping, accumulation, checkpoints, the
 process group); lmpipe owns what DeepSpeed's own features get wrong for this recipe:
   - the LR schedule is a client LambdaLR in tokens that multiplies each parameter group's own base
     rate (DeepSpeed's WarmupLR/WarmupDecayLR set one rate for all groups and erase muP's ratios);
-  - the 2k -> 8k switch is the loader's and the loop's: each stage reads its own region of the
-    token stream at its own window length, with the same tokens per step, so the DeepSpeed config
-    never changes (lmpipe.train.plan).
+  - the 2k -> 8k switch is the loader's and the loop's: each stage reads its own region of each
+    source's token stream at its own window length (lmpipe.train.plan); a stage with its own
+    tokens per step changes DeepSpeed's accumulation, and the loop marks every micro-step's
+    accumulation boundary itself;
+  - held-out loss per source, every `validation.every_tokens`, into metrics.jsonl.
 
 Launch: one process (`lmpipe train`), or several with `torchrun --nproc_per_node N -m lmpipe.cli
 train ...` / the `deepspeed` launcher; every rank runs this same function.
