@@ -2,7 +2,7 @@
 
 Which source fills a window slot. The slots of a stage are numbered k = 0, 1, 2, ... (global
 batch b holds slots [b G, (b + 1) G)). Sources are taken in order, each with its conditional
-share p_s = w_s / (w_s + the weights after it), as an integer quota of 2^20: source 0 takes slot
+share p_s = w_s / (w_s + the weights after it), as an integer quota of 2^40: source 0 takes slot
 k when C_0(k + 1) > C_0(k), where C(n) = floor(p n + 1/2) counts its slots among the first n;
 the slots it does not take are numbered anew (k - C_0(k)) and offered to source 1 the same way,
 and so on; the last source takes what is left. Every count is a closed form of k: any batch of
@@ -30,23 +30,40 @@ import numpy as np
 from lmpipe.dataprep.loader import WindowLoader
 from lmpipe.dataprep.shards import TokenShards
 
-QUOTA_BITS = 20
+QUOTA_BITS = 40
 ONE = 1 << QUOTA_BITS  # a quota of ONE: every slot offered
+# Slot numbers stay below 2^44 (17 trillion windows a stage), so that k * quota is computed
+# exactly in uint64 by halves (`_taken`).
+MAX_SLOTS = 1 << 44
+_LOW = 21  # k = hi * 2^21 + lo: hi * quota < 2^63, lo * quota < 2^61
 
 
 def quotas(weights: Sequence[float]) -> list[int]:
-    """Each source's conditional share of the slots the sources before it leave, in 2^-20."""
-    rest = float(sum(weights))
+    """Each source's conditional share of the slots the sources before it leave, in 2^-40: never
+    0 (a source with a weight is drawn, however little) nor all (it leaves some to the rest)."""
+    top = max(weights, default=1.0)
+    scaled = [w / top for w in weights]  # no overflow in the sums of huge weights
+    rest = sum(scaled)
     out = []
-    for w in weights[:-1]:
-        out.append(min(ONE, round(w / rest * ONE)))
+    for w in scaled[:-1]:
+        out.append(min(ONE - 1, max(1, round(w / rest * ONE))))
         rest -= w
     return [*out, ONE] if weights else []
 
 
 def _taken(n: np.ndarray | int, quota: int) -> np.ndarray | int:
-    """How many of the first n slots a source with this quota takes: floor(p n + 1/2)."""
-    return (n * quota + (ONE >> 1)) >> QUOTA_BITS
+    """How many of the first n slots a source with this quota takes: floor(p n + 1/2), p =
+    quota / 2^40, exactly (integers: the same on every machine)."""
+    if isinstance(n, int):
+        return (n * quota + (ONE >> 1)) >> QUOTA_BITS
+    n = n.astype(np.uint64)
+    q = np.uint64(quota)
+    high = (n >> np.uint64(_LOW)) * q  # the product is high * 2^21 + low
+    low = (n & np.uint64((1 << _LOW) - 1)) * q
+    shift = np.uint64(QUOTA_BITS - _LOW)
+    carry = ((high & np.uint64((1 << (QUOTA_BITS - _LOW)) - 1)) << np.uint64(_LOW)) + low
+    carry += np.uint64(ONE >> 1)
+    return ((high >> shift) + (carry >> np.uint64(QUOTA_BITS))).astype(np.int64)
 
 
 def counts(n_slots: int, quota: list[int]) -> list[int]:
@@ -63,6 +80,8 @@ def slot_sources(slots: np.ndarray, quota: list[int]) -> tuple[np.ndarray, np.nd
     """For each slot (int64 array), its source and the number of slots that source filled
     before it (the slot's index within the source)."""
     k = slots.astype(np.int64)
+    if len(k) and (k.min() < 0 or k.max() >= MAX_SLOTS):
+        raise ValueError(f"slot numbers must lie in [0, 2^44), got {k.min()}..{k.max()}")
     source = np.full(len(k), -1, dtype=np.int64)
     index = np.zeros(len(k), dtype=np.int64)
     open_ = np.ones(len(k), dtype=bool)

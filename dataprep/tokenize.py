@@ -36,7 +36,7 @@ from lmpipe.dataprep.documents import (
     read_documents,
 )
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import sha256_file, staged_output, write_manifest
+from lmpipe.dataprep.folders import MANIFEST, sha256_file, staged_output, write_manifest
 from lmpipe.dataprep.shards import SPLITS, TOKEN_DTYPE, ShardWriter, format_fields
 from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, get_encoding, ranks_sha256
 
@@ -77,10 +77,15 @@ _NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]")
 
 def folder_for(value: str) -> str:
     """The folder a `--split-by-field` value writes to: its letters, digits, '.', '_' and '-',
-    any other character as '_', and never a hidden or private name (those get an 'x' first: a
-    folder starting with '.' or '_' is skipped when its parent is read as input)."""
+    any other character as '_'; never a hidden or private name (those get an 'x' first: a folder
+    starting with '.' or '_' is skipped when its parent is read as input), nor the parent's
+    manifest.json; a name past 100 characters is cut and ends with a hash of the whole value."""
     name = _NOT_IN_NAMES.sub("_", value)
-    return "x" + name if name[:1] in ("", ".", "_") else name
+    if name[:1] in ("", ".", "_") or name == MANIFEST:
+        name = "x" + name
+    if len(name) > 100:
+        name = name[:83] + "-" + hashlib.blake2b(value.encode("utf-8"), digest_size=8).hexdigest()
+    return name
 
 
 @dataclass

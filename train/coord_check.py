@@ -71,7 +71,8 @@ def check_settings(check: CoordCheck) -> None:
     model = check.recipe.model
     if len(check.widths_sorted) < 2:
         raise LmpipeError("--widths: a coordinate check needs at least two widths")
-    if check.steps < 1 or check.batch_size < 1 or check.window < 1 or check.rate <= 0:
+    seq_len_bad = check.seq_len is not None and check.seq_len < 1
+    if check.steps < 1 or check.batch_size < 1 or seq_len_bad or check.rate <= 0:
         raise LmpipeError("--steps, --batch-size, --seq-len and --lr must be positive")
     unknown = [p for p in check.params if p not in PARAMS]
     if unknown or not check.params:

@@ -21,6 +21,8 @@ from lmpipe.dataprep.shards import TokenShards
 from lmpipe.train.plan import Plan
 from lmpipe.train.recipe import DataSource, Recipe, validate_recipe
 
+IGNORE = -100  # torch's cross-entropy ignore_index: targets that count for nothing
+
 
 def with_data(recipe: Recipe, data: Path | list[DataSource] | None) -> Recipe:
     """The recipe with its data: a single folder (source "data"), sources, or the recipe's own
@@ -64,6 +66,12 @@ def open_sources(recipe: Recipe) -> dict[str, TokenShards]:
     """Every source's training split, checked against the others and the model."""
     assert recipe.data  # with_data first
     sources = {s.name: TokenShards(s.path, "train", verify=False) for s in recipe.data}
+    for source in recipe.data:
+        if sources[source.name].n_tokens < 2:
+            raise LmpipeError(
+                f"{source.path}: its training split holds {sources[source.name].n_tokens} "
+                f"token(s), too few to train on (source {source.name!r})"
+            )
     first_name, first = next(iter(sources.items()))
     fingerprint = first.manifest["tokenizer"]["ranks_sha256"]
     for source, shards in zip(recipe.data, sources.values(), strict=True):
@@ -85,9 +93,15 @@ def coverage(recipe: Recipe, plan: Plan, loader: Any) -> list[dict[str, Any]]:
     """Per stage and source: tokens drawn, tokens in one epoch of the source at the stage's
     window length (a window of seq_len inputs consumes seq_len tokens), and the epochs drawn."""
     rows = []
+    paths = {s.name: s.path for s in recipe.data or []}
     for stage in plan.stages:
         for source in stage.sources:
             epoch_tokens = loader.epoch_windows(source.name, stage.seq_len) * stage.seq_len
+            if not epoch_tokens:
+                raise LmpipeError(
+                    f"{paths.get(source.name)}: source {source.name!r} holds fewer tokens than one "
+                    f"window of stage {stage.index} ({stage.seq_len:,} + 1)"
+                )
             drawn = source.windows * stage.seq_len
             rows.append(
                 {
@@ -115,6 +129,12 @@ def print_coverage(recipe: Recipe, rows: list[dict[str, Any]]) -> None:
             f"{r['seq_len']:,}",
             highlight=False,
         )
+        if not r["tokens"]:
+            console.print(
+                f"[yellow]warning:[/] stage {r['stage']} draws nothing of source {r['source']}: "
+                "its share of the stage's windows is less than half a window",
+                highlight=False,
+            )
         if r["repeats"]:
             console.print(
                 f"[yellow]warning:[/] stage {r['stage']} repeats source {r['source']} "
@@ -147,7 +167,8 @@ def heldout_loss(
     world: int,
 ) -> dict[str, float]:
     """Token-mean loss of the first `tokens` tokens of each held-out split (whole windows of
-    `seq_len`, the same windows at every validation), the windows shared among the ranks."""
+    `seq_len`, the same windows at every validation and at any world size), the windows shared
+    among the ranks. A split shorter than one window has no loss."""
     import torch
     import torch.distributed as dist
 
@@ -160,22 +181,29 @@ def heldout_loss(
         for k, name in enumerate(names):
             shards = heldout[name]
             n_windows = min(tokens, shards.n_tokens - 1) // seq_len
-            # The same number a rank (ZeRO-3 gathers weights in every forward, on every rank).
-            n_windows -= n_windows % world
             mine = np.arange(rank, n_windows, world)
-            for start in range(0, len(mine), micro_batch):
-                rows = mine[start : start + micro_batch]
+            # Every rank runs as many forwards (ZeRO-3 gathers weights in each, on every rank),
+            # so a rank short of windows pads with window 0 whose targets are all ignored: every
+            # window is scored once, at any world size.
+            per_rank = -(-n_windows // world)
+            padded = np.concatenate([mine, np.zeros(per_rank - len(mine), dtype=np.int64)])
+            for start in range(0, per_rank, micro_batch):
+                rows = padded[start : start + micro_batch]
+                real = np.arange(start, start + len(rows)) < len(mine)
                 batch = np.stack(
                     [shards.tokens(w * seq_len, w * seq_len + seq_len + 1) for w in rows]
                 )
                 batch_BT1 = torch.from_numpy(batch.astype(np.int64)).to(device)
-                _, loss = engine(batch_BT1[:, :-1], batch_BT1[:, 1:], alibi_scale=alibi_scale)
-                count = rows.size * seq_len
-                sums[2 * k] += loss.double() * count
-                sums[2 * k + 1] += count
+                targets = batch_BT1[:, 1:].clone()
+                targets[torch.from_numpy(~real).to(device)] = IGNORE  # cross-entropy skips these
+                _, loss = engine(batch_BT1[:, :-1], targets, alibi_scale=alibi_scale)
+                count = int(real.sum()) * seq_len
+                if count:
+                    sums[2 * k] += loss.double() * count
+                    sums[2 * k + 1] += count
     engine.module.train(was_training)
     dist.all_reduce(sums)
-    return {  # a split too short for one window a rank has no loss
+    return {  # a split shorter than one window has no loss
         name: round(float(sums[2 * k] / sums[2 * k + 1]), 6)
         for k, name in enumerate(names)
         if sums[2 * k + 1]
@@ -212,4 +240,4 @@ def print_data_plan(recipe: Recipe, plan: Plan) -> None:
             )  # fmt: skip
     print_table(Console(), table)
     if rows:
-        print_coverage(recipe, [r for r in rows if r["repeats"]])
+        print_coverage(recipe, [r for r in rows if r["repeats"] or not r["tokens"]])

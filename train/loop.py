@@ -154,12 +154,13 @@ RESUMABLE_CHANGES = {
 
 def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
     saved = load_recipe(str(checkpoint / "recipe.yaml"))
+    if saved.data is None:  # saved before mixtures: its one folder was the source "data"
+        saved = saved.model_copy(update={"data": [DataSource(name="data", path=Path("."))]})
 
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {
-                k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()
-            }
+        if isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            return {k: v for key, sub in items for k, v in flat(sub, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): value}
 
     old, new = flat(saved.model_dump(mode="json")), flat(recipe.model_dump(mode="json"))

@@ -12,6 +12,7 @@ Shipped recipes live in the `lmpipe.recipes` package (`--recipe tiny`); any othe
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -120,7 +121,7 @@ class DataSource(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     path: Path
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
 
 
 class ValidationConfig(Section):
@@ -229,8 +230,8 @@ class Recipe(Section):
             for name, weight in stage.weights.items():
                 if self.data is not None and name not in names:
                     problems.append(f"stages.{i}.weights.{name}: no such source (data: {', '.join(names)})")  # fmt: skip
-                if not weight > 0:
-                    problems.append(f"stages.{i}.weights.{name}: weight {weight:g} is not > 0")
+                if not 0 < weight < math.inf:
+                    problems.append(f"stages.{i}.weights.{name}: weight {weight:g} is not a finite number > 0")  # fmt: skip
         return problems
 
     @property
@@ -240,8 +241,9 @@ class Recipe(Section):
     def stage_weights(self, index: int) -> dict[str, float]:
         """Source name -> normalised weight of stage `index` (absent sources are not drawn)."""
         raw = self.stages[index].weights or {s.name: s.weight for s in self.data or []}
-        total = sum(raw.values())
-        return {name: w / total for name, w in raw.items()}
+        top = max(raw.values())  # first to the largest: no overflow summing huge weights
+        total = sum(w / top for w in raw.values())
+        return {name: w / top / total for name, w in raw.items()}
 
     def stage_tokens_per_step(self, index: int) -> int:
         return self.stages[index].tokens_per_step or self.tokens_per_step

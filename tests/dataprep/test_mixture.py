@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmpipe.dataprep.loader import WindowLoader
-from lmpipe.dataprep.mixture import MixtureLoader, StageSource, counts, quotas, slot_sources
+from lmpipe.dataprep.mixture import ONE, MixtureLoader, StageSource, counts, quotas, slot_sources
 from lmpipe.dataprep.shards import TokenShards, write_shard_folder
 
 FAKE_SHA = "ab" * 32
@@ -68,7 +68,7 @@ def test_counts_add_up_and_each_sources_slots_are_numbered_in_order():
 
 def test_any_stretch_of_slots_holds_each_share_within_one_window_a_source():
     """The tolerance the mixture promises: in any S consecutive slots, source s fills w_s S
-    windows give or take the number of sources (2^-20 quota rounding aside)."""
+    windows give or take the number of sources (2^-40 quota rounding aside)."""
     rng = random.Random(1)
     for _ in range(20):
         n = rng.randint(2, 7)
@@ -80,7 +80,7 @@ def test_any_stretch_of_slots_holds_each_share_within_one_window_a_source():
         src, _ = slot_sources(np.arange(start, start + 20 * S), q)
         for a in range(0, 19 * S, S // 2):
             got = np.bincount(src[a : a + S], minlength=n)
-            assert np.all(np.abs(got - w * S) <= n + 2**-20 * (start + 20 * S)), (got, w * S)
+            assert np.all(np.abs(got - w * S) <= n + 2**-40 * (start + 20 * S)), (got, w * S)
 
 
 def test_one_source_is_the_single_folder_loader(sources):
@@ -89,7 +89,7 @@ def test_one_source_is_the_single_folder_loader(sources):
     plain = WindowLoader(sources["web"], seed=3)
     kw = dict(seq_len=64, global_batch=16, n_batches=12)
     want = list(plain.batches(region_start=128, **kw))
-    got = list(mixture.batches(sources=(StageSource("web", 1 << 20, 128, 16 * 12),), **kw))
+    got = list(mixture.batches(sources=(StageSource("web", ONE, 128, 16 * 12),), **kw))
     assert all((a == b).all() for a, b in zip(want, got, strict=True))
 
 

@@ -312,3 +312,17 @@ def test_split_values_that_make_one_folder_name_are_refused(gpt2, tmp_path: Path
     assert not (tmp_path / "tok").exists() and not partial_path(tmp_path / "tok").exists()
     with pytest.raises(LmpipeError, match=r"in\.jsonl:1: no string 'nope' field"):
         tokenize([src], tmp_path / "tok", split_by_field="nope", strict=True)
+
+
+def test_split_values_that_would_be_the_manifest_or_too_long_get_safe_names(gpt2, tmp_path: Path) -> None:  # fmt: skip
+    long = "a" * 300
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "x", "src": "manifest.json"}, {"text": "y", "src": long}])  # fmt: skip
+    m = tokenize([src], tmp_path / "tok", split_by_field="src")
+    names = sorted(m["sources"])
+    assert (
+        names[1] == "xmanifest.json"
+        and len(names[0]) == 100
+        and names[0].startswith("a" * 83 + "-")
+    )
+    assert {s["value"] for s in m["sources"].values()} == {"manifest.json", long}
+    assert (tmp_path / "tok" / "manifest.json").is_file()

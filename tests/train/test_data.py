@@ -85,7 +85,7 @@ def test_bad_mixtures_are_one_line_errors_naming_the_key(folders, tmp_path):
     weighted = load_recipe("tiny", [*TINY, "stages.1.weights={web: 1, news: 2}"])
     with pytest.raises(LmpipeError, match=r"stages\.1\.weights\.news: no such source \(data: web, code\)"):  # fmt: skip
         with_data(weighted, mixture(folders, web=1, code=1))
-    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight 0 is not > 0"):
+    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight 0 is not a finite number > 0"):
         load_recipe("tiny", [*TINY, "stages.0.weights={web: 0}"])
     with pytest.raises(LmpipeError, match="--data is required"):
         with_data(recipe, None)
@@ -170,3 +170,62 @@ def test_the_cli_trains_a_mixture_and_dry_run_prints_it(folders, tmp_path):
         app, [*args, "--data=web=/nowhere:1", "--run-dir", str(tmp_path / "r2")]
     )
     assert bad.exit_code == 2 and "nowhere: no such folder" in bad.output
+
+
+# --- found by a review --------------------------------------------------------------------------
+
+
+def test_tiny_and_huge_weights_keep_their_share():
+    from lmpipe.dataprep.mixture import counts, quotas
+
+    assert counts(10**9, quotas([1, 1e-7])) == [999_999_900, 100]
+    assert counts(10**9, quotas([1e-7, 1])) == [100, 999_999_900]
+    assert counts(10**9, quotas([1e308, 1e308])) == [500_000_000, 500_000_000]
+    n = 229_875_840  # BTLM's windows at 2,048 with the README's 0.6 / 0.3 / 0.1
+    assert counts(n, quotas([0.6, 0.3, 0.1])) == [137_925_504, 68_962_752, 22_987_584]
+    for bad in ("web=a:inf", "web=a:nan"):
+        with pytest.raises(LmpipeError, match="finite number"):
+            parse_data([bad])
+    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight inf is not a finite"):
+        load_recipe("tiny", [*TINY, "stages.0.weights={web: .inf}"])
+
+
+def test_a_source_smaller_than_a_window_or_empty_is_one_line(folders, tmp_path, gpt2):
+    small, empty = tmp_path / "small", tmp_path / "empty"
+    write_shard_folder(small, {"train": [np.arange(40)]})
+    write_shard_folder(empty, {"train": []})
+    recipe = load_recipe("tiny", TINY)
+    for folder, message in ((small, "holds fewer tokens than one window of stage 0"), (empty, "holds 0 token")):  # fmt: skip
+        data = [*mixture(folders, web=1), DataSource(name="s", path=folder)]
+        with pytest.raises(LmpipeError, match=message):
+            train(recipe, data, tmp_path / f"run_{folder.name}")
+        args = ["train", "--recipe", "tiny", *[f"--set={s}" for s in TINY], f"--data=web={folders['web']}", f"--data=s={folder}", "--dry-run"]  # fmt: skip
+        dry = CliRunner().invoke(app, args)
+        assert (
+            dry.exit_code == 0 and "epochs unknown" in dry.output and "Traceback" not in dry.output
+        )
+
+
+def test_resume_with_a_moved_folder_and_a_checkpoint_from_before_mixtures(folders, tmp_path):
+    import hashlib
+    import shutil
+
+    import yaml
+
+    recipe = load_recipe("tiny", TINY)
+    moved = tmp_path / "moved"
+    shutil.copytree(folders["web"], moved)
+    run = tmp_path / "run"
+    train(recipe, folders["web"], run, stop_after_steps=4)
+    train(recipe, moved, run, resume=True, stop_after_steps=2)  # the same data, elsewhere
+    with pytest.raises(LmpipeError, match=r"data\.0\.weight \(1\.0 -> 2\.0\)"):
+        train(recipe, [DataSource(name="data", path=moved, weight=2.0)], run, resume=True)
+    step = run / "checkpoints" / "step00000006"
+    saved = yaml.safe_load((step / "recipe.yaml").read_text())
+    saved.pop("data")  # a checkpoint written before the data section existed
+    (step / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    marker = json.loads((step / "lmpipe.json").read_text())
+    marker["files"]["recipe.yaml"] = hashlib.sha256((step / "recipe.yaml").read_bytes()).hexdigest()
+    (step / "lmpipe.json").write_text(json.dumps(marker))
+    summary = train(recipe, moved, run, resume=True)
+    assert summary["finished"] and summary["steps"] == 10

@@ -23,6 +23,8 @@ SETTINGS = [
     "stages.1.tokens=1024",
     "schedule.warmup_tokens=1024",
     "checkpoint_every_tokens=2048",
+    # an odd number of held-out windows (7 of 64): one rank pads, both score them all
+    "validation={every_tokens: 2048, tokens: 448}",
 ]
 
 
@@ -72,6 +74,10 @@ def test_two_ranks_match_one_process(tmp_path, pattern_tokens):
     for a, b in zip(rows["one"], rows["two"], strict=True):
         assert (a["step"], a["tokens"], a["seq_len"]) == (b["step"], b["tokens"], b["seq_len"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert ("val_loss" in a) == ("val_loss" in b)
+        for source, loss in a.get("val_loss", {}).items():
+            assert loss == pytest.approx(b["val_loss"][source], abs=1e-4)
+    assert [r["step"] for r in rows["two"] if "val_loss" in r] == [4, 8]
     assert json.loads((tmp_path / "two" / "plan.json").read_text())["grad_accum"] == 2
     assert json.loads((tmp_path / "one" / "plan.json").read_text())["grad_accum"] == 4
     assert (tmp_path / "two" / "logs" / "rank1.log").read_text().count("loss") == 8
