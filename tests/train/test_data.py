@@ -85,7 +85,9 @@ def test_bad_mixtures_are_one_line_errors_naming_the_key(folders, tmp_path):
     weighted = load_recipe("tiny", [*TINY, "stages.1.weights={web: 1, news: 2}"])
     with pytest.raises(LmpipeError, match=r"stages\.1\.weights\.news: no such source \(data: web, code\)"):  # fmt: skip
         with_data(weighted, mixture(folders, web=1, code=1))
-    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight 0 is not a finite number > 0"):
+    with pytest.raises(
+        LmpipeError, match=r"stages\.0\.weights\.web: weight 0 is not a finite number > 0"
+    ):
         load_recipe("tiny", [*TINY, "stages.0.weights={web: 0}"])
     with pytest.raises(LmpipeError, match="--data is required"):
         with_data(recipe, None)
