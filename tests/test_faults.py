@@ -27,6 +27,7 @@ from lmpipe.cli.app import app
 from lmpipe.dataprep.dedup import dedup
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import partial_path
+from tests.train.test_loop import TINY_MODEL
 
 WORDS = "river stone light paper window garden silver market engine winter candle forest".split()
 
@@ -228,11 +229,7 @@ class Payload:
 
 
 SMALL = [
-    "model.d_model=32",
-    "model.d_ff=85",
-    "model.n_heads=2",
-    "model.mup.d_model_base=32",
-    "model.mup.d_ff_base=85",
+    *TINY_MODEL,
     "tokens_per_step=512",
     "micro_batch_tokens=256",
     "stages.0.tokens=2048",

@@ -17,13 +17,10 @@ from lmpipe.train.data import parse_data, with_data
 from lmpipe.train.loop import train
 from lmpipe.train.plan import make_plan
 from lmpipe.train.recipe import DataSource, load_recipe
+from tests.train.test_loop import TINY_MODEL
 
 TINY = [
-    "model.d_model=32",
-    "model.d_ff=85",
-    "model.n_heads=2",
-    "model.mup.d_model_base=32",
-    "model.mup.d_ff_base=85",
+    *TINY_MODEL,
     "tokens_per_step=512",
     "micro_batch_tokens=256",
     "stages.0.tokens=3072",
