@@ -233,6 +233,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: ~41k documents, ~78 MB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--corpus",
+        choices=["code", "web"],
+        default="code",
+        help="code: source code and docs, mostly ASCII; web: half non-ASCII, damaged (ftfy's work)",
+    )
     parser.add_argument("--systems", default="lmpipe,baseline,datatrove")
     parser.add_argument(
         "--lmpipe-args",
@@ -255,13 +261,14 @@ def main() -> None:
         {"baseline": run_baseline, "datatrove": run_datatrove}[args.run_system](args.raw, args.out)
         return
 
-    truth = prepare(args.workdir, args.scale, args.seed)
+    truth = prepare(args.workdir, args.scale, args.seed, args.corpus)
     folder = Path(truth["folder"])
     raw, truth = files_scaled(folder, truth, args.files_scale)
     size = np.bincount(truth["cluster"])
     print(
         f"corpus {folder}: {truth['documents']:,} documents, {truth['bytes'] / 1e6:.1f} MB, "
-        f"injected {sum(truth['injected'].values()):,} {truth['injected']}; "
+        f"injected {sum(truth['injected'].values()):,} {truth['injected']}, "
+        f"damaged {truth.get('damaged', {})}; "
         f"true pairs J>=0.7: {truth['pairs_0.7']:,}, J>=0.8: {truth['pairs_0.8']:,}; "
         f"true clusters of 2+: {int((size > 1).sum()):,}, removals wanted: "
         f"{int(np.maximum(size - 1, 0).sum()):,} (built in {truth['seconds_build']} s, "

@@ -26,6 +26,16 @@ the pair list is exact, given distinct shingles get distinct 64-bit hashes: with
 could only move one Jaccard by one shingle. True clusters: connected components of pairs at J >= 0.8
 (the threshold every system is asked to use).
 
+`--corpus web` (ftfy's share of the work): web-like text where about half the documents carry
+non-ASCII characters. Half of the bytes are manual pages of this installation rendered as UTF-8 by
+groff (`-k -Tutf8`: English, whose renderings hold typographic quotes and hyphens, and the
+translated pages: German, French, Russian, Japanese, Chinese, ...), half the `code` corpus's
+sources; then damage of the kinds ftfy repairs, one kind per damaged document (a quarter of them):
+mojibake (UTF-8 read as Windows-1252, Latin-1, MacRoman, Windows-1251, sometimes twice), HTML
+entities, Latin ligatures, fullwidth forms, control characters, terminal escapes, CRLF / CR / U+2028
+line breaks. The files hold the damaged text; the truth is computed on `ftfy.fix_text(NFC)` of it,
+the text every system sees after its own ftfy step.
+
 `--files-scale K` (memory against corpus size): the same corpus at the same file size, K times as
 many files. Each input file is written K times (`part-<k>-copy<c>.jsonl.zst`, copy 0 byte-identical
 to the cached file, copy c's ids suffixed `#c`), so every document has K - 1 verbatim duplicates in
@@ -40,11 +50,14 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import random
 import re
+import shlex
 import subprocess
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +69,8 @@ THRESHOLD, TRUTH_MIN, NGRAM = 0.8, 0.7, 13
 # filter, so no system drops a document as short and the truth can ignore that step.
 MIN_NORM_CHARS = 300
 BYTES_AT_SCALE_1 = 72_000_000  # real text; injected copies bring it to ~78 MB
+WEB_BYTES_AT_SCALE_1 = 36_000_000  # `--corpus web`: ~40 MB with the injected copies
+DAMAGE_SHARE = 0.25
 INJECT_SHARE = 0.12
 PUNCT = str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
@@ -140,6 +155,68 @@ def real_sources(budget: int, rng: random.Random) -> dict[str, list[str]]:
     return out
 
 
+def rendered_manpages(budget: int, rng: random.Random) -> list[str]:
+    """Manual pages rendered as UTF-8 text (every language installed), cut into ~2 kB documents,
+    in a seeded order, up to `budget` bytes."""
+    root = Path("/usr/share/man")
+    pages = sorted(p for p in root.rglob("*.gz") if p.is_file())
+    local = random.Random(rng.random())
+    local.shuffle(pages)
+    # Translations first: they are few, and the share of non-English text should not depend on
+    # how many English pages fit the budget.
+    pages.sort(key=lambda p: p.relative_to(root).parts[0].startswith("man"))
+
+    def render(page: Path) -> str:
+        cmd = f"zcat {shlex.quote(str(page))} | groff -k -Tutf8 -man -P -cbou"
+        result = subprocess.run(cmd, shell=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+        return result.stdout.decode("utf-8", errors="replace")
+
+    out: list[str] = []
+    size = 0
+    with ThreadPoolExecutor(4) as pool:
+        for start in range(0, len(pages), 64):
+            for text in pool.map(render, pages[start : start + 64]):
+                for doc in chunks(text, rng):
+                    if len(normalise(doc)) >= MIN_NORM_CHARS:
+                        out.append(doc)
+                        size += len(doc.encode("utf-8"))
+            if size >= budget:
+                break
+    return out
+
+
+MOJIBAKE_CODECS = ["cp1252", "cp1252", "latin-1", "mac_roman", "cp1251"]
+ENTITIES = {"&": "&amp;", '"': "&quot;", "'": "&#39;", "é": "&eacute;", "ü": "&uuml;", "—": "&mdash;"}  # fmt: skip
+LIGATURES = {"fi": "\ufb01", "fl": "\ufb02", "ff": "\ufb00", "ij": "\u0133"}
+
+
+def damage(rng: random.Random, text: str) -> tuple[str, str]:
+    """One kind of damage that ftfy repairs."""
+    kind = rng.choice(["mojibake", "mojibake", "entities", "ligatures", "fullwidth", "controls", "escapes", "breaks"])  # fmt: skip
+    if kind == "mojibake":
+        for _ in range(2 if rng.random() < 0.15 else 1):
+            text = text.encode("utf-8").decode(rng.choice(MOJIBAKE_CODECS), errors="replace")
+    elif kind == "entities":
+        text = re.sub("[&\"'éü—]", lambda m: ENTITIES[m.group()] if rng.random() < 0.5 else m.group(), text)  # fmt: skip
+    elif kind == "ligatures":
+        text = re.sub("fi|fl|ff|ij", lambda m: LIGATURES[m.group()], text)
+    elif kind == "fullwidth":
+        words = text.split(" ")
+        for i in rng.sample(range(len(words)), k=max(1, len(words) // 20)):
+            words[i] = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in words[i])
+        text = " ".join(words)
+    elif kind == "controls":
+        chars = list(text)
+        for _ in range(max(1, len(chars) // 300)):
+            chars.insert(rng.randrange(len(chars)), rng.choice("\x00\x01\x07\x0b\x7f\ufeff"))
+        text = "".join(chars)
+    elif kind == "escapes":
+        text = re.sub(r"\b([A-Z][A-Z]+)\b", "\x1b[1m\\1\x1b[0m", text)
+    else:
+        text = text.replace("\n", rng.choice(["\r\n", "\r", "\u2028"]))
+    return text, kind
+
+
 def _edit_words(rng: random.Random, text: str, share: float) -> str:
     words = text.split(" ")
     for _ in range(max(1, int(len(words) * share))):
@@ -195,13 +272,18 @@ def variant(rng: random.Random, text: str, other: str) -> tuple[str, str]:
     return _surface(rng, _typos(rng, text, rng.uniform(0.0005, 0.004))), kind
 
 
-def build_corpus(raw: Path, scale: float, seed: int) -> dict[str, Any]:
-    """Write raw/<source>/part-<k>.jsonl.zst and return the documents' ids and texts in input
-    order (sources sorted by name, files in order), with the injected edit counts."""
+def build_corpus(raw: Path, scale: float, seed: int, corpus: str = "code") -> dict[str, Any]:
+    """Write raw/<source>/part-<k>.jsonl.zst and return the documents' ids and (fixed) texts in
+    input order (sources sorted by name, files in order), with the injected edit counts."""
     import ftfy
 
     rng = random.Random(seed)
-    sources = real_sources(int(BYTES_AT_SCALE_1 * scale), rng)
+    if corpus == "web":
+        budget = int(WEB_BYTES_AT_SCALE_1 * scale)
+        sources = real_sources(budget // 2, rng)
+        sources["manpages"] = rendered_manpages(budget // 2, rng)
+    else:
+        sources = real_sources(int(BYTES_AT_SCALE_1 * scale), rng)
     everything = [(s, t) for s in sources for t in sources[s]]
     n_inject = int(INJECT_SHARE * len(everything))
     kinds: dict[str, int] = {}
@@ -217,22 +299,32 @@ def build_corpus(raw: Path, scale: float, seed: int) -> dict[str, Any]:
     for to, new in injected:
         lst = sources[to]
         lst.insert(rng.randint(0, len(lst)), new)
+    damaged: dict[str, int] = {}
+    if corpus == "web":  # damage after the near duplicates: a copy and its original differ in it
+        for source in sources:
+            for i, text in enumerate(sources[source]):
+                if rng.random() < DAMAGE_SHARE:
+                    sources[source][i], kind = damage(rng, text)
+                    damaged[kind] = damaged.get(kind, 0) + 1
     ids, texts = [], []
     for source in sorted(sources):
-        docs = [ftfy.fix_text(t, normalization="NFC") for t in sources[source]]
+        fixed = [ftfy.fix_text(t, normalization="NFC") for t in sources[source]]
+        # The code corpus is written fixed (its own text is what it is about); the web corpus
+        # as damaged, for every system's ftfy step to repair.
+        docs = sources[source] if corpus == "web" else fixed
         (raw / source).mkdir(parents=True, exist_ok=True)
         per_file = max(1, len(docs) // 4 + 1)
         for k in range(0, len(docs), per_file):
             lines = []
             for j, text in enumerate(docs[k : k + per_file]):
                 ids.append(f"{source}/{k + j}")
-                texts.append(text)
+                texts.append(fixed[k + j])
                 lines.append(json.dumps({"text": text, "id": ids[-1], "meta": {"source": source}}))
             data = ("\n".join(lines) + "\n").encode("utf-8")
             (raw / source / f"part-{k // per_file}.jsonl.zst").write_bytes(
                 zstandard.ZstdCompressor(level=3).compress(data)
             )
-    return {"ids": ids, "texts": texts, "injected": kinds}
+    return {"ids": ids, "texts": texts, "injected": kinds, "damaged": damaged}
 
 
 # --- the truth ----------------------------------------------------------------------------------
@@ -330,14 +422,15 @@ def exact_pairs(texts: list[str], t: float) -> tuple[np.ndarray, np.ndarray]:
     return np.array(out_pairs, dtype=np.int64).reshape(-1, 2), np.array(out_j)
 
 
-def prepare(workdir: Path, scale: float, seed: int) -> dict[str, Any]:
-    """The corpus and its truth, built once per (scale, seed) and cached."""
-    folder = workdir / f"scale{scale:g}-seed{seed}"
+def prepare(workdir: Path, scale: float, seed: int, corpus: str = "code") -> dict[str, Any]:
+    """The corpus and its truth, built once per (corpus, scale, seed) and cached."""
+    name = f"scale{scale:g}-seed{seed}"
+    folder = workdir / (name if corpus == "code" else f"{corpus}-{name}")
     meta_path = folder / "truth.json"
     if meta_path.exists():
         return json.loads(meta_path.read_text()) | {"folder": str(folder)}
     start = time.perf_counter()
-    corpus = build_corpus(folder / "raw", scale, seed)
+    corpus = build_corpus(folder / "raw", scale, seed, corpus)
     built = time.perf_counter()
     pairs, jac = exact_pairs(corpus["texts"], TRUTH_MIN)
     strong = pairs[jac >= THRESHOLD]
@@ -346,6 +439,7 @@ def prepare(workdir: Path, scale: float, seed: int) -> dict[str, Any]:
         "documents": len(corpus["ids"]),
         "bytes": sum(len(t.encode("utf-8")) for t in corpus["texts"]),
         "injected": corpus["injected"],
+        "damaged": corpus["damaged"],
         "pairs_0.7": int(len(pairs)),
         "pairs_0.8": int(len(strong)),
         "cluster": root.tolist(),

@@ -1,7 +1,9 @@
 """dedup: SlimPajama's cleaning and MinHash-LSH deduplication (seeds-spec section 5).
 
-`dedup(inputs, out)` reads `.jsonl` / `.jsonl.zst` / `.jsonl.gz` / `.parquet` documents and,
-across all sources at once: fixes each text with ftfy (NFC; `fix=False` skips it) -> drops it when its normalised form
+`dedup(inputs, out, settings)` reads `.jsonl` / `.jsonl.zst` / `.jsonl.gz` / `.parquet` documents
+and, with the settings of `dedup_settings.DedupSettings` (one frozen object, passed whole to every
+step), across all sources at once: fixes each text as ftfy.fix_text does (NFC; `textfix.py`, which
+gives ftfy's exact output faster; `fix=False` skips it) -> drops it when its normalised form
 (lowercase, no ASCII punctuation, whitespace runs collapsed) is shorter than `min_chars` (0: no
 short filter) -> drops exact duplicates of the normalised text (`exact=False` skips the step: the
 copies then meet in every LSH band and go as near duplicates) -> drops near duplicates
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ import lmpipe.dataprep.dedup_kept as kept_steps
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
 from lmpipe.dataprep.decontaminate import EVAL_NGRAMS, NGRAMS
+from lmpipe.dataprep.dedup_settings import PART_ENTRIES, DedupSettings  # noqa: F401
 
 # Re-exported: callers and tests import the pieces of the stage from here.
 from lmpipe.dataprep.dedup_steps import (  # noqa: F401
@@ -52,7 +56,6 @@ from lmpipe.dataprep.dedup_steps import (  # noqa: F401
     REASONS,
     SHORT,
     decide,
-    fix_text,
     union_find,
 )
 from lmpipe.dataprep.documents import find_inputs, print_invalid
@@ -75,10 +78,7 @@ from lmpipe.dataprep.minhash import (  # noqa: F401
     shingle_hashes,
 )
 from lmpipe.dataprep.report import print_table
-from lmpipe.dataprep.runner import ENGINES, Runner
-
-# Keys an exact or lsh partition holds (24 bytes each, plus the sort's copies): ~100 MB a task.
-PART_ENTRIES = 1 << 22
+from lmpipe.dataprep.runner import Runner
 
 # Not `.jsonl.zst`: the output folder is the next stage's input, and `find_inputs` takes every
 # `.jsonl.zst` in it as documents; the listing's records have no `text`.
@@ -181,101 +181,43 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
 def dedup(
     inputs: list[Path],
     out: Path,
+    settings: DedupSettings | None = None,
     *,
-    min_chars: int = 200,
-    threshold: float = 0.8,
-    num_perm: int = 128,
-    ngram: int = 13,
-    strict: bool = False,
-    overwrite: bool = False,
-    exact: bool = True,
-    near: bool = True,
-    fix: bool = True,
-    hash_scheme: str = "oph",
-    verify: bool = True,
-    lsh_threshold: float | None = None,
-    keep: str = "first",
-    holdout: float = 0.0,
-    holdout_seed: int = 42,
     decontaminate: Sequence[Path] = (),
-    decontaminate_field: str = "text",
-    decontaminate_ngrams: int = 0,
-    source_field: str | None = None,
-    workers: int = 1,
-    engine: str = "local",
+    overwrite: bool = False,
     progress: bool = True,
-    part_entries: int = PART_ENTRIES,
+    **options: Any,
 ) -> dict[str, Any]:
     """Clean and deduplicate `inputs` into the folder `out`; returns the manifest.
 
-    `fix`: ftfy each text (NFC) first; without it texts pass through byte for byte. `min_chars`:
-    the short filter's length (0 turns it off: an empty text is then one empty shingle, an exact
-    duplicate of every other empty text). `exact`: the exact-duplicate step (without it, the
-    copies are found as near duplicates, at more LSH and verify work).
-
-    `verify`: keep only candidate pairs whose true n-gram Jaccard reaches `threshold`.
-    `lsh_threshold`: the Jaccard the LSH bands are tuned for; default `threshold` - 0.2 with
-    `verify` (LSH then misses almost no true pair, and verification removes the extra candidates:
-    recall 0.999 and precision 1.0 on benchmarks/dedup_bench.py, where 0.8 gave 0.87), else
-    `threshold`. `hash_scheme="legacy", verify=False` is SlimPajama's run, decision for decision.
-    `keep`: "first" (input order) or "longest" (most bytes, then first) per group.
-    `holdout`, `holdout_seed`, `decontaminate` (eval files or folders), `decontaminate_field`:
-    SlimPajama's holdout and SHA-256 decontamination over the kept documents (`holdout.py`).
-    `decontaminate_ngrams` N > 0: also remove kept documents that share any N consecutive words
-    of normalised text with an eval text (`decontaminate.py`; GPT-3 used 13).
-    `source_field`: a document's source for the counts, a dotted path into the record, instead
-    of its file's folder.
-    `workers`, `engine`: processes (or Ray tasks) for every step that splits; `part_entries`:
-    keys per partition of the grouping steps. None of the three changes the output."""
+    `settings` (`dedup_settings.DedupSettings`, SlimPajama's defaults when omitted) says what is
+    done; `options` are fields of it to change, for a caller's convenience
+    (`dedup(inputs, out, min_chars=0)`). `decontaminate`: eval files or folders, for SlimPajama's
+    SHA-256 decontamination (and, with `decontaminate_ngrams` N, the removal of kept documents
+    that share N consecutive words with an eval text)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if lsh_threshold is None:
-        lsh_threshold = max(0.05, threshold - 0.2) if verify else threshold
-    if min_chars < 0 or ngram < 1 or num_perm < 2 or not 0.0 < threshold < 1.0:
+    try:
+        settings = replace(settings or DedupSettings(), **options)
+    except TypeError as e:  # an unknown option: the dataclass names it
+        raise LmpipeError(f"dedup settings: {e}") from None
+    if settings.decontaminate_ngrams and not decontaminate:
         raise LmpipeError(
-            "dedup settings: need min_chars >= 0, ngram >= 1, num_perm >= 2, 0 < threshold < 1"
+            "dedup settings: --decontaminate-ngrams needs eval files (--decontaminate)"
         )
-    if not 0.0 < lsh_threshold < 1.0 or keep not in ("first", "longest") or workers < 1:
-        raise LmpipeError(
-            "dedup settings: need 0 < lsh_threshold < 1, keep first or longest, workers >= 1"
-        )
-    if not 0.0 <= holdout < 1.0 or not decontaminate_field or source_field == "":
-        raise LmpipeError(
-            "dedup settings: need 0 <= holdout < 1 and non-empty field names (SlimPajama: 0.0017)"
-        )
-    if not 0 <= decontaminate_ngrams <= 64 or (decontaminate_ngrams and not decontaminate):
-        raise LmpipeError(
-            "dedup settings: --decontaminate-ngrams needs 0 <= N <= 64 and eval files (--decontaminate)"
-        )
-    if engine not in ENGINES or part_entries < 1:
-        raise LmpipeError(f"dedup settings: engine is one of {', '.join(ENGINES)}")
     inputs = [Path(p) for p in inputs]
     files = find_inputs(inputs)
     evals = find_inputs(decontaminate) if decontaminate else []
     out = Path(out)
-    hasher = make_hasher(hash_scheme, num_perm, seed=1)
-    bands, rows = optimal_bands(lsh_threshold, num_perm)
-    settings = {
-        "min_chars": min_chars, "threshold": threshold, "num_perm": num_perm, "ngram": ngram,
-        "bands": bands, "rows": rows, "lsh_threshold": lsh_threshold, "verify": verify,
-        "hash": "fnv1a64+fmix64" if hash_scheme == "oph" else "sha1_hash32",
-        "hash_scheme": hash_scheme, "seed": 1, "exact": exact, "near": near, "keep": keep, "strict": strict,
-        "fix_text": "ftfy.fix_text(normalization='NFC')" if fix else None,
-        "holdout": holdout, "holdout_seed": holdout_seed, "decontaminate_field": decontaminate_field,
-        "decontaminate_ngrams": decontaminate_ngrams,
-        "source_field": source_field, "text_hash": "sha256(fixed text, utf-8)" if fix else "sha256(text, utf-8)",
-    }  # fmt: skip
-    if not near:  # no MinHash, LSH or verification: the manifest names none of their settings
-        near_only = ("threshold", "num_perm", "ngram", "bands", "rows", "lsh_threshold", "verify", "hash", "hash_scheme", "seed")  # fmt: skip
-        settings.update(dict.fromkeys(near_only))
+    manifest_settings = settings.manifest()
     # A resumed run must read what the killed one read: same files, sizes and times.
     fingerprint = {
         "lmpipe_version": lmpipe_version(),
         "state_layout": steps.STATE_LAYOUT,
         # Not an output setting, but it sets the partitions and pair buckets the units write.
-        "part_entries": part_entries,
-        "settings": settings,
+        "part_entries": settings.part_entries,
+        "settings": manifest_settings,
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
     }
@@ -291,11 +233,16 @@ def dedup(
         try:
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
-            with Runner(workers, engine) as runner, bar:
+            with Runner(settings.workers, settings.engine) as runner, bar:
                 counts, outputs, eval_info, cluster_sizes, invalid = _steps(
-                    runner, bar, state, files, hasher, bands, rows, settings, part_entries,
-                    [source_of(f, inputs) for f in files], evals,
-                )  # fmt: skip
+                    runner,
+                    bar,
+                    state,
+                    files,
+                    settings,
+                    [source_of(f, inputs) for f in files],
+                    evals,
+                )
         except LmpipeError:
             # Bad input or settings: a rerun would fail the same way, so nothing is kept.
             shutil.rmtree(work, ignore_errors=True)
@@ -304,7 +251,7 @@ def dedup(
         # manifest is the same with or without matplotlib.
         plotted = write_cluster_png(cluster_sizes, work / PNG)
         manifest = write_manifest(
-            work, "dedup", settings=settings,
+            work, "dedup", settings=manifest_settings,
             inputs=[
                 {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, **bad} for f, bad in zip(files, invalid, strict=True)
             ],
@@ -327,58 +274,53 @@ def _steps(
     bar: Any,
     state: Path,
     files: list[Path],
-    hasher: MinHasher | OnePermHasher,
-    bands: int,
-    rows: int,
-    settings: dict[str, Any],
-    part_entries: int,
+    s: DedupSettings,
     sources: list[str],
     evals: list[Path],
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, int], list]:
     """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs, cluster sizes
     and each input's invalid lines (count and first examples)."""
     n = range(len(files))
-    s = settings
     scans = _run_step(
-        runner, bar, "fix, normalise" + (", MinHash" if s["near"] else ""), steps.scan_file,
-        [(state, f, files[f].resolve(), hasher if s["near"] else None, bands, rows, s["min_chars"], s["ngram"], s["strict"], s["source_field"], s["fix_text"] is not None) for f in n],
+        runner, bar, "fix, normalise" + (", MinHash" if s.near else ""), steps.scan_file,
+        [(state, f, files[f].resolve(), s) for f in n],
         [steps.marker(state, "scan", f) for f in n],
     )  # fmt: skip
     listed = [f for f in n if scans[f]["not_short"]]  # an empty key file cannot be mapped
     docs = sum(scan["not_short"] for scan in scans)
-    if s["exact"]:
-        parts = max(1, math.ceil(docs / part_entries))
+    if s.exact:
+        parts = max(1, math.ceil(docs / s.part_entries))
         _run_step(
             runner, bar, "exact duplicates", steps.exact_partition,
             [(state, p, parts, listed) for p in range(parts)],
             [steps.marker(state, "exact", p) for p in range(parts)],
         )  # fmt: skip
     sizes, units = [], []
-    if s["near"]:
-        sizes, units = _near_steps(runner, bar, state, s, listed, docs * bands, part_entries)
+    if s.near:
+        sizes, units = _near_steps(runner, bar, state, s, listed, docs * s.bands_rows[0])
     names = [str(f) for f in files]
-    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s["verify"], s["keep"], sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
+    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s, sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
     eval_info = _run_step(
         runner, bar, "eval data", kept_steps.eval_file,
-        [(state, e, path.resolve(), s["decontaminate_field"], s["strict"], s["fix_text"] is not None, s["decontaminate_ngrams"]) for e, path in enumerate(evals)],
+        [(state, e, path.resolve(), s) for e, path in enumerate(evals)],
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
-    if s["decontaminate_ngrams"]:
+    if s.decontaminate_ngrams:
         _run_step(runner, bar, "eval n-grams", kept_steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
         _run_step(
             runner, bar, "eval n-gram overlap", kept_steps.ngram_file,
-            [(state, f, s["decontaminate_ngrams"], [str(e) for e in evals]) for f in n],
+            [(state, f, s.decontaminate_ngrams, [str(e) for e in evals]) for f in n],
             [steps.marker(state, NGRAMS, f) for f in n],
         )  # fmt: skip
-    if s["holdout"] > 0:
+    if s.holdout > 0:
         _run_step(
             runner, bar, "holdout", kept_steps.holdout_file,
-            [(state, f, s["holdout"], s["holdout_seed"]) for f in n],
+            [(state, f, s) for f in n],
             [steps.marker(state, "holdout", f) for f in n],
         )  # fmt: skip
     filtered = _run_step(
         runner, bar, "write kept documents", kept_steps.filter_file,
-        [(state, f, names[f], sources[f], s["holdout"], s["holdout_seed"]) for f in n],
+        [(state, f, names[f], sources[f], s) for f in n],
         [steps.marker(state, "filter", f) for f in n],
     )  # fmt: skip
 
@@ -423,18 +365,17 @@ def _near_steps(
     runner: Runner,
     bar: Any,
     state: Path,
-    s: dict[str, Any],
+    s: DedupSettings,
     listed: list[int],
     keys: int,
-    part_entries: int,
 ) -> tuple[list[int], list[tuple[int, int, int]]]:
     """LSH, candidate pairs and their verification: the pairs of each pair bucket and the verify
     units, for `decide_all`. `listed`: the files with documents that are not short; `keys`: the
     band keys their scans wrote."""
-    parts = max(1, math.ceil(keys / part_entries))
+    parts = max(1, math.ceil(keys / s.part_entries))
     # With verification, an edge to a bucket's first document can fail where one to a later
     # member holds: look at a few more members of each bucket.
-    window = 8 if s["verify"] else 0
+    window = 8 if s.verify else 0
     # As many pair buckets as partitions: a bucket gets about as many pairs as a partition makes.
     buckets = parts
     _run_step(
@@ -448,7 +389,7 @@ def _near_steps(
         [steps.marker(state, "pairs", q) for q in range(buckets)],
     )  # fmt: skip
     sizes = [m["pairs"] for m in merged]
-    units = steps.verify_units(sizes) if s["verify"] else []
+    units = steps.verify_units(sizes) if s.verify else []
     if units:
         holding: dict[int, list[int]] = {}  # input file -> the pair buckets with its documents
         for q, m in enumerate(merged):
@@ -457,12 +398,12 @@ def _near_steps(
         involved = sorted(holding)
         _run_step(
             runner, bar, "shingle sets", steps.shingle_sets_file,
-            [(state, f, s["ngram"], holding[f]) for f in involved],
+            [(state, f, s.ngram, holding[f]) for f in involved],
             [steps.marker(state, "sets", f) for f in involved],
         )  # fmt: skip
         _run_step(
             runner, bar, "verify pairs", steps.verify_chunk,
-            [(state, *unit, u, s["threshold"]) for u, unit in enumerate(units)],
+            [(state, *unit, u, s.threshold) for u, unit in enumerate(units)],
             [steps.marker(state, "verify", u) for u in range(len(units))],
         )  # fmt: skip
     return sizes, units

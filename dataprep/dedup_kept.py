@@ -33,6 +33,7 @@ from lmpipe.dataprep.decontaminate import (
     write_matches,
     write_union,
 )
+from lmpipe.dataprep.dedup_settings import DedupSettings
 from lmpipe.dataprep.dedup_steps import (
     BUCKETS,
     HOLDOUT,
@@ -40,7 +41,6 @@ from lmpipe.dataprep.dedup_steps import (
     ZstdLines,
     doc_ref,
     finish_unit,
-    fix_text,
     load_ids,
     load_meta,
     marker,
@@ -52,15 +52,16 @@ from lmpipe.dataprep.documents import InvalidLines
 from lmpipe.dataprep.holdout import as_digests, digest_set, held_out, read_field, text_digest
 
 
-def eval_file(
-    state: Path, e: int, path: Path, field: str, strict: bool, fix: bool = True, ngrams: int = 0
-) -> dict[str, Any]:
-    """The SHA-256 set of eval file e's texts (its `field`, ftfy-fixed when the corpus is: the
-    two must be compared in the same form) and, with `ngrams`, the set of its word n-grams."""
+def eval_file(state: Path, e: int, path: Path, settings: DedupSettings) -> dict[str, Any]:
+    """The SHA-256 set of eval file e's texts (its `decontaminate_field`, fixed when the corpus
+    is: the two must be compared in the same form) and, with `decontaminate_ngrams`, the set of
+    its word n-grams."""
+    fix, ngrams = settings.fixer_fn(), settings.decontaminate_ngrams
+    field, strict = settings.decontaminate_field, settings.strict
     invalid = InvalidLines()
     shas, grams = [], NgramSet(ngrams)
     for _, text in read_field(path, field, strict, invalid):
-        text = fix_text(text) if fix else text
+        text = fix(text) if fix else text
         shas.append(text_digest(text))
         if ngrams:
             grams.add(text)
@@ -145,8 +146,9 @@ def _fates(state: Path, f: int, fraction: float, seed: int, evals: np.ndarray) -
     return meta, reason, dup_of, detail
 
 
-def holdout_file(state: Path, f: int, fraction: float, seed: int) -> dict[str, Any]:
+def holdout_file(state: Path, f: int, settings: DedupSettings) -> dict[str, Any]:
     """The digests of file f's held-out documents, which every file's training output avoids."""
+    fraction, seed = settings.holdout, settings.holdout_seed
     meta, reason, _, _ = _fates(state, f, fraction, seed, _digests(state, "evals"))
     held = np.flatnonzero(reason == HELD_OUT)
     sha = np.load(state / "scan" / f"{f:05d}.sha.npy")
@@ -159,13 +161,14 @@ def _digests(state: Path, step: str) -> np.ndarray:
 
 
 def filter_file(
-    state: Path, f: int, name: str, source: str, fraction: float = 0.0, seed: int = 42
+    state: Path, f: int, name: str, source: str, settings: DedupSettings
 ) -> dict[str, Any]:
     """Write file f's training records (`part-<f>.jsonl.zst` beside the state folder, none when
     it keeps nothing), its held-out records (`_holdout/part-<f>.jsonl.zst`) and its removal
     listing; report its counts per source and bucket (`source`: the file's, unless scan read
     one per document)."""
     info = load_ids(state, f)
+    fraction, seed = settings.holdout, settings.holdout_seed
     meta, reason, dup_of, detail = _fates(state, f, fraction, seed, _digests(state, "evals"))
     rows, sha = _kept_digests(state, f, meta, reason)
     leaked = rows[np.isin(sha, _digests(state, "holdout"))]

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,14 +58,13 @@ from lmpipe.dataprep.clusters import (  # noqa: F401  (decide: re-exported for d
     resolve,
     union_find,
 )
+from lmpipe.dataprep.dedup_settings import DedupSettings
 from lmpipe.dataprep.documents import InvalidLines, field_value, read_documents
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import write_json_atomic
 from lmpipe.dataprep.holdout import as_digests, text_digest
 from lmpipe.dataprep.minhash import (
     LONG_TEXT_CHARS,
-    MinHasher,
-    OnePermHasher,
     distinct_shingles,
     fmix64,
     long_signature,
@@ -92,22 +90,6 @@ _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
 # Pairs per verify unit: enough to amortise a task's start, few enough to spread over workers.
 VERIFY_CHUNK = 1 << 16
 _ROW_MASK = (1 << 32) - 1
-
-# What ftfy.fix_text can change in ASCII text: HTML entities (&), line breaks (\r) and the control
-# characters it deletes (0x00-0x08, 0x0b, 0x0e-0x1f, 0x7f; \x1b starts terminal escapes). Every
-# other fixer and NFC act on non-ASCII characters only, so ASCII text without these is returned
-# unchanged, and skipping the call saves about a quarter of the stage's time on English text.
-_FTFY_ASCII_TRIGGERS = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
-
-
-def fix_text(text: str) -> str:
-    """`ftfy.fix_text(text, normalization="NFC")`, without the call where it cannot change text."""
-    if text.isascii() and not _FTFY_ASCII_TRIGGERS.search(text):
-        return text
-    import ftfy  # imported here: the CLI keeps heavy imports out of `lmpipe --help`
-
-    return ftfy.fix_text(text, normalization="NFC")
-
 
 # --- markers and names ---------------------------------------------------------------------------
 
@@ -185,24 +167,16 @@ def _keys_sorted(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return table[np.argsort(table[:, 0], kind="stable")]
 
 
-def scan_file(
-    state: Path,
-    f: int,
-    path: Path,
-    hasher: MinHasher | OnePermHasher | None,
-    bands: int,
-    rows: int,
-    min_chars: int,
-    ngram: int,
-    strict: bool,
-    source_field: str | None = None,
-    fix: bool = True,
-) -> dict[str, Any]:
-    """Read input file `f`: ftfy each text (unless not `fix`), normalise, mark short (shorter than
-    `min_chars`; 0 marks none), hash (no MinHash without a `hasher`: no near-duplicate step);
+def scan_file(state: Path, f: int, path: Path, settings: DedupSettings) -> dict[str, Any]:
+    """Read input file `f`: fix each text as ftfy does (unless not `fix`), normalise, mark short
+    (shorter than `min_chars`; 0 marks none), hash (no MinHash without the near-duplicate step);
     write the scan files. With `source_field`, each document's
     source is read from it: a record without a string there is an invalid line (an error under
     `strict`)."""
+    hasher, fix = settings.hasher(), settings.fixer_fn()
+    bands, rows = settings.bands_rows
+    min_chars, ngram, strict = settings.min_chars, settings.ngram, settings.strict
+    source_field = settings.source_field
     base = state / "scan" / f"{f:05d}"
     invalid = _AllInvalid()
     lines, nbytes, short, ids, sources = [], [], [], [], []
@@ -242,7 +216,7 @@ def scan_file(
             nbytes.append(len(record["text"].encode("utf-8")))
             ids.append(record.get("id"))
             if fix:  # (the original text is not kept beside the fixed one: it may be 40 MB)
-                record["text"] = fix_text(record["text"])
+                record["text"] = fix(record["text"])
             norm = normalise(record["text"])
             short.append(len(norm) < min_chars)
             if short[-1]:
@@ -473,8 +447,7 @@ def near_pairs(
 def decide_all(
     state: Path,
     names: list[str],
-    verify: bool,
-    keep: str,
+    settings: DedupSettings,
     sizes: list[int],
     units: list[tuple[int, int, int]],
 ) -> dict[str, Any]:
@@ -482,13 +455,14 @@ def decide_all(
     verify units that checked them); writes
     `decide/<file>.json` for each file with removed documents: their rows, reasons and the
     reference of the document kept instead."""
+    verify = settings.verify
     exact = exact_pairs(state)  # one per exact duplicate: as many as nodes at most
     ends = [np.unique(exact)] + [np.unique(p) for p in near_pairs(state, sizes, units, verify)]
     nodes = np.unique(np.concatenate(ends))
     del ends
     files = nodes >> 32
     priority = None
-    if keep == "longest":
+    if settings.keep == "longest":
         priority = np.empty(len(nodes), dtype=np.int64)
         for f in np.unique(files).tolist():
             at = np.flatnonzero(files == f)

@@ -443,20 +443,6 @@ def test_lsh_threshold_sets_the_bands(corpus, tmp_path):
     assert manifest["counts"]["total"]["kept"]["documents"] == 6
 
 
-def test_ascii_fast_path_equals_ftfy():
-    import ftfy
-
-    from lmpipe.dataprep.dedup import fix_text
-
-    rng = random.Random(0)
-    alphabet = [chr(c) for c in range(128)] + ["&amp;", "&lt;", "<b>", "\r\n", "\x1b[31m"]
-    weights = [1] * 128 + [5] * 5
-    for _ in range(3000):
-        text = "".join(rng.choices(alphabet, weights, k=rng.randint(1, 40)))
-        assert fix_text(text) == ftfy.fix_text(text, normalization="NFC"), repr(text)
-    assert fix_text("donâ€™t") == "don't"  # non-ASCII still goes through ftfy
-
-
 # --- the map-reduce: partitions, resume after a crash ---------------------------------------------
 
 
