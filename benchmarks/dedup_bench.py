@@ -229,6 +229,40 @@ def score(removed: set[str], truth: dict[str, Any]) -> dict[str, float]:
     }
 
 
+STEPS = {
+    "scan_file": "scan: read, fix text, normalise, MinHash",
+    "fix_text": "  of which: fix text (lmpipe's ftfy)",
+    "normalise": "  of which: normalise",
+    "exact_partition": "exact duplicates",
+    "lsh_partition": "LSH buckets",
+    "merge_bucket": "candidate pairs",
+    "shingle_sets_file": "shingle sets",
+    "verify_chunk": "verify pairs",
+    "decide_all": "components",
+    "filter_file": "write kept documents",
+}
+
+
+def print_step_seconds(raw: Path, out: Path) -> None:
+    """lmpipe's default, one process, under cProfile: the cumulative seconds of each step."""
+    import cProfile
+    import pstats
+
+    from lmpipe.dataprep.dedup import dedup
+
+    subprocess.run(["rm", "-rf", str(out), str(out) + ".partial"], check=True)
+    profile = cProfile.Profile()
+    profile.runcall(dedup, [raw], out, progress=False)
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, ..., cumulative, ...)
+    total = sum(v[2] for v in stats.values())  # own time of every function: the whole run
+    print("\n| step (lmpipe default, one process, under cProfile) | CPU s | share |")
+    print("|---|---|---|")
+    for name, label in STEPS.items():
+        cum = sum(v[3] for k, v in stats.items() if k[2] == name and "lmpipe" in k[0])
+        print(f"| {label} | {cum:.1f} | {100 * cum / total:.0f}% |")
+    print(f"| all | {total:.1f} | 100% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: ~41k documents, ~78 MB")
@@ -252,6 +286,13 @@ def main() -> None:
         type=int,
         default=1,
         help="K times as many files of the same size: every file of the corpus K times",
+    )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="also run lmpipe's default once in this process under cProfile and print the CPU "
+        "seconds of each step (scan = fix + normalise + MinHash, exact, LSH, pairs, sets, verify, "
+        "decide, filter)",
     )
     parser.add_argument("--run-system", help=argparse.SUPPRESS)  # internal: one system, in-process
     parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)
@@ -303,6 +344,8 @@ def main() -> None:
             name = f"lmpipe {extra}".strip() if system == "lmpipe" else system
             rows.append({"system": name, **usage, **score(removed, truth)})
             print(f"{name}: {rows[-1]}", file=sys.stderr)
+    if args.steps:
+        print_step_seconds(raw, folder / "out-steps")
     print(
         f"\n{truth['documents']:,} documents, {truth['bytes'] / 1e6:.1f} MB (scale {args.scale}, "
         f"files scale {args.files_scale})\n"

@@ -233,6 +233,8 @@ def _edit_words(rng: random.Random, text: str, share: float) -> str:
 
 def _typos(rng: random.Random, text: str, share: float) -> str:
     chars = list(text)
+    if not chars:  # a variant of a variant can be empty
+        return text
     for _ in range(max(1, int(len(chars) * share))):
         chars[rng.randrange(len(chars))] = rng.choice("abcdefghijklmnopqrstuvwxyz")
     return "".join(chars)
