@@ -279,6 +279,7 @@ def train(
     resume: bool = False,
     stop_after_steps: int | None = None,
     verify_data: bool = True,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` on `data` (one shard folder, named sources with weights, or None for the
     recipe's own `data` section), writing everything into `run_dir`.
@@ -287,10 +288,12 @@ def train(
     a checkpoint (as a preempted job would), for tests and bounded jobs; `resume=True` continues
     from the newest finished checkpoint exactly where the data and the schedule left off.
     `verify_data=False` skips the sha256 check of the shards (sizes are still checked).
+    `init_from` starts from the weights of a run, model or Hugging Face folder instead of a fresh
+    initialisation (the recipe's model must be theirs: `lmpipe.train.hf.initial_model`).
     """
     recipe = with_data(recipe, data)
     with launch_environment():
-        return train_run(recipe, Path(run_dir), resume, stop_after_steps, verify_data)
+        return train_run(recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from)
 
 
 def train_run(
@@ -299,6 +302,7 @@ def train_run(
     resume: bool,
     stop_after_steps: int | None,
     verify_data: bool,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -311,7 +315,13 @@ def train_run(
     sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
     heldout = open_heldout(recipe) if recipe.validation else {}
     plan = make_plan(recipe, launch_world)
-    check_run_dir(run_dir, [s.path for s in recipe.data or []], recipe, resume)
+    reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
+    check_run_dir(run_dir, reads, recipe, resume)
+    initial = None
+    if init_from is not None:
+        from lmpipe.train.hf import initial_model, start_from
+
+        initial = initial_model(Path(init_from), recipe)
     rank, world = init_distributed()
     import deepspeed
     import torch.distributed as dist
@@ -342,6 +352,9 @@ def train_run(
 
     torch.manual_seed(recipe.seed)
     model = GPT(recipe.model)
+    if initial is not None:  # before DeepSpeed copies the weights into its own
+        start_from(model, initial)
+        del initial
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(
         model.param_groups(opt.lr, opt.weight_decay),
@@ -384,6 +397,7 @@ def train_run(
                 recipe=recipe.name,
                 data={source.name: str(source.path) for source in recipe.data or []},
                 world_size=world,
+                init_from=str(init_from) if init_from is not None else None,
                 summary=summary,
             )
     if rank == 0:

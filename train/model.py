@@ -1,8 +1,9 @@
 """The GPT of BTLM-3B-8K and Cerebras-GPT: pre-LayerNorm, tied embeddings, biases, no dropout;
 ALiBi or learned positions, SwiGLU or GELU; muP or the standard parametrisation (SP).
 
-Read top to bottom: ALiBi slopes, attention (two kernels that compute the same thing), the MLP,
-the block, the model, then the initialisation and per-group learning rates.
+Read top to bottom: ALiBi slopes, the KV cache of generation, attention (two kernels that
+compute the same thing), the MLP, the block, the model, then the initialisation and per-group
+learning rates.
 
 BTLM (seeds-spec 1.1) is ALiBi + SwiGLU; Cerebras-GPT (seeds-spec 3.2) learned positions + GELU
 (4 d_model). muP as Cerebras trained both (seeds-spec 1.3, 3.3), with the width multiplier
@@ -56,11 +57,44 @@ def alibi_bias(slopes_H: torch.Tensor, T: int, S: int, dtype: torch.dtype) -> to
     return bias.to(dtype)
 
 
+class KVCache:
+    """One layer's keys and values of the tokens seen so far, for generation: each forward pass
+    then runs only the new tokens. Buffers [B, H, max_len, Dh] are allocated at the first append
+    and written in place, so a step costs no copy of the whole cache.
+
+    ALiBi's bias is added to the scores, not baked into K, so a pass at a new (dynamic) ALiBi
+    scale reads the cached keys as they are. Past the first layer they come from hidden states
+    of the pass that made them, at that pass's scale: each token keeps the scale of its own step,
+    as in BTLM's Hugging Face code with a cache (a full forward at the new scale would differ)."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k_BHSd: torch.Tensor | None = None
+        self.v_BHSd: torch.Tensor | None = None
+
+    def append(
+        self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values; return all of them so far, [B, H, S, Dh]."""
+        B, H, T, Dh = k_BHTd.shape
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more")
+        if self.k_BHSd is None or self.v_BHSd is None:
+            self.k_BHSd = k_BHTd.new_empty(B, H, self.max_len, Dh)
+            self.v_BHSd = v_BHTd.new_empty(B, H, self.max_len, Dh)
+        S = self.length + T
+        self.k_BHSd[:, :, self.length : S] = k_BHTd
+        self.v_BHSd[:, :, self.length : S] = v_BHTd
+        self.length = S
+        return self.k_BHSd[:, :, :S], self.v_BHSd[:, :, :S]
+
+
 class Attention(nn.Module):
     """Causal self-attention with ALiBi. Two kernels compute the same function:
     `sdpa` adds an explicit [H, T, T] bias (works everywhere, memory quadratic in T), `flex`
     applies the bias inside FlexAttention's score_mod with a causal block mask (fast on GPU, but
-    has no backward pass on the CPU). tests/train/test_model.py checks they agree."""
+    has no backward pass on the CPU). tests/train/test_model.py checks they agree. `decode` is
+    the same attention for generation, over a KV cache."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,15 +105,21 @@ class Attention(nn.Module):
         by_d = cfg.mup is not None and cfg.mup.qk_scale == "d_head"
         self.scale = 1.0 / self.d_head if by_d else self.d_head**-0.5
 
-    def forward(
-        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, impl: str
-    ) -> torch.Tensor:
-        """`slopes_H`: ALiBi's slopes, or None for a model with learned positions (plain causal)."""
+    def heads(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V [B, H, T, Dh] from the fused projection."""
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=2)
         q_BHTd, k_BHTd, v_BHTd = (
             t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)
         )
+        return q_BHTd, k_BHTd, v_BHTd
+
+    def forward(
+        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, impl: str
+    ) -> torch.Tensor:
+        """`slopes_H`: ALiBi's slopes, or None for a model with learned positions (plain causal)."""
+        B, T, D = x_BTD.shape
+        q_BHTd, k_BHTd, v_BHTd = self.heads(x_BTD)
         if slopes_H is None:  # no bias: SDPA's causal flash kernel on every device
             y_BHTd = F.scaled_dot_product_attention(
                 q_BHTd, k_BHTd, v_BHTd, is_causal=True, scale=self.scale
@@ -91,6 +131,25 @@ class Attention(nn.Module):
             y_BHTd = F.scaled_dot_product_attention(
                 q_BHTd, k_BHTd, v_BHTd, attn_mask=bias_HTT, scale=self.scale
             )
+        return self.c_proj(y_BHTd.transpose(1, 2).reshape(B, T, D))
+
+    def decode(
+        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, cache: KVCache
+    ) -> torch.Tensor:
+        """Attention for generation: the T new tokens' keys and values join the cache, and their
+        queries, the last T of S positions, attend over all S keys (SDPA with an explicit [H, T,
+        S] bias or mask, on every device)."""
+        B, T, D = x_BTD.shape
+        q_BHTd, k_BHTd, v_BHTd = self.heads(x_BTD)
+        k_BHSd, v_BHSd = cache.append(k_BHTd, v_BHTd)
+        S = k_BHSd.shape[2]
+        if slopes_H is None:  # SDPA's is_causal aligns the diagonal top-left: wrong when T < S
+            mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)
+        else:
+            mask_TS = alibi_bias(slopes_H, T, S, q_BHTd.dtype)
+        y_BHTd = F.scaled_dot_product_attention(
+            q_BHTd, k_BHSd, v_BHSd, attn_mask=mask_TS, scale=self.scale
+        )
         return self.c_proj(y_BHTd.transpose(1, 2).reshape(B, T, D))
 
 
@@ -154,9 +213,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x_BTD: torch.Tensor, slopes_H: torch.Tensor | None, impl: str
+        self,
+        x_BTD: torch.Tensor,
+        slopes_H: torch.Tensor | None,
+        impl: str,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), slopes_H, impl)
+        h_BTD = self.ln_1(x_BTD)
+        if cache is None:
+            x_BTD = x_BTD + self.attn(h_BTD, slopes_H, impl)
+        else:  # generation: the cached tokens' keys and values too
+            x_BTD = x_BTD + self.attn.decode(h_BTD, slopes_H, cache)
         return x_BTD + self.mlp(self.ln_2(x_BTD))
 
 
@@ -184,27 +251,39 @@ class GPT(nn.Module):
             return "flex" if device.type == "cuda" else "sdpa"
         return impl
 
-    def hidden_states(self, idx_BT: torch.Tensor, alibi_scale: float = 1.0) -> torch.Tensor:
+    def new_cache(self, max_len: int) -> list[KVCache]:
+        """An empty KV cache, one per layer, for sequences of at most `max_len` tokens."""
+        return [KVCache(max_len) for _ in self.h]
+
+    def hidden_states(
+        self, idx_BT: torch.Tensor, alibi_scale: float = 1.0, cache: list[KVCache] | None = None
+    ) -> torch.Tensor:
         """The last hidden states [B, T, D], already times muP's output multiplier alpha_out / m_d
         (applied to the D-wide state rather than the V-wide logits: the same product, V/D times
         cheaper), so that logits are `unembed(hidden_states(idx))`.
 
         `alibi_scale` > 1 is ALiBi position interpolation (seeds-spec 2): every slope divided by
         the scale, i.e. distances shrunk by it, so a model trained at length L reads s * L tokens.
+
+        With a `cache` (from `new_cache`), `idx_BT` continues the tokens already cached: they are
+        positions past..past+T-1, and the cache takes their keys and values.
         """
+        past = cache[0].length if cache else 0
         x_BTD = self.wte(idx_BT)
         slopes_H = None
         if self.wpe is None:
             slopes_H = self.slopes / alibi_scale
         else:
             T = idx_BT.shape[1]
-            if T > self.cfg.n_positions:
-                raise ValueError(f"{T} tokens exceed the {self.cfg.n_positions} learned positions")
-            x_BTD = x_BTD + self.wpe(torch.arange(T, device=idx_BT.device))
+            if past + T > self.cfg.n_positions:
+                raise ValueError(
+                    f"{past + T} tokens exceed the {self.cfg.n_positions} learned positions"
+                )
+            x_BTD = x_BTD + self.wpe(torch.arange(past, past + T, device=idx_BT.device))
         x_BTD = x_BTD * self.alpha_in  # muP's alpha_in: on the sum, as Cerebras' BTLM class does
         impl = self.attention_impl(idx_BT.device)
-        for block in self.h:
-            x_BTD = block(x_BTD, slopes_H, impl)
+        for i, block in enumerate(self.h):
+            x_BTD = block(x_BTD, slopes_H, impl, cache[i] if cache else None)
         return self.ln_f(x_BTD) * (self.alpha_out / self.m_d)
 
     def unembed(self, x_ND: torch.Tensor) -> torch.Tensor:

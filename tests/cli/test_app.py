@@ -110,6 +110,7 @@ def test_train_flag_surface_stays_small():
     assert flags == [
         "--data",
         "--dry-run",
+        "--init-from",
         "--no-verify-data",
         "--recipe",
         "--resume",

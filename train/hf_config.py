@@ -1,0 +1,230 @@
+"""BTLM's config.json in lmpipe's terms, both ways (seeds-spec 1.2, 3.3).
+
+`hf_config` writes a recipe's model with BTLM's fields: mup_width_scale = 1/m_d =
+d_model_base/d_model, mup_embeddings_scale = alpha_in, mup_output_alpha = alpha_out,
+mup_scale_qk_dot_by_d from qk_scale (SP: 1, 1, 1, false), initializer_range = sigma_base (or
+init_std), n_positions = the last stage's length for ALiBi, alibi_scaling {"type": "linear",
+"factor": s} for a last stage that trained with alibi_scale s > 1.
+
+`read_config` reads any BTLM config (lmpipe's, the released BTLM's, including the first upload's
+field names, Cerebras-GPT-muP's intermediate checkpoints) or a GPT-2 one (Cerebras-GPT SP) back
+into a `ModelConfig`, refusing in one line what lmpipe's GPT cannot compute; `imported_recipe`
+gives it a recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
+from lmpipe.train.recipe import ModelConfig, MupConfig, Recipe, load_recipe, validate_recipe
+
+# The exported folder's modeling code (a copy of lmpipe.train.hf_modeling) and its classes.
+MODELING_FILE = "modeling_btlm.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_btlm.BTLMConfig",
+    "AutoModel": "modeling_btlm.BTLMModel",
+    "AutoModelForCausalLM": "modeling_btlm.BTLMLMHeadModel",
+}
+
+
+def hf_config(recipe: Recipe, dtype: str) -> dict[str, Any]:
+    """BTLM's config.json fields for a recipe's model (seeds-spec 1.2, 3.3)."""
+    cfg, last = recipe.model, recipe.stages[-1]
+    mup = cfg.mup
+    learned = cfg.position == "learned"
+    return {
+        "architectures": ["BTLMLMHeadModel"],
+        "auto_map": AUTO_MAP,
+        "model_type": "btlm",
+        "vocab_size": cfg.vocab_size,
+        # ALiBi has no position table: n_positions is the length it last trained at.
+        "n_positions": cfg.n_positions if learned else last.seq_len,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.d_ff,
+        "activation_function": cfg.mlp,
+        "position_embedding_type": cfg.position,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": mup.sigma_base if mup else cfg.init_std or cfg.SP_INIT_STD,
+        "scale_attn_weights": True,
+        "mup_width_scale": mup.d_model_base / cfg.d_model if mup else 1.0,  # 1 / m_d
+        "mup_embeddings_scale": mup.alpha_in if mup else 1.0,
+        "mup_output_alpha": mup.alpha_out if mup else 1.0,
+        "mup_scale_qk_dot_by_d": mup is not None and mup.qk_scale == "d_head",
+        "alibi_scaling": (
+            {"type": "linear", "factor": last.alibi_scale} if last.alibi_scale > 1 else None
+        ),
+        "use_cache": True,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
+    }
+
+
+class HFConfig:
+    """config.json's fields, read with their types; every error names the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LmpipeError(f"{path}: no such file (not a Hugging Face model folder)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LmpipeError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise LmpipeError(f"{path}: not a JSON object")
+        self.raw = raw
+
+    def error(self, field: str, value: Any, why: str) -> LmpipeError:
+        return LmpipeError(f"{self.path}: {field} {value!r}: {why}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if field not in self.raw or (self.raw[field] is None and default is not ...):
+            if default is ...:
+                raise LmpipeError(f"{self.path}: no {field} field")
+            return default
+        value = self.raw[field]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise self.error(field, value, f"expected {' or '.join(k.__name__ for k in kinds)}")
+        return value
+
+    def positive(self, field: str, default: Any = ...) -> int:
+        value = self.get(field, int, default)
+        if value <= 0:
+            raise self.error(field, value, "must be positive")
+        return value
+
+    def require(self, field: str, wanted: Any, default: Any, why: str) -> None:
+        value = self.get(field, type(wanted), default)
+        if value != wanted:
+            raise self.error(field, value, why)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What a config.json says in lmpipe's terms: the model, and the length and ALiBi scale of
+    the stage it last trained at."""
+
+    model: ModelConfig
+    seq_len: int
+    alibi_scale: float
+
+
+def read_config(folder: Path) -> Imported:
+    config = HFConfig(folder / "config.json")
+    model_type = config.get("model_type", str, "")
+    if model_type not in ("btlm", "gpt2"):
+        raise config.error(
+            "model_type", model_type, "lmpipe reads BTLM ('btlm') and GPT-2-layout ('gpt2') models"
+        )
+    btlm = model_type == "btlm"
+    vocab_size = config.positive("vocab_size")
+    if vocab_size != VOCAB_SIZE:
+        raise config.error("vocab_size", vocab_size, f"lmpipe's tokenizer is GPT-2's ({VOCAB_SIZE} ids)")  # fmt: skip
+    d_model, n_heads = config.positive("n_embd"), config.positive("n_head")
+    n_layers, n_positions = config.positive("n_layer"), config.positive("n_positions")
+    if d_model % n_heads:
+        raise config.error("n_embd", d_model, f"not divisible by n_head ({n_heads})")
+    d_ff = config.positive("n_inner", 4 * d_model)
+    mlp = config.get("activation_function", str, "gelu_new")
+    if mlp not in (("swiglu", "gelu") if btlm else ("gelu",)):
+        raise config.error(
+            "activation_function", mlp, "lmpipe runs swiglu (BTLM) and gelu (exact erf GELU)"
+        )
+    position = config.get("position_embedding_type", str, "learned") if btlm else "learned"
+    if position not in ("alibi", "learned"):
+        raise config.error("position_embedding_type", position, "lmpipe runs alibi or learned")
+    config.require("scale_attn_weights", True, True, "lmpipe always scales q.k")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):  # fmt: skip
+        config.require(flag, False, False, "lmpipe's attention has no such option")
+    config.require("tie_word_embeddings", True, True, "lmpipe ties the head to the embedding")
+    width = config.get("mup_width_scale", float, None)
+    width = config.get("width_scale", float, 1.0) if width is None else width
+    alpha_in = config.get("mup_embeddings_scale", float, None)
+    alpha_in = config.get("embeddings_scale", float, 1.0) if alpha_in is None else alpha_in
+    alpha_out = config.get("mup_output_alpha", float, None)
+    if alpha_out is None:  # the first BTLM upload stored alpha_out * width_scale
+        alpha_out = config.get("output_logits_scale", float, width) / width
+    by_d = config.get("mup_scale_qk_dot_by_d", bool, None)
+    by_d = config.get("scale_qk_dot_by_d", bool, False) if by_d is None else by_d
+    for field, value in (("mup_width_scale", width), ("mup_embeddings_scale", alpha_in), ("mup_output_alpha", alpha_out)):  # fmt: skip
+        if not value > 0:
+            raise config.error(field, value, "must be positive")
+    sigma = config.get("initializer_range", float, ModelConfig.SP_INIT_STD)
+    sp = (width, alpha_in, alpha_out, by_d) == (1.0, 1.0, 1.0, False)
+    mup = None
+    if not sp:
+        # muP's base shapes from the width multiplier: d_model_base = d_model / m_d (the FFN
+        # shares the multiplier; lmpipe requires it).
+        mup = MupConfig(
+            d_model_base=round(d_model * width, 6),
+            d_ff_base=round(d_ff * width, 6),
+            sigma_base=sigma,
+            alpha_in=alpha_in,
+            alpha_out=alpha_out,
+            qk_scale="d_head" if by_d else "sqrt_d_head",
+        )
+    seq_len, alibi_scale = n_positions, 1.0
+    scaling = config.get("alibi_scaling", dict, None) if btlm else None
+    if scaling is not None:
+        if position != "alibi":
+            raise config.error("alibi_scaling", scaling, "needs position_embedding_type alibi")
+        factor, train_seq_len = scaling.get("factor"), scaling.get("train_seq_len")
+        if len(scaling) != 2 or scaling.get("type") != "linear":
+            raise config.error("alibi_scaling", scaling, "expected type linear with factor or train_seq_len")  # fmt: skip
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 1:
+            alibi_scale = float(factor)  # a fixed interpolation the model was fine-tuned with
+        elif isinstance(train_seq_len, int) and not isinstance(train_seq_len, bool) and train_seq_len > 1:  # fmt: skip
+            # Dynamic interpolation is an inference-time rule on top of a model trained at
+            # train_seq_len: lmpipe's eval applies it by length (long_context, --alibi-scale).
+            seq_len = train_seq_len
+        else:
+            raise config.error("alibi_scaling", scaling, "factor must be > 1, train_seq_len an integer > 1")  # fmt: skip
+    try:
+        model = ModelConfig(
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_model=d_model,
+            d_ff=d_ff,
+            vocab_size=vocab_size,
+            layer_norm_eps=config.get("layer_norm_epsilon", float, 1e-5),
+            position=position,
+            n_positions=n_positions,
+            mlp=mlp,
+            mup=mup,
+            init_std=sigma if sp else None,
+        )
+    except ValueError as e:  # pydantic's, for values no field check above covers
+        raise LmpipeError(f"{config.path}: {str(e).splitlines()[-1].strip()}") from None
+    return Imported(model, seq_len, alibi_scale)
+
+
+def imported_recipe(name: str, imported: Imported) -> Recipe:
+    """The model with training sections from a shipped recipe (BTLM's for muP, Cerebras-GPT
+    111M's for SP) and one stage at the length it last trained at: what `lmpipe eval` reads,
+    and a start for `lmpipe train --init-from` (which takes its own recipe)."""
+    model = imported.model
+    base = load_recipe("btlm3b" if model.mup else "cerebras-gpt-111m")
+    seq_len = imported.seq_len
+    step = seq_len * max(1, base.tokens_per_step // seq_len)
+    raw = {
+        **base.model_dump(mode="json"),
+        "name": name,
+        "model": model.model_dump(mode="json"),
+        "stages": [{"seq_len": seq_len, "tokens": step, "alibi_scale": imported.alibi_scale}],
+        "tokens_per_step": step,
+        "micro_batch_tokens": seq_len,
+        "checkpoint_every_tokens": step,
+    }
+    return validate_recipe(raw, f"recipe for {name}")
