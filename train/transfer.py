@@ -1,0 +1,146 @@
+"""`lmpipe sweep FOLDER --best`: muP transfer of a sweep's best point to a wider model's recipe.
+
+Under muP the tuned values are the base model's (seeds-spec 1.3): eta_base (`optimizer.lr`),
+sigma_base, alpha_in and alpha_out (`model.mup.*`); the width multipliers derive every wider
+layer's rate, init and output scale from them. So the transfer moves exactly those four values,
+from the best point's recipe (its run folder's recipe.yaml) into the target recipe, and
+`schedule.end_lr` with the rate (the target's end_lr / lr ratio kept); every shape, the
+schedule's length, the batch and the data stay the target's.
+
+The best point is the lowest objective (held-out loss, else final training loss) among the muP
+points that finished without diverging; SP points are left out, their values do not transfer.
+The target must be a muP recipe with the sweep's base width (`mup.d_model_base`): the values are
+relative to it. Written: a recipe file (`--write-recipe`) that `lmpipe train --recipe FILE`
+takes as it is, or the same values as `--set` options (`--print-set`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import check_output, is_finished, partial_path
+from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
+from lmpipe.train.sweep_plan import yaml_value
+from lmpipe.train.sweep_report import read_report
+
+# The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
+BASE_VALUES = ("optimizer.lr", "model.mup.sigma_base", "model.mup.alpha_in", "model.mup.alpha_out")
+
+
+def best_point(report: dict[str, Any]) -> dict[str, Any]:
+    """The row of the best transferable point of a sweep's results."""
+    objective = report["objective"]
+    rows = [
+        r
+        for r in report["points"]
+        if r["param"] == "mup" and r["finished"] and not r["diverged"] and r[objective] is not None
+    ]
+    if not rows:
+        n = len(report["points"])
+        raise LmpipeError(
+            f"sweep of {report['recipe']}: none of its {n} points is a finished muP point "
+            "without divergence, so there are no base values to transfer"
+        )
+    return min(rows, key=lambda r: r[objective])
+
+
+def transfer_sets(best: Recipe, target: Recipe) -> list[str]:
+    """`--set` options that give `target` the base values of `best` (muP transfer)."""
+    if best.model.mup is None or target.model.mup is None:
+        which = "the best point" if best.model.mup is None else f"target {target.name}"
+        raise LmpipeError(f"{which} has no muP base shapes (model.mup is null): nothing transfers")
+    if best.model.mup.d_model_base != target.model.mup.d_model_base:
+        raise LmpipeError(
+            f"target {target.name}: mup.d_model_base {target.model.mup.d_model_base:g} differs from "
+            f"the sweep's {best.model.mup.d_model_base:g}; base values belong to their base width"
+        )
+    lr = best.optimizer.lr
+    end_lr = target.schedule.end_lr * lr / target.optimizer.lr
+    values = [lr, best.model.mup.sigma_base, best.model.mup.alpha_in, best.model.mup.alpha_out]
+    sets = [f"{key}={yaml_value(v)}" for key, v in zip(BASE_VALUES, values, strict=True)]
+    return [sets[0], f"schedule.end_lr={yaml_value(float(f'{end_lr:.12g}'))}", *sets[1:]]
+
+
+def sweep_best(
+    folder: Path,
+    *,
+    target: str | None = None,
+    write_recipe: Path | None = None,
+    print_set: bool = False,
+    overwrite: bool = False,
+) -> list[str]:
+    """Find the best point of the finished sweep `folder`, print it, and write its base values
+    into `target` (default: the sweep's recipe file): as a recipe file and/or `--set` options
+    on stdout. Returns the `--set` options (without the `--set`)."""
+    from rich.console import Console
+
+    folder = Path(folder)
+    if not is_finished(folder) and partial_path(folder).is_dir():
+        raise LmpipeError(
+            f"{folder}: the sweep is unfinished ({partial_path(folder).name} holds its work); "
+            "rerun the sweep command to finish it"
+        )
+    report = read_report(folder)
+    best = best_point(report)
+    best_recipe = load_recipe(str(folder / best["run_dir"] / "recipe.yaml"))
+    target_name = target or report["recipe"]
+    target_recipe = load_recipe(target_name)
+    sets = transfer_sets(best_recipe, target_recipe)
+    tuned = load_recipe(target_name, sets)  # validated like `lmpipe train --recipe T --set ...`
+    err = Console(stderr=True)
+    objective = report["objective"]
+    err.print(
+        f"best point of {folder}: {best['point']} ({best['param']}, d_model {best['width']}, "
+        f"density {best['density']:g}), {objective.replace('_', ' ')} {best[objective]:.4f}",
+        highlight=False,
+    )
+    for assignment in sets:
+        key, _, value = assignment.partition("=")
+        err.print(f"  {key}: {_value_at(target_recipe, key)} -> {value}", highlight=False)
+    model, source = tuned.model, best_recipe.model
+    if (model.position, model.mlp) != (source.position, source.mlp):
+        err.print(
+            f"warning: target {target_recipe.name} is {model.position}/{model.mlp}, the sweep's "
+            f"model {source.position}/{source.mlp}: base values transfer across widths, not "
+            "across architectures",
+            highlight=False,
+        )
+    if write_recipe is not None:
+        write_recipe_file(Path(write_recipe), tuned, folder, best, target_name, overwrite)
+        err.print(f"wrote {write_recipe} (lmpipe train --recipe {write_recipe})", highlight=False)
+    if print_set:
+        print(" ".join(f"--set {s}" for s in sets))
+    return sets
+
+
+def _value_at(recipe: Recipe, key: str) -> Any:
+    node: Any = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def write_recipe_file(
+    path: Path, recipe: Recipe, folder: Path, best: dict[str, Any], target: str, overwrite: bool
+) -> None:
+    """The tuned recipe as YAML, written atomically; never into the sweep it comes from."""
+    check_output(path, [folder], what="recipe file")
+    if path.exists() and not overwrite:
+        raise LmpipeError(f"{path}: already exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise LmpipeError(f"{path}: is a folder; --write-recipe names a .yaml file")
+    header = (
+        f"# {target} with the muP base values of point {best['point']} of the sweep {folder}\n"
+        "# (lmpipe sweep --best): optimizer.lr, schedule.end_lr, model.mup.sigma_base, "
+        "alpha_in, alpha_out.\n"
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(header + recipe_yaml(recipe), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LmpipeError(f"{path}: cannot be written ({e.strerror})") from None
