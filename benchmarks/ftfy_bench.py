@@ -50,7 +50,9 @@ def main() -> None:
         failed |= bool(differ)
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         non_ascii = sum(not t.isascii() for t in texts)
-        beyond_nfc = sum(r != unicodedata.normalize("NFC", t) for r, t in zip(reference, texts))
+        beyond_nfc = sum(
+            r != unicodedata.normalize("NFC", t) for r, t in zip(reference, texts, strict=True)
+        )
         rows.append(
             f"| {corpus} | {len(texts):,} | {mb:.1f} | {100 * non_ascii / len(texts):.0f}% | "
             f"{100 * beyond_nfc / len(texts):.0f}% | {t_ftfy:.2f} ({mb / t_ftfy:.1f} MB/s) | "

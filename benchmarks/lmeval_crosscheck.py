@@ -3,7 +3,7 @@
     TIKTOKEN_CACHE_DIR=/tmp/tk /tmp/lmeval/bin/python benchmarks/lmeval_crosscheck.py \
         [--task-data ../shared/assets/evals] [--tokenizer ../shared/assets/tokenizer] \
         [--tasks all] [--score-tasks arc_easy,winogrande,boolq,lambada_openai] \
-        [--score-limit 300] [--max-length 128] [--json report.json]
+        [--score-limit 300] [--max-length 128] [--exported] [--json report.json]
 
 Run it with a Python that has `lm_eval`, `transformers` and lmpipe (installed --no-deps); never
 the project's own venv, which stays free of the harness. No network: every dataset is read from
@@ -26,6 +26,13 @@ the lm-eval-ready files of `--task-data` (MANIFEST.md there), the GPT-2 tokenize
    encoder.json + vocab.bpe) with `simple_evaluate`, lmpipe through `lmpipe.evals.run.evaluate`
    on the saved folder. Compared: every request's log-likelihood and greedy flag, and every
    metric. A short `--max-length` makes the harness's left truncation matter on long prompts.
+
+3. `--exported`: the same model is exported with `lmpipe.train.hf.export_model`, and the harness
+   reads the folder as a user would, `--model hf --model_args pretrained=OUT,trust_remote_code=True`
+   (`HFLM` loads the folder's own modeling code, weights and tokenizer; nothing of lmpipe). Part 1
+   then also checks the folder's tokenizer against tiktoken on every request, and part 2 compares
+   the harness with `lmpipe eval` of the run and with `lmpipe eval hf:OUT` (the folder read back
+   by `load_hf_model`).
 
 Exit status 1 if anything differs beyond float noise (the perplexity stderr is a bootstrap with
 another RNG in each tool, so it is shown, not compared).
@@ -66,7 +73,17 @@ SOURCES: dict[str, tuple[str, str]] = {
     "hellaswag": ("validation", "hellaswag/hellaswag.jsonl"),  # written by hellaswag_rows
     "lambada_openai": ("test", "lambada_openai/lambada_test.jsonl"),
 }
-LL_TOLERANCE = 1e-4  # absolute, per request: two float32 forward passes with different padding
+# Per request, two float32 forward passes with different padding and batching agree to about
+# 1e-4 plus a few float32 ulps of the sum: a random model's log-likelihoods reach -500, where
+# either tool differs from a float64 forward pass by up to 1e-4 (measured).
+LL_TOLERANCE = 1e-4
+LL_RELATIVE = 1e-6
+
+
+def ll_close(theirs: float, ours: float) -> bool:
+    return abs(theirs - ours) <= LL_TOLERANCE + LL_RELATIVE * abs(theirs)
+
+
 EXAMPLES = 3  # mismatches shown per kind
 
 
@@ -335,7 +352,11 @@ def harness_lm(model, tokenizer_dir: Path, max_length: int, batch_size: int):
     )
 
 
-def compare_scores(args, task_data: Path, work: Path, model) -> dict[str, Any]:
+def compare_scores(
+    args, task_data: Path, work: Path, harness: Any, lmpipe_models: dict[str, tuple[str, Any]]
+) -> dict[str, Any]:
+    """The harness's scores (`harness`: an HFLM, or a model_args string for `--model hf`) against
+    `lmpipe eval` of each of `lmpipe_models` (label -> (model path, the loaded GPT))."""
     import lm_eval
 
     from lmpipe.dataprep.tokenizer import get_encoding
@@ -349,32 +370,33 @@ def compare_scores(args, task_data: Path, work: Path, model) -> dict[str, Any]:
         # hellaswag: the harness reads the rows rebuilt from the lossy file (see part 1)
         data_file = hellaswag_rows(task_data, work / rel) if n == "hellaswag" else task_data / rel
         tasks.append(harness_task(n, data_file, split))
-    hflm = harness_lm(model, args.tokenizer, args.max_length, args.batch_size)
     started = time.perf_counter()
     hres = lm_eval.simple_evaluate(
-        model=hflm,
+        model="hf" if isinstance(harness, str) else harness,
+        model_args=harness if isinstance(harness, str) else None,
+        batch_size=args.batch_size,
         tasks=tasks,
         limit=args.score_limit,
         log_samples=True,
         bootstrap_iters=1000,
     )
-    harness_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    ours = evaluate(
-        work / "model",
-        work / "lmpipe_eval",
-        tasks=names,
-        data=None,
-        task_data=task_data,
-        limit=args.score_limit,
-        batch_size=args.batch_size,
-        device="cpu",
-    )["tasks"]
-    lmpipe_seconds = time.perf_counter() - started
-    lm = GPTLM(model, get_encoding(), args.max_length, batch_size=args.batch_size)
-    report: dict[str, Any] = {
-        "seconds": {"harness": round(harness_seconds, 1), "lmpipe": round(lmpipe_seconds, 1)}
-    }
+    seconds = {"harness": round(time.perf_counter() - started, 1)}
+    ours, lms = {}, {}
+    for label, (path, model) in lmpipe_models.items():
+        started = time.perf_counter()
+        ours[label] = evaluate(
+            path,
+            work / f"lmpipe_eval_{label}",
+            tasks=names,
+            data=None,
+            task_data=task_data,
+            limit=args.score_limit,
+            batch_size=args.batch_size,
+            device="cpu",
+        )["tasks"]
+        seconds[f"lmpipe {label}"] = round(time.perf_counter() - started, 1)
+        lms[label] = GPTLM(model, get_encoding(), args.max_length, batch_size=args.batch_size)
+    report: dict[str, Any] = {"seconds": seconds}
     for name in names:
         samples = sorted(hres["samples"][name], key=lambda s: s["doc_id"])
         h_reqs = [tuple(a[:2]) for s in samples for a in s["arguments"]]
@@ -387,15 +409,37 @@ def compare_scores(args, task_data: Path, work: Path, model) -> dict[str, Any]:
             task_report["request_mismatch"] = sum(
                 a != b for a, b in zip(h_reqs, o_reqs, strict=False)
             )
-        o_resps = lm.loglikelihood(h_reqs)  # the harness's own requests, through lmpipe's LM
-        diffs = [abs(float(h[0]) - o[0]) for h, o in zip(h_resps, o_resps, strict=True)]
-        greedy = [
-            i for i, (h, o) in enumerate(zip(h_resps, o_resps, strict=True)) if bool(h[1]) != o[1]
-        ]
-        worst = max(range(len(diffs)), key=diffs.__getitem__)
-        task_report["loglikelihood"] = {
+        task_report["lmpipe"] = {
+            label: score_report(
+                h_reqs, h_resps, lms[label], hres["results"][name], ours[label][name]
+            )  # fmt: skip
+            for label in lmpipe_models
+        }
+        report[name] = task_report
+    probe_lm = harness if not isinstance(harness, str) else model_from_args(harness, args)
+    report["greedy_probe"] = {
+        label: greedy_probe(probe_lm, lm, lm.model, task_data) for label, lm in lms.items()
+    }
+    return report
+
+
+def score_report(
+    h_reqs: list, h_resps: list, lm, h_results: dict[str, Any], mine: dict[str, Any]
+) -> dict[str, Any]:
+    """One lmpipe model against the harness on one task: every request's log-likelihood and
+    greedy flag (the harness's own requests through lmpipe's LM), and every metric."""
+    o_resps = lm.loglikelihood(h_reqs)
+    diffs = [abs(float(h[0]) - o[0]) for h, o in zip(h_resps, o_resps, strict=True)]
+    greedy = [
+        i for i, (h, o) in enumerate(zip(h_resps, o_resps, strict=True)) if bool(h[1]) != o[1]
+    ]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    out: dict[str, Any] = {
+        "loglikelihood": {
             "max_abs_diff": diffs[worst],
-            "over_tolerance": sum(d > LL_TOLERANCE for d in diffs),
+            "over_tolerance": sum(
+                not ll_close(float(h[0]), o[0]) for h, o in zip(h_resps, o_resps, strict=True)
+            ),
             "greedy_mismatch": len(greedy),
             "worst": {
                 "request": h_reqs[worst],
@@ -403,40 +447,52 @@ def compare_scores(args, task_data: Path, work: Path, model) -> dict[str, Any]:
                 "lmpipe": o_resps[worst][0],
             },
         }
-        metrics = {}
-        for key, value in hres["results"][name].items():
-            metric, _, filt = key.partition(",")
-            if filt != "none" or metric.endswith("_stderr") or metric not in ours[name]:
-                continue
-            stderr = hres["results"][name].get(f"{metric}_stderr,none")
-            mine = ours[name][metric]
-            metrics[metric] = {
-                "harness": value,
-                "lmpipe": mine["value"],
-                "harness_stderr": stderr,
-                "lmpipe_stderr": mine["stderr"],
-                "equal": math.isclose(value, mine["value"], rel_tol=1e-6, abs_tol=1e-9),
-            }
-            if metric != "perplexity":
-                metrics[metric]["stderr_equal"] = math.isclose(
-                    float(stderr), mine["stderr"], rel_tol=1e-6, abs_tol=1e-9
-                )
-        task_report["metrics"] = metrics
-        # The stock task's metric list against the one lmpipe reports (TaskSpec.metrics).
-        harness_metrics = {
-            k.partition(",")[0]
-            for k in hres["results"][name]
-            if k.endswith(",none") and not k.partition(",")[0].endswith("_stderr")
+    }
+    metrics = {}
+    for key, value in h_results.items():
+        metric, _, filt = key.partition(",")
+        if filt != "none" or metric.endswith("_stderr") or metric not in mine:
+            continue
+        stderr = h_results.get(f"{metric}_stderr,none")
+        equal = math.isclose(value, mine[metric]["value"], rel_tol=1e-6, abs_tol=1e-9)
+        if metric == "perplexity":
+            # exp(-mean log-likelihood): its log agrees as well as the log-likelihoods do; a
+            # random model's ~1e13 perplexity shows their float32 noise in the 6th digit.
+            equal = ll_close(math.log(value), math.log(mine[metric]["value"]))
+        metrics[metric] = {
+            "harness": value,
+            "lmpipe": mine[metric]["value"],
+            "harness_stderr": stderr,
+            "lmpipe_stderr": mine[metric]["stderr"],
+            "equal": equal,
         }
-        lmpipe_metrics = {k for k, v in ours[name].items() if isinstance(v, dict)}
-        if harness_metrics != lmpipe_metrics:
-            task_report["metric_names"] = {
-                "harness": sorted(harness_metrics),
-                "lmpipe": sorted(lmpipe_metrics),
-            }
-        report[name] = task_report
-    report["greedy_probe"] = greedy_probe(hflm, lm, model, task_data)
-    return report
+        if metric != "perplexity":
+            metrics[metric]["stderr_equal"] = math.isclose(
+                float(stderr), mine[metric]["stderr"], rel_tol=1e-6, abs_tol=1e-9
+            )
+    out["metrics"] = metrics
+    # The stock task's metric list against the one lmpipe reports (TaskSpec.metrics).
+    harness_metrics = {
+        k.partition(",")[0]
+        for k in h_results
+        if k.endswith(",none") and not k.partition(",")[0].endswith("_stderr")
+    }
+    lmpipe_metrics = {k for k, v in mine.items() if isinstance(v, dict)}
+    if harness_metrics != lmpipe_metrics:
+        out["metric_names"] = {"harness": sorted(harness_metrics), "lmpipe": sorted(lmpipe_metrics)}
+    return out
+
+
+def exported_model_args(folder: Path, max_length: int) -> str:
+    """`--model_args` for `lm_eval --model hf` on an exported folder, as a user would write them."""
+    return f"pretrained={folder},trust_remote_code=True,max_length={max_length},device=cpu"
+
+
+def model_from_args(model_args: str, args):
+    """The HFLM that `lm_eval --model hf --model_args ...` builds."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM.create_from_arg_string(model_args, {"batch_size": args.batch_size})
 
 
 def greedy_probe(hflm, lm, model, task_data: Path, n: int = 64) -> dict[str, Any]:
@@ -489,20 +545,23 @@ def failed(
     ]
     if edge["mismatches"]:
         problems.append(f"edge requests tokenised differently: {edge['mismatches']}")
-    probe = (scores or {}).get("greedy_probe")
-    if probe and (probe["greedy_mismatch"] or probe["max_abs_diff"] > LL_TOLERANCE):
-        problems.append(f"greedy probe differs: {probe}")
+    for label, probe in (scores or {}).get("greedy_probe", {}).items():
+        if probe["greedy_mismatch"] or probe["max_abs_diff"] > LL_TOLERANCE:
+            problems.append(f"greedy probe differs ({label}): {probe}")
     for t, r in (scores or {}).items():
         if t in ("seconds", "greedy_probe"):
             continue
-        ll = r["loglikelihood"]
-        if r.get("request_mismatch") or ll["over_tolerance"] or ll["greedy_mismatch"]:
-            problems.append(f"{t}: scoring differs {ll}")
-        if "metric_names" in r:
-            problems.append(f"{t}: different metrics {r['metric_names']}")
-        for m, v in r["metrics"].items():
-            if not v["equal"] or not v.get("stderr_equal", True):
-                problems.append(f"{t}: {m} {v}")
+        if r.get("request_mismatch"):
+            problems.append(f"{t}: {r['request_mismatch']} requests differ")
+        for label, mine in r["lmpipe"].items():
+            ll = mine["loglikelihood"]
+            if ll["over_tolerance"] or ll["greedy_mismatch"]:
+                problems.append(f"{t} ({label}): scoring differs {ll}")
+            if "metric_names" in mine:
+                problems.append(f"{t} ({label}): different metrics {mine['metric_names']}")
+            for m, v in mine["metrics"].items():
+                if not v["equal"] or not v.get("stderr_equal", True):
+                    problems.append(f"{t} ({label}): {m} {v}")
     return problems
 
 
@@ -516,6 +575,11 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--exported",
+        action="store_true",
+        help="score the model as a Hugging Face folder from export_model, read by `--model hf`",
+    )
     parser.add_argument("--json", type=Path, help="also write the full report here")
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -528,11 +592,27 @@ def main() -> int:
     datasets.disable_progress_bars()
 
     names = list(SOURCES) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-    report: dict[str, Any] = {"lm_eval": lm_eval.__version__, "requests": {}}
+    report: dict[str, Any] = {
+        "lm_eval": lm_eval.__version__,
+        "mode": "exported" if args.exported else "wrapped",
+        "requests": {},
+    }
     with tempfile.TemporaryDirectory(prefix="lmeval-crosscheck-") as tmp:
         work = Path(tmp)
         model, _ = make_model(args.seed, args.max_length, work / "model")
-        hflm = harness_lm(model, args.tokenizer, args.max_length, args.batch_size)
+        lmpipe_models: dict[str, tuple[str, Any]] = {"run": (str(work / "model"), model)}
+        if args.exported:
+            from lmpipe.train.hf import export_model, load_hf_model
+
+            exported = export_model(work / "model", work / "hf")
+            harness: Any = exported_model_args(exported, args.max_length)
+            print(f"harness: lm_eval --model hf --model_args {harness}")
+            hflm = model_from_args(harness, args)
+            lmpipe_models["hf"] = (f"hf:{exported}", load_hf_model(exported)[0])
+        else:
+            hflm = harness_lm(model, args.tokenizer, args.max_length, args.batch_size)
+            # Part 1 stubs the scoring of `hflm` to capture its tokens: score with a fresh one.
+            harness = harness_lm(model, args.tokenizer, args.max_length, args.batch_size)
         lm = GPTLM(model, get_encoding(), args.max_length)
         for name in names:
             r = compare_requests(name, args.task_data, work, hflm, lm)
@@ -556,22 +636,25 @@ def main() -> int:
         for m in report["edge_tokens"]["mismatches"]:
             print(f"    {m}")
         report["scores"] = (
-            compare_scores(args, args.task_data, work, model) if args.score_tasks else None
+            compare_scores(args, args.task_data, work, harness, lmpipe_models)
+            if args.score_tasks
+            else None
         )
     for name, r in (report["scores"] or {}).items():
         if name in ("seconds", "greedy_probe"):
             print(f"{name}: {r}")
             continue
-        ll = r["loglikelihood"]
-        print(
-            f"{name:15s} docs {r['docs']} requests {r['requests']}  max |dll| {ll['max_abs_diff']:.2e}  "
-            f"greedy mismatches {ll['greedy_mismatch']}"
-        )
-        for m, v in r["metrics"].items():
+        for label, mine in r["lmpipe"].items():
+            ll = mine["loglikelihood"]
             print(
-                f"    {m:10s} harness {v['harness']:.6f} ±{v['harness_stderr']}  "
-                f"lmpipe {v['lmpipe']:.6f} ±{v['lmpipe_stderr']}  {'equal' if v['equal'] else 'DIFFERENT'}"
+                f"{name:15s} lmpipe {label}: docs {r['docs']} requests {r['requests']}  "
+                f"max |dll| {ll['max_abs_diff']:.2e}  greedy mismatches {ll['greedy_mismatch']}"
             )
+            for m, v in mine["metrics"].items():
+                print(
+                    f"    {m:10s} harness {v['harness']:.6f} ±{v['harness_stderr']}  "
+                    f"lmpipe {v['lmpipe']:.6f} ±{v['lmpipe_stderr']}  {'equal' if v['equal'] else 'DIFFERENT'}"
+                )
     problems = failed(report["requests"], report["edge_tokens"], report["scores"])
     report["problems"] = problems
     if args.json:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from lmpipe.dataprep.dedup_settings import DedupSettings as D
 from lmpipe.dataprep.errors import LmpipeError
 
 app = typer.Typer(
@@ -79,15 +80,22 @@ def dedup(
             help="Drop documents shorter than this after normalisation (SlimPajama: 200; "
             "0: no short filter)."
         ),
-    ] = 200,
+    ] = D.min_chars,
     fix_text: Annotated[
         bool,
         typer.Option(
             "--fix-text/--no-fix-text",
-            help="Repair each text with ftfy.fix_text, NFC (SlimPajama's first step); without "
+            help="Repair each text as ftfy.fix_text does, NFC (SlimPajama's first step); without "
             "it texts pass through byte for byte.",
         ),
-    ] = True,
+    ] = D.fix,
+    fixer: Annotated[
+        str,
+        typer.Option(
+            help="lmpipe (ftfy's exact output, several times faster on non-ASCII text) or ftfy "
+            "(the library itself, the reference lmpipe's is tested against)."
+        ),
+    ] = D.fixer,
     exact: Annotated[
         bool,
         typer.Option(
@@ -95,7 +103,7 @@ def dedup(
             help="Remove exact duplicates of the normalised text first (without it the copies "
             "are removed as near duplicates, with more work).",
         ),
-    ] = True,
+    ] = D.exact,
     near: Annotated[
         bool,
         typer.Option(
@@ -103,15 +111,17 @@ def dedup(
             help="Remove near duplicates (MinHash-LSH over character n-grams, SlimPajama's fuzzy "
             "step); without it only exact duplicates go, several times faster.",
         ),
-    ] = True,
+    ] = D.near,
     threshold: Annotated[
         float,
         typer.Option(help="Jaccard similarity that counts as a near-duplicate (SlimPajama: 0.8)."),
-    ] = 0.8,
-    num_perm: Annotated[int, typer.Option(help="MinHash permutations (SlimPajama: 128).")] = 128,
+    ] = D.threshold,
+    num_perm: Annotated[
+        int, typer.Option(help="MinHash permutations (SlimPajama: 128).")
+    ] = D.num_perm,
     ngram: Annotated[
         int, typer.Option(help="Character n-gram size of the MinHash shingles (SlimPajama: 13).")
-    ] = 13,
+    ] = D.ngram,
     hash_scheme: Annotated[
         str,
         typer.Option(
@@ -119,7 +129,7 @@ def dedup(
             help="Signatures: oph (one-permutation MinHash, several times faster), sha1 "
             "(datasketch 1.5.9 / SlimPajama, value for value) or affine32 (datasketch 2.0).",
         ),
-    ] = "oph",
+    ] = D.hash_scheme,
     verify: Annotated[
         bool,
         typer.Option(
@@ -127,24 +137,27 @@ def dedup(
             help="Keep only candidate pairs whose exact n-gram Jaccard reaches --threshold "
             "(--hash sha1 --no-verify is SlimPajama's run).",
         ),
-    ] = True,
+    ] = D.verify,
     lsh_threshold: Annotated[
         float | None,
         typer.Option(
             help="Jaccard the LSH bands are tuned for (default: --threshold - 0.2 with "
             "--verify, else --threshold)."
         ),
-    ] = None,
+    ] = D.lsh_threshold,
     keep: Annotated[
         str, typer.Option(help="Document kept per group: first (input order) or longest.")
-    ] = "first",
+    ] = D.keep,
     holdout: Annotated[
         float,
         typer.Option(
             help="Fraction of the kept documents held out (by a seeded hash of their text) into "
             "OUT/_holdout/; training drops any document with a held-out text (SlimPajama: 0.0017)."
         ),
-    ] = 0.0,
+    ] = D.holdout,
+    holdout_seed: Annotated[
+        int, typer.Option(help="Seed of the holdout's hash (SlimPajama: 42).")
+    ] = D.holdout_seed,
     decontaminate: Annotated[
         list[Path] | None,
         typer.Option(
@@ -154,7 +167,7 @@ def dedup(
     ] = None,
     decontaminate_field: Annotated[
         str, typer.Option(help="Field of the eval records to compare (dotted for nested).")
-    ] = "text",
+    ] = D.decontaminate_field,
     decontaminate_ngrams: Annotated[
         int,
         typer.Option(
@@ -162,14 +175,14 @@ def dedup(
             "(of the normalised text) with an eval text; 13 is GPT-3's choice, 0 compares "
             "exact texts only."
         ),
-    ] = 0,
+    ] = D.decontaminate_ngrams,
     source_field: Annotated[
         str | None,
         typer.Option(
             help="Count sources by this field (dotted, e.g. meta.redpajama_set_name) instead "
             "of each file's folder; a record without it is an invalid line."
         ),
-    ] = None,
+    ] = D.source_field,
     workers: Annotated[
         int,
         typer.Option(
@@ -177,14 +190,14 @@ def dedup(
             "--workers",
             help="Processes (or Ray CPUs) for every step; output is identical for any number.",
         ),
-    ] = 1,
+    ] = D.workers,
     engine: Annotated[
         str,
         typer.Option(
             help="local (process pool) or ray (Ray tasks; the cluster at RAY_ADDRESS, else a "
             "local instance; needs `pip install 'lmpipe\\[ray]'`). Same output either way."
         ),
-    ] = "local",
+    ] = D.engine,
     strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -199,6 +212,7 @@ def dedup(
         out,
         min_chars=min_chars,
         fix=fix_text,
+        fixer=fixer,
         exact=exact,
         near=near,
         threshold=threshold,
@@ -209,7 +223,8 @@ def dedup(
         lsh_threshold=lsh_threshold,
         keep=keep,
         holdout=holdout,
-        decontaminate=decontaminate or [],
+        holdout_seed=holdout_seed,
+        decontaminate=decontaminate or (),
         decontaminate_field=decontaminate_field,
         decontaminate_ngrams=decontaminate_ngrams,
         source_field=source_field,
@@ -327,6 +342,14 @@ def train(
             "about a second per GB; skip it for huge data). File sizes are always checked."
         ),
     ] = True,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from these weights instead of a fresh initialisation: a run or model "
+            "folder, or a Hugging Face folder (BTLM or GPT-2 layout); the recipe's model must be "
+            "theirs."
+        ),
+    ] = None,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
     from lmpipe.train.data import parse_data, print_data_plan, with_data
@@ -350,25 +373,47 @@ def train(
 
     launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
     run_dir = run_dir or Path("runs") / recipe_obj.name
-    run_stage(run_train, recipe_obj, None, run_dir, resume=resume, verify_data=verify_data)
+    run_stage(
+        run_train,
+        recipe_obj,
+        None,
+        run_dir,
+        resume=resume,
+        verify_data=verify_data,
+        init_from=init_from,
+    )
     if launched:
         finish_process()
 
 
 @app.command(name="eval")
 def eval_(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="A run folder from `lmpipe train` (its final model is evaluated)."),
+    model: Annotated[
+        list[str],
+        typer.Argument(
+            help="The model: a run folder from `lmpipe train`, or a Hugging Face folder in BTLM's "
+            "or GPT-2's layout (hf:PATH, or any folder holding a config.json). With --compare: "
+            "results.json files, or folders holding one.",
+            show_default=False,
+        ),
     ],
     out: Annotated[
         Path | None,
-        typer.Option("-o", "--out", help="Output folder for results. Default: RUN_DIR/eval."),
+        typer.Option(
+            "-o",
+            "--out",
+            help="Output folder for results. Default: RUN_DIR/eval for a run, ./NAME-eval for a "
+            "Hugging Face folder NAME.",
+        ),
     ] = None,
     tasks: Annotated[
         str,
         typer.Option(
-            help="Comma-separated tasks: perplexity, continuation, arc_easy, arc_challenge, piqa, ..."
+            help="Comma-separated tasks and suites. Tasks: perplexity, continuation, long_context, "
+            "arc_easy, arc_challenge, boolq, hellaswag, lambada_openai, openbookqa, piqa, "
+            "social_iqa, winogrande, wikitext. Suites: cerebras-gpt (the Cerebras-GPT card's "
+            "seven 0-shot tasks), btlm (BTLM-3B-8K's 0-shot tasks that exist offline; not "
+            "included: MMLU, TruthfulQA, the code and long-context tasks)."
         ),
     ] = "perplexity,continuation",
     data: Annotated[
@@ -395,15 +440,32 @@ def eval_(
             "set one)."
         ),
     ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Evaluate nothing: print the given results side by side, a row per task and "
+            "metric, a column per model.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Score a trained model: zero-shot tasks the lm-evaluation-harness way, and perplexity."""
+    """Score a model (a run, or a published Hugging Face model): zero-shot tasks the
+    lm-evaluation-harness way, and perplexity. --compare prints results side by side."""
+    if compare:
+        from lmpipe.evals.compare import print_comparison
+
+        run_stage(print_comparison, [Path(p) for p in model])
+        return
+    if len(model) != 1:
+        typer.echo(f"error: one model to evaluate, got {len(model)} (or --compare)", err=True)
+        raise typer.Exit(2)
     from lmpipe.evals.run import evaluate
 
     run_stage(
         evaluate,
-        run_dir,
-        out or run_dir / "eval",
+        model[0],
+        out,
         tasks=[t for t in tasks.split(",") if t],
         data=data,
         task_data=task_data,
@@ -411,6 +473,110 @@ def eval_(
         alibi_scale=alibi_scale,
         overwrite=overwrite,
     )
+
+
+@app.command()
+def generate(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder, a model folder, or a Hugging Face folder (BTLM layout)."
+        ),
+    ],
+    prompt: Annotated[str | None, typer.Option(help="The text to continue.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="A UTF-8 file of prompts, one per line, each run alone.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt at most.")] = 64,
+    temperature: Annotated[
+        float, typer.Option(help="Softmax temperature; 0 is greedy (argmax).")
+    ] = 0.8,
+    top_k: Annotated[
+        int, typer.Option(help="Draw from the K most likely tokens only (0: all).")
+    ] = 200,
+    top_p: Annotated[
+        float,
+        typer.Option(help="Then from the smallest set holding probability P (nucleus; 1: all)."),
+    ] = 1.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the sampling: the same seed, the same text.")
+    ] = 0,
+    alibi_scaling: Annotated[
+        str | None,
+        typer.Option(
+            help="ALiBi position interpolation: none, dynamic (slopes / max(1, keys / training "
+            "length), growing with the text) or a fixed FACTOR. Default: dynamic for ALiBi models."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda when there is one).")
+    ] = None,
+) -> None:
+    """Continue prompts with a trained model (KV cache); print each completion and tokens/s."""
+    from lmpipe.train.generate import GenerateSettings
+    from lmpipe.train.generate import generate as run_generate
+
+    settings = GenerateSettings(
+        model=model, prompt=prompt, prompts_file=prompts, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        alibi_scaling=alibi_scaling, device=device,
+    )  # fmt: skip
+    result = run_stage(run_generate, settings)
+    for c in result.completions:
+        end = "end of text" if c.stopped_at_eos else f"{len(c.tokens)} tokens"
+        typer.echo(f"--- prompt ({c.prompt_tokens} tokens), completion ({end}):")
+        typer.echo(c.prompt + c.text)
+    typer.echo(
+        f"{result.new_tokens} new tokens in {result.seconds:.2f} s: "
+        f"{result.tokens_per_second:.1f} tokens/s on {result.device}; "
+        f"ALiBi scaling {result.alibi_scaling}"
+    )
+
+
+@app.command(name="export")
+def export(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run folder from `lmpipe train`, or a model folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Output folder: a Hugging Face model (BTLM layout).")
+    ],
+    dtype: Annotated[
+        str, typer.Option(help="Weights as fp32 or bf16 (the ALiBi slopes stay fp32).")
+    ] = "fp32",
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a trained model as a Hugging Face folder (safetensors, BTLM's config and modeling
+    code for trust_remote_code, GPT-2's tokenizer)."""
+    from lmpipe.train.hf import export_model
+
+    run_stage(export_model, run_dir, out, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"exported to {out}")
+
+
+@app.command(name="import")
+def import_(
+    hf_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A Hugging Face folder: BTLM layout (lmpipe's exports, cerebras/btlm-3b-8k-base, "
+            "Cerebras-GPT-muP) or GPT-2 layout (Cerebras-GPT)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--out", help="Output model folder for `lmpipe eval` and `train --init-from`."
+        ),
+    ],
+    overwrite: Overwrite = False,
+) -> None:
+    """Read a Hugging Face model into an lmpipe model folder (model.pt + recipe.yaml), checking
+    that lmpipe runs exactly what it holds."""
+    from lmpipe.train.hf import import_model
+
+    run_stage(import_model, hf_dir, out, overwrite=overwrite)
+    typer.echo(f"imported to {out}")
 
 
 mup_app = typer.Typer(name="mup", help="muP's tools: the coordinate check.", no_args_is_help=True)
@@ -474,6 +640,194 @@ def coord_check(
         seq_len=seq_len, lr=lr, seed=seed,
     )  # fmt: skip
     run_stage(run_check, check, out, overwrite=overwrite)
+
+
+def _split(option: str, text: str | None, kind: type) -> tuple:
+    """A comma-separated option (`--widths 128,256`) as a tuple of `kind`."""
+    if not text:
+        return ()
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LmpipeError(f"{option} {text!r}: comma-separated {kind.__name__}s") from None
+
+
+@app.command()
+def sweep(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(help="A finished sweep folder, with --best: read its best point."),
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="A shipped recipe name (proxy) or a YAML file.")
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Token folder, or NAME=PATH:WEIGHT sources (as lmpipe train)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Sweep folder: runs/, sweep.json, sweep.csv, sweep.png."),
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=START:STOP:xFACTOR, KEY=START:STOP:+STEP or KEY=V1,V2 (numbers may be "
+            "2^-10); repeated: every combination."
+        ),
+    ] = None,
+    space: Annotated[
+        list[str] | None,
+        typer.Option(help="Random search: KEY=loguniform:LOW:HIGH or KEY=uniform:LOW:HIGH."),
+    ] = None,
+    random: Annotated[int, typer.Option(help="Random points drawn from --space.")] = 0,
+    widths: Annotated[
+        str | None,
+        typer.Option(help="d_model values, each a muP model of that width (base shapes kept)."),
+    ] = None,
+    densities: Annotated[
+        str | None, typer.Option(help="model.density values (sparse muP), e.g. 1,0.5,0.25.")
+    ] = None,
+    param: Annotated[
+        str | None,
+        typer.Option(help="mup, sp or mup,sp (default: the recipe's parametrisation)."),
+    ] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per point (stages and warmup scaled alike; default the recipe's)."
+        ),
+    ] = None,
+    val_tokens: Annotated[
+        int | None,
+        typer.Option(help="Held-out tokens scored at the end of each point (default 65,536)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random search's draws.")] = 0,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "-j", "--jobs", help="Points at once: processes sharing the CPUs, or one per GPU."
+        ),
+    ] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value for every point (repeatable)."),
+    ] = None,
+    best: Annotated[
+        bool, typer.Option("--best", help="Read FOLDER's best muP point (base values).")
+    ] = False,
+    write_recipe: Annotated[
+        Path | None,
+        typer.Option(help="With --best: write --target with the best base values as a recipe."),
+    ] = None,
+    print_set: Annotated[
+        bool, typer.Option("--print-set", help="With --best: print the values as --set options.")
+    ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(help="With --best: the recipe to transfer to (default: the sweep's)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train a recipe at every point of a grid or random search (and widths, densities, SP/muP);
+    resumable. With FOLDER --best: muP-transfer the best point's base values to a recipe."""
+    from lmpipe.train.data import parse_data
+
+    if best or folder is not None:
+        if folder is None or not best or recipe or out:
+            typer.echo(
+                "error: read a sweep with `lmpipe sweep FOLDER --best`; run one with "
+                "`lmpipe sweep --recipe R -o OUT ...`",
+                err=True,
+            )
+            raise typer.Exit(2)
+        from lmpipe.train.transfer import sweep_best
+
+        run_stage(sweep_best, folder, target=target, write_recipe=write_recipe, print_set=print_set, overwrite=overwrite)  # fmt: skip
+        return
+    if recipe is None or out is None or write_recipe or print_set or target:
+        typer.echo(
+            "error: a sweep needs --recipe and -o (--write-recipe, --print-set and --target go "
+            "with FOLDER --best)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from lmpipe.train.sweep import sweep as run_sweep
+    from lmpipe.train.sweep_plan import SweepSettings, parse_grid, parse_space
+
+    def settings() -> SweepSettings:
+        sources = parse_data(data or [])
+        return SweepSettings(
+            recipe=recipe, data=tuple(sources) if isinstance(sources, list) else sources,
+            overrides=tuple(set_ or []), grid=tuple(parse_grid(g) for g in grid or []),
+            space=tuple(parse_space(s) for s in space or []), random=random,
+            widths=_split("--widths", widths, int), densities=_split("--densities", densities, float),
+            params=_split("--param", param, str), tokens=tokens, val_tokens=val_tokens, seed=seed,
+            jobs=jobs,
+        )  # fmt: skip
+
+    run_stage(run_sweep, run_stage(settings), out, overwrite=overwrite)
+
+
+@app.command()
+def scaling(
+    run_dirs: Annotated[
+        list[Path] | None, typer.Argument(help="Finished run folders to fit.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Output folder: fit.json, fit.png (or the recipes)."),
+    ] = None,
+    published: Annotated[
+        str | None, typer.Option(help="Also plot a published fit: cerebras-gpt.")
+    ] = None,
+    loss: Annotated[
+        str,
+        typer.Option(help="heldout (the last validation) or train (the last tenth of steps)."),
+    ] = "heldout",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap draws over runs.")] = 1000,
+    family: Annotated[
+        bool,
+        typer.Option("--family", help="Write a compute-optimal family of recipes instead."),
+    ] = False,
+    sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="--family: widths (768) or parameter counts (111M, 1.3B), comma-separated."
+        ),
+    ] = None,
+    tokens_per_param: Annotated[
+        float, typer.Option(help="--family: training tokens a parameter (Chinchilla: 20).")
+    ] = 20.0,
+    recipe: Annotated[
+        str | None, typer.Option(help="--family: the base recipe (shipped name or YAML file).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="--family: override a base recipe value (repeatable)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fit L(f) = (f/a)^b + c to finished runs' loss against training FLOPs; or, with --family,
+    write compute-optimal recipes of several sizes from a base recipe."""
+    if out is None:
+        typer.echo("error: -o is required (the output folder)", err=True)
+        raise typer.Exit(2)
+    if family:
+        if run_dirs or recipe is None or not sizes:
+            typer.echo("error: --family takes --recipe and --sizes, not run folders", err=True)
+            raise typer.Exit(2)
+        from lmpipe.train.scaling import family as write_family
+
+        size_list = [s for s in sizes.split(",") if s.strip()]
+        run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
+        return
+    if recipe or sizes or set_:
+        typer.echo("error: --recipe, --sizes and --set go with --family", err=True)
+        raise typer.Exit(2)
+    from lmpipe.train.scaling import scaling as run_scaling
+
+    run_stage(run_scaling, run_dirs or [], out, published=published, loss=loss, samples=bootstrap, overwrite=overwrite)  # fmt: skip
 
 
 @app.command()

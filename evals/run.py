@@ -1,15 +1,20 @@
-"""`lmpipe eval`: score a trained run and write `results.json` + `manifest.json` to a folder.
+"""`lmpipe eval`: score a model and write `results.json` + `manifest.json` to a folder.
 
-    evaluate(run_dir, out, tasks=[...], data=shards_or_None, task_data=folder_or_None, limit=N)
+    evaluate(model, out, tasks=[...], data=shards_or_None, task_data=folder_or_None, limit=N)
 
+The model is an lmpipe run (or model) folder, or a Hugging Face folder (`hf:PATH`, or any folder
+holding a `config.json`: BTLM's layout or GPT-2's, read by `lmpipe.train.hf.load_hf_model`), so
+a user's run and a published model are scored by the same code into the same table.
 Tasks: `perplexity`, `continuation` and `long_context` read the held-out split of a token shard
 folder (`data`); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
-`task_data`. Each task's metrics are {"value", "stderr"} plus its item count `n`; results.json
-holds them per task with the settings; the output folder is published only when every task ran.
+`task_data`; a suite name (`SUITES`: cerebras-gpt, btlm) stands for its tasks. Each task's metrics
+are {"value", "stderr"} plus its item count `n`; results.json holds them per task with the
+settings; the output folder is published only when every task ran.
 The model reads at most its training sequence length (the recipe's last stage) per forward pass.
 The output folder may not be, contain or lie inside what eval reads (the model's folder, the
-token data, the task files); the default, `RUN_DIR/eval`, sits beside the model. A task row whose
-gold label is not one of its choices is an error naming the file and line (`tasks.py`).
+token data, the task files); the default, `RUN_DIR/eval` for a run and `./NAME-eval` for a
+Hugging Face folder, never does. A task row whose gold label is not one of its choices is an
+error naming the file and line (`tasks.py`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomic, write_manifest
@@ -32,22 +38,44 @@ CONTINUATION_ITEMS = 1000
 CONTINUATION_DOCS_PER_ITEM = 4
 
 
+# Task suites: the zero-shot tasks a paper or model card reports, as far as they exist here.
+SUITES: dict[str, tuple[str, ...]] = {
+    # Cerebras-GPT's model card: seven 0-shot tasks (seeds-spec 3.4).
+    "cerebras-gpt": (
+        "hellaswag", "piqa", "winogrande", "lambada_openai", "arc_easy", "arc_challenge",
+        "openbookqa",
+    ),
+    # BTLM-3B-8K's 0-shot tasks (seeds-spec 1.6). Not here: MMLU (5-shot), TruthfulQA, and the
+    # paper's code and long-context tasks (SCROLLS, LongEval).
+    "btlm": (
+        "arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "openbookqa", "piqa",
+        "social_iqa", "winogrande",
+    ),
+}  # fmt: skip
+
+
 def known_tasks() -> list[str]:
     from lmpipe.evals.tasks import EXTERNAL_TASKS
 
     return [*HELDOUT_TASKS, *EXTERNAL_TASKS]
 
 
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """Task names with each suite replaced by its tasks, in order, without repeats."""
+    names = (name for t in tasks if t.strip() for name in SUITES.get(t.strip(), (t.strip(),)))
+    return list(dict.fromkeys(names))
+
+
 def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> list[str]:
-    """The task list without repeats; every problem with it as one LmpipeError, before any work."""
-    names = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
+    """The task list (suites expanded) without repeats; every problem with it as one LmpipeError,
+    before any work."""
+    names = expand_tasks(tasks)
+    known = f"known tasks: {', '.join(known_tasks())}; suites: {', '.join(SUITES)}"
     if not names:
-        raise LmpipeError("no task given; known tasks: " + ", ".join(known_tasks()))
+        raise LmpipeError(f"no task given; {known}")
     unknown = [t for t in names if t not in known_tasks()]
     if unknown:
-        raise LmpipeError(
-            f"unknown task {', '.join(unknown)}; known tasks: {', '.join(known_tasks())}"
-        )
+        raise LmpipeError(f"unknown task {', '.join(unknown)}; {known}")
     need_data = [t for t in names if t in HELDOUT_TASKS]
     if need_data and data is None:
         raise LmpipeError(
@@ -63,9 +91,65 @@ def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> 
     return names
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """The model `lmpipe eval MODEL` names: an lmpipe run or model folder (`model.pt` +
+    `recipe.yaml`), or a Hugging Face folder (`config.json` + safetensors)."""
+
+    path: Path
+    kind: Literal["lmpipe", "hf"]
+
+    def folder(self) -> Path:
+        """The folder eval reads the model from (the output may not overlap it)."""
+        if self.kind == "hf":
+            return self.path
+        from lmpipe.train.checkpoint import model_folder
+
+        return model_folder(self.path)
+
+    def default_output(self) -> Path:
+        """RUN_DIR/eval beside a run's model; `./NAME-eval` for a Hugging Face folder, which may
+        be a shared, read-only download that no output belongs in."""
+        if self.kind == "hf":
+            return Path(f"{self.path.resolve().name}-eval")
+        return self.path / "eval"
+
+    def load(self, device: str):  # -> tuple[GPT, Recipe]
+        if self.kind == "hf":
+            from lmpipe.train.hf import load_hf_model
+
+            return load_hf_model(self.path, device)
+        from lmpipe.train.checkpoint import load_model
+
+        return load_model(self.path, device)
+
+
+HF_PREFIX = "hf:"
+
+
+def model_source(model: str | Path) -> ModelSource:
+    """`hf:PATH` is a Hugging Face folder; otherwise a folder with lmpipe's model files is a run,
+    one with a `config.json` a Hugging Face folder, and anything else an error naming it."""
+    text = str(model)
+    if text.startswith(HF_PREFIX):
+        path = Path(text[len(HF_PREFIX) :])
+        if not (path / "config.json").is_file():
+            raise LmpipeError(f"{path}: no config.json, so not a Hugging Face model folder (hf:)")
+        return ModelSource(path, "hf")
+    path = Path(text)
+    if any((folder / "model.pt").is_file() for folder in (path, path / "model")):
+        return ModelSource(path, "lmpipe")
+    if (path / "config.json").is_file():
+        return ModelSource(path, "hf")
+    raise LmpipeError(
+        f"{path}: no trained model (model/model.pt and recipe.yaml) and no config.json of a "
+        "Hugging Face model; has the run finished?"
+    )
+
+
 def evaluate(
-    run_dir: Path,
-    out: Path,
+    model: str | Path,
+    out: Path | None,
     *,
     tasks: list[str],
     data: Path | None,
@@ -77,10 +161,13 @@ def evaluate(
     seed: int = 0,
     alibi_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Run the tasks on the run's final model; the results dict that results.json holds.
+    """Run the tasks on a run's final model or a Hugging Face model (`model_source`); the results
+    dict that results.json holds. `out` None: the source's default output folder.
     `alibi_scale`: ALiBi interpolation of every forward pass; by default the one the model was
     last trained with (its recipe's last stage: 1, or a long fine-tune's fixed factor)."""
     names = check_tasks(tasks, data, task_data)
+    source = model_source(model)
+    out = Path(out) if out is not None else source.default_output()
     if limit is not None and limit < 1:
         raise LmpipeError(f"--limit must be at least 1, got {limit}")
     import torch
@@ -88,15 +175,14 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lmpipe.dataprep.tokenizer import get_encoding
-    from lmpipe.train.checkpoint import load_model, model_folder
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console()
-    # What eval reads: the model's folder (a run's `model/`), the token data and the task files;
-    # the output may sit beside the model in the run folder (the default RUN_DIR/eval).
-    reads = [model_folder(Path(run_dir)), data, task_data]
-    with staged_output(Path(out), stage="eval", reads=reads, overwrite=overwrite) as work:
-        model, recipe = load_model(Path(run_dir), device)
+    # What eval reads: the model's folder (a run's `model/`, or the whole Hugging Face folder),
+    # the token data and the task files; the output may sit beside a run's model (RUN_DIR/eval).
+    reads = [source.folder(), data, task_data]
+    with staged_output(out, stage="eval", reads=reads, overwrite=overwrite) as work:
+        gpt, recipe = source.load(device)
         max_length = recipe.stages[-1].seq_len
         if alibi_scale is None:
             alibi_scale = recipe.stages[-1].alibi_scale
@@ -127,7 +213,7 @@ def evaluate(
                 started = time.perf_counter()
                 results[name] = run_task(
                     name,
-                    model=model,
+                    model=gpt,
                     encoding=encoding,
                     max_length=max_length,
                     shards=shards,
@@ -144,7 +230,8 @@ def evaluate(
                 total = next(t.total for t in progress.tasks if t.id == bar) or 1
                 progress.update(bar, total=total, completed=total)
         report = {
-            "run_dir": str(run_dir),
+            "model": str(source.path),
+            "model_format": source.kind,
             "recipe": recipe.name,
             "max_length": max_length,
             "settings": {
@@ -165,7 +252,8 @@ def evaluate(
             work,
             "eval",
             inputs={
-                "run_dir": str(run_dir),
+                "model": report["model"],
+                "model_format": source.kind,
                 "data": report["settings"]["data"],
                 "task_data": report["settings"]["task_data"],
             },

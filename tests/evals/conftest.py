@@ -1,7 +1,9 @@
-"""Fixtures of the eval tests: a tiny random GPT, a shard folder built from given texts, a run."""
+"""Fixtures of the eval tests: a tiny random GPT, a shard folder built from given texts, a run
+folder holding a tiny saved model, a task-data folder of six ARC rows."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +89,42 @@ def make_shards(gpt2) -> Callable[..., Path]:
 def heldout_texts() -> list[str]:
     rng = random.Random(7)
     return [random_text(rng, rng.randint(40, 160)) for _ in range(12)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    from lmpipe.train.checkpoint import save_model
+    from lmpipe.train.model import GPT
+    from lmpipe.train.recipe import load_recipe
+
+    recipe = load_recipe(
+        "tiny",
+        [
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.d_model=32",
+            "model.d_ff=85",
+            "stages.1.seq_len=64",
+        ],
+    )
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_model(GPT(recipe.model), recipe, run / "model")
+    return run
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    """Six ARC-shaped rows in the lm-eval-ready layout."""
+    folder = tmp_path / "task_data"
+    (folder / "arc_easy").mkdir(parents=True)
+    rows = [
+        {
+            "question": f"Which of these is number {i}?",
+            "choices": {"text": [f"option {j}" for j in range(4)], "label": list("ABCD")},
+            "answerKey": "ABCD"[i % 4],
+        }
+        for i in range(6)
+    ]
+    (folder / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

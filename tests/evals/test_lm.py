@@ -200,3 +200,114 @@ def test_any_model_with_the_forward_signature_works(tiny_gpt, gpt2):
     slow = GPTLM(Wrapped(), gpt2, max_length=24, batch_size=2).loglikelihood(REQUESTS)
     for (a, ga), (b, gb) in zip(fast, slow, strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+# --- shared contexts: one row, the context once, a branch per continuation ------------------
+
+
+def model_variants():
+    from lmpipe.train.model import GPT
+    from lmpipe.train.recipe import ModelConfig, MupConfig
+
+    torch.manual_seed(0)
+    small = dict(n_layers=2, n_heads=4, d_model=32)
+    yield "alibi-swiglu-mup", GPT(ModelConfig(**small, d_ff=84, mup=MupConfig(d_model_base=16, d_ff_base=42))), 1.0  # fmt: skip
+    yield "alibi-swiglu-sp-scaled", GPT(ModelConfig(**small, d_ff=85, mup=None)), 2.0
+    learned = ModelConfig(**small, d_ff=128, position="learned", n_positions=64, mlp="gelu", mup=None)  # fmt: skip
+    yield "learned-gelu-sp", GPT(learned), 1.0
+
+
+@torch.no_grad()
+def alone(model, context, continuation, max_length, alibi_scale):
+    """(sum log p, greedy) of one request through the model's plain forward pass."""
+    full = (list(context) + list(continuation))[-(max_length + 1) :]
+    logits = model(torch.tensor([full[:-1]]), alibi_scale=alibi_scale)[0][0]
+    n = len(continuation)
+    scored = logits[len(full) - 1 - n :]
+    target = torch.tensor(full[-n:])
+    ll = float(F.log_softmax(scored, dim=-1).gather(1, target[:, None]).sum())
+    return ll, bool((scored.argmax(dim=-1) == target).all())
+
+
+def shared_requests(gpt2):
+    question = gpt2.encode("Question: Which of these floats on water?\nAnswer:")
+    choices = [" a stone", " a piece of dry wood", " iron", " a stone", " lead and a long tail"]
+    requests = [(question, gpt2.encode(c)) for c in choices]  # " a stone" twice
+    requests.append((question, gpt2.encode(" and on and on" * 4)))  # too long: truncated, alone
+    requests.append((gpt2.encode("Another context"), gpt2.encode(" alone")))
+    requests.append(([EOT], gpt2.encode("No context")))
+    requests.append(([EOT], gpt2.encode("No context at all")))
+    return requests
+
+
+@pytest.mark.parametrize("variant", range(3))
+def test_shared_context_rows_score_each_request_as_alone(variant, gpt2):
+    from lmpipe.evals.lm import plan_rows
+
+    name, model, scale = list(model_variants())[variant]
+    model.eval()
+    requests = shared_requests(gpt2)
+    max_length = 24
+    rows = plan_rows(requests, max_length, share=True)
+    assert sum(r.branched for r in rows) == 1, name  # the question's choices
+    assert sum(len(r.requests) for r in rows) == len(requests)  # the repeat is in the request list
+    (truncated,) = [r for r in rows if r.requests == [5]]  # too long to share its context
+    assert len(truncated.tokens) == max_length and not truncated.branched
+    lm = GPTLM(model, gpt2, max_length=max_length, batch_size=3, alibi_scale=scale)
+    got = lm.loglikelihood_tokens(requests)
+    for request, (ll, greedy) in zip(requests, got, strict=True):
+        want_ll, want_greedy = alone(model, *request, max_length, scale)
+        assert ll == pytest.approx(want_ll, abs=1e-4), name
+        assert greedy == want_greedy, name
+    assert got[0] == got[3]  # the repeated request: scored once, the same numbers exactly
+
+
+def test_a_context_shared_by_greedy_continuations(gpt2):
+    """Greedy flags through branches: the model's own argmax continuations are greedy."""
+    _, model, _ = next(model_variants())
+    model.eval()
+    context = gpt2.encode("The market by the river")
+    ids: list[int] = []
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([context + ids]))[0][0, -1].argmax()))
+    requests = [(context, ids[:1]), (context, ids[:2]), (context, ids), (context, ids[:2][::-1])]
+    got = GPTLM(model, gpt2, max_length=32).loglikelihood_tokens(requests)
+    assert [g for _, g in got][:3] == [True, True, True]
+    assert got[3][1] == (ids[1] == ids[0])
+
+
+def test_batches_of_branched_rows_shrink_to_the_mask_budget(gpt2, monkeypatch):
+    from lmpipe.evals import lm as lm_module
+
+    _, model, _ = next(model_variants())
+    model.eval()
+    requests = shared_requests(gpt2)
+    reference = GPTLM(model, gpt2, max_length=24, batch_size=8).loglikelihood_tokens(requests)
+    batches, score_rows = [], lm_module.GPTLM._score_rows
+
+    def spy(self, rows):
+        batches.append([r.branched for r in rows])
+        return score_rows(self, rows)
+
+    monkeypatch.setattr(lm_module.GPTLM, "_score_rows", spy)
+    monkeypatch.setattr(lm_module, "MASK_ELEMENTS", 1)
+    got = GPTLM(model, gpt2, max_length=24, batch_size=8).loglikelihood_tokens(requests)
+    assert [True] in batches  # the branched row went alone
+    assert all(len(b) == 1 for b in batches if any(b)) and any(len(b) > 1 for b in batches)
+    for (a, ga), (b, gb) in zip(got, reference, strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
+def test_shared_rows_stay_within_the_window_and_rolling_windows_stay_alone():
+    from lmpipe.evals.lm import plan_rows
+
+    context = list(range(100, 106))
+    long_choices = [(context, list(range(k, k + 7))) for k in range(0, 70, 7)]  # 10 branches of 6
+    rows = plan_rows(long_choices, max_length=20, share=True)
+    assert [len(r.requests) for r in rows] == [2, 2, 2, 2, 2]  # 6 + 2 x 6 <= 20 < 6 + 3 x 6
+    assert all(len(r.tokens) <= 20 and r.branched for r in rows)
+    assert sorted(i for r in rows for i in r.requests) == list(range(10))
+    windows = [([EOT], list(range(k, k + 5))) for k in range(0, 50, 5)]  # first rolling windows
+    assert not any(r.branched or len(r.requests) > 1 for r in plan_rows(windows, 20, share=True))
+    assert not any(r.branched for r in plan_rows(long_choices, 20, share=False))

@@ -3,51 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-import torch
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.evals.run import evaluate
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    from lmpipe.train.checkpoint import save_model
-    from lmpipe.train.model import GPT
-    from lmpipe.train.recipe import load_recipe
-
-    recipe = load_recipe(
-        "tiny",
-        [
-            "model.n_layers=1",
-            "model.n_heads=2",
-            "model.d_model=32",
-            "model.d_ff=85",
-            "stages.1.seq_len=64",
-        ],
-    )
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    save_model(GPT(recipe.model), recipe, run / "model")
-    return run
-
-
-@pytest.fixture
-def task_data(tmp_path):
-    """Six ARC-shaped rows in the lm-eval-ready layout."""
-    folder = tmp_path / "task_data"
-    (folder / "arc_easy").mkdir(parents=True)
-    rows = [
-        {
-            "question": f"Which of these is number {i}?",
-            "choices": {"text": [f"option {j}" for j in range(4)], "label": list("ABCD")},
-            "answerKey": "ABCD"[i % 4],
-        }
-        for i in range(6)
-    ]
-    (folder / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 def test_evaluate_end_to_end(run_dir, task_data, make_shards, heldout_texts, tmp_path, capsys):
@@ -169,3 +130,101 @@ def test_learned_positions_have_no_long_context_and_no_alibi_scale(make_shards, 
         evaluate(tmp_path / "run", tmp_path / "e", tasks=["arc_easy"], data=None, task_data=task_data, limit=1, alibi_scale=2.0)  # fmt: skip
     report = evaluate(tmp_path / "run", tmp_path / "e", tasks=["perplexity", "arc_easy"], data=data, task_data=task_data, limit=2)  # fmt: skip
     assert report["tasks"]["perplexity"]["token_perplexity"]["value"] > 1
+
+
+# --- suites ---------------------------------------------------------------------------------
+
+
+def test_suites_expand_combine_and_deduplicate(tmp_path):
+    from lmpipe.evals.run import SUITES, check_tasks
+
+    assert SUITES["cerebras-gpt"] == (
+        "hellaswag", "piqa", "winogrande", "lambada_openai", "arc_easy", "arc_challenge",
+        "openbookqa",
+    )  # fmt: skip
+    assert sorted(SUITES["btlm"]) == sorted(
+        ["arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "openbookqa",
+         "piqa", "social_iqa", "winogrande"]
+    )  # fmt: skip
+    names = check_tasks(["piqa", "cerebras-gpt", "btlm", "wikitext", "piqa"], None, tmp_path)
+    assert names == [
+        "piqa", "hellaswag", "winogrande", "lambada_openai", "arc_easy", "arc_challenge",
+        "openbookqa", "boolq", "social_iqa", "wikitext",
+    ]  # fmt: skip
+
+
+def test_an_unknown_name_lists_suites_and_tasks(tmp_path):
+    from lmpipe.evals.run import check_tasks
+
+    with pytest.raises(LmpipeError) as e:
+        check_tasks(["btlm", "mmlu"], None, tmp_path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("unknown task mmlu; known tasks: perplexity, continuation")
+    assert message.endswith("; suites: cerebras-gpt, btlm")
+
+
+def test_a_suite_is_scored_task_by_task(run_dir, task_data, tmp_path, monkeypatch):
+    """A suite's tasks all run (here, a suite of the one task the fixture data has)."""
+    from lmpipe.evals import run as run_module
+
+    monkeypatch.setitem(run_module.SUITES, "mini", ("arc_easy",))
+    report = evaluate(run_dir, tmp_path / "e", tasks=["mini", "arc_easy"], data=None, task_data=task_data, limit=2)  # fmt: skip
+    assert report["settings"]["tasks"] == ["arc_easy"] and report["tasks"]["arc_easy"]["n"] == 2
+
+
+# --- what MODEL names ---------------------------------------------------------------------
+
+
+def test_model_sources(run_dir, tmp_path):
+    from lmpipe.evals.run import model_source
+
+    assert model_source(run_dir).kind == "lmpipe"
+    assert model_source(run_dir / "model").kind == "lmpipe"
+    assert model_source(run_dir).default_output() == run_dir / "eval"
+    hf = tmp_path / "published" / "btlm-3b-8k-base"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    for spec in (hf, f"hf:{hf}"):
+        source = model_source(spec)
+        assert (source.kind, source.path, source.folder()) == ("hf", hf, hf)
+        assert source.default_output() == Path("btlm-3b-8k-base-eval")  # beside, never inside
+    with pytest.raises(LmpipeError, match=r"run: no config.json, so not a Hugging Face model"):
+        model_source(f"hf:{run_dir}")
+    with pytest.raises(LmpipeError, match="no trained model .* and no config.json"):
+        model_source(tmp_path / "published")
+
+
+def test_the_output_may_not_lie_inside_a_hugging_face_folder(task_data, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(LmpipeError, match="inside"):
+        evaluate(f"hf:{hf}", hf / "eval", tasks=["arc_easy"], data=None, task_data=task_data, limit=1)  # fmt: skip
+    assert not (hf / "eval").exists() and not (hf / "eval.partial").exists()
+
+
+def test_a_hugging_face_folder_scores_as_the_run_it_came_from(run_dir, task_data, tmp_path, monkeypatch):  # fmt: skip
+    """`lmpipe eval hf:OUT` (and OUT, a folder with a config.json) of an exported run: the same
+    numbers as the run, in a results.json naming the folder; the default output sits in the
+    working folder, never inside the model's."""
+    pytest.importorskip("safetensors")
+    from lmpipe.train.hf import export_model
+
+    exported = export_model(run_dir, tmp_path / "published" / "tiny-hf")
+    kw = dict(tasks=["arc_easy"], data=None, task_data=task_data, limit=6)
+    want = evaluate(run_dir, tmp_path / "e-run", **kw)["tasks"]["arc_easy"]
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"hf:{exported}", exported):
+        report = evaluate(spec, None, overwrite=True, **kw)
+        got = report["tasks"]["arc_easy"]
+        assert {k: v for k, v in got.items() if k != "seconds"} == {
+            k: v for k, v in want.items() if k != "seconds"
+        }
+        assert (report["model"], report["model_format"]) == (str(exported), "hf")
+        assert report["max_length"] == 64  # the exported n_positions: the run's last stage
+        saved = json.loads((tmp_path / "tiny-hf-eval" / "results.json").read_text())
+        assert saved == report
+        manifest = json.loads((tmp_path / "tiny-hf-eval" / "manifest.json").read_text())
+        assert manifest["inputs"]["model"] == str(exported)
+    assert not any("eval" in p.name for p in exported.iterdir())  # nothing written inside
