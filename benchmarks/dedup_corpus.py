@@ -168,7 +168,9 @@ def rendered_manpages(budget: int, rng: random.Random) -> list[str]:
 
     def render(page: Path) -> str:
         cmd = f"zcat {shlex.quote(str(page))} | groff -k -Tutf8 -man -P -cbou"
-        result = subprocess.run(cmd, shell=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+        result = subprocess.run(
+            cmd, shell=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}
+        )
         return result.stdout.decode("utf-8", errors="replace")
 
     out: list[str] = []
