@@ -451,7 +451,7 @@ def family(
                 "tokens": recipe.total_tokens, "tokens_per_parameter": recipe.total_tokens / n,
                 "flops": training_flops(recipe, plan),
             })  # fmt: skip
-            header = f"# {recipe.name}: {base.name} at d_model {m.d_model}, {recipe.total_tokens / n:.1f} tokens a parameter (lmpipe scaling --family)\n"  # fmt: skip
+            header = f"# {recipe.name}: {base.name} at d_model {m.d_model}, {recipe.total_tokens / n:.3g} tokens a parameter (lmpipe scaling --family)\n"  # fmt: skip
             (work / f"{recipe.name}.yaml").write_text(header + recipe_yaml(recipe), encoding="utf-8")  # fmt: skip
         write_json_atomic(work / FAMILY_JSON, {"base": base_name, "set": list(overrides), "tokens_per_param": tokens_per_param, "recipes": rows})  # fmt: skip
         write_manifest(work, "scaling-family", base=base_name, set=list(overrides), tokens_per_param=tokens_per_param, recipes=rows)  # fmt: skip
@@ -469,5 +469,5 @@ def print_family(rows: list[dict[str, Any]]) -> None:
     for col in ("recipe", "layers", "d_model", "heads", "d_ff", "parameters", "tokens", "tokens/param", "FLOPs"):  # fmt: skip
         table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["recipe"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]), str(r["d_ff"]), f"{r['parameters']:,}", f"{r['tokens']:,}", f"{r['tokens_per_parameter']:.1f}", f"{r['flops']:.3g}")  # fmt: skip
+        table.add_row(r["recipe"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]), str(r["d_ff"]), f"{r['parameters']:,}", f"{r['tokens']:,}", f"{r['tokens_per_parameter']:.3g}", f"{r['flops']:.3g}")  # fmt: skip
     print_table(Console(), table)
