@@ -40,11 +40,6 @@ from typing import NamedTuple
 # What ftfy.fix_text can change in ASCII text: HTML entities (&), line breaks (\r) and the control
 # characters it deletes (0x00-0x08, 0x0b, 0x0e-0x1f, 0x7f; \x1b starts terminal escapes).
 _ASCII_TRIGGERS = re.compile(r"[&\r\x00-\x08\x0b\x0e-\x1f\x7f]")
-# The fixers ftfy.fix_and_explain runs after mojibake repair, in its order.
-_FIXERS = (
-    "fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
-    "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars",
-)  # fmt: skip
 # fix_line_breaks is code, not a table: the characters it replaces.
 _LINE_BREAKS = "\r\u2028\u2029\x85"
 
@@ -163,6 +158,8 @@ def _tables() -> _Tables:
     def matched(pattern: re.Pattern[str]) -> set[str]:  # a one-class pattern: all it matches
         return _guard(list(sre_parser.parse(pattern.pattern, pattern.flags)))
 
+    # The fixers ftfy.fix_and_explain runs after mojibake repair, in its order, with the
+    # characters each acts on.
     acts_on = {
         "fix_c1_controls": matched(fixes.C1_CONTROL_RE),
         "fix_latin_ligatures": set(map(chr, chardata.LIGATURES)),
@@ -173,7 +170,6 @@ def _tables() -> _Tables:
         "remove_terminal_escapes": {"\x1b"},  # ANSI_RE starts with it
         "remove_control_chars": set(map(chr, chardata.CONTROL_CHARS)),
     }
-    assert tuple(acts_on) == _FIXERS
     triggers = set.union({"&"}, *acts_on.values())  # "&": unescape_html's entities
     is_bad = _Badness(badness.BADNESS_RE)
     return _Tables(

@@ -22,12 +22,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomic, write_manifest
+from lmpipe.train.checkpoint import model_source
 
 HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
 RESULTS = "results.json"
@@ -89,62 +89,6 @@ def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> 
     if external and not Path(task_data).is_dir():  # type: ignore[arg-type]
         raise LmpipeError(f"{task_data}: no such folder (--task-data)")
     return names
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """The model `lmpipe eval MODEL` names: an lmpipe run or model folder (`model.pt` +
-    `recipe.yaml`), or a Hugging Face folder (`config.json` + safetensors)."""
-
-    path: Path
-    kind: Literal["lmpipe", "hf"]
-
-    def folder(self) -> Path:
-        """The folder eval reads the model from (the output may not overlap it)."""
-        if self.kind == "hf":
-            return self.path
-        from lmpipe.train.checkpoint import model_folder
-
-        return model_folder(self.path)
-
-    def default_output(self) -> Path:
-        """RUN_DIR/eval beside a run's model; `./NAME-eval` for a Hugging Face folder, which may
-        be a shared, read-only download that no output belongs in."""
-        if self.kind == "hf":
-            return Path(f"{self.path.resolve().name}-eval")
-        return self.path / "eval"
-
-    def load(self, device: str):  # -> tuple[GPT, Recipe]
-        if self.kind == "hf":
-            from lmpipe.train.hf import load_hf_model
-
-            return load_hf_model(self.path, device)
-        from lmpipe.train.checkpoint import load_model
-
-        return load_model(self.path, device)
-
-
-HF_PREFIX = "hf:"
-
-
-def model_source(model: str | Path) -> ModelSource:
-    """`hf:PATH` is a Hugging Face folder; otherwise a folder with lmpipe's model files is a run,
-    one with a `config.json` a Hugging Face folder, and anything else an error naming it."""
-    text = str(model)
-    if text.startswith(HF_PREFIX):
-        path = Path(text[len(HF_PREFIX) :])
-        if not (path / "config.json").is_file():
-            raise LmpipeError(f"{path}: no config.json, so not a Hugging Face model folder (hf:)")
-        return ModelSource(path, "hf")
-    path = Path(text)
-    if any((folder / "model.pt").is_file() for folder in (path, path / "model")):
-        return ModelSource(path, "lmpipe")
-    if (path / "config.json").is_file():
-        return ModelSource(path, "hf")
-    raise LmpipeError(
-        f"{path}: no trained model (model/model.pt and recipe.yaml) and no config.json of a "
-        "Hugging Face model; has the run finished?"
-    )
 
 
 def evaluate(

@@ -38,6 +38,7 @@ import torch
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.tokenizer import EOT_ID, get_encoding
+from lmpipe.train.checkpoint import model_source
 from lmpipe.train.model import GPT
 from lmpipe.train.recipe import Recipe
 
@@ -109,7 +110,8 @@ def generate(settings: GenerateSettings) -> GenerateResult:
     device = pick_device(settings.device)
     enc = get_encoding()
     prompt_ids = [enc.encode_ordinary(p) for p in prompts]
-    model, recipe = load_any_model(settings.model, device)
+    model, recipe = model_source(settings.model).load(device)
+    model.eval()
     scaling = resolve_alibi_scaling(settings.alibi_scaling, recipe)
     check_lengths(prompt_ids, settings.max_new_tokens, recipe)
 
@@ -224,19 +226,6 @@ def pick_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise LmpipeError(f"--device {name!r}: expected cpu or cuda (cuda:N)")
     return device
-
-
-def load_any_model(path: Path, device: torch.device) -> tuple[GPT, Recipe]:
-    """A Hugging Face folder (config.json) through lmpipe.train.hf, else a run or model folder."""
-    if (Path(path) / "config.json").is_file():
-        from lmpipe.train.hf import load_hf_model
-
-        model, recipe = load_hf_model(Path(path), device)
-    else:
-        from lmpipe.train.checkpoint import load_model
-
-        model, recipe = load_model(Path(path), device)
-    return model.eval(), recipe
 
 
 def resolve_alibi_scaling(text: str | None, recipe: Recipe) -> AlibiScaling:
