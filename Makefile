@@ -25,10 +25,11 @@ $(BIN)/python:
 
 # Dependencies once; the package itself on every call, so tests see the current tree as installed.
 # The `ray` and `plot` extras let the suite test `lmpipe dedup --engine ray` and its clusters.png,
-# the `parquet` extra reading .parquet input, the `hf` extra the Hugging Face export and import.
+# the `parquet` extra reading .parquet input, the `hf` extra the Hugging Face export and import,
+# the `tensorboard` extra the event files `lmpipe train` writes.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) $(DEEPSPEED)
-	$(BIN)/pip install -q ".[test,ray,plot,parquet,hf]"
+	$(BIN)/pip install -q ".[test,ray,plot,parquet,hf,tensorboard]"
 	touch $@
 
 install: $(VENV)/.deps tokenizer-cache

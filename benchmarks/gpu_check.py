@@ -1,40 +1,265 @@
-"""Every GPU check and benchmark of lmpipe in one run, for a lent H100/H200 (DESIGN.md).
+"""Every GPU check and benchmark of lmpipe in one command, for a lent H100/H200 (DESIGN.md).
 
-    python benchmarks/gpu_check.py --out $OUT/gpu.json   # on the GPU machine: a JSON report
-    python benchmarks/gpu_check.py --smoke        # on a CPU, tiny shapes: checks the script runs
+Training throughput is measured through `lmpipe train` itself: the real loop, loader, DeepSpeed
+and model, in a child process per case, on a token folder this script makes with `lmpipe
+tokenize` from a small real corpus (the Python standard library's source files). Cases:
+Cerebras-GPT 111M and 1.3B (muP recipes) and BTLM-3B, each at seq_len 2,048 and 8,192 (the
+Cerebras-GPT models with 8,192 learned positions for the longer case), a few optimizer steps each
+of `--accum` micro-steps. A table (model, seq_len, micro-batch, tokens/s, MFU, peak memory,
+loader share, and beside the measured peak `lmpipe train --dry-run`'s estimate of it) is read from
+each run's metrics.jsonl, the first `--warmup` steps (compilation) left out, and written as
+gpu_check.json and gpu_check.md under `--out`. A case that fails (out of memory, say) is a row
+with its error; the others still run. Each run is killed once it has its steps: a benchmark needs
+no checkpoint (BTLM-3B's would be ~40 GB). Before the runs, two kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against SDPA with an ALiBi bias,
+forward and backward in bf16 at BTLM's heads (32 x 80), error and milliseconds (DESIGN.md
+measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x 2,048 / 1 x 8,192 on an H100); and the
+compiled FlexAttention path over 20 sequence lengths, counting distinct compiled lengths
+(padding buckets keep it <= 8, Dynamo's recompile limit).
 
-Checks, each reported with its figures:
-  1. attention: FlexAttention (ALiBi score_mod, causal block mask, compiled) against SDPA with an
-     ALiBi bias, forward and backward in bf16 at BTLM's heads (32 x 80), at 4 x 2,048 and
-     1 x 8,192: max relative error and milliseconds each (DESIGN.md measured 2.24 / 5.63 ms flex,
-     3.78 / 13.1 ms SDPA on an H100);
-  2. eval lengths: the compiled FlexAttention path over 20 different sequence lengths, counting
-     distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit);
-  3. training throughput: `lmpipe.train.loop.train` on synthetic shards for a few steps of a
-     muP GPT at 2,048 and at 8,192 (one run, two stages), tokens/s and MFU against the card's
-     bf16 peak (989 TFLOP/s dense on H100 SXM), with 6 * params + attention FLOPs per token.
+On the GPU machine (no internet; prepare the wheels here with ../shared/tools/device-wheels,
+carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
 
-Prepare the device with ../shared/tools/device-wheels (it prints the install line) and
-TORCH_CUDA_ARCH_LIST=9.0; the tokenizer's files must be in TIKTOKEN_CACHE_DIR there too.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
+      && export PYTHONPATH=/tmp/site \\
+      && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \\
+      && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check
+
+BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~75 GiB); if
+it runs out of memory, add `--cases BTLM-3B --set model.activation_checkpointing=every_4`.
+`--cases BTLM-3B` (names or name@seq_len, comma-separated) runs a subset; `--set KEY=VALUE` adds a
+recipe override to every case (e.g. model.activation_checkpointing=every_4). The children get
+TORCH_CUDA_ARCH_LIST=9.0 unless it is set to something else than 9.0a (with which DeepSpeed's op
+build fails on an H100, DESIGN.md).
+
+On a CPU, `--cpu-smoke` runs the same path with a tiny model at 64 and 256 tokens
+(tests/test_gpu_check.py runs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmpipe.dataprep.shards import write_shard_folder
 from lmpipe.train.model import alibi_bias, alibi_slopes, flex_alibi_attention
-from lmpipe.train.recipe import load_recipe
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # a label for the table
+    recipe: str
+    seq_len: int
+    micro_batch: int  # sequences per micro-step
+    overrides: tuple[str, ...] = ()
+
+
+def gpu_cases() -> list[Case]:
+    learned_8k = ("model.n_positions=8192",)  # Cerebras-GPT's learned positions end at 2,048
+    return [
+        Case("111M", "cerebras-gpt-111m-mup", 2048, 8),
+        Case("111M", "cerebras-gpt-111m-mup", 8192, 2, learned_8k),
+        Case("1.3B", "cerebras-gpt-1.3b-mup", 2048, 8),
+        Case("1.3B", "cerebras-gpt-1.3b-mup", 8192, 2, learned_8k),
+        Case("BTLM-3B", "btlm3b", 2048, 4),
+        Case("BTLM-3B", "btlm3b", 8192, 1),
+    ]
+
+
+def smoke_cases() -> list[Case]:
+    tiny = ("model.d_model=32", "model.d_ff=85", "model.n_heads=2", "model.mup.d_model_base=32",
+            "model.mup.d_ff_base=85")  # fmt: skip
+    return [Case("tiny", "tiny", 64, 4, tiny), Case("tiny", "tiny", 256, 1, tiny)]
+
+
+def case_overrides(case: Case, steps: int, accum: int) -> list[str]:
+    """One stage of `steps` optimizer steps at the case's shape; no checkpoint, no validation
+    during the measured steps (the held-out split exists, so validation must be set off)."""
+    micro_tokens = case.micro_batch * case.seq_len
+    step_tokens = micro_tokens * accum
+    return [
+        *case.overrides,
+        f"stages=[{{seq_len: {case.seq_len}, tokens: {step_tokens * steps}}}]",
+        f"micro_batch_tokens={micro_tokens}",
+        f"tokens_per_step={step_tokens}",
+        f"schedule.warmup_tokens={step_tokens}",
+        "checkpoint_every_tokens=1000000000000000",
+        "validation={every_tokens: 1000000000000000, tokens: 64}",
+    ]
+
+
+def make_corpus(folder: Path, megabytes: float) -> Path:
+    """A JSONL of the Python standard library's source files, up to `megabytes` of text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, budget = folder / "stdlib.jsonl", int(megabytes * 1e6)
+    with path.open("w", encoding="utf-8") as out:
+        for source in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if budget <= 0:
+                break
+            try:
+                text = source.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            out.write(json.dumps({"text": text}) + "\n")
+            budget -= len(text)
+    return path
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if env.get("TORCH_CUDA_ARCH_LIST", "9.0a") == "9.0a":
+        env["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    cache = ROOT / ".cache" / "tiktoken"
+    if "TIKTOKEN_CACHE_DIR" not in env and cache.is_dir():
+        env["TIKTOKEN_CACHE_DIR"] = str(cache)
+    return env
+
+
+def lmpipe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmpipe.cli", *args]
+
+
+def tokenize(corpus: Path, tokens: Path) -> None:
+    done = subprocess.run(
+        lmpipe("tokenize", str(corpus), "--out", str(tokens), "--holdout", "0.01", "-j", "4"),
+        env=child_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"lmpipe tokenize failed:\n{done.stderr[-3000:]}")
+
+
+def run_case(case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace) -> dict:
+    """Train the case until its metrics hold `steps` rows, then kill it; the row of the table."""
+    command = lmpipe(
+        "train", "--recipe", case.recipe, "--data", str(tokens), "--run-dir", str(run_dir),
+        "--no-verify-data",
+    )  # fmt: skip
+    for override in [*case_overrides(case, args.steps, args.accum), *args.set]:
+        command += ["--set", override]
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run, of an earlier call
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    metrics, log = run_dir / "metrics.jsonl", run_dir.with_suffix(".log")
+    started = time.perf_counter()
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        while child.poll() is None and len(read_rows(metrics)) < args.steps:
+            if time.perf_counter() - started > args.case_timeout:
+                break
+            time.sleep(1)
+        if child.poll() is None:  # its steps are in (or time is up): no checkpoint, no export
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    rows = read_rows(metrics)
+    result = {
+        **asdict(case),
+        "overrides": list(case.overrides),
+        "seconds": round(time.perf_counter() - started, 1),
+        "estimate_gb": estimated_gb(case, args),
+    }
+    if len(rows) < args.steps:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        return {**result, "error": f"{len(rows)} of {args.steps} steps; " + " | ".join(tail)}
+    return {**result, **summarise(rows[args.warmup :])}
+
+
+def estimated_gb(case: Case, args: argparse.Namespace) -> float:
+    """`lmpipe train --dry-run`'s estimate of the case's peak memory, in GB as peak_memory_gb."""
+    from lmpipe.train.memory import estimate_memory
+    from lmpipe.train.plan import make_plan
+    from lmpipe.train.recipe import load_recipe
+
+    recipe = load_recipe(case.recipe, [*case_overrides(case, args.steps, args.accum), *args.set])
+    return round(estimate_memory(recipe, make_plan(recipe)).peak / 1e9, 1)
+
+
+def read_rows(metrics: Path) -> list[dict]:
+    if not metrics.is_file():
+        return []
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a row being written
+            break
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The measured steps' means (the peak memory's maximum); None where no row has the field
+    (MFU and memory on a CPU)."""
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    memory = [r["peak_memory_gb"] for r in rows if r.get("peak_memory_gb") is not None]
+    return {
+        "steps_measured": len(rows),
+        "tokens_per_s": mean("tokens_per_s"),
+        "mfu": mean("mfu"),
+        "peak_memory_gb": max(memory) if memory else None,
+        "loader_share": mean("loader_share"),
+        "loss": rows[-1]["loss"],
+    }
+
+
+COLUMNS = ("model", "seq_len", "micro-batch", "tokens/s", "MFU", "peak memory GB", "estimate GB", "loader share")  # fmt: skip
+
+
+def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    def fmt(value: float | None, pattern: str) -> str:
+        return "-" if value is None else format(value, pattern)
+
+    rows = []
+    for r in results:
+        head = (r["name"], f"{r['seq_len']:,}", f"{r['micro_batch']} x {r['seq_len']:,}")
+        if "error" in r:
+            rows.append((*head, "failed", r["error"][:80], "", fmt(r["estimate_gb"], ".1f"), ""))
+            continue
+        rows.append((
+            *head, fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu"], ".1%"),
+            fmt(r["peak_memory_gb"], ".1f"), fmt(r["estimate_gb"], ".1f"), fmt(r["loader_share"], ".2%"),
+        ))  # fmt: skip
+    return rows
+
+
+def markdown(results: list[dict], device: str) -> str:
+    lines = [f"lmpipe train on {device}", "", "| " + " | ".join(COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: list[dict], device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmpipe.dataprep.report import print_table as show
+
+    table = Table(title=f"lmpipe train on {device}")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for row in table_rows(results):
+        table.add_row(*row)
+    show(Console(), table)
+
+
+# --- kernel checks ---------------------------------------------------------------------------
 
 
 def timed(fn, repeats: int) -> float:
@@ -101,102 +326,65 @@ def check_eval_lengths(
     return {"lengths": len(lengths), "compiled_lengths": len(padded)}
 
 
-def check_training(work: Path, overrides: list[str], n_tokens: int) -> dict:
-    from lmpipe.train.loop import train
-
-    rng = np.random.default_rng(0)
-    docs = [
-        rng.integers(0, 50000, size=int(rng.integers(500, 5000))) for _ in range(n_tokens // 2750)
-    ]
-    data = work / "tokens"
-    write_shard_folder(data, {"train": docs, "heldout": docs[:2]})
-    recipe = load_recipe("btlm3b", overrides)
-    summary = train(recipe, data, work / "run")
-    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    from lmpipe.train.model import count_parameters
-
-    n_params = count_parameters(recipe.model)
-    m = recipe.model
-    result = {"parameters": n_params, "summary": summary, "stages": []}
-    for stage in sorted({r["stage"] for r in rows}):
-        steady = [r for r in rows if r["stage"] == stage][1:]  # the first step compiles
-        if not steady:
-            continue
-        seq_len = steady[0]["seq_len"]
-        tps = float(np.median([r["tokens_per_s"] for r in steady]))
-        # per token: 6N for the matmuls of forward and backward, plus attention's 12 * L * d * T/2
-        flops_per_token = 6 * n_params + 6 * m.n_layers * m.d_model * seq_len
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-        result["stages"].append(
-            {
-                "seq_len": seq_len,
-                "tokens_per_s": tps,
-                "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
-            }
-        )
-    return result
+def kernel_checks(cuda: bool) -> dict:
+    if cuda:
+        return {
+            "attention": check_attention("cuda", torch.bfloat16, [(4, 2048), (1, 8192)], 32, 80),
+            "eval_lengths": check_eval_lengths(
+                "cuda", torch.bfloat16, 32, 80, list(range(100, 2100, 100))
+            ),
+        }
+    with torch.no_grad():  # FlexAttention has no backward pass on the CPU
+        attention = check_attention("cpu", torch.float32, [(1, 64), (2, 40)], 4, 8)
+    return {
+        "attention": attention,
+        "eval_lengths": check_eval_lengths("cpu", torch.float32, 4, 8, [20, 37, 64, 130]),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
-    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report and runs")
+    parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model, on the CPU")
+    parser.add_argument("--cases", default="", help="e.g. 111M,BTLM-3B@8192 (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a case runs")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out")
+    parser.add_argument("--accum", type=int, default=4, help="micro-steps per optimizer step")
+    parser.add_argument("--set", action="append", default=[], help="override for every case")
+    parser.add_argument("--corpus-mb", type=float, default=None, help="text to tokenize")
+    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument("--skip-kernels", action="store_true", help="only the training runs")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    report: dict = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-    }
-    if cuda:
-        report["attention"] = check_attention(device, dtype, [(4, 2048), (1, 8192)], 32, 80)
-        report["eval_lengths"] = check_eval_lengths(
-            device, dtype, 32, 80, list(range(100, 2100, 100))
-        )
-        # a 1.3B-class muP model (Cerebras-GPT 1.3B shapes), 4 steps at 2,048 then 4 at 8,192
-        overrides = [
-            "model.n_layers=24",
-            "model.n_heads=16",
-            "model.d_model=2048",
-            "model.d_ff=5461",
-            "tokens_per_step=131072",
-            "micro_batch_tokens=16384",
-            "stages.0.tokens=524288",
-            "stages.1.tokens=524288",
-            "schedule.warmup_tokens=131072",
-            "checkpoint_every_tokens=100000000",
-            "zero_stage=1",
-        ]
-        n_tokens = 2_000_000
-    else:
-        with torch.no_grad():
-            report["attention"] = check_attention(device, dtype, [(1, 64), (2, 40)], 4, 8)
-        report["eval_lengths"] = check_eval_lengths(device, dtype, 4, 8, [20, 37, 64, 130])
-        overrides = [
-            "model.n_layers=1",
-            "model.n_heads=2",
-            "model.d_model=32",
-            "model.d_ff=85",
-            "model.mup.d_model_base=32",
-            "model.mup.d_ff_base=85",
-            "precision=fp32",
-            "tokens_per_step=512",
-            "micro_batch_tokens=512",
-            "stages.0.seq_len=64",
-            "stages.0.tokens=1024",
-            "stages.1.seq_len=256",
-            "stages.1.tokens=1024",
-            "schedule.warmup_tokens=512",
-            "checkpoint_every_tokens=100000",
-        ]
-        n_tokens = 20_000
-    with tempfile.TemporaryDirectory() as tmp:
-        report["training"] = check_training(Path(tmp), overrides, n_tokens)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if not cuda and not args.cpu_smoke:
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
+    args.steps = args.steps or (4 if args.cpu_smoke else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 3)
+    if args.warmup >= args.steps:
+        raise SystemExit(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    cases = smoke_cases() if args.cpu_smoke else gpu_cases()
+    if args.cases:
+        wanted = args.cases.split(",")
+        cases = [c for c in cases if c.name in wanted or f"{c.name}@{c.seq_len}" in wanted]
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    report: dict = {"device": device, "torch": torch.__version__, "steps": args.steps,
+                    "warmup": args.warmup, "accum": args.accum}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_kernels:
+        report.update(kernel_checks(cuda))
+    corpus = make_corpus(args.out / "corpus", args.corpus_mb or (0.3 if args.cpu_smoke else 16))
+    tokens = args.out / "tokens"
+    if not tokens.is_dir():
+        tokenize(corpus, tokens)
+    report["training"] = []
+    for i, case in enumerate(cases):
+        run_dir = args.out / "runs" / f"{i}-{case.recipe}-{case.seq_len}"
+        report["training"].append(run_case(case, tokens, run_dir, args))
+        # written after every case: a device call cut short still returns what was measured
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "gpu_check.md").write_text(markdown(report["training"], device))
+    print_table(report["training"], device)
+    print(f"gpu_check: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
 
 
 if __name__ == "__main__":

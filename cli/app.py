@@ -350,6 +350,29 @@ def train(
             "theirs."
         ),
     ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="One GPU's dense bf16 peak in TFLOP/s, for the MFU in metrics.jsonl (default: "
+            "lmpipe's table of GPUs by name, e.g. H100 SXM / H200 989, A100 312).",
+        ),
+    ] = None,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="--dry-run: one GPU's memory in GiB, to warn when the run's estimate exceeds it "
+            "(default: this machine's GPU, if any).",
+        ),
+    ] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="--dry-run: plan for this many ranks (default: the launcher's WORLD_SIZE, or 1).",
+        ),
+    ] = None,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
     from lmpipe.train.data import parse_data, print_data_plan, with_data
@@ -362,13 +385,22 @@ def train(
 
         if sources is not None or recipe_obj.data:  # the data is optional for a dry run
             recipe_obj = run_stage(with_data, recipe_obj, sources)
-        plan = run_stage(print_plan, recipe_obj)
+        import os
+
+        from lmpipe.train.memory import local_gpu_memory, print_memory
+
+        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        plan = run_stage(print_plan, recipe_obj, world)
         print_data_plan(recipe_obj, plan)
+        print_memory(recipe_obj, plan, gpu_memory or local_gpu_memory())
         return
+    if gpu_memory is not None or world_size is not None:  # a run's world is its launcher's
+        typer.echo("error: --gpu-memory and --world-size go with --dry-run", err=True)
+        raise typer.Exit(2)
     recipe_obj = run_stage(with_data, recipe_obj, sources)
     import os
 
-    from lmpipe.train.loop import finish_process
+    from lmpipe.train.launch import finish_process
     from lmpipe.train.loop import train as run_train
 
     launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
@@ -381,6 +413,7 @@ def train(
         resume=resume,
         verify_data=verify_data,
         init_from=init_from,
+        peak_tflops=peak_tflops,
     )
     if launched:
         finish_process()
@@ -690,7 +723,10 @@ def sweep(
     ] = None,
     param: Annotated[
         str | None,
-        typer.Option(help="mup, sp or mup,sp (default: the recipe's parametrisation)."),
+        typer.Option(
+            help="mup, sp, mup-uncorrected (muP without SμPar's density correction) or a list: "
+            "mup,sp (default: the recipe's parametrisation)."
+        ),
     ] = None,
     tokens: Annotated[
         int | None,
@@ -709,6 +745,13 @@ def sweep(
             "-j", "--jobs", help="Points at once: processes sharing the CPUs, or one per GPU."
         ),
     ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (processes here) or ray (Ray tasks: the cluster at RAY_ADDRESS, else a "
+            "local instance of -j CPUs; one GPU a point where the cluster has GPUs)."
+        ),
+    ] = "local",
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a recipe value for every point (repeatable)."),
@@ -763,7 +806,7 @@ def sweep(
             space=tuple(parse_space(s) for s in space or []), random=random,
             widths=_split("--widths", widths, int), densities=_split("--densities", densities, float),
             params=_split("--param", param, str), tokens=tokens, val_tokens=val_tokens, seed=seed,
-            jobs=jobs,
+            jobs=jobs, engine=engine,
         )  # fmt: skip
 
     run_stage(run_sweep, run_stage(settings), out, overwrite=overwrite)
@@ -799,6 +842,13 @@ def scaling(
     tokens_per_param: Annotated[
         float, typer.Option(help="--family: training tokens a parameter (Chinchilla: 20).")
     ] = 20.0,
+    count: Annotated[
+        str,
+        typer.Option(
+            help="--family: count parameters in all (total, as Chinchilla and Cerebras-GPT) or "
+            "without embeddings (non-embedding, Kaplan's N)."
+        ),
+    ] = "total",
     recipe: Annotated[
         str | None, typer.Option(help="--family: the base recipe (shipped name or YAML file).")
     ] = None,
@@ -820,7 +870,7 @@ def scaling(
         from lmpipe.train.scaling import family as write_family
 
         size_list = [s for s in sizes.split(",") if s.strip()]
-        run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
+        run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, count=count, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
         return
     if recipe or sizes or set_:
         typer.echo("error: --recipe, --sizes and --set go with --family", err=True)
@@ -828,6 +878,31 @@ def scaling(
     from lmpipe.train.scaling import scaling as run_scaling
 
     run_stage(run_scaling, run_dirs or [], out, published=published, loss=loss, samples=bootstrap, overwrite=overwrite)  # fmt: skip
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Run folders to draw, overlaid.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--out", help="The picture (.png, .svg, .pdf), outside every run folder read."
+        ),
+    ] = Path("loss.png"),
+    size: Annotated[str, typer.Option(help="Width x height in pixels.")] = "1200x700",
+) -> None:
+    """Draw training and held-out loss against tokens (stage switches marked, the learning rate
+    on a second axis) for one or more runs into loss.png."""
+    from lmpipe.train.plot import plot as draw
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        typer.echo(f"error: --size {size!r}: WIDTHxHEIGHT in pixels, e.g. 1200x700", err=True)
+        raise typer.Exit(2) from None
+    run_stage(draw, run_dirs, out, (width, height))
 
 
 @app.command()

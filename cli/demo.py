@@ -8,7 +8,8 @@ call; the demo only picks folders and settings:
     WORKDIR/raw      the corpus (two sources)          -> lmpipe dedup
     WORKDIR/clean    kept documents + manifest         -> lmpipe tokenize (5% held out)
     WORKDIR/tokens   token shards (train, heldout)     -> lmpipe train --recipe tiny
-    WORKDIR/run      checkpoints, metrics, the model   -> lmpipe eval
+    WORKDIR/run      checkpoints, metrics, the model   -> lmpipe eval, lmpipe plot
+    WORKDIR/loss.png the run's loss and learning rate against tokens
     WORKDIR/eval     results.json
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lmpipe.dataprep.cluster_plot import have_matplotlib
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output, claim_folder, owned_by
 
@@ -39,6 +41,7 @@ def run_demo(
     from lmpipe.dataprep.tokenize import tokenize
     from lmpipe.evals.run import evaluate
     from lmpipe.train.loop import train
+    from lmpipe.train.plot import plot
     from lmpipe.train.recipe import load_recipe
 
     console = Console()
@@ -84,6 +87,12 @@ def run_demo(
     recipe = load_recipe("tiny", recipe_overrides or [])
     summary = train(recipe, workdir / "tokens", workdir / "run")
     print_loss_curve(console, workdir / "run" / "metrics.jsonl")
+    if have_matplotlib():  # beside the run folder: a stage never writes into what it reads
+        plot([workdir / "run"], workdir / "loss.png")
+    else:
+        console.print(
+            "no loss.png: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False
+        )
     timings["train"] = time.perf_counter() - t
 
     t = stage(

@@ -152,7 +152,7 @@ def _run_step(
     """Run the jobs whose marker is missing; every job's marker info, in job order."""
     todo = [job for job, m in zip(jobs, markers, strict=True) if not m.is_file()]
     task = bar.add_task(label, total=len(jobs), completed=len(jobs) - len(todo))
-    runner.map(fn, todo, lambda: bar.advance(task))
+    runner.map(fn, todo, lambda index, result: bar.advance(task))
     bar.remove_task(task)
     return [steps.read_marker(m) for m in markers]
 

@@ -1,7 +1,7 @@
 """Run a stage's independent tasks: in this process, on a local process pool, or as Ray tasks.
 
 `Runner(workers, engine)` is a context manager; `runner.map(fn, jobs)` calls `fn(*job)` for each
-job and returns the results in job order, so what a stage makes never depends on where, or in
+job and returns the results in job order (`on_done(index, result)` as each one ends), so what a stage makes never depends on where, or in
 which order, its tasks ran. `fn` must be a module-level function and the jobs picklable; tasks
 talk to each other only through files, so with Ray every node must see the same file system
 (the input and output folders on shared storage).
@@ -99,36 +99,43 @@ class Runner:
             self._ray.shutdown()
             self._started_ray = False
 
+    def cluster_gpus(self) -> int:
+        """GPUs of the Ray cluster (0 for the local engine)."""
+        return int(self._ray.cluster_resources().get("GPU", 0)) if self._ray is not None else 0
+
     def map(
         self,
         fn: Callable[..., Any],
         jobs: Sequence[tuple[Any, ...]],
-        on_done: Callable[[], None] | None = None,
+        on_done: Callable[[int, Any], None] | None = None,
+        resources: dict[str, float] | None = None,
     ) -> list[Any]:
-        """`fn(*job)` for every job; results in job order. `on_done` is called as each ends."""
-        tick = on_done or (lambda: None)
+        """`fn(*job)` for every job; results in job order. `on_done(index, result)` is called as
+        each ends. `resources`: what one Ray task takes (default one CPU; `{"num_gpus": 1}` for
+        a task that trains on a GPU); the local engines ignore it."""
+        tick = on_done or (lambda index, result: None)
         if not jobs:
             return []
         if self._ray is not None:
             ray = self._ray
-            task = ray.remote(num_cpus=1, max_retries=0)(fn)
+            task = ray.remote(max_retries=0, **(resources or {"num_cpus": 1}))(fn)
             refs = [task.remote(*job) for job in jobs]
+            index = {ref: i for i, ref in enumerate(refs)}
             waiting = list(refs)
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1)
-                ray.get(ready)  # raises the task's error here, as the local engines do
-                tick()
+                # raises the task's error here, as the local engines do
+                tick(index[ready[0]], ray.get(ready[0]))
             return ray.get(refs)
         if self._pool is None:
             results = []
-            for job in jobs:
+            for i, job in enumerate(jobs):
                 results.append(fn(*job))
-                tick()
+                tick(i, results[-1])
             return results
         import concurrent.futures as cf
 
-        futures = [self._pool.submit(fn, *job) for job in jobs]
+        futures = {self._pool.submit(fn, *job): i for i, job in enumerate(jobs)}
         for future in cf.as_completed(futures):
-            future.result()
-            tick()
+            tick(futures[future], future.result())
         return [f.result() for f in futures]

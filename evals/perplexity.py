@@ -179,3 +179,44 @@ def loss_by_position(
             }
     out["n"] = min(n_windows or (shards.n_tokens - 1) // length, (shards.n_tokens - 1) // length)
     return out
+
+
+def write_long_context_png(path: Any, report: dict[str, Any]) -> bool:
+    """Loss by position of every long-context task of an eval report: one colour per window
+    length, plain ALiBi solid, interpolated dashed, the training length marked. False (and no
+    file) without matplotlib."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    tasks = {n: r for n, r in report["tasks"].items() if isinstance(r, dict) and "curves" in r}
+    if not tasks:
+        return False
+    fig = Figure(figsize=(7.2, 4.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps["viridis"]
+    ordered = sorted(tasks.items(), key=lambda item: item[1]["length"])
+    for i, (name, result) in enumerate(ordered):
+        color = cmap(i / max(len(ordered) - 1, 1))
+        for curve, style in (("alibi", "-"), ("alibi_pi", "--")):
+            if curve not in result["curves"]:
+                continue
+            data = result["curves"][curve]
+            buckets = data["buckets"]
+            xs = [(b["start"] + b["stop"]) / 2 for b in buckets]
+            ys = [b["loss"] for b in buckets]
+            label = f"{name} (L {result['length']:,}), s = {data['alibi_scale']:g}"
+            ax.plot(xs, ys, style, color=color, marker=".", lw=1.2, label=label)
+    train_seq_len = ordered[0][1]["train_seq_len"]
+    ax.axvline(train_seq_len, color="grey", lw=0.8, ls=":")
+    ax.annotate(f"training length {train_seq_len:,}", (train_seq_len, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="right")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the window (bucket centre)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"{report['recipe']}: long-context loss by position (dashed: ALiBi interpolation)", fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return True

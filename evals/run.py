@@ -6,7 +6,9 @@ The model is an lmpipe run (or model) folder, or a Hugging Face folder (`hf:PATH
 holding a `config.json`: BTLM's layout or GPT-2's, read by `lmpipe.train.hf.load_hf_model`), so
 a user's run and a published model are scored by the same code into the same table.
 Tasks: `perplexity`, `continuation` and `long_context` read the held-out split of a token shard
-folder (`data`); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
+folder (`data`); `long_context` scores windows of twice the model's training length,
+`long_context@4096` windows of 4,096 tokens and `long_context@8x` of 8x the training length (one
+task each, so several lengths sit side by side; `long_context.png` draws their loss by position); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
 `task_data`; a suite name (`SUITES`: cerebras-gpt, btlm) stands for its tasks. Each task's metrics
 are {"value", "stderr"} plus its item count `n`; results.json holds them per task with the
 settings; the output folder is published only when every task ran.
@@ -60,6 +62,35 @@ def known_tasks() -> list[str]:
     return [*HELDOUT_TASKS, *EXTERNAL_TASKS]
 
 
+LONG_CONTEXT = "long_context"
+
+
+def base_task(name: str) -> str:
+    """The task a name runs: `long_context@8x` is `long_context` at another length."""
+    return LONG_CONTEXT if name.startswith(LONG_CONTEXT + "@") else name
+
+
+def long_context_length(name: str, train_seq_len: int) -> int:
+    """The window of a long-context task: twice the training length by default, `@N` tokens, or
+    `@Kx` K times the training length."""
+    _, at, spec = name.partition("@")
+    if not at:
+        return 2 * train_seq_len  # where BTLM's card says interpolation still holds
+    try:
+        if spec.endswith("x"):
+            length = round(float(spec[:-1]) * train_seq_len)
+        else:
+            length = int(spec)
+    except ValueError:
+        length = 0
+    if length < 2:
+        raise LmpipeError(
+            f"{name}: the window is long_context@TOKENS (long_context@4096) or "
+            "long_context@TIMESx (long_context@8x, times the training length)"
+        )
+    return length
+
+
 def expand_tasks(tasks: list[str]) -> list[str]:
     """Task names with each suite replaced by its tasks, in order, without repeats."""
     names = (name for t in tasks if t.strip() for name in SUITES.get(t.strip(), (t.strip(),)))
@@ -73,15 +104,18 @@ def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> 
     known = f"known tasks: {', '.join(known_tasks())}; suites: {', '.join(SUITES)}"
     if not names:
         raise LmpipeError(f"no task given; {known}")
-    unknown = [t for t in names if t not in known_tasks()]
+    unknown = [t for t in names if base_task(t) not in known_tasks()]
     if unknown:
         raise LmpipeError(f"unknown task {', '.join(unknown)}; {known}")
-    need_data = [t for t in names if t in HELDOUT_TASKS]
+    for name in names:
+        if base_task(name) == LONG_CONTEXT:
+            long_context_length(name, 1)  # the form only; the length needs the model
+    need_data = [t for t in names if base_task(t) in HELDOUT_TASKS]
     if need_data and data is None:
         raise LmpipeError(
             f"task {', '.join(need_data)} needs --data (a token shard folder with a held-out split)"
         )
-    external = [t for t in names if t not in HELDOUT_TASKS]
+    external = [t for t in names if base_task(t) not in HELDOUT_TASKS]
     if external and task_data is None:
         raise LmpipeError(
             f"task {', '.join(external)} needs --task-data (a folder of lm-eval-ready task files)"
@@ -134,12 +168,13 @@ def evaluate(
             raise LmpipeError(f"--alibi-scale must be positive, got {alibi_scale:g}")
         if alibi_scale != 1 and recipe.model.position != "alibi":
             raise LmpipeError("--alibi-scale: this model has learned positions, not ALiBi")
-        if "long_context" in names and recipe.model.position != "alibi":
+        if LONG_CONTEXT in map(base_task, names) and recipe.model.position != "alibi":
             raise LmpipeError(
                 "long_context: this model has learned positions, which end at its training length"
             )
         encoding = get_encoding()
-        shards = open_heldout(Path(data)) if any(t in HELDOUT_TASKS for t in names) else None  # type: ignore[arg-type]
+        heldout = any(base_task(t) in HELDOUT_TASKS for t in names)
+        shards = open_heldout(Path(data)) if heldout else None  # type: ignore[arg-type]
         results: dict[str, Any] = {}
         columns = (
             TextColumn("{task.description:<16}"),
@@ -192,6 +227,11 @@ def evaluate(
         }
         console.print(results_table(report["tasks"]))
         write_json_atomic(work / RESULTS, report)
+        if LONG_CONTEXT in map(base_task, names):
+            from lmpipe.evals.perplexity import write_long_context_png
+
+            if write_long_context_png(work / "long_context.png", report):
+                console.print(f"eval: loss by position in {out / 'long_context.png'}")
         write_manifest(
             work,
             "eval",
@@ -251,15 +291,14 @@ def run_task(
         from lmpipe.evals.perplexity import heldout_perplexity
 
         return heldout_perplexity(lm, shards, limit=limit)
-    if name == "long_context":
+    if base_task(name) == LONG_CONTEXT:
         from lmpipe.evals.perplexity import loss_by_position
 
         try:
-            # Twice the training length: where BTLM's card says interpolation still holds.
             return loss_by_position(
                 model,
                 shards,
-                2 * max_length,
+                long_context_length(name, max_length),
                 max_length,
                 n_windows=limit or 8,
                 base_scale=alibi_scale,
@@ -267,7 +306,7 @@ def run_task(
                 progress=progress,
             )
         except ValueError as e:
-            raise LmpipeError(f"long_context: {e}") from None
+            raise LmpipeError(f"{name}: {e}") from None
     if name == "continuation":
         # Held-out documents are a hash-chosen sample already: the first ones serve, and a
         # billion-token held-out split is never decoded whole.

@@ -627,7 +627,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    from lmpipe.train.loop import trim_metrics
+    from lmpipe.train.run_folder import trim_metrics
 
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
@@ -636,8 +636,8 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
 
 
 def test_the_run_folder_message_tells_a_run_from_an_unrelated_folder(pattern_tokens, tmp_path):
-    from lmpipe.train.loop import check_run_dir
     from lmpipe.train.recipe import load_recipe
+    from lmpipe.train.run_folder import check_run_dir
 
     recipe = load_recipe("tiny", SMALL)
     unrelated = tmp_path / "photos"
@@ -872,8 +872,8 @@ def test_task_rows_of_the_wrong_type_and_a_bad_bz2_are_one_line(tmp_path):
 
 
 def test_a_folder_with_foreign_files_is_no_run_even_with_some_run_names(pattern_tokens, tmp_path):
-    from lmpipe.train.loop import check_run_dir
     from lmpipe.train.recipe import load_recipe
+    from lmpipe.train.run_folder import check_run_dir
 
     folder = tmp_path / "mine"
     write_lines(folder / "recipe.yaml", ["# my own notes"])

@@ -3,6 +3,7 @@
     run_dir/
       recipe.yaml, plan.json, deepspeed.json   what the run is (written at start)
       metrics.jsonl                            one line per optimizer step
+      tensorboard/                             the same scalars as TensorBoard events (with the extra)
       logs/rank{r}.log                         every rank's log
       checkpoints/step{N:08d}/                 DeepSpeed checkpoints (model, optimizer, scheduler,
                                                plus lmpipe's loader position and the recipe)

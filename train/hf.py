@@ -46,7 +46,7 @@ from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
 from lmpipe.train.checkpoint import MODEL_DIR, load_model, model_folder, save_model
 from lmpipe.train.hf_config import MODELING_FILE, hf_config, imported_recipe, read_config
 from lmpipe.train.hf_tokenizer import check_tokenizer, gpt2_tokenizer_files, write_tokenizer
-from lmpipe.train.model import GPT, alibi_slopes
+from lmpipe.train.model import GPT, alibi_slopes, fp32_copy
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe
 
 SLOPES = "transformer.relative_pe.slopes"
@@ -392,19 +392,24 @@ def initial_model(path: Path, recipe: Recipe) -> GPT:
 def start_from(model: GPT, initial: GPT) -> None:
     """Copy `initial`'s weights into a freshly built model of the same recipe. A sparse recipe
     takes its masks from the weights' zeros (the masks those weights were trained with), so
-    sparse training continues where it stopped; weights with another density are refused."""
+    sparse training continues where it stopped; weights with another density are refused.
+    Parameters are written one at a time through `fp32_copy`, so a model that ZeRO-3 holds
+    partitioned (built inside deepspeed.zero.Init) takes them too."""
     state = initial.state_dict()
     if model.cfg.density < 1:
-        for name, p in model.named_parameters():
+        for name, _ in model.named_parameters():
             if not model.is_hidden(name):
                 continue
             dropped = state[name] == 0
-            keep = round(model.cfg.density * p.numel())
-            if p.numel() - int(dropped.sum()) != keep:
+            kept = dropped.numel() - int(dropped.sum())
+            keep = round(model.cfg.density * dropped.numel())
+            if kept != keep:
                 raise LmpipeError(
-                    f"--init-from: {name} holds {p.numel() - int(dropped.sum())} non-zero "
+                    f"--init-from: {name} holds {kept} non-zero "
                     f"weights; the recipe's model.density {model.cfg.density:g} keeps {keep}"
                 )
             # GPT.sparsify's mask buffer of this weight, which its gradient hook reads
             getattr(model, name.replace(".", "_") + "_dropped").copy_(dropped)
-    model.load_state_dict(state)
+    for name, p in model.named_parameters():
+        with fp32_copy(p) as w:
+            w.copy_(state[name])

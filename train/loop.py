@@ -9,32 +9,35 @@ process group); lmpipe owns what DeepSpeed's own features get wrong for this rec
     source's token stream at its own window length (lmpipe.train.plan); a stage with its own
     tokens per step changes DeepSpeed's accumulation, and the loop marks every micro-step's
     accumulation boundary itself;
-  - held-out loss per source, every `validation.every_tokens`, into metrics.jsonl.
+  - held-out loss per source, every `validation.every_tokens` (without a `validation` section:
+    every tenth of the run, when the data has a held-out split), into metrics.jsonl;
+  - the guard (`guard.py`): a step with a non-finite loss or gradient norm is skipped on every
+    rank, too many in a row or a loss spike stop the run, SIGTERM / SIGINT stop it after the
+    current step with a checkpoint;
+  - what the user sees (`metrics.py`): metrics.jsonl, TensorBoard, MFU on GPUs.
 
 Launch: one process (`lmpipe train`), or several with `torchrun --nproc_per_node N -m lmpipe.cli
-train ...` / the `deepspeed` launcher; every rank runs this same function.
+train ...` / the `deepspeed` launcher / SLURM (`launch.py`, docs/multinode.md); every rank runs
+this same function.
 
-The run folder is new, empty or an earlier run's (with `resume`), and never overlaps the data.
+The run folder is new, empty or an earlier run's (with `resume`), and never overlaps the data
+(`run_folder.py`).
 A resume verifies the newest checkpoint's checksums on every rank before DeepSpeed loads it
 weights-only (`checkpoint.py`); nothing in a run folder can run code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import math
 import os
-import re
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, is_finished, write_json_atomic, write_manifest
+from lmpipe.dataprep.folders import write_json_atomic, write_manifest
 from lmpipe.train.checkpoint import (
     CHECKPOINTS,
     MARKER,
@@ -54,164 +57,27 @@ from lmpipe.train.data import (
     print_coverage,
     with_data,
 )
-from lmpipe.train.plan import Plan, deepspeed_config, lr_multiplier, make_plan, plan_summary
-from lmpipe.train.recipe import DataSource, Recipe, load_recipe, recipe_yaml
+from lmpipe.train.guard import Guard, RunStopped, StopSignals, plain_step, skip_unless_finite
+from lmpipe.train.launch import init_distributed, launch_environment, on_all_ranks
+from lmpipe.train.metrics import (
+    MetricsWriter,
+    device_memory_row,
+    print_summary,
+    wait_for_device,
+    world_peak_flops,
+)
+from lmpipe.train.plan import (
+    Plan,
+    deepspeed_config,
+    flops_per_token,
+    lr_multiplier,
+    make_plan,
+    plan_summary,
+)
+from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
+from lmpipe.train.run_folder import check_run_dir, trim_metrics
 
 log = logging.getLogger("lmpipe.train")
-
-
-@contextlib.contextmanager
-def launch_environment() -> Iterator[None]:
-    """The rendezvous variables a launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*),
-    for a plain single process, for the duration of a run. DeepSpeed reads them while it
-    initialises; removed afterwards, so the process does not look launched to a later run and
-    child processes do not inherit a port this process already listens on."""
-    own: dict[str, str] = {}
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        own = dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-        os.environ.update(own)
-    try:
-        yield
-    finally:
-        for key in own:
-            os.environ.pop(key, None)
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group (created on first use); returns (rank, world size)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probing
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.init_distributed()  # picks gloo on the CPU, nccl on GPUs; a no-op the second time
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def finish_process() -> None:
-    """End a launched rank cleanly. DeepSpeed's CPU ranks sometimes abort in interpreter teardown
-    after finishing ('terminate called without an active exception', 2 of 20 runs measured); a
-    barrier, a flush and an immediate exit avoid it. Only for launcher processes, never in tests."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(0)
-
-
-# What a run folder holds (`checkpoint.py`). A folder is an earlier run's when it has the plan
-# (written at the start) or checkpoints, or holds nothing but these.
-RUN_FILES = ("recipe.yaml", "plan.json", "deepspeed.json", "metrics.jsonl", "logs", CHECKPOINTS)
-
-
-def check_run_dir(run_dir: Path, data: list[Path], recipe: Recipe, resume: bool) -> None:
-    """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
-    check_output(run_dir, data, what="run folder")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
-    if is_finished(run_dir):
-        raise LmpipeError(
-            f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
-        )
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    is_run = "plan.json" in entries or CHECKPOINTS in entries or set(entries) <= set(RUN_FILES)
-    if entries and not is_run:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise LmpipeError(
-            f"{run_dir}: not empty and holds no lmpipe run ({shown}); choose an empty or new --run-dir"
-        )
-    if entries and not resume:
-        what = "checkpoints" if list_checkpoints(run_dir) else "files"
-        raise LmpipeError(
-            f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
-        )
-    checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
-        check_same_recipe(recipe, checkpoints[-1])
-
-
-# Settings a resumed run may change; anything else would make it a different run from the one
-# its checkpoint, metrics and data order belong to. (A source's folder may move: `data.N.path`.)
-RESUMABLE_CHANGES = {
-    "checkpoint_every_tokens",
-    "keep_checkpoints",
-    "model.attn_impl",
-    "warn_epochs",
-}
-
-
-def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
-    saved = load_recipe(str(checkpoint / "recipe.yaml"))
-    if saved.data is None:  # saved before mixtures: its one folder was the source "data"
-        saved = saved.model_copy(update={"data": [DataSource(name="data", path=Path("."))]})
-
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict | list):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            return {k: v for key, sub in items for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): value}
-
-    old, new = flat(saved.model_dump(mode="json")), flat(recipe.model_dump(mode="json"))
-    changed = [
-        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-        and key not in RESUMABLE_CHANGES
-        and not re.fullmatch(r"data\.\d+\.path", key)
-    ]
-    if changed:
-        raise LmpipeError(
-            f"{checkpoint}: --resume with a recipe that differs from the checkpoint's at "
-            + ", ".join(changed)
-            + "; resume with the same recipe, or start a new run"
-        )
-
-
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric rows after `step`: steps that ran after the last checkpoint run again on resume.
-    A row that does not parse (the torn last line of a killed run) goes too."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
-
-
-def on_all_ranks(check: Callable[[], object], world: int) -> None:
-    """Run a check on every rank (each its share of the work) and fail on every rank if it failed
-    on any: a rank that failed alone would leave the others waiting past the process-group timeout."""
-    import torch.distributed as dist
-
-    try:
-        check()
-        error = ""
-    except LmpipeError as e:
-        error = str(e)
-    errors: list[str] = [""] * world
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise LmpipeError(next(e for e in errors if e))
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -280,6 +146,7 @@ def train(
     stop_after_steps: int | None = None,
     verify_data: bool = True,
     init_from: Path | None = None,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` on `data` (one shard folder, named sources with weights, or None for the
     recipe's own `data` section), writing everything into `run_dir`.
@@ -290,10 +157,15 @@ def train(
     `verify_data=False` skips the sha256 check of the shards (sizes are still checked).
     `init_from` starts from the weights of a run, model or Hugging Face folder instead of a fresh
     initialisation (the recipe's model must be theirs: `lmpipe.train.hf.initial_model`).
+    `peak_tflops`: one GPU's dense bf16 peak for MFU, where `metrics.PEAK_TFLOPS` lacks it.
+    A SIGTERM or SIGINT stops the run after the current step with a checkpoint (the summary's
+    `stopped`); the guard's stop raises `RunStopped`.
     """
     recipe = with_data(recipe, data)
     with launch_environment():
-        return train_run(recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from)
+        return train_run(
+            recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from, peak_tflops
+        )
 
 
 def train_run(
@@ -303,18 +175,20 @@ def train_run(
     stop_after_steps: int | None,
     verify_data: bool,
     init_from: Path | None = None,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     import torch
 
     from lmpipe.dataprep.mixture import MixtureLoader
-    from lmpipe.train.model import GPT
+    from lmpipe.train.build import build_model
 
     # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
     # cold); the launcher's environment already says how many ranks there are.
     launch_world = int(os.environ.get("WORLD_SIZE", "1"))
     sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
-    heldout = open_heldout(recipe) if recipe.validation else {}
+    heldout = heldout_splits(recipe, sources)
     plan = make_plan(recipe, launch_world)
+    validation = validation_of(recipe, plan) if heldout else None
     reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
     check_run_dir(run_dir, reads, recipe, resume)
     initial = None
@@ -346,12 +220,18 @@ def train_run(
         )
     if rank == 0:
         (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-        write_json_atomic(run_dir / "plan.json", {**plan_summary(recipe, plan), "data": drawn})
+        write_json_atomic(
+            run_dir / "plan.json",
+            {
+                **plan_summary(recipe, plan),
+                "data": drawn,
+                "validation": validation.model_dump() if validation else None,
+            },
+        )
         write_json_atomic(run_dir / "deepspeed.json", ds_config)
         print_coverage(recipe, drawn)
 
-    torch.manual_seed(recipe.seed)
-    model = GPT(recipe.model)
+    model = build_model(recipe, ds_config)  # under ZeRO-3 already partitioned
     if initial is not None:  # before DeepSpeed copies the weights into its own
         start_from(model, initial)
         del initial
@@ -371,23 +251,14 @@ def train_run(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    device = engine.device
 
     step = resume_from(engine, run_dir, rank, world) if resume else 0
 
-    summary = run_steps(
-        engine,
-        loader,
-        heldout,
-        recipe,
-        plan,
-        run_dir,
-        rank,
-        world,
-        device,
-        step,
-        stop_after_steps,
-    )
+    peak_flops, device_name = world_peak_flops(world, peak_tflops)
+    if rank == 0 and peak_flops is None and device_name != "cpu":
+        _notice(f"train: no MFU: {device_name}")
+    run = Run(recipe, plan, run_dir, rank, world, heldout, validation, peak_flops)
+    summary = run_steps(engine, loader, run, step, stop_after_steps, resumed=resume)
     if summary["finished"]:
         export_model(engine, recipe, run_dir / MODEL_DIR, rank)
         if rank == 0:
@@ -403,42 +274,62 @@ def train_run(
     if rank == 0:
         print_summary(summary, run_dir)
     dist.barrier()
+    if summary["stopped"] == "guard":
+        checkpoint = summary["checkpoint"]
+        raise RunStopped(
+            f"{run_dir}: stopped at step {summary['steps']:,}: {summary['stop_reason']}; "
+            + (
+                f"last good checkpoint {checkpoint} (lmpipe train --resume continues from it)"
+                if checkpoint
+                else "no checkpoint yet (lmpipe train --resume starts it again from step 0)"
+            )
+        )
     return summary
 
 
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    from rich.console import Console
+def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
+    """The held-out splits to score: every source's when the recipe asks for validation (a
+    source without one is an error), otherwise those of the sources that have one."""
+    if recipe.validation:
+        return open_heldout(recipe)
+    having = [s for s in recipe.data or [] if "heldout" in sources[s.name].manifest["splits"]]
+    return open_heldout(recipe.model_copy(update={"data": having})) if having else {}
 
-    done = (
-        f"finished; model in {run_dir / MODEL_DIR}"
-        if summary["finished"]
-        else f"stopped at step {summary['steps']:,}; continue with --resume"
-    )
-    first, last = summary["first_loss"], summary["last_loss"]
-    losses = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
-    if summary["lr"] is not None:
-        losses += f", last LR {summary['lr']:.3g} (embeddings) {summary['lr_hidden']:.3g} (hidden)"
-    Console(stderr=True).print(
-        f"train: {summary['steps_this_call']:,} steps ({summary['tokens']:,} tokens in all){losses}, "
-        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['seconds']:.0f} s; {done}",
-        highlight=False,
-    )
+
+def validation_of(recipe: Recipe, plan: Plan) -> ValidationConfig:
+    """The recipe's validation, or the default: every tenth of the run's tokens, the first 16
+    windows' worth of the longest stage's length of each held-out split (a few forward passes
+    of the micro-batch, against a tenth of the run's steps)."""
+    if recipe.validation:
+        return recipe.validation
+    longest = max(stage.seq_len for stage in plan.stages)
+    return ValidationConfig(every_tokens=max(plan.total_tokens // 10, 1), tokens=16 * longest)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the steps need to know of a run, besides DeepSpeed's engine and the loader."""
+
+    recipe: Recipe
+    plan: Plan
+    run_dir: Path
+    rank: int
+    world: int
+    heldout: dict[str, Any]  # source name -> held-out TokenShards
+    validation: ValidationConfig | None
+    peak_flops: float | None  # the world's, for MFU; None: no MFU (CPUs)
 
 
 def run_steps(
     engine: Any,
     loader: Any,
-    heldout: dict[str, Any],
-    recipe: Recipe,
-    plan: Plan,
-    run_dir: Path,
-    rank: int,
-    world: int,
-    device: Any,
+    run: Run,
     step: int,
     stop_after_steps: int | None,
+    resumed: bool,
 ) -> dict[str, Any]:
-    """The optimizer steps from `step` to the end of the run (or `stop_after_steps` more)."""
+    """The optimizer steps from `step` to the end of the run, or `stop_after_steps` more, or
+    the step a stop signal or the guard ends it at (`guard.py`)."""
     import torch
     import torch.distributed as dist
     from rich.progress import (
@@ -449,15 +340,18 @@ def run_steps(
         TimeRemainingColumn,
     )
 
-    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    recipe, plan, rank, world, device = run.recipe, run.plan, run.rank, run.world, engine.device
     end_step = (
         plan.total_steps
         if stop_after_steps is None
         else min(plan.total_steps, step + stop_after_steps)
     )
-    every = recipe.checkpoint_every_tokens
+    every, validation = recipe.checkpoint_every_tokens, run.validation
+    guard = Guard(recipe.guard)
     losses: list[float] = []
     rates: dict[str, float] = {}
+    val_loss: dict[str, float] | None = None
+    stopped, stop_reason, flops = None, None, 0.0
     start_step, started = step, time.perf_counter()
     progress = Progress(
         TextColumn("[bold]train[/] {task.fields[info]}"),
@@ -466,9 +360,11 @@ def run_steps(
         TimeRemainingColumn(),
         disable=rank != 0,
     )
-    with progress:
+    # a resume runs the steps after its checkpoint again: TensorBoard hides their old events
+    writer = MetricsWriter(run.run_dir, step + 1 if resumed else None, rank)
+    with progress, writer, StopSignals(announce=rank == 0) as signals:
         task = progress.add_task("train", total=plan.total_steps, completed=step, info="")
-        while step < end_step:
+        while step < end_step and stopped is None:
             stage = plan.stage_at(step)
             if engine.gradient_accumulation_steps() != stage.grad_accum:
                 # A stage with its own batch (Cerebras-GPT 13B): DeepSpeed scales each micro-step's
@@ -483,12 +379,15 @@ def run_steps(
                 rank=rank,
                 world_size=world,
             )
+            loading = time.perf_counter()  # a step's time runs from asking the loader for its batch
             for batch in batches:
                 t0 = time.perf_counter()
                 tokens_BT1 = torch.from_numpy(batch).to(device)
-                step_loss = torch.zeros((), device=device)
                 # The rates this step runs at, as the optimizer inside DeepSpeed holds them.
                 rates = group_rates(engine)
+                # Summed over the ranks in one all-reduce before the step's last backward: its
+                # loss, and the ranks a SIGTERM / SIGINT has reached by then.
+                agreed = torch.zeros(3, device=device)
                 # One optimizer step = grad_accum micro-steps; DeepSpeed scales each loss by
                 # 1/grad_accum and steps the optimizer (and the LR schedule) on the last one,
                 # marked here rather than counted by DeepSpeed (its count would drift at a switch
@@ -496,22 +395,34 @@ def run_steps(
                 grad_norm = None
                 micros = tokens_BT1.split(stage.micro_batch)
                 for i, micro_BT1 in enumerate(micros):
-                    engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+                    last = i == len(micros) - 1
+                    engine.set_gradient_accumulation_boundary(last)
                     _, loss = engine(
                         micro_BT1[:, :-1], micro_BT1[:, 1:], alibi_scale=stage.alibi_scale
                     )
+                    agreed[0] += loss.detach().float()
+                    if last:
+                        signals.mark(agreed[1:])
+                        dist.all_reduce(agreed)
+                        loss = skip_unless_finite(loss, agreed[0])  # a step of any bad loss: none
                     engine.backward(loss)
-                    if recipe.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-                        # without ZeRO, DeepSpeed clips fp32 gradients without recording the norm
-                        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                        grad_norm = torch.nn.utils.get_total_norm(grads).item()
-                    engine.step()
-                    step_loss += loss.detach().float()
-                dist.all_reduce(step_loss)
-                loss_value = step_loss.item() / (stage.grad_accum * world)
+                    if recipe.zero_stage == 0 and last:
+                        grad_norm = plain_step(engine)
+                    else:
+                        engine.step()
+                wait_for_device(device)
+                step_loss, *votes = agreed.tolist()
+                loss_value = step_loss / (stage.grad_accum * world)
+                skipped = not engine.was_step_applied() or not math.isfinite(grad_norm or 0.0)
                 step += 1
+                if skipped and engine.lr_scheduler.last_epoch < step:
+                    engine.lr_scheduler.step()  # the schedule follows the tokens read (guard.py)
                 losses.append(loss_value)
                 before, tokens = plan.tokens_at(step - 1), plan.tokens_at(step)
+                seconds = time.perf_counter() - loading
+                tokens_per_s = stage.tokens_per_step / seconds
+                step_flops = flops_per_token(recipe, stage.seq_len, plan.n_params)
+                flops += step_flops * stage.tokens_per_step
                 row = {
                     "step": step,
                     "tokens": tokens,
@@ -525,48 +436,66 @@ def run_steps(
                     "grad_norm": _float(
                         engine.get_global_grad_norm() if grad_norm is None else grad_norm
                     ),
-                    "tokens_per_s": round(stage.tokens_per_step / (time.perf_counter() - t0), 1),
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    "loader_share": round((t0 - loading) / seconds, 4),
+                    "skipped": skipped,
+                    "skipped_steps": engine.skipped_steps,
+                    **device_memory_row(device),
                 }
-                validation = recipe.validation
-                if validation and heldout and tokens // validation.every_tokens > before // validation.every_tokens:  # fmt: skip
-                    row["val_loss"] = heldout_loss(
-                        engine, heldout, seq_len=stage.seq_len, tokens=validation.tokens,
+                if run.peak_flops:
+                    row["mfu"] = round(step_flops * tokens_per_s / run.peak_flops, 4)
+                if validation and tokens // validation.every_tokens > before // validation.every_tokens:  # fmt: skip
+                    val_loss = row["val_loss"] = heldout_loss(
+                        engine, run.heldout, seq_len=stage.seq_len, tokens=validation.tokens,
                         micro_batch=stage.micro_batch, alibi_scale=stage.alibi_scale, rank=rank, world=world,
                     )  # fmt: skip
-                if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
+                stop_reason = guard.check(step, loss_value, skipped)
+                if stop_reason:
+                    stopped, row["stop"], row["stop_reason"] = "guard", "guard", stop_reason
+                elif signals.agreed(votes):  # every rank stops here, whichever the signal reached
+                    stopped = row["stop"] = signals.agreed(votes)
+                writer.write(row)
                 log.info(
-                    "step %d loss %.4f lr %.3g seq_len %d",
+                    "step %d loss %.4f lr %.3g seq_len %d%s",
                     step,
                     loss_value,
                     row["lr"],
                     stage.seq_len,
+                    " (skipped: not finite)" if skipped else "",
                 )
+                if stopped:
+                    log.info("stop at step %d: %s", step, stop_reason or stopped)
                 progress.update(
                     task,
                     completed=step,
                     info=f"stage {stage.index} seq {stage.seq_len} loss {loss_value:.3f}",
                 )
-                if tokens // every > before // every or step == end_step:
-                    save_checkpoint(engine, run_dir, recipe, step, tokens, rank, world)
-                if step >= end_step or step == stage.first_step + stage.steps:
+                due = tokens // every > before // every or step == end_step
+                if stopped != "guard" and (due or stopped):  # the guard's state may be bad
+                    save_checkpoint(engine, run.run_dir, recipe, step, tokens, rank, world)
+                loading = time.perf_counter()
+                if stopped or step >= end_step or step == stage.first_step + stage.steps:
                     break
-    if metrics is not None:
-        metrics.close()
     elapsed = time.perf_counter() - started
     trained = plan.tokens_at(step) - plan.tokens_at(start_step)
+    checkpoints = list_checkpoints(run.run_dir)
     return {
-        "finished": step >= plan.total_steps,
+        "finished": step >= plan.total_steps and stopped != "guard",
         "steps": step,
         "tokens": plan.tokens_at(step),
         "steps_this_call": step - start_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "val_loss": val_loss,  # the last measured
         "lr": rates.get("embedding"),
         "lr_hidden": rates.get("hidden"),
+        "skipped_steps": engine.skipped_steps,
         "tokens_per_s": round(trained / elapsed, 1) if elapsed else None,
+        "mfu": round(flops / elapsed / run.peak_flops, 4) if run.peak_flops and elapsed else None,
         "seconds": round(elapsed, 2),
+        "stopped": stopped,  # None, "SIGTERM", "SIGINT" or "guard"
+        "stop_reason": stop_reason,
+        "checkpoint": str(checkpoints[-1]) if checkpoints else None,
     }
 
 

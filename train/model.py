@@ -2,8 +2,18 @@
 ALiBi or learned positions, SwiGLU or GELU; muP or the standard parametrisation (SP).
 
 Read top to bottom: ALiBi slopes, the KV cache of generation, attention (two kernels that
-compute the same thing), the MLP, the block, the model, then the initialisation and per-group
-learning rates.
+compute the same thing), the MLP, the block, the loss, the model, then the initialisation and
+per-group learning rates.
+
+Three settings change how the model trains, never what it computes:
+  - `loss_impl: chunked`: the training loss without the [B*T, V] float32 logits (1.6 GB for one
+    8,192-token sequence), `loss_chunk_tokens` rows at a time (`chunked_cross_entropy`);
+  - `compile: blocks`: each block goes through torch.compile on its own (regional compilation),
+    and so does the chunked loss's softmax work;
+  - `activation_checkpointing: full | every_N`: blocks recompute their activations in the backward
+    pass instead of keeping them (a third more compute, for when memory is short).
+The first two are `auto` by default: on for CUDA; off on CPUs, where the plain loss is the tests'
+reference and compiling costs more than it saves.
 
 BTLM (seeds-spec 1.1) is ALiBi + SwiGLU; Cerebras-GPT (seeds-spec 3.2) learned positions + GELU
 (4 d_model). muP as Cerebras trained both (seeds-spec 1.3, 3.3), with the width multiplier
@@ -24,12 +34,16 @@ V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from lmpipe.train.data import IGNORE  # targets that count for nothing
 from lmpipe.train.recipe import ModelConfig
 
 
@@ -157,6 +171,7 @@ _block_masks: dict[tuple[int, str], object] = {}
 _compiled: dict[str, object] = {}
 
 
+@torch.compiler.disable
 def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch.Tensor:
     """FlexAttention with ALiBi as a score_mod and a causal block mask.
 
@@ -164,7 +179,10 @@ def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch
     power of two (at least 128): training uses one or two lengths, but evaluation batches come in
     every length, and each new one would recompile (Dynamo gives up after 8 and falls back to an
     unfused kernel that materialises the scores). Padding sits after the real positions, where
-    the causal mask hides it from every real query, and is cut off the output."""
+    the causal mask hides it from every real query, and is cut off the output.
+
+    A compiled block (`compile: blocks`) calls this as it is, outside its own graph: the kernel
+    is compiled here already, and the block-mask cache is Python state Dynamo should not trace."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     T, device = q.shape[2], q.device
@@ -227,6 +245,83 @@ class Block(nn.Module):
         return x_BTD + self.mlp(self.ln_2(x_BTD))
 
 
+def chunked_cross_entropy(
+    x_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    chunk: int,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(x_ND, w_VD).float(), target_N)`, the mean over the targets that
+    are not IGNORE, without its [N, V] float32 logits: they are formed `chunk` rows at a time.
+    With gradients to compute, `ChunkedCrossEntropy` forms each chunk's gradients at once too
+    (`compiled`: its softmax work fused by torch.compile); without (evaluation), each chunk is
+    only reduced to its loss."""
+    if torch.is_grad_enabled() and (x_ND.requires_grad or w_VD.requires_grad):
+        step = softmax_step
+        if compiled:
+            step = _compiled.setdefault("softmax_step", torch.compile(softmax_step, dynamic=False))
+        return ChunkedCrossEntropy.apply(x_ND, w_VD, target_N, chunk, step)
+    total = torch.zeros((), device=x_ND.device)
+    for s in range(0, len(x_ND), chunk):
+        logits_CV = F.linear(x_ND[s : s + chunk], w_VD).float()
+        total += F.cross_entropy(logits_CV, target_N[s : s + chunk], reduction="sum")
+    return total / (target_N != IGNORE).sum()
+
+
+def softmax_step(
+    logits_CV: torch.Tensor, target_C: torch.Tensor, share_C: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's share of the loss, and d loss / d logits = (softmax - one_hot(target)) * share
+    in `dtype`, each target's `share` being 1 / (targets counted), 0 for IGNORE. The softmax runs
+    in float32 on the logits, as the plain loss's does. Memory-bound work over [C, V]: in place
+    where eager, one or two fused kernels where compiled."""
+    logits_CV = logits_CV.float()
+    lse_C = torch.logsumexp(logits_CV, dim=1)
+    target_C1 = target_C.clamp(min=0)[:, None]  # IGNORE rows pick any logit: their share is 0
+    loss = ((lse_C - logits_CV.gather(1, target_C1)[:, 0]) * share_C).sum()
+    grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+    grad_CV.scatter_add_(1, target_C1, torch.full_like(lse_C[:, None], -1.0))
+    return loss, grad_CV.mul_(share_C[:, None]).to(dtype)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss and its gradients in one pass over chunks of rows, as Liger-Kernel's fused linear
+    cross-entropy does: each chunk's logits are formed, reduced to the chunk's loss and turned
+    into its gradients of x and of the weight, then freed. Only those gradients ([N, D] and
+    [V, D]) wait for the backward pass, which scales them by the loss's incoming gradient
+    (1 / gradient accumulation under DeepSpeed). No logits are recomputed (as a checkpointed loss
+    would): the same FLOPs as the plain loss. A graph through it can be backpropagated once."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_VD, target_N, chunk: int, step=softmax_step):
+        # The matmuls run in autocast's dtype when autocast is on, as F.linear would there.
+        device = x_ND.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x_ND.dtype
+        with torch.autocast(device, enabled=False):
+            x_NDc, w_VDc = x_ND.to(dtype), w_VD.to(dtype)
+            valid_N = target_N != IGNORE
+            share_N = valid_N / valid_N.sum()  # each target's share of the mean
+            loss = torch.zeros((), device=x_ND.device)
+            grad_x_ND = torch.empty_like(x_ND)
+            # Summed over chunks in float32, then rounded once, as one matmul over all rows would.
+            grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32)
+            for s in range(0, len(x_ND), chunk):
+                x_CD, target_C, share_C = (t[s : s + chunk] for t in (x_NDc, target_N, share_N))
+                chunk_loss, grad_CV = step(F.linear(x_CD, w_VDc), target_C, share_C, dtype)
+                loss += chunk_loss
+                grad_x_ND[s : s + chunk] = grad_CV @ w_VDc
+                grad_w_VD += grad_CV.t() @ x_CD
+        ctx.save_for_backward(grad_x_ND, grad_w_VD.to(w_VD.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x_ND, grad_w_VD = ctx.saved_tensors
+        return grad_x_ND * grad_loss, grad_w_VD * grad_loss, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -243,6 +338,9 @@ class GPT(nn.Module):
         self.m_ffn = cfg.d_ff / mup.d_ff_base if mup else 1.0
         self.alpha_in = mup.alpha_in if mup else 1.0
         self.alpha_out = mup.alpha_out if mup else 1.0
+        # torch.compile's wrappers of the blocks (`compiled_blocks`), made at the first training
+        # pass that uses them: a plain list, so the state dict and `.to()` see only `self.h`.
+        self.compiled_h: list[nn.Module] = []
         self.reset_parameters()
 
     def attention_impl(self, device: torch.device) -> str:
@@ -250,6 +348,29 @@ class GPT(nn.Module):
         if impl == "auto":
             return "flex" if device.type == "cuda" else "sdpa"
         return impl
+
+    def loss_impl(self, device: torch.device) -> str:
+        impl = self.cfg.loss_impl
+        if impl == "auto":
+            return "chunked" if device.type == "cuda" else "plain"
+        return impl
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether training compiles its blocks (`compiled_blocks`) and the chunked loss's softmax
+        work. `auto`: on CUDA, but not for a model partitioned by ZeRO-3, whose per-module
+        gathering hooks Dynamo does not trace reliably (pytorch/pytorch#115484)."""
+        if self.cfg.compile == "auto":
+            return device.type == "cuda" and not hasattr(self.wte.weight, "ds_id")
+        return self.cfg.compile == "blocks"
+
+    def compiled_blocks(self) -> list[nn.Module]:
+        """The blocks each compiled on its own, regional compilation: the blocks are alike, so
+        Dynamo makes one graph for all of them, and compile time is one block's, whatever
+        n_layers. Shapes are static: a run has one or two sequence lengths, each compiled once.
+        Only training uses them: evaluation's and generation's lengths change from call to call."""
+        if not self.compiled_h:
+            self.compiled_h = [torch.compile(block, dynamic=False) for block in self.h]
+        return self.compiled_h
 
     def new_cache(self, max_len: int) -> list[KVCache]:
         """An empty KV cache, one per layer, for sequences of at most `max_len` tokens."""
@@ -267,6 +388,9 @@ class GPT(nn.Module):
 
         With a `cache` (from `new_cache`), `idx_BT` continues the tokens already cached: they are
         positions past..past+T-1, and the cache takes their keys and values.
+
+        A training pass (gradients on, no cache) runs the blocks compiled (`compiles`) and with
+        activation checkpointing, as the recipe's model section says.
         """
         past = cache[0].length if cache else 0
         x_BTD = self.wte(idx_BT)
@@ -282,8 +406,17 @@ class GPT(nn.Module):
             x_BTD = x_BTD + self.wpe(torch.arange(past, past + T, device=idx_BT.device))
         x_BTD = x_BTD * self.alpha_in  # muP's alpha_in: on the sum, as Cerebras' BTLM class does
         impl = self.attention_impl(idx_BT.device)
-        for i, block in enumerate(self.h):
-            x_BTD = block(x_BTD, slopes_H, impl, cache[i] if cache else None)
+        training = cache is None and torch.is_grad_enabled()
+        compiled = training and self.compiles(idx_BT.device)
+        blocks = self.compiled_blocks() if compiled else self.h
+        every = self.cfg.checkpoint_every if training else 0
+        for i, block in enumerate(blocks):
+            if every and i % every == 0:  # keep the block's input; recompute the rest in backward
+                x_BTD = torch.utils.checkpoint.checkpoint(
+                    block, x_BTD, slopes_H, impl, use_reentrant=False
+                )
+            else:
+                x_BTD = block(x_BTD, slopes_H, impl, cache[i] if cache else None)
         return self.ln_f(x_BTD) * (self.alpha_out / self.m_d)
 
     def unembed(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -292,13 +425,19 @@ class GPT(nn.Module):
 
     def forward(
         self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, alibi_scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, V] (float32) and, with targets, the token-mean cross-entropy."""
-        logits_BTV = self.unembed(self.hidden_states(idx_BT, alibi_scale))
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits [B, T, V] (float32) and, with targets, the token-mean cross-entropy (IGNORE
+        targets count for nothing). Under the chunked loss (`loss_impl`), a call with targets
+        returns None for the logits: not forming them is the point; `model(idx)` gives them."""
+        x_BTD = self.hidden_states(idx_BT, alibi_scale)
+        if targets_BT is not None and self.loss_impl(idx_BT.device) == "chunked":
+            x_ND, target_N = x_BTD.flatten(0, 1), targets_BT.flatten()
+            chunk, compiled = self.cfg.loss_chunk_tokens, self.compiles(idx_BT.device)
+            return None, chunked_cross_entropy(x_ND, self.wte.weight, target_N, chunk, compiled)
+        logits_BTV = self.unembed(x_BTD)
         if targets_BT is None:
             return logits_BTV, None
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
-        return logits_BTV, loss
+        return logits_BTV, F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
 
     # --- muP initialisation and learning rates ---------------------------------------------
 
@@ -308,11 +447,12 @@ class GPT(nn.Module):
 
     def width_multiplier(self, name: str) -> float:
         """m_d (m_ffn for the FFN down projection), times sparse muP's density multiplier m_rho:
-        a sparse layer behaves like a dense one of width d * rho (seeds-spec 4). 1 under SP."""
+        a sparse layer behaves like a dense one of width d * rho (seeds-spec 4); without
+        `mup.sparse_correction`, m_d alone (uncorrected muP, for comparison). 1 under SP."""
         if self.cfg.mup is None:
             return 1.0
         m = self.m_ffn if name.endswith("mlp.c_proj.weight") else self.m_d
-        return m * self.cfg.density
+        return m * self.cfg.density if self.cfg.mup.sparse_correction else m
 
     def init_std(self, name: str) -> float:
         """Truncated-normal std of a weight matrix by its role (seeds-spec 1.3, 3.2, 3.3, 4)."""
@@ -328,13 +468,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            else:
-                std = self.init_std(name)
-                nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+            with fp32_copy(p) as w:  # the same numbers under every ZeRO stage (fp32_copy)
+                if name.endswith("bias"):
+                    nn.init.zeros_(w)
+                elif ".ln_" in name or name.startswith("ln_f"):
+                    nn.init.ones_(w)
+                else:
+                    std = self.init_std(name)
+                    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
         if self.cfg.density < 1:
             self.sparsify()
 
@@ -348,12 +489,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if not self.is_hidden(name):
                 continue
-            keep = round(self.cfg.density * p.numel())
-            dropped = torch.ones(p.numel(), dtype=torch.bool)
-            dropped[torch.randperm(p.numel())[:keep]] = False
             buffer = name.replace(".", "_") + "_dropped"
-            self.register_buffer(buffer, dropped.view_as(p), persistent=False)
-            p.masked_fill_(getattr(self, buffer), 0)
+            with fp32_copy(p) as w:
+                keep = round(self.cfg.density * w.numel())
+                dropped = torch.ones(w.numel(), dtype=torch.bool)
+                dropped[torch.randperm(w.numel())[:keep]] = False
+                self.register_buffer(buffer, dropped.view_as(w), persistent=False)
+                w.masked_fill_(getattr(self, buffer), 0)
             # Looked up at each call, so it follows the module to its device; a boolean mask
             # serves gradients of any dtype (bf16 under DeepSpeed, whose buffers stay as built).
             p.register_hook(lambda grad, buffer=buffer: grad.masked_fill(getattr(self, buffer), 0))
@@ -391,10 +533,34 @@ class GPT(nn.Module):
         return list(groups.values())
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Closed-form parameter count (the tied unembedding counted once), for dry runs."""
+@contextlib.contextmanager
+def fp32_copy(p: nn.Parameter) -> Iterator[torch.Tensor]:
+    """The whole parameter as an fp32 tensor on the CPU, written back into it on exit: what
+    `reset_parameters` and `sparsify` draw into, so that every ZeRO stage starts from the same
+    numbers. A model built inside `deepspeed.zero.Init` (ZeRO-3, `lmpipe.train.build`) holds each
+    parameter partitioned across ranks, in bf16, on the GPU: here it is gathered (every rank draws
+    the same numbers from the same seed; rank 0's are kept), and the draws come from the CPU's
+    generator in fp32, as for a model built whole, then are rounded once."""
+    if p.is_meta:  # a model built on the meta device, to be loaded: nothing to draw into
+        yield p.detach()
+        return
+    gathered = contextlib.nullcontext()
+    if hasattr(p, "ds_id"):  # a ZeRO-3 parameter
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    with gathered, torch.no_grad():
+        w = p.detach().to("cpu", torch.float32, copy=True)
+        yield w
+        p.copy_(w)
+
+
+def count_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Closed-form parameter count (the tied unembedding counted once), for dry runs.
+    `embeddings=False`: without the token and position embeddings (Kaplan et al.'s N)."""
     d, f = cfg.d_model, cfg.d_ff
     mlp = (2 if cfg.mlp == "swiglu" else 1) * (d * f + f) + (f * d + d)
     per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp
     positions = cfg.n_positions * d if cfg.position == "learned" else 0
-    return cfg.vocab_size * d + positions + cfg.n_layers * per_layer + 2 * d
+    embedding = cfg.vocab_size * d + positions if embeddings else 0
+    return embedding + cfg.n_layers * per_layer + 2 * d

@@ -228,10 +228,11 @@ def parametrisation(recipe: Recipe) -> str:
         std = model.init_std or model.SP_INIT_STD
         return f"standard parametrisation: init std {std:g}, one LR {lr:g}"
     m_d = model.d_model / mup.d_model_base
-    m_rho = model.density
+    m_rho = model.density if mup.sparse_correction else 1.0
     return (
         f"muP: m_d = {m_d:g}, m_ffn = {model.d_ff / mup.d_ff_base:g}"
         + (f", m_rho = {m_rho:g}" if m_rho < 1 else "")
+        + (" (density not corrected for)" if model.density < 1 and m_rho == 1 else "")
         + f"; LR {lr:.4g} (embeddings, norms, biases), {lr / (m_d * m_rho):.4g} (hidden); "
         f"init std {mup.sigma_base:g} (embeddings), {mup.sigma_base / math.sqrt(m_d * m_rho):.4g} "
         f"(hidden); logits x {mup.alpha_out / m_d:.4g}, embeddings x {mup.alpha_in:g}"

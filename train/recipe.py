@@ -36,6 +36,11 @@ class MupConfig(Section):
     alpha_in: float = Field(14.6, gt=0, description="embedding output multiplier")
     alpha_out: float = Field(2.22, gt=0, description="output logit multiplier, divided by m_d")
     qk_scale: Literal["d_head", "sqrt_d_head"] = "d_head"
+    sparse_correction: bool = Field(
+        True,
+        description="SμPar: a sparse model's hidden init variance and Adam rate also divided by "
+        "the density m_rho; false: dense muP's rules on the sparse model (for comparison)",
+    )
 
 
 class ModelConfig(Section):
@@ -56,6 +61,21 @@ class ModelConfig(Section):
     n_positions: int = Field(2048, gt=0, description="learned positions: the longest sequence")
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     attn_impl: Literal["auto", "sdpa", "flex"] = "auto"
+    # How the model runs, not what it computes (lmpipe.train.model; a resumed run may change them):
+    loss_impl: Literal["auto", "plain", "chunked"] = Field(
+        "auto", description="chunked: no [tokens, vocab] logits in training; auto: chunked on CUDA"
+    )
+    loss_chunk_tokens: int = Field(
+        4096, gt=0, description="chunked loss: logit rows at a time (4,096 x 50,257: 0.8 GB fp32)"
+    )
+    activation_checkpointing: str = Field(
+        "none",
+        pattern=r"^(none|full|every_[1-9][0-9]*)$",
+        description="recompute blocks in the backward pass: none, full or every_N (every N-th)",
+    )
+    compile: Literal["auto", "none", "blocks"] = Field(
+        "auto", description="blocks: torch.compile each block (and the chunked loss); auto: on CUDA"
+    )
     mup: MupConfig | None = Field(MupConfig(), description="muP's base shapes; null: SP")
     init_std: float | None = Field(
         None, gt=0, description="SP only: the init std (default 0.02, Cerebras-GPT's)"
@@ -94,6 +114,13 @@ class ModelConfig(Section):
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def checkpoint_every(self) -> int:
+        """Activation checkpointing of blocks 0, N, 2N, ... (1: every block); 0: none."""
+        setting = self.activation_checkpointing
+        named = {"none": 0, "full": 1}
+        return named[setting] if setting in named else int(setting.removeprefix("every_"))
+
 
 class OptimizerConfig(Section):
     """AdamW. `lr` is eta_base, the peak rate of embeddings, biases and norms; muP scales the
@@ -130,6 +157,21 @@ class ValidationConfig(Section):
 
     every_tokens: int = Field(gt=0)
     tokens: int = Field(gt=0)
+
+
+class GuardConfig(Section):
+    """When a run stops by itself (`lmpipe.train.guard`). A step whose loss or gradient norm is
+    not finite is skipped on every rank; `max_bad_steps` of them in a row stop the run, and so
+    does a loss `spike_margin` nats above the mean loss of the last `spike_window` steps (an
+    absolute margin: a ratio would flag noise once a loss is near 0)."""
+
+    max_bad_steps: int = Field(5, ge=1, description="skipped steps in a row that stop the run")
+    spike_margin: float | None = Field(
+        1.0, gt=0, description="stop at a loss this many nats above the running mean; null: never"
+    )
+    spike_window: int = Field(
+        50, ge=1, description="good steps the running mean holds (and the check waits for)"
+    )
 
 
 class Stage(Section):
@@ -170,6 +212,7 @@ class Recipe(Section):
         4.0, gt=0, description="warn when a stage reads more than this many epochs of a source"
     )
     validation: ValidationConfig | None = None
+    guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Recipe:

@@ -17,7 +17,11 @@ a parameter (Chinchilla's 20, as Cerebras-GPT did; seeds-spec 3.2). A size is a 
 d_model) or a parameter count with a suffix (`111M`, `1.3B`: the width whose model comes
 closest). Depth follows the base's aspect ratio d_model / n_layers, heads keep the base's size,
 d_ff its ratio, muP's base shapes stay (the base values transfer); stages keep their shares of
-the tokens and the warmup its fraction; the batch (tokens per step) stays the base's.
+the tokens and the warmup its fraction; the batch (tokens per step) stays the base's. Parameters are counted
+whole (`count="total"`, as Chinchilla and Cerebras-GPT count them) or without the embeddings
+(`"non-embedding"`, Kaplan et al.'s N): for tiny models with GPT-2's 50,257-token vocabulary the
+embedding is nearly all of the model, and 20 tokens per non-embedding parameter is what a CPU
+can train.
 """
 
 from __future__ import annotations
@@ -338,6 +342,7 @@ def write_fit_png(path: Path, report: dict[str, Any]) -> bool:
 # --- compute-optimal families ----------------------------------------------------------------
 
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+COUNTS = ("total", "non-embedding")
 
 
 def parse_size(text: str) -> tuple[str, float]:
@@ -365,15 +370,15 @@ def shape_at(model: ModelConfig, width: int) -> dict[str, int]:
     }
 
 
-def width_for(model: ModelConfig, parameters: float) -> int:
+def width_for(model: ModelConfig, parameters: float, count: str = "total") -> int:
     """The width, a multiple of the base's head size, whose model has the parameter count
-    nearest (in ratio) to `parameters`."""
+    (`count`) nearest (in ratio) to `parameters`."""
     from lmpipe.train.model import count_parameters
 
     best, best_gap = model.d_head, math.inf
     for width in range(model.d_head, 1024 * model.d_model + 1, model.d_head):
         shaped = ModelConfig.model_construct(**{**model.model_dump(), **shape_at(model, width)})
-        n = count_parameters(shaped)
+        n = count_parameters(shaped, embeddings=count == "total")
         gap = abs(math.log(n / parameters))
         if gap < best_gap:
             best, best_gap = width, gap
@@ -383,17 +388,22 @@ def width_for(model: ModelConfig, parameters: float) -> int:
 
 
 def family_member(
-    base_name: str, overrides: list[str], width: int, tokens_per_param: float, name: str
+    base_name: str,
+    overrides: list[str],
+    width: int,
+    tokens_per_param: float,
+    name: str,
+    count: str = "total",
 ) -> Recipe:
     """The base recipe (with `overrides`) at `width`, trained on `tokens_per_param` tokens a
-    parameter: every stage keeps its share (whole steps), the warmup its fraction; checkpoints
+    parameter (counted as `count` says): every stage keeps its share (whole steps), the warmup its fraction; checkpoints
     and validation as often, in tokens, relative to the run."""
     from lmpipe.train.model import count_parameters
 
     base = load_recipe(base_name, overrides)
     sets = [*overrides, *(f"model.{k}={v}" for k, v in shape_at(base.model, width).items())]
     shaped = load_recipe(base_name, sets)
-    target = tokens_per_param * count_parameters(shaped.model)
+    target = tokens_per_param * count_parameters(shaped.model, embeddings=count == "total")
     total = 0
     for i, stage in enumerate(shaped.stages):
         step = shaped.stage_tokens_per_step(i)
@@ -418,6 +428,7 @@ def family(
     out: Path,
     *,
     tokens_per_param: float = 20.0,
+    count: str = "total",
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
@@ -429,13 +440,17 @@ def family(
         raise LmpipeError("--sizes: name at least one size (768 or 111M)")
     if not tokens_per_param > 0:
         raise LmpipeError(f"--tokens-per-param: {tokens_per_param:g} is not > 0")
+    if count not in COUNTS:
+        raise LmpipeError(f"--count: {count!r} is not one of {', '.join(COUNTS)}")
     base = load_recipe(base_name, list(overrides))
     members = []
     for text in sizes:
         kind, value = parse_size(text)
-        width = int(value) if kind == "width" else width_for(base.model, value)
+        width = int(value) if kind == "width" else width_for(base.model, value, count)
         name = f"{base.name}-{text.strip().lower() if kind == 'parameters' else f'd{width}'}"
-        members.append(family_member(base_name, list(overrides), width, tokens_per_param, name))
+        members.append(
+            family_member(base_name, list(overrides), width, tokens_per_param, name, count)
+        )
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise LmpipeError(f"--sizes: two sizes give the same recipe ({', '.join(names)})")
@@ -444,30 +459,34 @@ def family(
         for recipe in members:
             plan = make_plan(recipe)
             n = count_parameters(recipe.model)
+            counted = count_parameters(recipe.model, embeddings=count == "total")
             m = recipe.model
             rows.append({
                 "recipe": recipe.name, "file": f"{recipe.name}.yaml", "n_layers": m.n_layers,
                 "d_model": m.d_model, "n_heads": m.n_heads, "d_ff": m.d_ff, "parameters": n,
-                "tokens": recipe.total_tokens, "tokens_per_parameter": recipe.total_tokens / n,
+                "non_embedding_parameters": count_parameters(m, embeddings=False),
+                "tokens": recipe.total_tokens, "tokens_per_parameter": recipe.total_tokens / counted,
                 "flops": training_flops(recipe, plan),
             })  # fmt: skip
-            header = f"# {recipe.name}: {base.name} at d_model {m.d_model}, {recipe.total_tokens / n:.3g} tokens a parameter (lmpipe scaling --family)\n"  # fmt: skip
+            per = "parameter" if count == "total" else "non-embedding parameter"
+            header = f"# {recipe.name}: {base.name} at d_model {m.d_model}, {recipe.total_tokens / counted:.3g} tokens a {per} (lmpipe scaling --family)\n"  # fmt: skip
             (work / f"{recipe.name}.yaml").write_text(header + recipe_yaml(recipe), encoding="utf-8")  # fmt: skip
-        write_json_atomic(work / FAMILY_JSON, {"base": base_name, "set": list(overrides), "tokens_per_param": tokens_per_param, "recipes": rows})  # fmt: skip
-        write_manifest(work, "scaling-family", base=base_name, set=list(overrides), tokens_per_param=tokens_per_param, recipes=rows)  # fmt: skip
-    print_family(rows)
+        write_json_atomic(work / FAMILY_JSON, {"base": base_name, "set": list(overrides), "tokens_per_param": tokens_per_param, "count": count, "recipes": rows})  # fmt: skip
+        write_manifest(work, "scaling-family", base=base_name, set=list(overrides), tokens_per_param=tokens_per_param, count=count, recipes=rows)  # fmt: skip
+    print_family(rows, count)
     return rows
 
 
-def print_family(rows: list[dict[str, Any]]) -> None:
+def print_family(rows: list[dict[str, Any]], count: str = "total") -> None:
     from rich.console import Console
     from rich.table import Table
 
     from lmpipe.dataprep.report import print_table
 
     table = Table(title="compute-optimal family")
-    for col in ("recipe", "layers", "d_model", "heads", "d_ff", "parameters", "tokens", "tokens/param", "FLOPs"):  # fmt: skip
+    per = "tokens/param" if count == "total" else "tokens/non-emb. param"
+    for col in ("recipe", "layers", "d_model", "heads", "d_ff", "parameters", "non-emb.", "tokens", per, "FLOPs"):  # fmt: skip
         table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["recipe"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]), str(r["d_ff"]), f"{r['parameters']:,}", f"{r['tokens']:,}", f"{r['tokens_per_parameter']:.3g}", f"{r['flops']:.3g}")  # fmt: skip
+        table.add_row(r["recipe"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]), str(r["d_ff"]), f"{r['parameters']:,}", f"{r['non_embedding_parameters']:,}", f"{r['tokens']:,}", f"{r['tokens_per_parameter']:.3g}", f"{r['flops']:.3g}")  # fmt: skip
     print_table(Console(), table)

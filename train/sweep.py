@@ -18,6 +18,9 @@ into a recipe for a wider model.
 Points run one after the other in this process (`jobs` 1), or in `jobs` spawned worker
 processes: on a GPU machine one point per GPU (CUDA_VISIBLE_DEVICES, at most one worker a GPU),
 on CPUs with the cores shared among them; each worker's output goes to `logs/<point>.log`.
+With engine "ray" the points are Ray tasks (`dataprep/runner.py`: the cluster at RAY_ADDRESS, else
+a local instance of `jobs` CPUs), one GPU each where the cluster has GPUs, else one CPU each;
+every node must see the sweep folder and the data at the same paths (shared storage).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from lmpipe.dataprep.folders import (
     write_json_atomic,
     write_manifest,
 )
+from lmpipe.dataprep.runner import Runner
 from lmpipe.train.data import open_sources
 from lmpipe.train.recipe import Recipe
 from lmpipe.train.sweep_plan import SweepSettings, plan_points
@@ -96,16 +100,20 @@ def diverged(rows: list[dict[str, Any]]) -> bool:
 
 def run_point(job: PointJob) -> dict[str, Any]:
     """Train one point (resuming its run folder if an earlier sweep left one), then drop its
-    checkpoints (only a resume needs them; the final weights stay in model/). An exception after
-    a non-finite loss is the loop giving up on a diverged run: recorded, not raised."""
+    checkpoints (only a resume needs them; the final weights stay in model/). The guard stopping
+    the run (non-finite steps in a row, a loss spike), or an exception after a non-finite loss,
+    is a diverged point: recorded, not raised."""
     # Imported here: they import torch, which only a process that trains needs.
     from lmpipe.train.checkpoint import CHECKPOINTS
+    from lmpipe.train.guard import RunStopped
     from lmpipe.train.loop import train
 
     started = time.perf_counter()
     stopped = None
     try:
         train(job.recipe, None, job.run_dir, resume=job.run_dir.exists(), verify_data=False)
+    except RunStopped as e:
+        stopped = str(e)
     except LmpipeError:
         raise
     except Exception as e:
@@ -173,6 +181,18 @@ def workers(jobs: int, points: int) -> tuple[int, int]:
     processes = max(1, min(jobs, points))
     gpus = gpu_count() if processes > 1 else 0
     return (min(processes, gpus), gpus) if gpus else (processes, 0)
+
+
+def run_on_ray(jobs: list[PointJob], cpus: int, announce: Any) -> None:
+    """Train every job as a Ray task: one GPU each on a cluster with GPUs, else one CPU each."""
+    with Runner(cpus, "ray") as runner:
+        resources = {"num_gpus": 1} if runner.cluster_gpus() else {"num_cpus": 1}
+        runner.map(
+            _run_in_worker,
+            [(job, 1) for job in jobs],
+            on_done=lambda index, record: announce(jobs[index], record),
+            resources=resources,
+        )
 
 
 def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -> None:
@@ -280,9 +300,14 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
             for p, r in zip(points, recipes, strict=True) if not point_done(work, p.name)
         ]  # fmt: skip
         processes, gpus = workers(settings.jobs, len(todo))
+        where = (
+            "as Ray tasks"
+            if settings.engine == "ray"
+            else f"{processes} at a time" + (f" on {gpus} GPUs" if gpus else "")
+        )
         err.print(
             f"sweep: {len(points)} points, {len(points) - len(todo)} done before, "
-            f"{len(todo)} to train, {processes} at a time" + (f" on {gpus} GPUs" if gpus else ""),
+            f"{len(todo)} to train, {where}",
             highlight=False,
         )
         count = itertools.count(len(points) - len(todo) + 1)
@@ -294,7 +319,10 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
                 highlight=False,
             )
 
-        run_points(todo, processes, gpus, announce)
+        if settings.engine == "ray":
+            run_on_ray(todo, settings.jobs, announce)
+        else:
+            run_points(todo, processes, gpus, announce)
         rows = [sweep_report.point_row(work, p) for p in points]
         report = sweep_report.write_report(work, plan, rows)
         write_manifest(

@@ -8,7 +8,9 @@ axes' product, times `--random N` draws from the `--space` dimensions, seeded by
     recipe's size where w allows it, muP's base shapes unchanged (so m_d = w / d_model_base and
     the base values stay the proxy's); a density is `model.density` (sparse muP, seeds-spec 4);
     `sp` is the same model in the standard parametrisation (`model.mup: null`, every matrix at
-    init std sigma_base, one learning rate optimizer.lr);
+    init std sigma_base, one learning rate optimizer.lr); `mup-uncorrected` is muP without
+    SμPar's density correction (`model.mup.sparse_correction: false`: a sparse model's hidden init
+    and Adam rate by m_d alone, as dense muP would set them), the comparison SμPar is made against;
   - a swept `optimizer.lr` moves `schedule.end_lr` with it (their ratio stays the recipe's);
   - `tokens` gives every point that many tokens (stages and warmup scaled alike); the held-out
     loss is scored once, at the end of each point (`validation.every_tokens` = its tokens).
@@ -32,6 +34,7 @@ import numpy as np
 import yaml
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.runner import ENGINES
 from lmpipe.train.recipe import (
     DataSource,
     ModelConfig,
@@ -42,7 +45,8 @@ from lmpipe.train.recipe import (
     validate_recipe,
 )
 
-PARAMS = ("mup", "sp")
+# muP (SμPar at a density below 1), muP without SμPar's density correction, and SP.
+PARAMS = ("mup", "mup-uncorrected", "sp")
 VAL_TOKENS = 65536  # held-out tokens scored per point unless the recipe or --val-tokens says
 # Keys the sweep sets itself from --widths / --densities / --param; a grid over them would fight.
 SHAPE_KEYS = ("model.d_model", "model.n_heads", "model.d_ff", "model.density", "model.mup")
@@ -86,6 +90,7 @@ class SweepSettings:
     val_tokens: int | None = None
     seed: int = 0
     jobs: int = 1
+    engine: str = "local"  # or "ray": points as Ray tasks (dataprep/runner.py)
 
     @property
     def keys(self) -> list[str]:
@@ -257,11 +262,12 @@ def check_keys(settings: SweepSettings, recipe: Recipe) -> None:
         raise LmpipeError("--space: give the number of random points with --random N")
     bad_param = [p for p in settings.params if p not in PARAMS]
     if bad_param:
-        raise LmpipeError(f"--param: mup, sp or both (got {', '.join(bad_param)})")
-    if "mup" in settings.params and recipe.model.mup is None:
-        raise LmpipeError(
-            f"--param mup: recipe {recipe.name} has no muP base shapes (model.mup is null)"
-        )
+        raise LmpipeError(f"--param: {', '.join(PARAMS)} (got {', '.join(bad_param)})")
+    for param in settings.params:
+        if param.startswith("mup") and recipe.model.mup is None:
+            raise LmpipeError(
+                f"--param {param}: recipe {recipe.name} has no muP base shapes (model.mup is null)"
+            )
     for w in settings.widths:
         if w < 1:
             raise LmpipeError(f"--widths: {w} is not a width")
@@ -272,6 +278,8 @@ def check_keys(settings: SweepSettings, recipe: Recipe) -> None:
         raise LmpipeError(f"--tokens: {settings.tokens} is not a number of tokens")
     if settings.jobs < 1:
         raise LmpipeError(f"-j: {settings.jobs} is not a number of processes")
+    if settings.engine not in ENGINES:
+        raise LmpipeError(f"--engine: {settings.engine!r} is not one of {', '.join(ENGINES)}")
 
 
 def value_sets(settings: SweepSettings, recipe: Recipe) -> list[dict[str, Any]]:
@@ -360,6 +368,10 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
         point_raw = copy.deepcopy(raw)
         for assignment in sets[len(settings.overrides) :]:
             apply_override(point_raw, assignment)
+        if param == "mup-uncorrected":
+            # Dense muP's rules on the sparse model: init and Adam rate by m_d alone.
+            apply_override(point_raw, "model.mup.sparse_correction=false")
+            sets.append("model.mup.sparse_correction=false")
         if param == "sp" and model.mup is not None:
             # SP: the same model with every muP multiplier 1; its one init std is sigma_base
             # (swept or not), its one learning rate optimizer.lr.

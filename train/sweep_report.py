@@ -47,7 +47,7 @@ def point_row(work: Path, point: Point) -> dict[str, Any]:
     heldout = None
     if val_loss and all(v is not None for v in val_loss.values()):
         heldout = sum(val_loss.values()) / len(val_loss)  # type: ignore[arg-type]
-    bad = diverged(rows)
+    bad = diverged(rows) or bool(record.get("stopped"))  # the guard stopped it: a loss spike
     return {
         "point": point.name,
         "param": point.param,

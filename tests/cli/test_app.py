@@ -110,13 +110,16 @@ def test_train_flag_surface_stays_small():
     assert flags == [
         "--data",
         "--dry-run",
+        "--gpu-memory",  # --dry-run's memory check
         "--init-from",
         "--no-verify-data",
+        "--peak-tflops",  # the GPU's, for MFU: hardware, not recipe
         "--recipe",
         "--resume",
         "--run-dir",
         "--set",
         "--verify-data",
+        "--world-size",  # --dry-run's plan for a launcher's world
     ]
 
 

@@ -42,6 +42,7 @@ def test_demo_chains_the_four_stages(tmp_path, gpt2):
     for folder in ("clean", "tokens", "run", "eval"):
         assert (work / folder / "manifest.json").is_file(), folder
     assert not list(work.glob("*.partial"))
+    assert (work / "loss.png").read_bytes().startswith(b"\x89PNG")  # the run's losses, drawn
 
     with pytest.raises(LmpipeError, match="already exists"):
         run_demo(work)

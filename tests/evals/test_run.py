@@ -47,6 +47,31 @@ def test_evaluate_end_to_end(run_dir, task_data, make_shards, heldout_texts, tmp
     assert again["tasks"]["arc_easy"] == {**arc, "seconds": again["tasks"]["arc_easy"]["seconds"]}
 
 
+def test_long_context_at_several_lengths(run_dir, make_shards, heldout_texts, tmp_path):
+    """`long_context@N` / `@Kx` are the same task at other windows: @2x is the default task's
+    numbers exactly, each length its own row, and long_context.png draws them."""
+    data = make_shards(tmp_path / "tokens", heldout_texts)
+    tasks = ["long_context", "long_context@2x", "long_context@96", "long_context@4x"]
+    report = evaluate(run_dir, tmp_path / "eval", tasks=tasks, data=data, task_data=None, limit=2)
+    rows = report["tasks"]
+    assert [rows[t]["length"] for t in tasks] == [128, 128, 96, 256]
+    assert all(rows[t]["train_seq_len"] == 64 for t in tasks)
+    same = ("curves", "loss_alibi", "loss_alibi_pi", "loss_beyond_train_alibi", "n")
+    assert {k: rows["long_context"][k] for k in same} == {
+        k: rows["long_context@2x"][k] for k in same
+    }
+    assert rows["long_context@4x"]["curves"]["alibi_pi"]["alibi_scale"] == 4
+    assert rows["long_context@96"]["curves"]["alibi_pi"]["alibi_scale"] == 1.5
+    png = (tmp_path / "eval" / "long_context.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    for bad in ("long_context@", "long_context@x", "long_context@1", "long_context@-2x"):
+        with pytest.raises(LmpipeError, match=f"{bad}: the window is long_context@TOKENS"):
+            evaluate(run_dir, tmp_path / "e2", tasks=[bad], data=data, task_data=None, limit=1)
+    with pytest.raises(LmpipeError, match="unknown task perplexity@2x"):
+        evaluate(run_dir, tmp_path / "e2", tasks=["perplexity@2x"], data=data, task_data=None, limit=1)  # fmt: skip
+    assert not (tmp_path / "e2").exists()
+
+
 def test_bad_task_name_lists_the_known_tasks(run_dir, tmp_path):
     with pytest.raises(
         LmpipeError, match=r"unknown task arc_hard; known tasks: perplexity, .*arc_easy"

@@ -162,3 +162,19 @@ def test_a_family_trains_20_tokens_a_parameter(tmp_path):
     with pytest.raises(LmpipeError, match="already exists"):
         family("proxy", ["256"], out)
     assert math.isclose(rows[0]["tokens_per_parameter"], rows[0]["tokens"] / rows[0]["parameters"])
+
+
+def test_a_family_can_count_parameters_without_embeddings(tmp_path):
+    """Kaplan's N: 20 tokens per non-embedding parameter (the tied embedding left out)."""
+    rows = family("tiny", ["32", "64", "40K"], tmp_path / "f", count="non-embedding")
+    for row in rows:
+        recipe = load_recipe(str(tmp_path / "f" / row["file"]))
+        m = recipe.model
+        non_embedding = count_parameters(m) - m.vocab_size * m.d_model
+        assert row["non_embedding_parameters"] == non_embedding == count_parameters(m, embeddings=False)  # fmt: skip
+        assert abs(recipe.total_tokens - 20 * non_embedding) <= recipe.tokens_per_step
+        assert row["tokens_per_parameter"] == pytest.approx(recipe.total_tokens / non_embedding)
+    assert rows[2]["non_embedding_parameters"] == pytest.approx(40e3, rel=0.5)
+    assert json.loads((tmp_path / "f" / "family.json").read_text())["count"] == "non-embedding"
+    with pytest.raises(LmpipeError, match="--count: 'some' is not one of total, non-embedding"):
+        family("tiny", ["32"], tmp_path / "g", count="some")

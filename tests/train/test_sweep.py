@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -163,6 +164,21 @@ def test_parallel_points_run_in_worker_processes(swept, pattern_tokens, tmp_path
 
 
 @pytest.mark.slow
+def test_points_run_as_ray_tasks_give_the_same_results(swept, pattern_tokens, tmp_path):
+    pytest.importorskip("ray")
+    _, serial = swept
+    out = tmp_path / "ray"
+    settings = settings_for(pattern_tokens, grid="optimizer.lr=2^-8,2^-4", jobs=2, engine="ray")
+    report = sweep(settings, out)
+    for a, b in zip(report["points"], serial["points"][:2], strict=False):
+        assert a["point"] == b["point"] and a["set"] == b["set"]
+        assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-4)
+        assert "train: 2 steps" in (out / "logs" / f"{a['point']}.log").read_text()
+    # the same plan: a local rerun finds it finished
+    assert sweep(settings_for(pattern_tokens, grid="optimizer.lr=2^-8,2^-4"), out) == report
+
+
+@pytest.mark.slow
 def test_best_writes_the_target_recipe_with_the_best_base_values(swept, tmp_path):
     out, _ = swept
     best_lr = 2**-4
@@ -235,6 +251,46 @@ def test_widths_densities_and_sp_points_are_proper_models(tmp_path):
     assert heads_for(96, 64) == 2 and heads_for(512, 64) == 8  # heads of 48 when 64 cannot be
 
 
+def test_uncorrected_mup_points_use_dense_mup_rules_on_the_sparse_model(tmp_path):
+    """SμPar divides the hidden init variance and Adam rate by m_d x m_rho; `mup-uncorrected`
+    by m_d alone (the comparison of the SμPar paper), and a --set of the muP base values holds."""
+    from lmpipe.train.model import GPT
+
+    settings = SweepSettings(
+        recipe="tiny", data=tmp_path, widths=(128,), densities=(0.25,),
+        params=("mup", "mup-uncorrected"), overrides=("model.mup.d_model_base=32", "model.mup.d_ff_base=85"),
+    )  # fmt: skip
+    _, points, recipes = plan_points(settings)
+    assert [p.param for p in points] == ["mup", "mup-uncorrected"]
+    rates = {}
+    for point, recipe in zip(points, recipes, strict=True):
+        assert recipe.model.mup.d_model_base == 32 and recipe.model.density == 0.25
+        assert recipe.model.mup.sparse_correction == (point.param == "mup")
+        model = GPT(recipe.model)
+        name = "h.0.attn.c_attn.weight"
+        rates[point.param] = (model.lr_scale(name), model.init_std(name))
+    m_d, m_rho = 128 / 32, 0.25
+    assert rates["mup"] == pytest.approx((1 / (m_d * m_rho), 0.073 / math.sqrt(m_d * m_rho)))
+    assert rates["mup-uncorrected"] == pytest.approx((1 / m_d, 0.073 / math.sqrt(m_d)))
+
+    # The same model as docs/studies.md's study 2 built from recipe values alone: base width
+    # 64 rho (m_d x m_rho = 1) and alpha_out / rho (the logit multiplier kept): equal weights,
+    # rates and logits.
+    import torch
+
+    rho = 0.25
+    switch = load_recipe("tiny", [f"model.density={rho}", "model.mup.sparse_correction=false"])
+    values = load_recipe("tiny", [f"model.density={rho}", f"model.mup.d_model_base={64 * rho}", f"model.mup.d_ff_base={170 * rho}", f"model.mup.alpha_out={2.22 / rho}"])  # fmt: skip
+    torch.manual_seed(1)
+    a = GPT(switch.model)
+    torch.manual_seed(1)
+    b = GPT(values.model)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q) and a.lr_scale(name) == pytest.approx(b.lr_scale(name))
+    idx = torch.randint(0, 50257, (2, 16))
+    assert torch.allclose(a(idx)[0], b(idx)[0], atol=1e-5)
+
+
 def test_random_search_draws_are_seeded_and_in_range(tmp_path):
     def draw(seed):
         settings = SweepSettings(
@@ -277,7 +333,8 @@ def test_bad_input_is_a_one_line_error(tmp_path):
         "set by the sweep itself": dict(grid=(parse_grid("model.d_model=64,128"),)),
         "--random: name what to draw": dict(random=4),
         "--space: give the number": dict(space=(parse_space("optimizer.lr=uniform:0:1"),)),
-        "--param: mup, sp or both": dict(params=("mu",)),
+        "--param: mup, mup-uncorrected, sp": dict(params=("mu",)),
+        "--engine: 'spark' is not one of local, ray": dict(engine="spark"),
         r"--densities: 1.5 is not in \(0, 1\]": dict(densities=(1.5,)),
         "no such recipe file": dict(recipe="nope.yaml"),
         "--data is required": dict(data=None),
@@ -291,6 +348,8 @@ def test_bad_input_is_a_one_line_error(tmp_path):
             plan_points(settings)
     with pytest.raises(LmpipeError, match="--param mup: recipe cerebras-gpt-111m has no muP"):
         plan_points(SweepSettings(recipe="cerebras-gpt-111m", data=tmp_path, params=("mup",)))
+    with pytest.raises(LmpipeError, match="--param mup-uncorrected: recipe cerebras-gpt-111m"):
+        plan_points(SweepSettings(recipe="cerebras-gpt-111m", data=tmp_path, params=("sp", "mup-uncorrected")))  # fmt: skip
     result = CliRunner().invoke(app, ["sweep", "--recipe", "proxy", "--data", str(tmp_path), "-o", str(tmp_path / "o"), "--grid", "optimizer.lr=1:2"])  # fmt: skip
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith("error: --grid 'optimizer.lr=1:2': expected")
@@ -317,6 +376,25 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
     assert record["stopped"] == "FloatingPointError: loss is nan at step 2"
     assert sweep_module.point_done(work, job.name)
 
+    from lmpipe.train.guard import RunStopped
+
+    def spikes(recipe, data, run_dir, **kw):  # the guard stops a run whose losses stay finite
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text('{"step": 1, "tokens": 64, "loss": 11.2}\n{"step": 2, "tokens": 128, "loss": 14.0}\n')  # fmt: skip
+        (run_dir / "plan.json").write_text('{"parameters": 1, "flops": 1.0}')
+        raise RunStopped("step 2: loss spike")
+
+    monkeypatch.setattr(loop, "train", spikes)
+    spiked = sweep_module.PointJob("0002-mup-w64", recipe, work / "runs" / "0002-mup-w64",
+                                   work / "points" / "0002-mup-w64.json", work / "logs" / "z.log")  # fmt: skip
+    assert sweep_module.run_point(spiked)["stopped"] == "step 2: loss spike"
+    assert sweep_module.point_done(work, spiked.name)
+    from lmpipe.train import sweep_report
+    from lmpipe.train.sweep_plan import Point
+
+    row = sweep_report.point_row(work, Point(spiked.name, "mup", 64, 1.0))
+    assert row["diverged"] and row["train_loss"] is None and row["stopped"] == "step 2: loss spike"
+
     def fails(recipe, data, run_dir, **kw):  # any other error is a bug: raised, point not done
         raise RuntimeError("boom")
 
@@ -342,3 +420,27 @@ def test_overwrite_clears_the_work_of_another_plan(tmp_path):
     assert sorted(p.name for p in work.iterdir()) == [".lmpipe-owner", "points", "runs", "sweep-plan.json"]  # fmt: skip
     assert not any((work / "runs").iterdir())
     assert json.loads((work / "sweep-plan.json").read_text()) == plan
+
+
+def test_on_a_gpu_machine_each_worker_takes_its_own_gpu(monkeypatch):
+    """-j on a GPU machine: at most one worker a GPU, each worker pinned to a GPU of its own
+    before it imports torch (CUDA_VISIBLE_DEVICES); without GPUs the cores are shared."""
+    import queue
+
+    monkeypatch.setattr(sweep_module, "gpu_count", lambda: 2)
+    assert sweep_module.workers(4, 3) == (2, 2)  # capped at the GPUs
+    assert sweep_module.workers(4, 1) == (1, 0)  # one point: trained here
+    monkeypatch.setattr(sweep_module, "gpu_count", lambda: 0)
+    assert sweep_module.workers(4, 3) == (3, 0)
+    gpus = queue.Queue()
+    for gpu in range(2):
+        gpus.put(gpu)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+    for _ in range(2):
+        sweep_module._start_worker(gpus, 8)
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["0", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    sweep_module._start_worker(None, 3)
+    assert os.environ["OMP_NUM_THREADS"] == "3"

@@ -1,0 +1,118 @@
+"""What may be a run folder, and what a resume may change: checked on every rank before any rank
+writes (`loop.py`). A run folder is new, empty, or an earlier run's (with `--resume`, and then
+the recipe must be the checkpoint's but for `RESUMABLE_CHANGES`); it never overlaps the data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import check_output, is_finished
+from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints
+from lmpipe.train.metrics import TENSORBOARD
+from lmpipe.train.recipe import DataSource, Recipe, load_recipe
+
+# What a run folder holds (`checkpoint.py`). A folder is an earlier run's when it has the plan
+# (written at the start) or checkpoints, or holds nothing but these.
+RUN_FILES = (
+    "recipe.yaml",
+    "plan.json",
+    "deepspeed.json",
+    "metrics.jsonl",
+    "logs",
+    TENSORBOARD,
+    CHECKPOINTS,
+)
+
+
+def check_run_dir(run_dir: Path, data: list[Path], recipe: Recipe, resume: bool) -> None:
+    """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
+    check_output(run_dir, data, what="run folder")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
+    if is_finished(run_dir):
+        raise LmpipeError(
+            f"{run_dir}: this run has finished (manifest.json); choose another --run-dir"
+        )
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    is_run = "plan.json" in entries or CHECKPOINTS in entries or set(entries) <= set(RUN_FILES)
+    if entries and not is_run:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise LmpipeError(
+            f"{run_dir}: not empty and holds no lmpipe run ({shown}); choose an empty or new --run-dir"
+        )
+    if entries and not resume:
+        what = "checkpoints" if list_checkpoints(run_dir) else "files"
+        raise LmpipeError(
+            f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
+        )
+    checkpoints = list_checkpoints(run_dir)
+    if resume and checkpoints:
+        check_same_recipe(recipe, checkpoints[-1])
+
+
+# Settings a resumed run may change; anything else would make it a different run from the one
+# its checkpoint, metrics and data order belong to. (A source's folder may move: `data.N.path`.)
+RESUMABLE_CHANGES = {
+    "checkpoint_every_tokens",
+    "keep_checkpoints",
+    "model.attn_impl",
+    "model.loss_impl",  # the same loss, summed in another order
+    "model.loss_chunk_tokens",
+    "model.activation_checkpointing",
+    "model.compile",
+    "warn_epochs",
+    "guard.max_bad_steps",  # when to stop, not how to train: loosened to continue a stopped run
+    "guard.spike_margin",
+    "guard.spike_window",
+}
+
+
+def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
+    saved = load_recipe(str(checkpoint / "recipe.yaml"))
+    if saved.data is None:  # saved before mixtures: its one folder was the source "data"
+        saved = saved.model_copy(update={"data": [DataSource(name="data", path=Path("."))]})
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            return {k: v for key, sub in items for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    old, new = flat(saved.model_dump(mode="json")), flat(recipe.model_dump(mode="json"))
+    changed = [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+        and key not in RESUMABLE_CHANGES
+        and not re.fullmatch(r"data\.\d+\.path", key)
+    ]
+    if changed:
+        raise LmpipeError(
+            f"{checkpoint}: --resume with a recipe that differs from the checkpoint's at "
+            + ", ".join(changed)
+            + "; resume with the same recipe, or start a new run"
+        )
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric rows after `step`: steps that ran after the last checkpoint run again on resume.
+    A row that does not parse (the torn last line of a killed run) goes too."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
