@@ -24,7 +24,7 @@ carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
       && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \\
       && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check
 
-BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~75 GiB); if
+BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~76 GiB); if
 it runs out of memory, add `--cases BTLM-3B --set model.activation_checkpointing=every_4`.
 `--cases BTLM-3B` (names or name@seq_len, comma-separated) runs a subset; `--set KEY=VALUE` adds a
 recipe override to every case (e.g. model.activation_checkpointing=every_4). The children get
