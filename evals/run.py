@@ -70,24 +70,32 @@ def base_task(name: str) -> str:
     return LONG_CONTEXT if name.startswith(LONG_CONTEXT + "@") else name
 
 
-def long_context_length(name: str, train_seq_len: int) -> int:
-    """The window of a long-context task: twice the training length by default, `@N` tokens, or
-    `@Kx` K times the training length."""
+def long_context_window(name: str) -> tuple[float, bool]:
+    """A long-context task's window as (value, relative): `@N` is N tokens, `@Kx` K times the
+    training length, no `@` twice the training length (where BTLM's card says interpolation
+    still holds)."""
     _, at, spec = name.partition("@")
     if not at:
-        return 2 * train_seq_len  # where BTLM's card says interpolation still holds
+        return 2.0, True
+    relative = spec.endswith("x")
     try:
-        if spec.endswith("x"):
-            length = round(float(spec[:-1]) * train_seq_len)
-        else:
-            length = int(spec)
+        value = float(spec[:-1]) if relative else int(spec)
     except ValueError:
-        length = 0
-    if length < 2:
+        value = 0
+    if not (math.isfinite(value) and value > 0):
         raise LmpipeError(
             f"{name}: the window is long_context@TOKENS (long_context@4096) or "
             "long_context@TIMESx (long_context@8x, times the training length)"
         )
+    return value, relative
+
+
+def long_context_length(name: str, train_seq_len: int) -> int:
+    """The window of a long-context task, in tokens, for a model trained to `train_seq_len`."""
+    value, relative = long_context_window(name)
+    length = round(value * train_seq_len) if relative else int(value)
+    if length < 2:
+        raise LmpipeError(f"{name}: a window of {length} token(s); it needs at least 2")
     return length
 
 
@@ -109,7 +117,7 @@ def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> 
         raise LmpipeError(f"unknown task {', '.join(unknown)}; {known}")
     for name in names:
         if base_task(name) == LONG_CONTEXT:
-            long_context_length(name, 1)  # the form only; the length needs the model
+            long_context_window(name)  # the form only; the length needs the model
     need_data = [t for t in names if base_task(t) in HELDOUT_TASKS]
     if need_data and data is None:
         raise LmpipeError(

@@ -136,7 +136,8 @@ def measure(check: CoordCheck, param: str, width: int, data: list[np.ndarray]) -
 
     cfg = width_config(check.recipe.model, width, param)
     torch.manual_seed(check.seed)
-    model = GPT(cfg.model_copy(update={"attn_impl": "sdpa"}))
+    # The plain loss: the check records the logits, which the chunked loss never forms.
+    model = GPT(cfg.model_copy(update={"attn_impl": "sdpa", "loss_impl": "plain"}))
     opt = check.recipe.optimizer
     optimizer = torch.optim.AdamW(
         model.param_groups(check.rate, opt.weight_decay),

@@ -56,8 +56,14 @@ class Guard:
     bad_in_row: list[int] = field(default_factory=list)  # the skipped steps since the last good one
     recent: deque[float] = field(default_factory=deque)  # losses of the latest good steps
 
-    def check(self, step: int, loss: float, skipped: bool) -> str | None:
+    def check(self, step: int, loss: float, grad_norm: float | None, skipped: bool) -> str | None:
         """Why the run stops after `step`, or None."""
+        if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm or 0.0)):
+            # A non-finite step DeepSpeed applied anyway: the weights are lost from here on.
+            return (
+                f"the loss ({loss:g}) or gradient norm ({grad_norm}) was not finite and the "
+                "update was applied (DeepSpeed did not skip it)"
+            )
         if skipped:
             self.bad_in_row.append(step)
             if len(self.bad_in_row) >= self.config.max_bad_steps:

@@ -449,7 +449,7 @@ def run_steps(
                         engine, run.heldout, seq_len=stage.seq_len, tokens=validation.tokens,
                         micro_batch=stage.micro_batch, alibi_scale=stage.alibi_scale, rank=rank, world=world,
                     )  # fmt: skip
-                stop_reason = guard.check(step, loss_value, skipped)
+                stop_reason = guard.check(step, loss_value, row["grad_norm"], skipped)
                 if stop_reason:
                     stopped, row["stop"], row["stop_reason"] = "guard", "guard", stop_reason
                 elif signals.agreed(votes):  # every rank stops here, whichever the signal reached

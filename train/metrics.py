@@ -26,7 +26,7 @@ TENSORBOARD = "tensorboard"  # the run folder's event-file folder
 
 # Dense bf16 peaks in TFLOP/s by CUDA device name (torch.cuda.get_device_name), first match wins.
 PEAK_TFLOPS = (
-    (r"H100.*PCIe", 756.0),
+    (r"H[18]00.*PCIe", 756.0),
     (r"H[12]00 NVL", 835.0),
     (r"H100|H200|H800|GH200", 989.0),  # SXM: 80GB HBM3, H200 141GB
     (r"B200", 2250.0),

@@ -146,7 +146,9 @@ def deepspeed_config(recipe: Recipe, plan: Plan) -> dict:
         "train_micro_batch_size_per_gpu": plan.stages[0].micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
-        "bf16": {"enabled": recipe.precision == "bf16"},
+        # The guard (guard.py) relies on DeepSpeed skipping a bf16 step whose gradient norm is not
+        # finite: said here, since releases before 0.19.8 did not check by default.
+        "bf16": {"enabled": recipe.precision == "bf16", "check_grad_overflow": True},
         # Gradients summed over dozens or hundreds of micro-steps (BTLM: 480 / world size) lose
         # precision in bf16; DeepSpeed otherwise accumulates in the model's dtype. (DeepSpeed
         # 0.19.8 refuses fp32 accumulation of a bf16 model without ZeRO.)

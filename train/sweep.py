@@ -98,11 +98,16 @@ def diverged(rows: list[dict[str, Any]]) -> bool:
     return any(isinstance(x, int | float) and not math.isfinite(x) for x in losses)
 
 
+class SweepInterrupted(LmpipeError):
+    """A point stopped by SIGTERM / SIGINT: the sweep stops, resumable."""
+
+
 def run_point(job: PointJob) -> dict[str, Any]:
     """Train one point (resuming its run folder if an earlier sweep left one), then drop its
     checkpoints (only a resume needs them; the final weights stay in model/). The guard stopping
     the run (non-finite steps in a row, a loss spike), or an exception after a non-finite loss,
-    is a diverged point: recorded, not raised."""
+    is a diverged point: recorded, not raised. A SIGTERM / SIGINT stop leaves the point
+    unfinished with its checkpoint and stops the sweep (`SweepInterrupted`)."""
     # Imported here: they import torch, which only a process that trains needs.
     from lmpipe.train.checkpoint import CHECKPOINTS
     from lmpipe.train.guard import RunStopped
@@ -111,7 +116,16 @@ def run_point(job: PointJob) -> dict[str, Any]:
     started = time.perf_counter()
     stopped = None
     try:
-        train(job.recipe, None, job.run_dir, resume=job.run_dir.exists(), verify_data=False)
+        summary = train(
+            job.recipe, None, job.run_dir, resume=job.run_dir.exists(), verify_data=False
+        )
+        if summary.get("stopped") in ("SIGTERM", "SIGINT"):
+            # The user's or the scheduler's stop: the point is not done and keeps its checkpoint,
+            # and the sweep stops here (the same command resumes it).
+            raise SweepInterrupted(
+                f"sweep: point {job.name} stopped by {summary['stopped']} at step "
+                f"{summary['steps']:,} with a checkpoint; rerun the same command to resume"
+            )
     except RunStopped as e:
         stopped = str(e)
     except LmpipeError:

@@ -64,9 +64,21 @@ def test_long_context_at_several_lengths(run_dir, make_shards, heldout_texts, tm
     assert rows["long_context@96"]["curves"]["alibi_pi"]["alibi_scale"] == 1.5
     png = (tmp_path / "eval" / "long_context.png").read_bytes()
     assert png.startswith(b"\x89PNG")
-    for bad in ("long_context@", "long_context@x", "long_context@1", "long_context@-2x"):
+    for bad in (
+        "long_context@",
+        "long_context@x",
+        "long_context@0",
+        "long_context@-2x",
+        "long_context@infx",
+        "long_context@nanx",
+        "long_context@1.5",
+    ):
         with pytest.raises(LmpipeError, match=f"{bad}: the window is long_context@TOKENS"):
             evaluate(run_dir, tmp_path / "e2", tasks=[bad], data=data, task_data=None, limit=1)
+    with pytest.raises(LmpipeError, match="long_context@0.01x: a window of 1 token"):
+        evaluate(run_dir, tmp_path / "e3", tasks=["long_context@0.01x"], data=data, task_data=None, limit=1)  # fmt: skip
+    half = evaluate(run_dir, tmp_path / "e4", tasks=["long_context@0.5x"], data=data, task_data=None, limit=1)  # fmt: skip
+    assert half["tasks"]["long_context@0.5x"]["length"] == 32  # shorter than training: allowed
     with pytest.raises(LmpipeError, match="unknown task perplexity@2x"):
         evaluate(run_dir, tmp_path / "e2", tasks=["perplexity@2x"], data=data, task_data=None, limit=1)  # fmt: skip
     assert not (tmp_path / "e2").exists()

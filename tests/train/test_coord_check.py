@@ -85,6 +85,18 @@ def test_sp_recipes_can_be_checked_as_sp(tmp_path):
     assert list(report["params"]) == ["sp"]
 
 
+def test_a_recipe_with_the_chunked_loss_is_checked_on_the_plain_one(tmp_path):
+    """The check records the logits, which the chunked loss never forms."""
+    settings = ["model.n_layers=1", "model.vocab_size=256", "model.loss_impl=chunked"]
+    check = CoordCheck(
+        load_recipe("tiny", settings), (32, 64), steps=1, params=("mup",), batch_size=2,
+        seq_len=16, lr=1e-3,
+    )  # fmt: skip
+    report = coord_check(check, tmp_path / "chunked")
+    assert json.loads((tmp_path / "chunked" / "coord.json").read_text()) == report
+    assert "logits" in json.dumps(report)
+
+
 def test_recipes_lists_every_shipped_recipe():
     from lmpipe.train.recipe import shipped_recipes
 

@@ -42,6 +42,7 @@ def test_btlm3b_plan_matches_the_released_configs():
     assert plan.grad_accum == 60  # 3,932,160 / (8,192 x 8)
     ds = deepspeed_config(recipe, plan)
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"]
+    assert ds["bf16"]["check_grad_overflow"]  # the guard relies on it: a non-finite step skipped
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # not bf16 over 60 micro-steps
 
 

@@ -410,3 +410,18 @@ def test_under_torchrun_a_nan_on_one_rank_is_skipped_by_both_and_sigterm_to_torc
         log = (run / "logs" / f"rank{rank}.log").read_text()
         assert "step 2 loss nan" in log and "(skipped: not finite)" in log
         assert f"stop at step {last}: SIGTERM" in log
+
+
+def test_a_non_finite_step_that_was_applied_stops_the_run_at_once():
+    """Should DeepSpeed ever apply a non-finite update (an older release, another config), the
+    weights are lost: the guard stops at that step instead of training on NaN to the end."""
+    from lmpipe.train.guard import Guard
+    from lmpipe.train.recipe import GuardConfig
+
+    guard = Guard(GuardConfig())
+    assert guard.check(1, 10.5, 1.8, skipped=False) is None
+    assert guard.check(2, 10.4, None, skipped=False) is None  # no norm recorded: not a reason
+    assert guard.check(3, 10.6, math.inf, skipped=True) is None  # skipped: counted, not stopped
+    for loss, norm in ((10.5, math.inf), (math.nan, 1.0), (10.5, math.nan)):
+        reason = Guard(GuardConfig()).check(4, loss, norm, skipped=False)
+        assert reason and "was not finite and the update was applied" in reason

@@ -395,6 +395,18 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
     row = sweep_report.point_row(work, Point(spiked.name, "mup", 64, 1.0))
     assert row["diverged"] and row["train_loss"] is None and row["stopped"] == "step 2: loss spike"
 
+    def preempted(recipe, data, run_dir, **kw):  # SIGTERM: the loop checkpoints and returns
+        (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
+        return {"stopped": "SIGTERM", "steps": 3, "finished": False}
+
+    monkeypatch.setattr(loop, "train", preempted)
+    cut = sweep_module.PointJob("0003-mup-w64", recipe, work / "runs" / "0003-mup-w64",
+                                work / "points" / "0003-mup-w64.json", work / "logs" / "w.log")  # fmt: skip
+    with pytest.raises(sweep_module.SweepInterrupted, match="0003-mup-w64 stopped by SIGTERM at step 3"):  # fmt: skip
+        sweep_module.run_point(cut)
+    assert (cut.run_dir / "checkpoints" / "step00000003").is_dir()  # kept for the resume
+    assert not sweep_module.point_done(work, cut.name) and not cut.record.exists()
+
     def fails(recipe, data, run_dir, **kw):  # any other error is a bug: raised, point not done
         raise RuntimeError("boom")
 
