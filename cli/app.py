@@ -400,21 +400,27 @@ def train(
     recipe_obj = run_stage(with_data, recipe_obj, sources)
     import os
 
+    from lmpipe.train.guard import RunStopped
     from lmpipe.train.launch import finish_process
     from lmpipe.train.loop import train as run_train
 
     launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
     run_dir = run_dir or Path("runs") / recipe_obj.name
-    run_stage(
-        run_train,
-        recipe_obj,
-        None,
-        run_dir,
-        resume=resume,
-        verify_data=verify_data,
-        init_from=init_from,
-        peak_tflops=peak_tflops,
-    )
+
+    def train_run() -> None:
+        try:
+            run_train(recipe_obj, None, run_dir, resume=resume, verify_data=verify_data,
+                      init_from=init_from, peak_tflops=peak_tflops)  # fmt: skip
+        except RunStopped as e:
+            if not launched:
+                raise
+            # Every rank stops at the same step (the guard decides on all-reduced numbers): one
+            # line, from rank 0, and the clean end of a launched rank, with status 2.
+            if os.environ.get("RANK") == "0":
+                typer.echo(f"error: {e}", err=True)
+            finish_process(2)
+
+    run_stage(train_run)
     if launched:
         finish_process()
 

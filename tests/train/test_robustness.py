@@ -412,6 +412,23 @@ def test_under_torchrun_a_nan_on_one_rank_is_skipped_by_both_and_sigterm_to_torc
         assert f"stop at step {last}: SIGTERM" in log
 
 
+@pytest.mark.slow
+def test_under_torchrun_the_guard_stops_both_ranks_with_one_line_and_status_2(
+    pattern_tokens, tmp_path
+):
+    """Rank 1's loss is NaN at steps 2 and 3 (guard.max_bad_steps 2): both ranks stop after step
+    3, each with exit status 2 (torchrun then reports the failure), the reason said once."""
+    run = tmp_path / "two"
+    faults = {"1": {"2": "nan", "3": "nan"}}
+    result = torchrun(tmp_path, pattern_tokens, run, faults, "--set", "guard.max_bad_steps=2")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "stopped at step 3" in errors[0], result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr  # torchrun's report of its ranks
+    assert "terminate called" not in result.stderr
+    assert metrics(run)[-1]["stop"] == "guard" and metrics(run)[-1]["step"] == 3
+
+
 def test_a_non_finite_step_that_was_applied_stops_the_run_at_once():
     """Should DeepSpeed ever apply a non-finite update (an older release, another config), the
     weights are lost: the guard stops at that step instead of training on NaN to the end."""
