@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.train.model import alibi_bias, alibi_slopes, flex_alibi_attention
+from lmpipe.train.run_folder import metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,20 +152,20 @@ def run_case(case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace) 
         command += ["--set", override]
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run, of an earlier call
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    metrics, log = run_dir / "metrics.jsonl", run_dir.with_suffix(".log")
+    log = run_dir.with_suffix(".log")
     started = time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(
             command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        while child.poll() is None and len(read_rows(metrics)) < args.steps:
+        while child.poll() is None and len(metrics_rows(run_dir)) < args.steps:
             if time.perf_counter() - started > args.case_timeout:
                 break
             time.sleep(1)
         if child.poll() is None:  # its steps are in (or time is up): no checkpoint, no export
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-    rows = read_rows(metrics)
+    rows = metrics_rows(run_dir)
     result = {
         **asdict(case),
         "overrides": list(case.overrides),
@@ -185,18 +186,6 @@ def estimated_gb(case: Case, args: argparse.Namespace) -> float:
 
     recipe = load_recipe(case.recipe, [*case_overrides(case, args.steps, args.accum), *args.set])
     return round(estimate_memory(recipe, make_plan(recipe)).peak / 1e9, 1)
-
-
-def read_rows(metrics: Path) -> list[dict]:
-    if not metrics.is_file():
-        return []
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a row being written
-            break
-    return rows
 
 
 def summarise(rows: list[dict]) -> dict:

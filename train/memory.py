@@ -52,7 +52,7 @@ import math
 from dataclasses import dataclass
 
 from lmpipe.train.plan import Plan
-from lmpipe.train.recipe import ModelConfig, Recipe
+from lmpipe.train.recipe import Recipe
 
 GIB = 2**30
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size's default, elements
@@ -104,16 +104,12 @@ def model_state_bytes(recipe: Recipe, n_params: int, world_size: int) -> tuple[i
 def zero3_buffer_bytes(recipe: Recipe) -> int:
     """ZeRO-3's memory beyond the partitions: the tied embedding and two blocks gathered, and the
     reduce bucket."""
+    from lmpipe.train.model import block_parameters  # torch import, only when planning
+
     model = recipe.model
     weight = 2 if recipe.precision == "bf16" else 4
     embedding = model.vocab_size * model.d_model
     return weight * (embedding + 2 * block_parameters(model) + DEEPSPEED_REDUCE_BUCKET)
-
-
-def block_parameters(model: ModelConfig) -> int:
-    d, f = model.d_model, model.d_ff
-    mlp = (2 if model.mlp == "swiglu" else 1) * (d * f + f) + f * d + d
-    return 4 * d + 3 * d * d + 3 * d + d * d + d + mlp
 
 
 def block_activation_bytes(recipe: Recipe, seq_len: int, micro_batch: int) -> int:

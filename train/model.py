@@ -555,12 +555,17 @@ def fp32_copy(p: nn.Parameter) -> Iterator[torch.Tensor]:
         p.copy_(w)
 
 
+def block_parameters(cfg: ModelConfig) -> int:
+    """One block's parameters: two LayerNorms, attention (qkv and output) and the MLP."""
+    d, f = cfg.d_model, cfg.d_ff
+    mlp = (2 if cfg.mlp == "swiglu" else 1) * (d * f + f) + (f * d + d)
+    return 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp
+
+
 def count_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
     """Closed-form parameter count (the tied unembedding counted once), for dry runs.
     `embeddings=False`: without the token and position embeddings (Kaplan et al.'s N)."""
-    d, f = cfg.d_model, cfg.d_ff
-    mlp = (2 if cfg.mlp == "swiglu" else 1) * (d * f + f) + (f * d + d)
-    per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp
+    d = cfg.d_model
     positions = cfg.n_positions * d if cfg.position == "learned" else 0
     embedding = cfg.vocab_size * d + positions if embeddings else 0
-    return embedding + cfg.n_layers * per_layer + 2 * d
+    return embedding + cfg.n_layers * block_parameters(cfg) + 2 * d

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output
-from lmpipe.train.sweep import metrics_rows
+from lmpipe.train.run_folder import metrics_rows
 
 PNG = "loss.png"
 FORMATS = ("png", "svg", "pdf")  # what matplotlib writes without extra libraries

@@ -5,6 +5,7 @@ the recipe must be the checkpoint's but for `RESUMABLE_CHANGES`); it never overl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -97,6 +98,17 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
             + ", ".join(changed)
             + "; resume with the same recipe, or start a new run"
         )
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows (NaN and Infinity read as floats); a torn last line is skipped."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import read_manifest, staged_output, write_json_atomic, write_manifest
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_yaml
-from lmpipe.train.sweep import metrics_rows
+from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import heads_for
 
 FIT_JSON, FIT_PNG, FAMILY_JSON = "fit.json", "fit.png", "family.json"

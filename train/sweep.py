@@ -52,6 +52,7 @@ from lmpipe.dataprep.folders import (
 from lmpipe.dataprep.runner import Runner
 from lmpipe.train.data import open_sources
 from lmpipe.train.recipe import Recipe
+from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import SweepSettings, plan_points
 
 PLAN, RUNS, POINTS, LOGS = "sweep-plan.json", "runs", "points", "logs"
@@ -77,17 +78,6 @@ def point_done(work: Path, name: str) -> bool:
         return True
     record = work / POINTS / f"{name}.json"
     return record.is_file() and bool(json.loads(record.read_text(encoding="utf-8")).get("stopped"))
-
-
-def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows (NaN and Infinity read as floats); a torn last line is skipped."""
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict)]
 
 
 def diverged(rows: list[dict[str, Any]]) -> bool:

@@ -23,7 +23,8 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import is_finished, read_manifest, write_json_atomic
-from lmpipe.train.sweep import POINTS, RUNS, diverged, metrics_rows
+from lmpipe.train.run_folder import metrics_rows
+from lmpipe.train.sweep import POINTS, RUNS, diverged
 from lmpipe.train.sweep_plan import Point
 
 JSON, CSV, PNG = "sweep.json", "sweep.csv", "sweep.png"
