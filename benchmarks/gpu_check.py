@@ -1,20 +1,24 @@
 """Every GPU check and benchmark of lmpipe in one command, for a lent H100/H200 (DESIGN.md).
 
 Training throughput is measured through `lmpipe train` itself: the real loop, loader, DeepSpeed
-and model, in a child process per case, on a token folder this script makes with `lmpipe
+and model, in a child process per model, on a token folder this script makes with `lmpipe
 tokenize` from a small real corpus (the Python standard library's source files). Cases:
-Cerebras-GPT 111M and 1.3B (muP recipes) and BTLM-3B, each at seq_len 2,048 and 8,192 (the
-Cerebras-GPT models with 8,192 learned positions for the longer case), a few optimizer steps each
-of `--accum` micro-steps. A table (model, seq_len, micro-batch, tokens/s, MFU, peak memory,
-loader share, and beside the measured peak `lmpipe train --dry-run`'s estimate of it) is read from
-each run's metrics.jsonl, the first `--warmup` steps (compilation) left out, and written as
-gpu_check.json and gpu_check.md under `--out`. A case that fails (out of memory, say) is a row
-with its error; the others still run. Each run is killed once it has its steps: a benchmark needs
-no checkpoint (BTLM-3B's would be ~40 GB). Before the runs, two kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against SDPA with an ALiBi bias,
-forward and backward in bf16 at BTLM's heads (32 x 80), error and milliseconds (DESIGN.md
-measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x 2,048 / 1 x 8,192 on an H100); and the
-compiled FlexAttention path over 20 sequence lengths, counting distinct compiled lengths
-(padding buckets keep it <= 8, Dynamo's recompile limit).
+Cerebras-GPT 111M and 1.3B (muP recipes) and BTLM-3B, each trained at seq_len 2,048 and then
+8,192 in one run (a stage each, as the recipes switch; the Cerebras-GPT models with 8,192 learned
+positions), a few optimizer steps per length of `--accum` micro-steps. A table (model, seq_len,
+micro-batch, tokens/s, MFU, peak memory, loader share, the warm-up steps' seconds, compilation
+mostly, and beside the measured peak `lmpipe train --dry-run`'s estimate of it) is read from each
+run's metrics.jsonl, the first `--warmup` steps of each length left out, and written as
+gpu_check.json and gpu_check.md under `--out` after every case: a device call cut short still
+returns what was measured. A length a run did not finish (out of memory, say) is a row with its
+error; the other cases still run. Each run is killed once it has its steps: a benchmark needs
+no checkpoint (BTLM-3B's would be ~40 GB). `--budget SECONDS` fits the whole script into a
+device call: each case gets its share of the time left, and none starts with under a minute.
+Before the runs, two kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against
+SDPA with an ALiBi bias, forward and backward in bf16 at BTLM's heads (32 x 80), error and
+milliseconds (DESIGN.md measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x 2,048 / 1 x
+8,192 on an H100); and the compiled FlexAttention path over 20 sequence lengths, counting
+distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit).
 
 On the GPU machine (no internet; prepare the wheels here with ../shared/tools/device-wheels,
 carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
@@ -22,12 +26,19 @@ carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site \\
       && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \\
-      && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check
+      && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check --budget 420
+
+(a lent machine's session has 15 minutes in all, its start included, and 10 a call: one call
+with `timeout_s` 560 leaves the install a minute and the script 7). The machine's image has torch,
+psutil, py-cpuinfo, einops, msgpack, ninja, tqdm and tensorboard (device README, KINDS.md); the
+project's own install needs setuptools >= 77 there: should it be older, build lmpipe's wheel here
+(`pip wheel --no-deps -w .whl .`) and leave out the second install.
 
 BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~76 GiB); if
 it runs out of memory, add `--cases BTLM-3B --set model.activation_checkpointing=every_4`.
-`--cases BTLM-3B` (names or name@seq_len, comma-separated) runs a subset; `--set KEY=VALUE` adds a
-recipe override to every case (e.g. model.activation_checkpointing=every_4). The children get
+`--cases BTLM-3B` (names, or name@seq_len for one length; comma-separated) runs a subset;
+`--set KEY=VALUE` adds a recipe override to every case (e.g. model.activation_checkpointing=every_4).
+The children get
 TORCH_CUDA_ARCH_LIST=9.0 unless it is set to something else than 9.0a (with which DeepSpeed's op
 build fails on an H100, DESIGN.md).
 
@@ -46,7 +57,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,40 +72,58 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Case:
+    """One model, trained by one `lmpipe train` at each of `seq_lens` in turn (one stage each,
+    as the 2k -> 8k recipe switches): one process start, model build and DeepSpeed set-up for
+    both lengths, and the switch itself on the GPU."""
+
     name: str  # a label for the table
     recipe: str
-    seq_len: int
-    micro_batch: int  # sequences per micro-step
+    micro_batch_tokens: int  # tokens per micro-step: 8 x 2,048 = 2 x 8,192
+    seq_lens: tuple[int, ...]
     overrides: tuple[str, ...] = ()
 
 
 def gpu_cases() -> list[Case]:
     learned_8k = ("model.n_positions=8192",)  # Cerebras-GPT's learned positions end at 2,048
     return [
-        Case("111M", "cerebras-gpt-111m-mup", 2048, 8),
-        Case("111M", "cerebras-gpt-111m-mup", 8192, 2, learned_8k),
-        Case("1.3B", "cerebras-gpt-1.3b-mup", 2048, 8),
-        Case("1.3B", "cerebras-gpt-1.3b-mup", 8192, 2, learned_8k),
-        Case("BTLM-3B", "btlm3b", 2048, 4),
-        Case("BTLM-3B", "btlm3b", 8192, 1),
+        Case("111M", "cerebras-gpt-111m-mup", 8 * 2048, (2048, 8192), learned_8k),
+        Case("1.3B", "cerebras-gpt-1.3b-mup", 8 * 2048, (2048, 8192), learned_8k),
+        Case("BTLM-3B", "btlm3b", 4 * 2048, (2048, 8192)),
     ]
 
 
 def smoke_cases() -> list[Case]:
     tiny = ("model.d_model=32", "model.d_ff=85", "model.n_heads=2", "model.mup.d_model_base=32",
             "model.mup.d_ff_base=85")  # fmt: skip
-    return [Case("tiny", "tiny", 64, 4, tiny), Case("tiny", "tiny", 256, 1, tiny)]
+    return [Case("tiny", "tiny", 4 * 64, (64, 256), tiny)]
+
+
+def select(cases: list[Case], wanted: str) -> list[Case]:
+    """The cases (and lengths) `--cases` names: NAME for all its lengths, NAME@SEQ_LEN for one."""
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    chosen = []
+    for case in cases:
+        lens = tuple(t for t in case.seq_lens if case.name in names or f"{case.name}@{t}" in names)
+        if lens:
+            chosen.append(replace(case, seq_lens=lens))
+    known = {c.name for c in cases} | {f"{c.name}@{t}" for c in cases for t in c.seq_lens}
+    unknown = [n for n in names if n not in known]
+    if unknown or not chosen:
+        raise SystemExit(
+            f"--cases: no case {', '.join(unknown) or wanted!r}; known: {sorted(known)}"
+        )
+    return chosen
 
 
 def case_overrides(case: Case, steps: int, accum: int) -> list[str]:
-    """One stage of `steps` optimizer steps at the case's shape; no checkpoint, no validation
-    during the measured steps (the held-out split exists, so validation must be set off)."""
-    micro_tokens = case.micro_batch * case.seq_len
-    step_tokens = micro_tokens * accum
+    """One stage of `steps` optimizer steps per length; no checkpoint, no validation during the
+    measured steps (the held-out split exists, so validation must be set off)."""
+    step_tokens = case.micro_batch_tokens * accum
+    stages = ", ".join(f"{{seq_len: {t}, tokens: {step_tokens * steps}}}" for t in case.seq_lens)
     return [
         *case.overrides,
-        f"stages=[{{seq_len: {case.seq_len}, tokens: {step_tokens * steps}}}]",
-        f"micro_batch_tokens={micro_tokens}",
+        f"stages=[{stages}]",
+        f"micro_batch_tokens={case.micro_batch_tokens}",
         f"tokens_per_step={step_tokens}",
         f"schedule.warmup_tokens={step_tokens}",
         "checkpoint_every_tokens=1000000000000000",
@@ -142,8 +171,11 @@ def tokenize(corpus: Path, tokens: Path) -> None:
         raise SystemExit(f"lmpipe tokenize failed:\n{done.stderr[-3000:]}")
 
 
-def run_case(case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace) -> dict:
-    """Train the case until its metrics hold `steps` rows, then kill it; the row of the table."""
+def run_case(
+    case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace, timeout: float
+) -> list[dict]:
+    """Train the case until its metrics hold `steps` rows at every length, then kill it; a row
+    of the table per length (an error row for a length it did not finish)."""
     command = lmpipe(
         "train", "--recipe", case.recipe, "--data", str(tokens), "--run-dir", str(run_dir),
         "--no-verify-data",
@@ -153,44 +185,57 @@ def run_case(case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace) 
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run, of an earlier call
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
+    wanted = args.steps * len(case.seq_lens)
     started = time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(
             command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        while child.poll() is None and len(metrics_rows(run_dir)) < args.steps:
-            if time.perf_counter() - started > args.case_timeout:
+        while child.poll() is None and len(metrics_rows(run_dir)) < wanted:
+            if time.perf_counter() - started > timeout:
                 break
             time.sleep(1)
         if child.poll() is None:  # its steps are in (or time is up): no checkpoint, no export
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+    seconds = round(time.perf_counter() - started, 1)
     rows = metrics_rows(run_dir)
-    result = {
-        **asdict(case),
-        "overrides": list(case.overrides),
-        "seconds": round(time.perf_counter() - started, 1),
-        "estimate_gb": estimated_gb(case, args),
-    }
-    if len(rows) < args.steps:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        return {**result, "error": f"{len(rows)} of {args.steps} steps; " + " | ".join(tail)}
-    return {**result, **summarise(rows[args.warmup :])}
+    results = []
+    for seq_len in case.seq_lens:
+        at = [r for r in rows if r["seq_len"] == seq_len]
+        result = {
+            "name": case.name, "recipe": case.recipe, "seq_len": seq_len,
+            "micro_batch": case.micro_batch_tokens // seq_len, "overrides": list(case.overrides),
+            "seconds": seconds, "estimate_gb": estimated_gb(case, seq_len, args),
+        }  # fmt: skip
+        if len(at) < args.steps:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            error = f"{len(at)} of {args.steps} steps in {seconds:g} s; " + " | ".join(tail)
+            results.append({**result, "error": error})
+        else:
+            step_tokens = case.micro_batch_tokens * args.accum
+            results.append(
+                {**result, **summarise(at[: args.warmup], at[args.warmup :], step_tokens)}
+            )
+    return results
 
 
-def estimated_gb(case: Case, args: argparse.Namespace) -> float:
-    """`lmpipe train --dry-run`'s estimate of the case's peak memory, in GB as peak_memory_gb."""
+def estimated_gb(case: Case, seq_len: int, args: argparse.Namespace) -> float:
+    """`lmpipe train --dry-run`'s estimate of the peak memory at one length, in GB as
+    peak_memory_gb."""
     from lmpipe.train.memory import estimate_memory
     from lmpipe.train.plan import make_plan
     from lmpipe.train.recipe import load_recipe
 
-    recipe = load_recipe(case.recipe, [*case_overrides(case, args.steps, args.accum), *args.set])
+    one = replace(case, seq_lens=(seq_len,))
+    recipe = load_recipe(case.recipe, [*case_overrides(one, args.steps, args.accum), *args.set])
     return round(estimate_memory(recipe, make_plan(recipe)).peak / 1e9, 1)
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(warmup: list[dict], rows: list[dict], step_tokens: int) -> dict:
     """The measured steps' means (the peak memory's maximum); None where no row has the field
-    (MFU and memory on a CPU)."""
+    (MFU and memory on a CPU). `warmup_seconds`: the left-out first steps' time, compilation
+    mostly (at a second length: its recompilation)."""
 
     def mean(key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -203,11 +248,12 @@ def summarise(rows: list[dict]) -> dict:
         "mfu": mean("mfu"),
         "peak_memory_gb": max(memory) if memory else None,
         "loader_share": mean("loader_share"),
+        "warmup_seconds": round(sum(step_tokens / r["tokens_per_s"] for r in warmup), 1),
         "loss": rows[-1]["loss"],
     }
 
 
-COLUMNS = ("model", "seq_len", "micro-batch", "tokens/s", "MFU", "peak memory GB", "estimate GB", "loader share")  # fmt: skip
+COLUMNS = ("model", "seq_len", "micro-batch", "tokens/s", "MFU", "peak memory GB", "estimate GB", "loader share", "warm-up s")  # fmt: skip
 
 
 def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
@@ -218,11 +264,14 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     for r in results:
         head = (r["name"], f"{r['seq_len']:,}", f"{r['micro_batch']} x {r['seq_len']:,}")
         if "error" in r:
-            rows.append((*head, "failed", r["error"][:80], "", fmt(r["estimate_gb"], ".1f"), ""))
+            rows.append(
+                (*head, "failed", r["error"][:80], "", fmt(r["estimate_gb"], ".1f"), "", "")
+            )
             continue
         rows.append((
             *head, fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu"], ".1%"),
             fmt(r["peak_memory_gb"], ".1f"), fmt(r["estimate_gb"], ".1f"), fmt(r["loader_share"], ".2%"),
+            fmt(r["warmup_seconds"], ".1f"),
         ))  # fmt: skip
     return rows
 
@@ -336,14 +385,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the report and runs")
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model, on the CPU")
     parser.add_argument("--cases", default="", help="e.g. 111M,BTLM-3B@8192 (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a case runs")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per length")
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out")
     parser.add_argument("--accum", type=int, default=4, help="micro-steps per optimizer step")
     parser.add_argument("--set", action="append", default=[], help="override for every case")
     parser.add_argument("--corpus-mb", type=float, default=None, help="text to tokenize")
     parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds for the whole script: a case gets "
+        "what is left (its share, when cases remain), and none starts with under a minute"
+    )  # fmt: skip
     parser.add_argument("--skip-kernels", action="store_true", help="only the training runs")
     args = parser.parse_args()
+    started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
@@ -353,11 +407,10 @@ def main() -> None:
         raise SystemExit(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     cases = smoke_cases() if args.cpu_smoke else gpu_cases()
     if args.cases:
-        wanted = args.cases.split(",")
-        cases = [c for c in cases if c.name in wanted or f"{c.name}@{c.seq_len}" in wanted]
+        cases = select(cases, args.cases)
     device = torch.cuda.get_device_name() if cuda else "cpu"
     report: dict = {"device": device, "torch": torch.__version__, "steps": args.steps,
-                    "warmup": args.warmup, "accum": args.accum}  # fmt: skip
+                    "warmup": args.warmup, "accum": args.accum, "set": args.set}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_kernels:
         report.update(kernel_checks(cuda))
@@ -367,13 +420,33 @@ def main() -> None:
         tokenize(corpus, tokens)
     report["training"] = []
     for i, case in enumerate(cases):
-        run_dir = args.out / "runs" / f"{i}-{case.recipe}-{case.seq_len}"
-        report["training"].append(run_case(case, tokens, run_dir, args))
+        timeout = args.case_timeout
+        if args.budget is not None:  # a device call's time is short: every case gets a share
+            left = args.budget - (time.perf_counter() - started)
+            if left < 60:
+                report["training"] += skipped(case, f"not started: {left:.0f} s of --budget left")
+                continue
+            timeout = min(timeout, left / (len(cases) - i) if i < len(cases) - 1 else left)
+        run_dir = args.out / "runs" / f"{i}-{case.recipe}"
+        report["training"] += run_case(case, tokens, run_dir, args, timeout)
         # written after every case: a device call cut short still returns what was measured
-        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "gpu_check.md").write_text(markdown(report["training"], device))
+        write_report(report, args.out, device)
+    write_report(report, args.out, device)
     print_table(report["training"], device)
     print(f"gpu_check: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
+
+
+def skipped(case: Case, why: str) -> list[dict]:
+    return [
+        {"name": case.name, "recipe": case.recipe, "seq_len": t,
+         "micro_batch": case.micro_batch_tokens // t, "estimate_gb": None, "error": why}
+        for t in case.seq_lens
+    ]  # fmt: skip
+
+
+def write_report(report: dict, out: Path, device: str) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(markdown(report["training"], device))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,48 @@ def test_cpu_smoke_measures_every_case_through_lmpipe_train(tmp_path, gpt2):
     # the runs trained the case's shape on the tokenized corpus, validation out of the way
     tokens = json.loads((out / "tokens" / "manifest.json").read_text())
     assert tokens["stage"] == "tokenize"
-    run = out / "runs" / "1-tiny-256"
+    # one run trains both lengths, a stage each, as the 2k -> 8k recipe switches
+    run = out / "runs" / "0-tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["seq_len"] for r in rows] == [256] * 4 and not any("val_loss" in r for r in rows)
-    assert [r["tokens"] for r in rows] == [1024, 2048, 3072, 4096]  # 4 micro-steps of 256
+    assert [r["seq_len"] for r in rows] == [64] * 4 + [256] * 4
+    assert not any("val_loss" in r for r in rows)
+    assert [r["tokens"] for r in rows] == [1024 * i for i in range(1, 9)]  # 4 micro-steps of 256
+    for row, seq_len in zip(report["training"], (64, 256), strict=True):
+        first = [r for r in rows if r["seq_len"] == seq_len][0]  # the one warm-up step
+        assert row["warmup_seconds"] == round(1024 / first["tokens_per_s"], 1) > 0
     table = (out / "gpu_check.md").read_text()
     assert "| tiny | 256 | 1 x 256 |" in table and "| tiny | 64 | 4 x 64 |" in table
     assert "| estimate GB |" in table
     assert "lmpipe train on cpu" in done.stdout
     assert all(r["forward_rel_error"] < 1e-4 for r in report["attention"])
     assert report["eval_lengths"] == {"lengths": 4, "compiled_lengths": 2}
+
+
+def test_cases_by_name_or_length_and_a_budget_that_starts_no_case(tmp_path):
+    """`--cases NAME@SEQ_LEN` keeps one length of a case; an unknown name is an error naming the
+    known ones; `--budget` too short for any case reports each length as not started."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    cases = gpu_check.select(gpu_check.gpu_cases(), "111M, BTLM-3B@8192")
+    assert [(c.name, c.seq_lens) for c in cases] == [("111M", (2048, 8192)), ("BTLM-3B", (8192,))]
+    with pytest.raises(SystemExit, match=r"no case 'BTLM-3B@4096'; known: \['1.3B'"):
+        gpu_check.select(gpu_check.gpu_cases(), "BTLM-3B@4096")
+    assert gpu_check.case_overrides(cases[1], 8, 4)[:4] == [
+        "stages=[{seq_len: 8192, tokens: 262144}]",
+        "micro_batch_tokens=8192",
+        "tokens_per_step=32768",
+        "schedule.warmup_tokens=32768",
+    ]
+    out = tmp_path / "check"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--corpus-mb", "0.05",
+         "--skip-kernels", "--budget", "30"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [r["seq_len"] for r in report["training"]] == [64, 256]
+    assert all(re.fullmatch(r"not started: \d+ s of --budget left", r["error"]) for r in report["training"])  # fmt: skip
+    assert "| tiny | 256 | 1 x 256 | failed | not started" in (out / "gpu_check.md").read_text()
+    assert not (out / "runs").exists()

@@ -9,9 +9,13 @@
   plain optimizer, so the loop drops the gradients itself.
   The data position and the LR schedule advance past a skipped step: the schedule is in tokens,
   and a skipped batch's tokens count as read (the batch is not tried again; a resume agrees).
-- `max_bad_steps` skipped steps in a row, or a loss `spike_margin` nats above the mean loss of
-  the last `spike_window` good steps, stop the run: `RunStopped`, naming the step and the newest
-  finished checkpoint. The running mean starts again on resume.
+- `max_bad_steps` skipped steps in a row, or a loss spike, stop the run: `RunStopped`, naming
+  the step and the newest finished checkpoint. A spike is a loss above the mean loss of the last
+  `spike_window` good steps by more than `spike_margin` nats and more than `spike_sigmas` of
+  their standard deviations: the margin is what a diverging large-batch run crosses (its
+  step-to-step noise is hundredths of a nat), the deviations keep a small batch's noise (0.7 nats
+  a step measured for 128-token steps of the tiny model) from stopping a healthy run. The
+  running window starts again on resume.
 - SIGTERM / SIGINT (a preempted job, Ctrl-C) ask every rank to stop after the current step with
   a checkpoint; the ranks agree on the step through the same all-reduce (a signal may reach them
   at different moments). A second Ctrl-C, a second or more after the first, interrupts at once.
@@ -77,10 +81,13 @@ class Guard:
         margin, window = self.config.spike_margin, self.config.spike_window
         if margin is not None and len(self.recent) == window:
             mean = sum(self.recent) / window
-            if loss > mean + margin:
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / window)
+            sigmas = self.config.spike_sigmas
+            if loss > mean + max(margin, (sigmas or 0.0) * std):
+                noise = f", guard.spike_sigmas = {sigmas:g} x std {std:.3g}" if sigmas else ""
                 return (
                     f"loss spike: {loss:.4g}, {loss - mean:.3g} above the mean of the last "
-                    f"{window} steps ({mean:.4g}; guard.spike_margin = {margin:g})"
+                    f"{window} steps ({mean:.4g}; guard.spike_margin = {margin:g}{noise})"
                 )
         self.recent.append(loss)
         if len(self.recent) > window:

@@ -69,9 +69,9 @@ from lmpipe.train.metrics import (
 from lmpipe.train.plan import (
     Plan,
     deepspeed_config,
-    flops_per_token,
     lr_multiplier,
     make_plan,
+    model_flops_per_token,
     plan_summary,
 )
 from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
@@ -421,7 +421,7 @@ def run_steps(
                 before, tokens = plan.tokens_at(step - 1), plan.tokens_at(step)
                 seconds = time.perf_counter() - loading
                 tokens_per_s = stage.tokens_per_step / seconds
-                step_flops = flops_per_token(recipe, stage.seq_len, plan.n_params)
+                step_flops = model_flops_per_token(recipe, stage.seq_len, plan.n_params)
                 flops += step_flops * stage.tokens_per_step
                 row = {
                     "step": step,

@@ -2,7 +2,8 @@
 scalars as TensorBoard event files in `RUN_DIR/tensorboard/` (when tensorboard is installed), and
 the model FLOPs utilisation (MFU) on GPUs.
 
-MFU = model FLOPs per token (`plan.flops_per_token`: 6 N plus attention) x tokens/s / the world's
+MFU = model FLOPs per token (`plan.model_flops_per_token`: 6 N plus attention, N without
+learned position embeddings) x tokens/s / the world's
 peak: the dense bf16 tensor-core peak of one device (the table below, from the vendors' data
 sheets, without sparsity; `lmpipe train --peak-tflops X` for any other) times the world size. On
 CPUs there is no MFU.

@@ -162,8 +162,9 @@ class ValidationConfig(Section):
 class GuardConfig(Section):
     """When a run stops by itself (`lmpipe.train.guard`). A step whose loss or gradient norm is
     not finite is skipped on every rank; `max_bad_steps` of them in a row stop the run, and so
-    does a loss `spike_margin` nats above the mean loss of the last `spike_window` steps (an
-    absolute margin: a ratio would flag noise once a loss is near 0)."""
+    does a loss spike: above the mean loss of the last `spike_window` steps by `spike_margin`
+    nats (an absolute margin: a ratio would flag noise once a loss is near 0) and by
+    `spike_sigmas` standard deviations of those losses (a small batch's step-to-step noise)."""
 
     max_bad_steps: int = Field(5, ge=1, description="skipped steps in a row that stop the run")
     spike_margin: float | None = Field(
@@ -171,6 +172,12 @@ class GuardConfig(Section):
     )
     spike_window: int = Field(
         50, ge=1, description="good steps the running mean holds (and the check waits for)"
+    )
+    spike_sigmas: float | None = Field(
+        6.0,
+        gt=0,
+        description="a spike is also this many standard deviations of the window's losses above "
+        "their mean; null: the margin alone",
     )
 
 

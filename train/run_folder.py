@@ -70,6 +70,7 @@ RESUMABLE_CHANGES = {
     "guard.max_bad_steps",  # when to stop, not how to train: loosened to continue a stopped run
     "guard.spike_margin",
     "guard.spike_window",
+    "guard.spike_sigmas",
 }
 
 

@@ -140,3 +140,20 @@ def test_mfu_is_model_flops_per_token_times_tokens_per_s_over_the_peak(
     assert f"({summary['mfu']:.1%} MFU)" in capsys.readouterr().err.replace("\n", "")
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["parameters"] == n_params
+
+
+def test_mfu_counts_the_matmuls_weights_not_the_position_table():
+    """Learned positions are a lookup: MFU's 6 N leaves them out (ALiBi models have none); the
+    compute of a run (`training_flops`, the scaling fits' f) keeps the recipe's whole count."""
+    from lmpipe.train.plan import flops_per_token, make_plan, model_flops_per_token
+    from lmpipe.train.recipe import load_recipe
+
+    gpt = load_recipe("cerebras-gpt-111m-mup", ["model.n_positions=8192"])
+    n = make_plan(gpt).n_params
+    attention = 12 * 10 * 8192 * 768
+    assert model_flops_per_token(gpt, 8192, n) == 6 * (n - 8192 * 768) + attention
+    assert flops_per_token(gpt, 8192, n) - model_flops_per_token(gpt, 8192, n) == 6 * 8192 * 768
+    btlm = load_recipe("btlm3b")
+    n = make_plan(btlm).n_params
+    assert model_flops_per_token(btlm, 2048, n) == flops_per_token(btlm, 2048, n)
+    assert model_flops_per_token(btlm, 2048, n) == pytest.approx(1.789e10, rel=1e-3)  # 6 N + 12 L T d

@@ -442,3 +442,46 @@ def test_a_non_finite_step_that_was_applied_stops_the_run_at_once():
     for loss, norm in ((10.5, math.inf), (math.nan, 1.0), (10.5, math.nan)):
         reason = Guard(GuardConfig()).check(4, loss, norm, skipped=False)
         assert reason and "was not finite and the update was applied" in reason
+
+
+# A healthy run's losses, the window the margin alone stopped it after: the tiny model (d_model 16)
+# at 128 tokens a step (8 x 16) on the stdlib corpus, steps 65-114, rounded; a standard deviation
+# of 0.70 nats. Its step 115 had a loss of 5.005, 1.37 above the window's mean (2 deviations).
+NOISY = [3.33, 4.0, 3.77, 4.74, 3.91, 4.08, 4.17, 3.98, 3.31, 4.94, 4.24, 4.11, 3.27, 5.04, 4.07,
+         4.45, 3.83, 4.32, 4.31, 2.32, 3.53, 2.31, 2.72, 4.78, 3.5, 4.39, 3.17, 3.56, 3.88, 4.05,
+         3.19, 2.97, 2.75, 2.94, 4.03, 2.58, 2.8, 4.75, 3.15, 3.53, 2.89, 3.24, 3.6, 3.39, 3.7,
+         3.73, 3.43, 2.86, 2.05, 4.2]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "loss", "stops"),
+    [(6.0, 5.005, False), (6.0, 8.5, True), (None, 5.005, True), (3.0, 5.9, True)],
+)
+def test_a_small_batch_s_noise_is_not_a_spike(sigmas, loss, stops):
+    """A spike must clear both the margin and `spike_sigmas` deviations of the window: the noisy
+    run goes on at 1.37 nats above its mean (2 deviations), stops at 7 (or at 3.2 with
+    `spike_sigmas: 3`); with the margin alone (`spike_sigmas: null`) the noise stops it, as it
+    did before the rule."""
+    from lmpipe.train.guard import Guard
+    from lmpipe.train.recipe import GuardConfig
+
+    guard = Guard(GuardConfig(spike_window=len(NOISY), spike_sigmas=sigmas))
+    for step, value in enumerate(NOISY, 1):
+        assert guard.check(step, value, 1.0, skipped=False) is None
+    reason = guard.check(len(NOISY) + 1, loss, 1.0, skipped=False)
+    assert (reason is not None) == stops, reason
+    if stops:
+        assert reason.startswith("loss spike: ") and "guard.spike_margin = 1" in reason
+        assert ("x std 0.704" in reason) == (sigmas is not None), reason
+
+
+def test_a_steady_large_batch_run_still_stops_at_the_margin():
+    """With hundredths of a nat of noise, the margin decides: 1.1 nats above the mean stops."""
+    from lmpipe.train.guard import Guard
+    from lmpipe.train.recipe import GuardConfig
+
+    guard = Guard(GuardConfig(spike_window=50))
+    for step in range(50):
+        assert guard.check(step, 2.5 + 0.02 * (-1) ** step, 0.3, skipped=False) is None
+    assert guard.check(50, 3.45, 0.3, skipped=False) is None  # 0.95 above: under the margin
+    assert "1.08 above the mean" in guard.check(51, 3.6, 0.3, skipped=False)  # 3.45 in the window
