@@ -156,4 +156,6 @@ def test_mfu_counts_the_matmuls_weights_not_the_position_table():
     btlm = load_recipe("btlm3b")
     n = make_plan(btlm).n_params
     assert model_flops_per_token(btlm, 2048, n) == flops_per_token(btlm, 2048, n)
-    assert model_flops_per_token(btlm, 2048, n) == pytest.approx(1.789e10, rel=1e-3)  # 6 N + 12 L T d
+    assert model_flops_per_token(btlm, 2048, n) == pytest.approx(
+        1.789e10, rel=1e-3
+    )  # 6 N + 12 L T d
