@@ -14,11 +14,12 @@ returns what was measured. A length a run did not finish (out of memory, say) is
 error; the other cases still run. Each run is killed once it has its steps: a benchmark needs
 no checkpoint (BTLM-3B's would be ~40 GB). `--budget SECONDS` fits the whole script into a
 device call: each case gets its share of the time left, and none starts with under a minute.
-Before the runs, two kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against
+Before the runs, three kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against
 SDPA with an ALiBi bias, forward and backward in bf16 at BTLM's heads (32 x 80), error and
 milliseconds (DESIGN.md measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x 2,048 / 1 x
 8,192 on an H100); and the compiled FlexAttention path over 20 sequence lengths, counting
-distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit).
+distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit); and the
+TFLOP/s of the models' odd-sized matmuls against the same padded (`ALIGNMENT`).
 
 On the GPU machine (no internet; prepare the wheels here with ../shared/tools/device-wheels,
 carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
@@ -276,10 +277,22 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
-def markdown(results: list[dict], device: str) -> str:
-    lines = [f"lmpipe train on {device}", "", "| " + " | ".join(COLUMNS) + " |"]
+def markdown(report: dict) -> str:
+    lines = [f"lmpipe train on {report['device']}", "", "| " + " | ".join(COLUMNS) + " |"]
     lines.append("|" + "---|" * len(COLUMNS))
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["training"])]
+    if report.get("alignment"):
+        lines += [
+            "",
+            "| matmul (M, K, N) | odd: TFLOP/s | padded to 128: TFLOP/s |",
+            "|---|---|---|",
+        ]
+        for r in report["alignment"]:
+            odd, aligned = r["odd"], r["aligned"]
+            lines.append(
+                f"| {r['what']} {tuple(odd['shape'])} | {odd['tflops']:.1f} | "
+                f"{aligned['tflops']:.1f} ({tuple(aligned['shape'])}) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +377,32 @@ def check_eval_lengths(
     return {"lengths": len(lengths), "compiled_lengths": len(padded)}
 
 
+# Matmuls (M, K, N) whose odd size the models cannot choose, beside the same matmul padded to a
+# multiple of 128: GPT-2's vocabulary (the chunked loss pads it: model.py, VOCAB_ALIGN) and
+# BTLM's d_ff of 6,826 (floor(8/3 x 2,560), fixed by its checkpoints; not padded). Their TFLOP/s
+# say whether padding d_ff, exactly (zero rows stay zero under SwiGLU), would be worth its cost.
+ALIGNMENT = (
+    ("unembedding 111M", (8192, 768, 50257), (8192, 768, 50304)),
+    ("unembedding BTLM-3B", (8192, 2560, 50257), (8192, 2560, 50304)),
+    ("SwiGLU in BTLM-3B", (8192, 2560, 6826), (8192, 2560, 6912)),
+    ("SwiGLU out BTLM-3B", (8192, 6826, 2560), (8192, 6912, 2560)),
+)
+
+
+def check_alignment(device: str, dtype: torch.dtype, cases=ALIGNMENT, repeats: int = 20) -> list:
+    """Each matmul's TFLOP/s at its odd size and padded (y = x W^T, as nn.Linear)."""
+    rows = []
+    for what, *shapes in cases:
+        row: dict = {"what": what}
+        for label, (M, K, N) in zip(("odd", "aligned"), shapes, strict=True):
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            w = torch.randn(N, K, device=device, dtype=dtype)
+            ms = timed(lambda x=x, w=w: F.linear(x, w), repeats)
+            row[label] = {"shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
+        rows.append(row)
+    return rows
+
+
 def kernel_checks(cuda: bool) -> dict:
     if cuda:
         return {
@@ -371,12 +410,15 @@ def kernel_checks(cuda: bool) -> dict:
             "eval_lengths": check_eval_lengths(
                 "cuda", torch.bfloat16, 32, 80, list(range(100, 2100, 100))
             ),
+            "alignment": check_alignment("cuda", torch.bfloat16),
         }
     with torch.no_grad():  # FlexAttention has no backward pass on the CPU
         attention = check_attention("cpu", torch.float32, [(1, 64), (2, 40)], 4, 8)
+    tiny = (("unembedding", (64, 32, 97), (64, 32, 128)),)
     return {
         "attention": attention,
         "eval_lengths": check_eval_lengths("cpu", torch.float32, 4, 8, [20, 37, 64, 130]),
+        "alignment": check_alignment("cpu", torch.float32, tiny, repeats=3),
     }
 
 
@@ -430,8 +472,8 @@ def main() -> None:
         run_dir = args.out / "runs" / f"{i}-{case.recipe}"
         report["training"] += run_case(case, tokens, run_dir, args, timeout)
         # written after every case: a device call cut short still returns what was measured
-        write_report(report, args.out, device)
-    write_report(report, args.out, device)
+        write_report(report, args.out)
+    write_report(report, args.out)
     print_table(report["training"], device)
     print(f"gpu_check: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
 
@@ -444,9 +486,9 @@ def skipped(case: Case, why: str) -> list[dict]:
     ]  # fmt: skip
 
 
-def write_report(report: dict, out: Path, device: str) -> None:
+def write_report(report: dict, out: Path) -> None:
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report["training"], device))
+    (out / "gpu_check.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ def test_cpu_smoke_measures_every_case_through_lmpipe_train(tmp_path, gpt2):
     assert "lmpipe train on cpu" in done.stdout
     assert all(r["forward_rel_error"] < 1e-4 for r in report["attention"])
     assert report["eval_lengths"] == {"lengths": 4, "compiled_lengths": 2}
+    (alignment,) = report["alignment"]  # a matmul at an odd size and padded: their TFLOP/s
+    assert (alignment["odd"]["shape"], alignment["aligned"]["shape"]) == ([64, 32, 97], [64, 32, 128])  # fmt: skip
+    assert alignment["odd"]["tflops"] > 0 and alignment["aligned"]["tflops"] > 0
+    assert "| unembedding (64, 32, 97) | " in table
 
 
 def test_cases_by_name_or_length_and_a_budget_that_starts_no_case(tmp_path):

@@ -270,13 +270,19 @@ def chunked_cross_entropy(
 
 
 def softmax_step(
-    logits_CV: torch.Tensor, target_C: torch.Tensor, share_C: torch.Tensor, dtype: torch.dtype
+    logits_CV: torch.Tensor,
+    target_C: torch.Tensor,
+    share_C: torch.Tensor,
+    dtype: torch.dtype,
+    vocab_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's share of the loss, and d loss / d logits = (softmax - one_hot(target)) * share
     in `dtype`, each target's `share` being 1 / (targets counted), 0 for IGNORE. The softmax runs
-    in float32 on the logits, as the plain loss's does. Memory-bound work over [C, V]: in place
-    where eager, one or two fused kernels where compiled."""
+    in float32 on the logits, as the plain loss's does; columns from `vocab_size` on are padding
+    (`ChunkedCrossEntropy`): -inf, so they take no probability and get no gradient. Memory-bound
+    work over [C, V]: in place where eager, one or two fused kernels where compiled."""
     logits_CV = logits_CV.float()
+    logits_CV[:, vocab_size:] = float("-inf")
     lse_C = torch.logsumexp(logits_CV, dim=1)
     target_C1 = target_C.clamp(min=0)[:, None]  # IGNORE rows pick any logit: their share is 0
     loss = ((lse_C - logits_CV.gather(1, target_C1)[:, 0]) * share_C).sum()
@@ -285,13 +291,22 @@ def softmax_step(
     return loss, grad_CV.mul_(share_C[:, None]).to(dtype)
 
 
+VOCAB_ALIGN = 128  # GPT-2's 50,257 -> 50,304 (nanoGPT's padding, for the same reason)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The loss and its gradients in one pass over chunks of rows, as Liger-Kernel's fused linear
     cross-entropy does: each chunk's logits are formed, reduced to the chunk's loss and turned
     into its gradients of x and of the weight, then freed. Only those gradients ([N, D] and
     [V, D]) wait for the backward pass, which scales them by the loss's incoming gradient
     (1 / gradient accumulation under DeepSpeed). No logits are recomputed (as a checkpointed loss
-    would): the same FLOPs as the plain loss. A graph through it can be backpropagated once."""
+    would): the same FLOPs as the plain loss. A graph through it can be backpropagated once.
+
+    The three matmuls run on a copy of the weight padded with zero rows to a multiple of
+    VOCAB_ALIGN: an odd vocabulary (GPT-2's 50,257) makes every [C, V] operand's rows an odd
+    number of elements long, which keeps GPU matmuls off their fastest, aligned kernels. The
+    padded columns are -inf before the softmax (`softmax_step`): the loss and the gradients are
+    the unpadded ones; the model and its checkpoints keep the vocabulary as it is."""
 
     @staticmethod
     def forward(ctx, x_ND, w_VD, target_N, chunk: int, step=softmax_step):
@@ -299,8 +314,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         device = x_ND.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x_ND.dtype
+        V = len(w_VD)
         with torch.autocast(device, enabled=False):
-            x_NDc, w_VDc = x_ND.to(dtype), w_VD.to(dtype)
+            x_NDc = x_ND.to(dtype)
+            w_PDc = F.pad(w_VD.to(dtype), (0, 0, 0, -V % VOCAB_ALIGN))  # P: V padded
             valid_N = target_N != IGNORE
             share_N = valid_N / valid_N.sum()  # each target's share of the mean
             loss = torch.zeros((), device=x_ND.device)
@@ -309,10 +326,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32)
             for s in range(0, len(x_ND), chunk):
                 x_CD, target_C, share_C = (t[s : s + chunk] for t in (x_NDc, target_N, share_N))
-                chunk_loss, grad_CV = step(F.linear(x_CD, w_VDc), target_C, share_C, dtype)
+                chunk_loss, grad_CP = step(F.linear(x_CD, w_PDc), target_C, share_C, dtype, V)
                 loss += chunk_loss
-                grad_x_ND[s : s + chunk] = grad_CV @ w_VDc
-                grad_w_VD += grad_CV.t() @ x_CD
+                grad_x_ND[s : s + chunk] = grad_CP @ w_PDc
+                grad_w_VD += (grad_CP.t() @ x_CD)[:V]
         ctx.save_for_backward(grad_x_ND, grad_w_VD.to(w_VD.dtype))
         return loss
 

@@ -139,6 +139,33 @@ def test_chunked_loss_keeps_no_vocabulary_wide_tensor():
     assert chunked == (N * D + V * D) * 4
 
 
+def test_chunked_loss_multiplies_by_a_vocabulary_padded_to_128_and_masks_the_padding():
+    """GPT-2's 50,257 rows become 50,304 for the matmuls (aligned GPU kernels); the padded
+    logits take no probability: loss and gradients equal the plain ones, and the gradient of the
+    weight keeps its [V, D] shape."""
+    from lmpipe.train.model import ChunkedCrossEntropy, softmax_step
+
+    N, V, D = 96, 50257, 16
+    g = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(N, D, generator=g, requires_grad=True)
+    w_VD = torch.randn(V, D, generator=g, requires_grad=True)
+    target_N = torch.randint(0, V, (N,), generator=g)
+    widths = []
+
+    def step(logits, *args):
+        widths.append(logits.shape[1])
+        return softmax_step(logits, *args)
+
+    ChunkedCrossEntropy.apply(x_ND, w_VD, target_N, 32, step).backward()
+    assert widths == [50304] * 3 and w_VD.grad.shape == (V, D)
+    got = (x_ND.grad.clone(), w_VD.grad.clone())
+    x_ND.grad = w_VD.grad = None
+    loss = F.cross_entropy(F.linear(x_ND, w_VD), target_N)
+    loss.backward()
+    assert relative_difference(got[0], x_ND.grad) < 1e-5
+    assert relative_difference(got[1], w_VD.grad) < 1e-5
+
+
 # --- activation checkpointing --------------------------------------------------------------
 
 
