@@ -35,8 +35,10 @@ psutil, py-cpuinfo, einops, msgpack, ninja, tqdm and tensorboard (device README,
 project's own install needs setuptools >= 77 there: should it be older, build lmpipe's wheel here
 (`pip wheel --no-deps -w .whl .`) and leave out the second install.
 
-BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~76 GiB); if
-it runs out of memory, add `--cases BTLM-3B --set model.activation_checkpointing=every_4`.
+BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~76.5 GiB, of
+the ~78 an H100 leaves): ask the device tool for an H200 (141 GB, the same 989 TFLOP/s bf16 peak,
+so the same MFU goal), or on an H100 add `--cases BTLM-3B --set
+model.activation_checkpointing=every_4` if it runs out of memory.
 `--cases BTLM-3B` (names, or name@seq_len for one length; comma-separated) runs a subset;
 `--set KEY=VALUE` adds a recipe override to every case (e.g. model.activation_checkpointing=every_4).
 The children get

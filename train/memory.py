@@ -34,8 +34,9 @@ masks and, with FlexAttention / flash attention, without the [T, T] scores):
   its backward pass runs, its recomputed activations: one block's worth more.
   After the blocks, ln_f's input (n d a) and the loss: chunked (`loss_impl`, CUDA's default)
   keeps the gradients it formed (n d a for the hidden states, V d a for the embedding) and, while
-  it runs, an fp32 [V, d] sum and one chunk's logits (c V (4 + 2 a), c = `loss_chunk_tokens`); the
-  plain loss keeps [n, V] logits in the training dtype and twice in fp32 (a + 8 bytes each).
+  it runs, an fp32 [V, d] sum, the embedding padded to P rows (P d a, P = V up to a multiple of
+  128) and one chunk's logits (c P (4 + 2 a), c = `loss_chunk_tokens`); the plain loss keeps
+  [n, V] logits in the training dtype and twice in fp32 (a + 8 bytes each).
 tests/train/test_memory.py checks the blocks' count against the tensors a bf16 forward pass on the
 CPU saves (within 6%: one copy of the attention output fewer there, LayerNorm's statistics and
 the token ids not counted) and the model states against a DeepSpeed engine's tensors.
@@ -142,8 +143,10 @@ def head_bytes(recipe: Recipe, seq_len: int, micro_batch: int) -> int:
     a, n, V, d = activation_size(recipe), seq_len * micro_batch, model.vocab_size, model.d_model
     if model.loss_impl == "plain":
         return a * n * d + a * n * d + (a + 8) * n * V  # ln_f's and the unembedding's inputs
-    chunk = min(model.loss_chunk_tokens, n)
-    return a * n * d + a * n * d + a * V * d + 4 * V * d + (4 + 2 * a) * chunk * V
+    from lmpipe.train.model import VOCAB_ALIGN  # torch import, only when planning
+
+    chunk, P = min(model.loss_chunk_tokens, n), -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
+    return a * n * d + a * n * d + a * V * d + 4 * V * d + a * P * d + (4 + 2 * a) * chunk * P
 
 
 def activation_size(recipe: Recipe) -> int:

@@ -32,9 +32,13 @@ def test_estimate_of_a_known_shape_by_hand():
     block = 1024 * (2 * (9 * 64 + 4 * 170) + 4 * 4)  # bf16 SwiGLU block + the fp32 lse of 4 heads
     assert stage0.activations == stage1.activations == 2 * block
     # ln_f's input, the chunked loss's gradients of the hidden states and of the embedding, its
-    # fp32 embedding gradient and one 1,024-token chunk of fp32 logits and two bf16 copies
-    V, d = 50257, 64
-    assert stage0.head == 2 * 1024 * d + 2 * 1024 * d + 2 * V * d + 4 * V * d + 8 * 1024 * V
+    # fp32 embedding gradient, the embedding padded to 50,304 rows in bf16 and one 1,024-token
+    # chunk of fp32 logits and two bf16 copies, 50,304 wide
+    V, P, d = 50257, 50304, 64
+    assert (
+        stage0.head
+        == 2 * 1024 * d + 2 * 1024 * d + 2 * V * d + 4 * V * d + 2 * P * d + 8 * 1024 * P
+    )
     assert memory.peak == memory.total(stage0) == 2 * n + 2 * n + 6 * n + 2 * block + stage0.head
 
     # checkpointing every block: each keeps its input, one is recomputed at a time; plain loss

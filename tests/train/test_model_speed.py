@@ -4,10 +4,8 @@ checkpointing and compiled blocks give the plain model's loss and gradients."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,9 @@ from lmpipe.train.model import GPT, IGNORE, chunked_cross_entropy
 from lmpipe.train.recipe import ModelConfig, load_recipe, recipe_yaml
 from tests.train.test_loop import SMALL as LOOP_SMALL
 from tests.train.test_model import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from loss_memory import peak_growth, saved_bytes  # noqa: E402  (the benchmark's own measures)
 
 VARIANTS = {
     "alibi_swiglu_mup": {},
@@ -108,23 +109,6 @@ def test_chunked_gradients_scale_with_the_incoming_gradient():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad * 0.25, rtol=1e-6, atol=1e-9)
-
-
-def saved_bytes(run, kept_anyway) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass while `run()` builds its graph,
-    each storage once, those of `kept_anyway` (parameters, inputs) not counted."""
-    skip = {t.untyped_storage().data_ptr() for t in kept_anyway}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(kept.values())
 
 
 def test_chunked_loss_keeps_no_vocabulary_wide_tensor():
@@ -317,47 +301,7 @@ def test_a_compiled_block_runs_flex_attention_outside_its_graph():
     torch._dynamo.reset()
 
 
-# --- memory on the 111M shape ----------------------------------------------------------------
-
-PEAK = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from lmpipe.train.model import GPT
-    from lmpipe.train.recipe import ModelConfig
-
-    def status(key):  # KiB, from the kernel's account of this process
-        lines = open("/proc/self/status").read().splitlines()
-        return int(next(line for line in lines if line.startswith(key + ":")).split()[1])
-
-    cfg = ModelConfig.model_validate_json(sys.argv[1])
-    torch.manual_seed(0)
-    model = GPT(cfg).to(getattr(torch, sys.argv[2]))
-    idx = torch.randint(0, cfg.vocab_size, (1, int(sys.argv[3]) + 1))
-    # The peak starts again from here (Linux: "5" resets VmHWM), so memory the imports and the
-    # build used and gave back cannot hide what the forward and backward take.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    _, loss = model(idx[:, :-1], idx[:, 1:])
-    loss.backward()
-    print(status("VmHWM") - before, loss.item())  # KiB that forward + backward added to the peak
-    """
-)
-
-
-def peak_growth(cfg: ModelConfig, dtype: str, seq_len: int) -> tuple[float, float]:
-    """GiB by which one sequence's forward and backward raised the process's peak RSS, and the
-    loss, measured in a fresh process (tracemalloc does not see torch's allocations)."""
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK, cfg.model_dump_json(), dtype, str(seq_len)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    kib, loss = out.stdout.split()
-    return int(kib) / 2**20, float(loss)
+# --- memory of a long sequence -----------------------------------------------------------------
 
 
 @pytest.mark.slow
