@@ -91,7 +91,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
     """Write the final weights as a plain fp32 state dict: the optimizer's fp32 master copy where
     DeepSpeed keeps one (bf16 runs; the module itself holds bf16-rounded weights), gathered from
-    every rank's partition (ZeRO-3). Every rank takes part; rank 0 writes."""
+    every rank's partition (ZeRO-3). Every rank takes part in each gathering; only rank 0 keeps
+    a host copy (13B in fp32 is 52 GB: a copy on each of a node's 8 ranks would not fit) and
+    writes it."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -101,7 +103,9 @@ def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
         if full is None:  # no separate master copy: the parameter is the fp32 weight
             with deepspeed.zero.GatheredParameters([param], enabled=recipe.zero_stage == 3):
                 full = param.detach().float().clone()
-        state[name] = full.cpu()
+        if rank == 0:
+            state[name] = full.cpu()
+        del full  # the gathered copy, on the device
     if rank == 0:
         save_model(engine.module, recipe, folder, state)
 
