@@ -24,7 +24,8 @@ from lmpipe.dataprep.errors import LmpipeError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A number of a recipe is finite: `.inf` or `.nan` from YAML is an error naming its key.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MupConfig(Section):
@@ -358,8 +359,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or null (SP's `mup: null`): a section to fill
+                node[part] = {}
+            node = node[part]
         else:
+            raise LmpipeError(f"--set {key}: {part!r} is not an index of the list")
+        if not isinstance(node, dict | list):
             raise LmpipeError(f"--set {key}: {part!r} is not a section")
     try:
         value = parse_yaml(text) if text else ""

@@ -157,6 +157,27 @@ def test_initialised_weights_have_the_mup_std_and_groups_cover_every_parameter()
     assert all(p.ndim == 1 for p in no_decay)  # exactly the biases and LayerNorms
 
 
+def test_truncated_normal_redraws_only_the_values_outside_two_stds():
+    """The first draw is torch's normal_ from the seed; values within +-2 std stay as drawn, the
+    others are drawn again until within: Normal(0, std) truncated at 2 std (std 0.8796 std)."""
+    from lmpipe.train.model import truncated_normal_
+
+    torch.manual_seed(3)
+    w = torch.empty(400, 500)
+    truncated_normal_(w, 0.05)
+    torch.manual_seed(3)
+    first = torch.empty(400, 500).normal_(0.0, 0.05)
+    inside = first.abs() <= 0.1
+    assert 0.95 < inside.float().mean().item() < 0.96  # 95.45% of a normal lies within 2 std
+    assert torch.equal(w[inside], first[inside]) and not torch.equal(w, first)
+    assert w.abs().max().item() <= 0.1
+    assert w.std().item() == pytest.approx(0.05 * 0.8796, rel=0.01)
+    torch.manual_seed(3)
+    again = torch.empty(400, 500)
+    truncated_normal_(again, 0.05)
+    assert torch.equal(again, w)  # the seed decides
+
+
 def test_output_multiplier_scales_logits_by_alpha_out_over_m_d():
     torch.manual_seed(0)
     cfg = tiny_config()

@@ -21,7 +21,7 @@ from tests.train.test_loop import TINY_MODEL
 
 # A model whose fp32 size is plain to see in a process's memory: 12 layers of 768, 86.6M
 # parameters, 346 MB in fp32. A small vocabulary keeps the largest parameter small: initialising
-# one (trunc_normal_) briefly takes ~3x its size, in a whole build as in a partitioned one.
+# one (the truncated normal) briefly takes ~3x its size, in a whole build as in a partitioned one.
 BIG_MODEL = [
     "model.n_layers=12",
     "model.n_heads=12",
