@@ -174,19 +174,32 @@ def read_marker(folder: Path) -> dict[str, Any]:
         step, tokens, files = int(marker["step"]), int(marker["tokens"]), marker["files"]
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise TypeError("'files' is not a mapping of names to sha256")
+        data = marker.get("data")  # absent from checkpoints written before it was kept
+        if data is not None and not (
+            isinstance(data, dict) and all(isinstance(v, str) for v in data.values())
+        ):
+            raise TypeError("'data' is not a mapping of source names to token identities")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LmpipeError(
             f"{path}: not a checkpoint marker with step, tokens and file checksums ({_why(e)}); "
             "the checkpoint cannot be verified, so it is not loaded"
         ) from None
-    return {"step": step, "tokens": tokens, "files": files}
+    return {"step": step, "tokens": tokens, "data": data, "files": files}
 
 
 def save_checkpoint(
-    engine: Any, run_dir: Path, recipe: Recipe, step: int, tokens: int, rank: int, world: int
+    engine: Any,
+    run_dir: Path,
+    recipe: Recipe,
+    step: int,
+    tokens: int,
+    rank: int,
+    world: int,
+    data: dict[str, str] | None = None,
 ) -> None:
-    """DeepSpeed checkpoint plus lmpipe's position and the sha256 of every file in it; the
-    marker `lmpipe.json` is written last and marks the checkpoint finished."""
+    """DeepSpeed checkpoint plus lmpipe's position, the sha256 of every file in it and `data`,
+    the identity of the tokens each source read (`data.data_identity`); the marker
+    `lmpipe.json` is written last and marks the checkpoint finished."""
     import torch.distributed as dist
 
     root = run_dir / CHECKPOINTS
@@ -200,10 +213,21 @@ def save_checkpoint(
     dist.all_gather_object(shares, hash_share(root / tag, names, rank, world))
     if rank == 0:
         files = {name: digest for share in shares for name, digest in share.items()}
-        marker = {"step": step, "tokens": tokens, "files": dict(sorted(files.items()))}
+        marker = {
+            "step": step,
+            "tokens": tokens,
+            "data": data,
+            "files": dict(sorted(files.items())),
+        }
         write_json_atomic(root / tag / MARKER, marker)
         for old in list_checkpoints(run_dir)[: -recipe.keep_checkpoints]:
             shutil.rmtree(old)
+        # A checkpoint a crash left unfinished (no marker) is never loaded; once a later one is
+        # finished, nothing will write it again (a resume may change the interval): its disk
+        # space goes back.
+        for torn in root.glob("step*"):
+            if torn.is_dir() and torn.name < tag and not (torn / MARKER).is_file():
+                shutil.rmtree(torn)
     dist.barrier()
 
 

@@ -11,6 +11,8 @@ first tokens of each folder's held-out split, every rank a share of the windows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +146,32 @@ def print_coverage(recipe: Recipe, rows: list[dict[str, Any]]) -> None:
             )
 
 
-def open_heldout(recipe: Recipe) -> dict[str, TokenShards]:
-    """The held-out split of every source that has one."""
+def data_identity(sources: dict[str, TokenShards]) -> dict[str, str]:
+    """Each source's training tokens, named by a digest of its shards' sha256s and counts (the
+    manifest's): the same under any folder path, another for other tokens. A checkpoint keeps
+    them, and a resume must read the same (`run_folder.check_run_dir`)."""
+    out = {}
+    for name, shards in sources.items():
+        listing = [(s["bin_sha256"], s["idx_sha256"], s["n_tokens"]) for s in shards.shards]
+        out[name] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return out
+
+
+def open_heldout(recipe: Recipe, required: bool = False) -> dict[str, TokenShards]:
+    """The held-out split of every source that has one: every source's when `required` (the
+    recipe's `validation` section asks for them), and an empty one is then an error."""
     assert recipe.data
     out = {}
     for source in recipe.data:
         shards = TokenShards(source.path, "heldout", verify=False)
         if shards.n_tokens > 1:
             out[source.name] = shards
+        elif required:
+            raise LmpipeError(
+                f"{source.path}: its held-out split has {shards.n_tokens} tokens, and the "
+                f"recipe's validation scores every source's (tokenize it with --holdout, or "
+                "leave `validation` out: sources without one are then not scored)"
+            )
     return out
 
 

@@ -28,6 +28,8 @@ weights-only (`checkpoint.py`); nothing in a run folder can run code.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -51,6 +53,7 @@ from lmpipe.train.checkpoint import (
 )
 from lmpipe.train.data import (
     coverage,
+    data_identity,
     heldout_loss,
     open_heldout,
     open_sources,
@@ -75,7 +78,7 @@ from lmpipe.train.plan import (
     plan_summary,
 )
 from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
-from lmpipe.train.run_folder import check_run_dir, trim_metrics
+from lmpipe.train.run_folder import check_run_dir, metrics_rows, trim_metrics
 
 log = logging.getLogger("lmpipe.train")
 
@@ -194,7 +197,8 @@ def train_run(
     plan = make_plan(recipe, launch_world)
     validation = validation_of(recipe, plan) if heldout else None
     reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
-    check_run_dir(run_dir, reads, recipe, resume)
+    identity = data_identity(sources)
+    check_run_dir(run_dir, reads, recipe, resume, world=launch_world, identity=identity)
     initial = None
     if init_from is not None:
         from lmpipe.train.hf import initial_model, start_from
@@ -224,10 +228,12 @@ def train_run(
         )
     if rank == 0:
         (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+        started_from = init_source(run_dir, init_from, resume)
         write_json_atomic(
             run_dir / "plan.json",
             {
                 **plan_summary(recipe, plan),
+                "init_from": started_from,
                 "data": drawn,
                 "validation": validation.model_dump() if validation else None,
             },
@@ -261,7 +267,7 @@ def train_run(
     peak_flops, device_name = world_peak_flops(world, peak_tflops)
     if rank == 0 and peak_flops is None and device_name != "cpu":
         _notice(f"train: no MFU: {device_name}")
-    run = Run(recipe, plan, run_dir, rank, world, heldout, validation, peak_flops)
+    run = Run(recipe, plan, run_dir, rank, world, heldout, validation, peak_flops, identity)
     summary = run_steps(engine, loader, run, step, stop_after_steps, resumed=resume)
     if summary["finished"]:
         export_model(engine, recipe, run_dir / MODEL_DIR, rank)
@@ -272,7 +278,7 @@ def train_run(
                 recipe=recipe.name,
                 data={source.name: str(source.path) for source in recipe.data or []},
                 world_size=world,
-                init_from=str(init_from) if init_from is not None else None,
+                init_from=started_from,
                 summary=summary,
             )
     if rank == 0:
@@ -291,11 +297,23 @@ def train_run(
     return summary
 
 
+def init_source(run_dir: Path, init_from: Path | None, resume: bool) -> str | None:
+    """What the run's weights started from: `init_from`, or on a resume what the run's first call
+    was given (plan.json keeps it; a resume need not repeat --init-from)."""
+    if init_from is not None:
+        return str(init_from)
+    plan = run_dir / "plan.json"
+    if resume and plan.is_file():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return json.loads(plan.read_text(encoding="utf-8")).get("init_from")
+    return None
+
+
 def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
     """The held-out splits to score: every source's when the recipe asks for validation (a
     source without one is an error), otherwise those of the sources that have one."""
     if recipe.validation:
-        return open_heldout(recipe)
+        return open_heldout(recipe, required=True)
     having = [s for s in recipe.data or [] if "heldout" in sources[s.name].manifest["splits"]]
     return open_heldout(recipe.model_copy(update={"data": having})) if having else {}
 
@@ -322,6 +340,7 @@ class Run:
     heldout: dict[str, Any]  # source name -> held-out TokenShards
     validation: ValidationConfig | None
     peak_flops: float | None  # the world's, for MFU; None: no MFU (CPUs)
+    data: dict[str, str]  # source name -> the identity of its tokens (`data.data_identity`)
 
 
 def run_steps(
@@ -476,13 +495,20 @@ def run_steps(
                 )
                 due = tokens // every > before // every or step == end_step
                 if stopped != "guard" and (due or stopped):  # the guard's state may be bad
-                    save_checkpoint(engine, run.run_dir, recipe, step, tokens, rank, world)
+                    save_checkpoint(
+                        engine, run.run_dir, recipe, step, tokens, rank, world, run.data
+                    )
                 loading = time.perf_counter()
                 if stopped or step >= end_step or step == stage.first_step + stage.steps:
                     break
     elapsed = time.perf_counter() - started
     trained = plan.tokens_at(step) - plan.tokens_at(start_step)
     checkpoints = list_checkpoints(run.run_dir)
+    if not losses:  # resumed at its last checkpoint (killed before the end): the run's own rows
+        rows = [r for r in metrics_rows(run.run_dir) if r["step"] <= step]
+        losses = [r["loss"] for r in rows]
+        val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss")), None)
+        rates = rows[-1].get("lr_groups", {}) if rows else {}
     return {
         "finished": step >= plan.total_steps and stopped != "guard",
         "steps": step,
@@ -494,7 +520,7 @@ def run_steps(
         "lr": rates.get("embedding"),
         "lr_hidden": rates.get("hidden"),
         "skipped_steps": engine.skipped_steps,
-        "tokens_per_s": round(trained / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round(trained / elapsed, 1) if elapsed and trained else None,
         "mfu": round(flops / elapsed / run.peak_flops, 4) if run.peak_flops and elapsed else None,
         "seconds": round(elapsed, 2),
         "stopped": stopped,  # None, "SIGTERM", "SIGINT" or "guard"

@@ -156,7 +156,9 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         losses += f", last LR {summary['lr']:.3g} (embeddings) {summary['lr_hidden']:.3g} (hidden)"
     if summary["skipped_steps"]:
         losses += f", {summary['skipped_steps']:,} steps skipped (not finite)"
-    speed = f"{summary['tokens_per_s'] or 0:,.0f} tokens/s"
+    speed = (
+        f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "no steps left"
+    )
     if summary["mfu"] is not None:
         speed += f" ({summary['mfu']:.1%} MFU)"
     Console(stderr=True).print(

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output, is_finished
-from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints
+from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
 from lmpipe.train.metrics import TENSORBOARD
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
 
@@ -30,8 +30,19 @@ RUN_FILES = (
 )
 
 
-def check_run_dir(run_dir: Path, data: list[Path], recipe: Recipe, resume: bool) -> None:
-    """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike."""
+def check_run_dir(
+    run_dir: Path,
+    data: list[Path],
+    recipe: Recipe,
+    resume: bool,
+    *,
+    world: int = 1,
+    identity: dict[str, str] | None = None,
+) -> None:
+    """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike.
+    A resume continues the newest checkpoint's run: the same recipe (but `RESUMABLE_CHANGES`),
+    the same tokens in each source (`identity`, `data.data_identity`; its folder may move), and
+    as many ranks as hold its optimizer's partitions."""
     check_output(run_dir, data, what="run folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
@@ -54,6 +65,37 @@ def check_run_dir(run_dir: Path, data: list[Path], recipe: Recipe, resume: bool)
     checkpoints = list_checkpoints(run_dir)
     if resume and checkpoints:
         check_same_recipe(recipe, checkpoints[-1])
+        check_same_data(recipe, checkpoints[-1], identity)
+        check_same_world(checkpoints[-1], world)
+
+
+def check_same_data(recipe: Recipe, checkpoint: Path, identity: dict[str, str] | None) -> None:
+    saved = read_marker(checkpoint).get("data")  # None: a checkpoint from before it was kept
+    if not saved or identity is None:
+        return
+    for source in recipe.data or []:
+        if saved.get(source.name) not in (None, identity.get(source.name)):
+            raise LmpipeError(
+                f"{checkpoint}: --resume on other tokens in source {source.name!r} "
+                f"({source.path}): its shards differ from those the run read; resume on the same "
+                "token folder (it may have moved), or start a new run"
+            )
+
+
+def check_same_world(checkpoint: Path, world: int) -> None:
+    """ZeRO's optimizer states (and ZeRO-3's weights) are saved in one file per rank, and
+    DeepSpeed loads them only into as many ranks."""
+    ranks = {
+        int(m.group(1))
+        for f in checkpoint.iterdir()
+        if (m := re.match(r"(?:bf16_)?zero_pp_rank_(\d+)_", f.name))
+    }
+    if ranks and len(ranks) != world:
+        raise LmpipeError(
+            f"{checkpoint}: its optimizer states are partitioned over {len(ranks)} rank(s), and "
+            f"this launch has {world}; resume with {len(ranks)} (the global batches are the same "
+            "at any world size, the partitions are not)"
+        )
 
 
 # Settings a resumed run may change; anything else would make it a different run from the one

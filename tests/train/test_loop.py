@@ -180,6 +180,72 @@ def test_resume_with_another_recipe_is_refused_and_metrics_are_not_duplicated(da
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_resume_needs_the_same_tokens_anywhere_and_as_many_ranks(data, tmp_path):
+    """The checkpoint knows its sources' tokens (their shards' checksums): a resume on the same
+    tokens in a moved folder continues; other tokens, or another world size for ZeRO's
+    per-rank optimizer states, are refused in one line before anything is written."""
+    import shutil
+
+    from lmpipe.dataprep.shards import write_shard_folder
+    from lmpipe.train.data import with_data
+    from lmpipe.train.run_folder import check_run_dir
+
+    recipe = load_recipe("tiny", SMALL)
+    run_dir = tmp_path / "run"
+    train(recipe, data, run_dir, stop_after_steps=4)  # a checkpoint at step 4
+    plan = (run_dir / "plan.json").read_text()
+    other = tmp_path / "other"
+    shards = TokenShards(data, "train")
+    write_shard_folder(other, {"train": [shards.tokens(0, shards.n_tokens)[::-1]]})
+    with pytest.raises(LmpipeError, match=r"step00000004: --resume on other tokens in source 'data' \(.*other\): its shards differ"):  # fmt: skip
+        train(recipe, other, run_dir, resume=True)
+    with pytest.raises(LmpipeError, match=r"partitioned over 1 rank\(s\), and this launch has 2; resume with 1"):  # fmt: skip
+        check_run_dir(run_dir, [data], with_data(recipe, data), True, world=2)
+    assert (run_dir / "plan.json").read_text() == plan  # nothing rewritten by the refusals
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert train(recipe, moved, run_dir, resume=True)["finished"]
+
+
+def test_the_manifest_of_a_resumed_run_describes_the_whole_run(full_run, data, tmp_path):
+    """A run started --init-from and resumed without it says where its weights came from; one
+    killed after its last checkpoint, before the model was written, ends on resume with the
+    run's losses in the summary (there are no steps left to train)."""
+    import shutil
+
+    full, _ = full_run
+    recipe = load_recipe("tiny", SMALL)
+    run_dir = tmp_path / "started"
+    train(recipe, data, run_dir, init_from=full, stop_after_steps=2)
+    train(recipe, data, run_dir, resume=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["init_from"] == str(full)
+
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed, ignore=shutil.ignore_patterns("manifest.json", "model"))
+    summary = train(recipe, data, killed, resume=True)
+    rows = metrics(killed)
+    assert summary["finished"] and summary["steps_this_call"] == 0 and len(rows) == 16
+    assert (summary["first_loss"], summary["last_loss"]) == (rows[0]["loss"], rows[-1]["loss"])
+    assert summary["val_loss"] == next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
+    assert summary["lr"] == rows[-1]["lr"] and summary["tokens_per_s"] is None
+    assert (killed / "model" / "model.pt").is_file()
+
+
+def test_a_checkpoint_a_crash_left_unfinished_is_removed_once_a_later_one_is_finished(
+    data, tmp_path
+):
+    recipe = load_recipe("tiny", SMALL)
+    run_dir = tmp_path / "run"
+    train(recipe, data, run_dir, stop_after_steps=4)
+    for torn in ("step00000003", "step00000099"):  # no lmpipe.json: torn by a crash
+        (run_dir / "checkpoints" / torn).mkdir()
+        (run_dir / "checkpoints" / torn / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    train(recipe, data, run_dir, resume=True, stop_after_steps=4)
+    left = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+    assert left == ["step00000004", "step00000008", "step00000099"]  # a later one stays
+
+
 @pytest.mark.parametrize("zero_stage, precision", [(2, "bf16"), (3, "bf16"), (3, "fp32")])
 def test_resume_loads_every_zero_stage_weights_only(data, tmp_path, zero_stage, precision):
     """DeepSpeed's checkpoint files of each ZeRO stage load through lmpipe's weights-only path

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpipe.dataprep.errors import LmpipeError
 from tests.train.test_loop import SMALL
 
 # 8 steps of 512 tokens (6 at 64, 2 at 128), 2 micro-steps each, a checkpoint after every step
@@ -304,6 +305,15 @@ def test_validation_runs_by_default_on_a_held_out_split(clean, pattern_tokens, t
     summary = train(load_recipe("tiny", STEPS), train_only, run, stop_after_steps=2)
     assert summary["val_loss"] is None and all("val_loss" not in r for r in metrics(run))
     assert json.loads((run / "plan.json").read_text())["validation"] is None
+
+    # `lmpipe tokenize` without --holdout writes an empty held-out split: a recipe that asks for
+    # validation is refused, in one line naming the folder, before anything is written
+    empty = tmp_path / "empty-heldout"
+    write_shard_folder(empty, {"train": [shards.tokens(0, 4000)], "heldout": []})
+    asking = load_recipe("tiny", [*STEPS, "validation={every_tokens: 512, tokens: 256}"])
+    with pytest.raises(LmpipeError, match=r"empty-heldout: its held-out split has 0 tokens, and the recipe's validation"):  # fmt: skip
+        train(asking, empty, tmp_path / "asking")
+    assert not (tmp_path / "asking").exists()
 
 
 # --- several ranks under torchrun -------------------------------------------------------------
