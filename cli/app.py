@@ -661,9 +661,10 @@ def coord_check(
 ) -> None:
     """Train a recipe's model at several widths for a few steps and plot each activation's size
     against width: flat under muP, growing under the standard parametrisation."""
+    from lmpipe.dataprep.folders import check_output
     from lmpipe.train.coord_check import CoordCheck
     from lmpipe.train.coord_check import coord_check as run_check
-    from lmpipe.train.recipe import load_recipe
+    from lmpipe.train.recipe import load_recipe, recipe_file
 
     try:
         width_list = tuple(int(w) for w in widths.split(",") if w.strip())
@@ -673,6 +674,8 @@ def coord_check(
         )
         raise typer.Exit(2) from None
     recipe_obj = run_stage(load_recipe, recipe, set_ or [])
+    # the stage's own check knows only --data: --overwrite must not delete the recipe file either
+    run_stage(check_output, out, [recipe_file(recipe)])
     params = ("mup", "sp") if param == "both" else (param,)
     check = CoordCheck(
         recipe_obj, width_list, steps=steps, params=params, data=data, batch_size=batch_size,
@@ -873,8 +876,12 @@ def scaling(
         if run_dirs or recipe is None or not sizes:
             typer.echo("error: --family takes --recipe and --sizes, not run folders", err=True)
             raise typer.Exit(2)
+        from lmpipe.dataprep.folders import check_output
+        from lmpipe.train.recipe import recipe_file
         from lmpipe.train.scaling import family as write_family
 
+        # --overwrite replaces the output folder: refuse one that is or holds the base recipe
+        run_stage(check_output, out, [recipe_file(recipe)])
         size_list = [s for s in sizes.split(",") if s.strip()]
         run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, count=count, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
         return

@@ -16,10 +16,13 @@ call; the demo only picks folders and settings:
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -34,8 +37,9 @@ DEMO_HOLDOUT = 0.05
 def run_demo(
     workdir: Path, overwrite: bool = False, recipe_overrides: list[str] | None = None
 ) -> dict:
-    """Run the chain in `workdir`; returns each stage's manifest or summary.
-    `recipe_overrides` (`dotted.key=value`) shorten the tiny recipe, for tests."""
+    """Run the chain in `workdir`; returns each stage's manifest or summary (up to the training's
+    when a signal stopped it: `stop_after_signal`). `recipe_overrides` (`dotted.key=value`)
+    shorten the tiny recipe, for tests."""
     from lmpipe.dataprep.corpus import write_demo_corpus
     from lmpipe.dataprep.dedup import dedup
     from lmpipe.dataprep.tokenize import tokenize
@@ -68,8 +72,9 @@ def run_demo(
     console.print(
         f"{injected['documents']:,} documents ({injected['bytes'] / 1e6:.1f} MB) in "
         f"{len(injected['sources'])} sources; injected {injected['near_duplicates']} near "
-        f"duplicates, {injected['exact_duplicates']} case/punctuation/whitespace copies, "
-        f"{injected['short']} short documents ({injected['cross_source']} copies in the other source)"
+        f"duplicates and {injected['exact_duplicates']} case/punctuation/whitespace copies "
+        f"({injected['cross_source']} of them in the other source), and {injected['short']} "
+        "short documents"
     )
     timings["corpus"] = time.perf_counter() - t
 
@@ -86,6 +91,9 @@ def run_demo(
     t = stage("3/4 lmpipe train --recipe tiny (DeepSpeed, muP, ALiBi + SwiGLU, 64 -> 256 tokens)")
     recipe = load_recipe("tiny", recipe_overrides or [])
     summary = train(recipe, workdir / "tokens", workdir / "run")
+    if summary["stopped"]:  # a SIGINT / SIGTERM: the run is unfinished, so there is no model
+        stop_after_signal(summary, workdir, recipe_overrides or [])
+        return {"dedup": dedup_manifest, "tokenize": tokens_manifest, "train": summary}
     print_loss_curve(console, workdir / "run" / "metrics.jsonl")
     if have_matplotlib():  # beside the run folder: a stage never writes into what it reads
         plot([workdir / "run"], workdir / "loss.png")
@@ -118,6 +126,25 @@ def run_demo(
     )
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     return {"dedup": dedup_manifest, "tokenize": tokens_manifest, "train": summary, "eval": results}
+
+
+def stop_after_signal(summary: dict[str, Any], workdir: Path, recipe_overrides: list[str]) -> None:
+    """End the demo after a signal stopped its training: one line saying how to go on; then exit
+    status 130 for SIGINT (as `run_stage`'s interrupt), 0 for SIGTERM (as `lmpipe train`)."""
+    resume = shlex.join(
+        ["lmpipe", "train", "--recipe", "tiny", "--data", str(workdir / "tokens"), "--run-dir",
+         str(workdir / "run"), *(a for o in recipe_overrides for a in ("--set", o)), "--resume"]
+    )  # fmt: skip
+    start_over = shlex.join(["lmpipe", "demo", "--workdir", str(workdir), "--overwrite"])
+    Console(stderr=True).print(
+        f"demo: training stopped by {summary['stopped']} at step {summary['steps']:,}, so the demo "
+        f"stops here; continue the run with `{resume}` or start over with `{start_over}`",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    if summary["stopped"] == "SIGINT":
+        raise typer.Exit(130)
 
 
 def print_loss_curve(console: Console, metrics_file: Path, points: int = 8) -> None:

@@ -196,6 +196,8 @@ class TokenShards:
     `verify`, its sha256; any mismatch is an `LmpipeError` naming the file. `tokenizer_sha256` is
     the fingerprint of the tokenizer in use; by default it is `ranks_sha256()` of the manifest's
     tokenizer (which loads its files); pass it to read shards without the tokenizer files.
+    `mixture`: the caller reads `--data NAME=PATH:WEIGHT` sources, so the error for a folder of
+    `--split-by-field` folders suggests that form (otherwise a path, PATH/NAME).
     """
 
     def __init__(
@@ -205,6 +207,7 @@ class TokenShards:
         verify: bool = True,
         *,
         tokenizer_sha256: str | None = None,
+        mixture: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.split = split
@@ -213,10 +216,11 @@ class TokenShards:
         where = self.folder / "manifest.json"
         if "split_by_field" in manifest:
             names = ", ".join(manifest.get("sources", {})) or "none"
+            # only `lmpipe train` and `sweep` take named sources; eval, inspect, coord-check a path
+            use = f"--data NAME={self.folder}/NAME:WEIGHT" if mixture else f"{self.folder}/NAME"
             raise LmpipeError(
                 f"{self.folder}: holds one token folder per value of "
-                f"{manifest['split_by_field']} ({names}); use those, e.g. "
-                f"--data NAME={self.folder}/NAME:WEIGHT"
+                f"{manifest['split_by_field']} ({names}); use those, e.g. {use}"
             )
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise LmpipeError(

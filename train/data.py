@@ -67,7 +67,9 @@ def parse_data(values: list[str]) -> Path | list[DataSource] | None:
 def open_sources(recipe: Recipe) -> dict[str, TokenShards]:
     """Every source's training split, checked against the others and the model."""
     assert recipe.data  # with_data first
-    sources = {s.name: TokenShards(s.path, "train", verify=False) for s in recipe.data}
+    sources = {
+        s.name: TokenShards(s.path, "train", verify=False, mixture=True) for s in recipe.data
+    }
     for source in recipe.data:
         if sources[source.name].n_tokens < 2:
             raise LmpipeError(

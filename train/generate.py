@@ -201,7 +201,8 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
     if settings.prompt is not None:
         raise LmpipeError("give one of --prompt TEXT and --prompts FILE, not both")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first prompt
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as e:
         raise LmpipeError(f"{path}: cannot read the prompts ({e.strerror or e})") from None
     except UnicodeDecodeError as e:

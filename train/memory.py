@@ -77,6 +77,8 @@ class MemoryEstimate:
     optimizer: int
     zero3_buffers: int  # gathered parameters and the reduce bucket (ZeRO-3 only)
     stages: tuple[StageMemory, ...]
+    host_build: int  # host memory a rank takes to build and initialise the model
+    host_export: int  # host memory rank 0 takes to write the final weights
 
     @property
     def model_states(self) -> int:
@@ -111,6 +113,22 @@ def zero3_buffer_bytes(recipe: Recipe) -> int:
     weight = 2 if recipe.precision == "bf16" else 4
     embedding = model.vocab_size * model.d_model
     return weight * (embedding + 2 * block_parameters(model) + DEEPSPEED_REDUCE_BUCKET)
+
+
+def host_build_bytes(recipe: Recipe, n_params: int) -> int:
+    """Host memory one rank takes to build and initialise the model (`build.py`): ZeRO-0/1/2 make
+    the whole model in fp32 on every rank (a node's ranks each hold one), ZeRO-3 one submodule at
+    a time in the training dtype. Initialising a parameter adds an fp32 copy of it and a mask of
+    the values to draw again (5 bytes a value; `model.truncated_normal_`): the largest counts."""
+    from lmpipe.train.model import block_parameters  # torch import, only when planning
+
+    model = recipe.model
+    embedding = model.vocab_size * model.d_model
+    largest = max(embedding, model.d_model * max(3 * model.d_model, model.d_ff))
+    if recipe.zero_stage < 3:
+        return 4 * n_params + 5 * largest
+    weight = 2 if recipe.precision == "bf16" else 4
+    return weight * max(embedding, block_parameters(model)) + 5 * largest
 
 
 def block_activation_bytes(recipe: Recipe, seq_len: int, micro_batch: int) -> int:
@@ -173,6 +191,8 @@ def estimate_memory(recipe: Recipe, plan: Plan) -> MemoryEstimate:
         optimizer=optimizer,
         zero3_buffers=zero3_buffer_bytes(recipe) if recipe.zero_stage == 3 else 0,
         stages=stages,
+        host_build=host_build_bytes(recipe, plan.n_params),
+        host_export=4 * plan.n_params,  # the fp32 weights, gathered (`loop.export_model`)
     )
 
 
@@ -210,6 +230,13 @@ def print_memory(recipe: Recipe, plan: Plan, gpu_memory: float | None) -> Memory
         )  # fmt: skip
     console = Console()
     print_table(console, table)
+    how = "one submodule at a time" if memory.zero_stage == 3 else "the whole fp32 model"
+    console.print(
+        f"host memory: ~{memory.host_build / GIB:.1f} GiB per rank to build the model ({how}; "
+        f"a node's ranks each take it), ~{memory.host_export / GIB:.1f} GiB on rank 0 to write "
+        "the final weights",
+        highlight=False,
+    )
     peak = memory.peak / GIB
     if gpu_memory is None:
         console.print(f"peak ~{peak:.1f} GiB per GPU (--gpu-memory GIB checks it against a card)")

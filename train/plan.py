@@ -285,7 +285,7 @@ def print_recipes() -> list[dict]:
     for r in rows:
         table.add_row(
             r["recipe"], r["model"], f"{r['parameters']:,}", f"{r['tokens']:.3g}",
-            f"{r['flops']:.2g}", f"{r['tokens_per_parameter']:.1f}", r["seq_len"],
+            f"{r['flops']:.2g}", f"{r['tokens_per_parameter']:.3g}", r["seq_len"],
         )  # fmt: skip
     print_table(Console(), table)
     return rows

@@ -330,10 +330,18 @@ def shipped_recipes() -> list[str]:
     )
 
 
+def recipe_file(name_or_path: str) -> Path | None:
+    """The file a `--recipe` value names (a .yaml / .yml name, or one with a folder), None for a
+    shipped recipe's name. A stage's output must not be or hold it: `--overwrite` would delete
+    the recipe the stage was started with."""
+    path = Path(name_or_path)
+    return path if path.suffix in (".yaml", ".yml") or "/" in name_or_path else None
+
+
 def recipe_source(name_or_path: str) -> tuple[str, str]:
     """(label, YAML text) of a shipped recipe name or a file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+    path = recipe_file(name_or_path)
+    if path is not None:
         if not path.is_file():
             raise LmpipeError(f"{path}: no such recipe file")
         try:

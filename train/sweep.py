@@ -51,7 +51,7 @@ from lmpipe.dataprep.folders import (
 )
 from lmpipe.dataprep.runner import Runner
 from lmpipe.train.data import open_sources
-from lmpipe.train.recipe import Recipe
+from lmpipe.train.recipe import Recipe, recipe_file
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import SweepSettings, plan_points
 
@@ -276,7 +276,7 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
 
     plan, points, recipes = plan_points(settings)
     out = Path(out)
-    reads = [Path(s["path"]) for s in plan["data"]]
+    reads = [*(Path(s["path"]) for s in plan["data"]), recipe_file(settings.recipe)]
     err = Console(stderr=True)
     if is_finished(out) and not overwrite:
         check_output(out, reads)

@@ -28,6 +28,8 @@ from lmpipe.train.sweep_report import read_report
 
 # The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
 BASE_VALUES = ("optimizer.lr", "model.mup.sigma_base", "model.mup.alpha_in", "model.mup.alpha_out")
+# The second line of a recipe file `--best` writes: how `--overwrite` knows the file is its own.
+BEST_MARK = "# (lmpipe sweep --best)"
 
 
 def best_point(report: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +125,16 @@ def _value_at(recipe: Recipe, key: str) -> Any:
     return node
 
 
+def written_by_best(path: Path) -> bool:
+    """Whether `path` starts with the header `write_recipe_file` writes (its second line)."""
+    try:
+        with path.open("rb") as f:
+            head = [f.readline(4096) for _ in range(2)]
+    except OSError:
+        return False
+    return head[0].startswith(b"# ") and head[1].startswith(BEST_MARK.encode())
+
+
 def write_recipe_file(
     path: Path, recipe: Recipe, folder: Path, best: dict[str, Any], target: str, overwrite: bool
 ) -> None:
@@ -132,9 +144,14 @@ def write_recipe_file(
         raise LmpipeError(f"{path}: already exists; pass --overwrite to replace it")
     if path.is_dir():
         raise LmpipeError(f"{path}: is a folder; --write-recipe names a .yaml file")
+    if path.exists() and not written_by_best(path):  # --overwrite replaces only our own output
+        raise LmpipeError(
+            f"{path}: exists and was not written by `lmpipe sweep --best`; --overwrite replaces "
+            "only such a file: remove it or choose another --write-recipe"
+        )
     header = (
         f"# {target} with the muP base values of point {best['point']} of the sweep {folder}\n"
-        "# (lmpipe sweep --best): optimizer.lr, schedule.end_lr, model.mup.sigma_base, "
+        f"{BEST_MARK}: optimizer.lr, schedule.end_lr, model.mup.sigma_base, "
         "alpha_in, alpha_out.\n"
     )
     tmp = path.with_name(path.name + ".tmp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 
 from lmpipe.cli.demo import run_demo
 from lmpipe.dataprep.errors import LmpipeError
@@ -46,3 +47,40 @@ def test_demo_chains_the_four_stages(tmp_path, gpt2):
 
     with pytest.raises(LmpipeError, match="already exists"):
         run_demo(work)
+
+
+@pytest.mark.parametrize(("signal", "status"), [("SIGINT", 130), ("SIGTERM", 0)])
+def test_a_signal_during_training_ends_the_demo_with_how_to_go_on(
+    signal, status, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C (or a SIGTERM) stops the training with a checkpoint and no model: the demo says
+    so and how to continue, instead of evaluating a run that has not finished."""
+    corpus = {"documents": 1280, "bytes": 2_000_000, "sources": {"a": 600, "b": 680},
+              "near_duplicates": 40, "exact_duplicates": 20, "short": 30, "cross_source": 16}  # fmt: skip
+    stopped = {"stopped": signal, "steps": 3, "finished": False}
+
+    def not_after_a_stop(*args, **kwargs):
+        raise AssertionError("the demo went on after the training stopped")
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line each, however long
+    monkeypatch.setattr("lmpipe.dataprep.corpus.write_demo_corpus", lambda folder: corpus)
+    monkeypatch.setattr("lmpipe.dataprep.dedup.dedup", lambda inputs, out: {"stage": "dedup"})
+    monkeypatch.setattr("lmpipe.dataprep.tokenize.tokenize", lambda inputs, out, holdout: {})
+    monkeypatch.setattr("lmpipe.train.loop.train", lambda recipe, data, run_dir: stopped)
+    monkeypatch.setattr("lmpipe.train.plot.plot", not_after_a_stop)
+    monkeypatch.setattr("lmpipe.evals.run.evaluate", not_after_a_stop)
+    work = tmp_path / "demo"
+    if status:
+        with pytest.raises(typer.Exit) as ended:
+            run_demo(work, recipe_overrides=SHORT)
+        assert ended.value.exit_code == status
+    else:
+        assert run_demo(work, recipe_overrides=SHORT)["train"] == stopped
+    out, err = capsys.readouterr()
+    assert "injected 40 near duplicates and 20 case/punctuation/whitespace copies (16 of them in the other source), and 30 short documents" in out  # fmt: skip
+    assert err.strip().splitlines() == [
+        f"demo: training stopped by {signal} at step 3, so the demo stops here; continue the run "
+        f"with `lmpipe train --recipe tiny --data {work}/tokens --run-dir {work}/run --set "
+        f"stages.0.tokens=24576 --set stages.1.tokens=8192 --resume` or start over with "
+        f"`lmpipe demo --workdir {work} --overwrite`"
+    ]

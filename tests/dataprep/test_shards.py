@@ -168,3 +168,17 @@ def test_writer_rejects_ids_outside_the_vocabulary(tmp_path: Path) -> None:
             writer.add([[1, 2, 50257]])
         with pytest.raises(ValueError, match="outside"):
             writer.add([[-1]])
+
+
+def test_a_folder_of_split_folders_suggests_what_the_command_takes(tmp_path: Path) -> None:
+    folder = tmp_path / "mtok"  # as `lmpipe tokenize --split-by-field` writes it
+    folder.mkdir()
+    manifest = {"stage": "tokenize", "split_by_field": "meta.set", "sources": {"C4": {}, "Book": {}}}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    start = f"{folder}: holds one token folder per value of meta.set (C4, Book); use those, e.g. "
+    with pytest.raises(LmpipeError) as path_only:  # eval, inspect, coord-check: a path
+        TokenShards(folder, "heldout", tokenizer_sha256=FAKE_SHA)
+    assert str(path_only.value) == start + f"{folder}/NAME"
+    with pytest.raises(LmpipeError) as mixture:  # train, sweep: named, weighted sources
+        TokenShards(folder, tokenizer_sha256=FAKE_SHA, mixture=True)
+    assert str(mixture.value) == start + f"--data NAME={folder}/NAME:WEIGHT"

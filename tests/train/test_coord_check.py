@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from lmpipe.cli.app import app
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.train.coord_check import CoordCheck, coord_check, width_config
-from lmpipe.train.recipe import load_recipe
+from lmpipe.train.recipe import load_recipe, recipe_yaml
 
 # The proxy (BTLM's shape, muP base 256) cut to 2 layers and a 512-token vocabulary for CI.
 SMALL_PROXY = ["model.n_layers=2", "model.vocab_size=512"]
@@ -117,3 +117,27 @@ def test_cerebras_gpt_mup_shape_is_flat_too(tmp_path):
     mup, sp = report["params"]["mup"]["slopes"], report["params"]["sp"]["slopes"]
     for q in HIDDEN:
         assert abs(mup[q]) < 0.3 and sp[q] > 0.8, (q, mup[q], sp[q])
+
+
+def test_overwrite_never_deletes_the_recipe_file_it_reads(tmp_path):
+    out = tmp_path / "cc"
+    out.mkdir()
+    mine = out / "my.yaml"  # e.g. the recipe.yaml an earlier check wrote, reused
+    text = recipe_yaml(load_recipe("proxy"))
+    mine.write_text(text, encoding="utf-8")
+    args = ["mup", "coord-check", "--recipe", str(mine), "--widths", "64,128", "--steps", "1",
+            "--batch-size", "1", "--set", "model.n_layers=1", "-o", str(out), "--overwrite"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {out}: the output folder contains {mine}, which this stage reads; "
+        "choose an output outside everything it reads"
+    )
+    assert mine.read_text(encoding="utf-8") == text
+
+
+def test_recipes_shows_small_tokens_per_parameter_with_three_digits():
+    result = CliRunner().invoke(app, ["recipes"])
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.strip()}
+    # proxy: 262,144 tokens / 16,024,656 parameters; tiny: 131,072 / 3,316,456; btlm3b: 237.2
+    assert "0.0164" in rows["proxy"] and "0.0395" in rows["tiny"] and "237" in rows["btlm3b"]

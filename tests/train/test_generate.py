@@ -385,3 +385,11 @@ def test_transformers_generate_on_the_export_gives_the_same_greedy_tokens(run, g
     assert out[0, len(prompt) :].tolist() == ours.tokens
     if config["position_embedding_type"] == "alibi":  # where the dynamic scale shows
         assert generate(replace(s, alibi_scaling="none")).completions[0].tokens != ours.tokens
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_prompt(tmp_path):
+    from lmpipe.train.generate import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello\r\nWorld\r\n")  # as Windows editors save UTF-8
+    assert read_prompts(GenerateSettings(model=tmp_path, prompts_file=path)) == ["Hello", "World"]

@@ -211,3 +211,26 @@ def test_activations_match_the_tensors_a_forward_pass_saves(mlp, d_ff, checkpoin
     if checkpointing == "full":  # the recomputed block exists only during the backward pass
         want -= block_activation_bytes(recipe, T, B)
     assert saved == pytest.approx(want, rel=0.06)
+
+
+def test_host_memory_to_build_and_export_the_model(capsys):
+    """ZeRO-1 builds the whole fp32 model on every rank, ZeRO-3 one submodule at a time (in bf16);
+    both add
+    an fp32 copy and a mask of the largest parameter (GPT-2's embedding) while initialising it;
+    rank 0 gathers the fp32 weights to write them."""
+    from lmpipe.train.model import block_parameters
+
+    btlm = load_recipe("btlm3b")
+    n, embedding = make_plan(btlm).n_params, 50257 * 2560
+    memory = estimate_memory(btlm, make_plan(btlm, world_size=8))
+    assert memory.host_build == 4 * n + 5 * embedding and memory.host_export == 4 * n
+    big = load_recipe("cerebras-gpt-13b")
+    n13 = make_plan(big).n_params
+    memory = estimate_memory(big, make_plan(big, world_size=8))
+    block = block_parameters(big.model)  # 315M: more than the embedding's 257M
+    assert big.zero_stage == 3 and memory.host_build == 2 * block + 5 * 50257 * 5120
+    assert memory.host_build < 4 * n13 / 20 and memory.host_export == 4 * n13  # 1.8 vs 47.9 GiB
+    print_memory(big, make_plan(big, world_size=8), None)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "host memory: ~1.8 GiB per rank to build the model (one submodule at a time;" in out
+    assert "~47.9 GiB on rank 0 to write the final weights" in out

@@ -14,7 +14,7 @@ from lmpipe.cli.app import app
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.train.model import count_parameters
 from lmpipe.train.plan import make_plan, training_flops
-from lmpipe.train.recipe import load_recipe
+from lmpipe.train.recipe import load_recipe, recipe_yaml
 from lmpipe.train.scaling import (
     PUBLISHED,
     PowerLaw,
@@ -178,3 +178,26 @@ def test_a_family_can_count_parameters_without_embeddings(tmp_path):
     assert json.loads((tmp_path / "f" / "family.json").read_text())["count"] == "non-embedding"
     with pytest.raises(LmpipeError, match="--count: 'some' is not one of total, non-embedding"):
         family("tiny", ["32"], tmp_path / "g", count="some")
+
+
+def test_family_overwrite_never_deletes_the_base_recipe_file(tmp_path):
+    out = tmp_path / "fam"
+    family("tiny", ["32"], out)  # an earlier family, which --overwrite may replace
+    base = out / "base.yaml"  # but not with the base recipe the command reads inside it
+    text = recipe_yaml(load_recipe("tiny"))
+    base.write_text(text, encoding="utf-8")
+    args = ["scaling", "--family", "--recipe", str(base), "--sizes", "32,64", "-o", str(out), "--overwrite"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {out}: the output folder contains {base}, which this stage reads; "
+        "choose an output outside everything it reads"
+    )
+    assert base.read_text(encoding="utf-8") == text and (out / "family.json").is_file()
+    # the same base recipe outside the output folder: replaced as asked
+    outside = tmp_path / "base.yaml"
+    outside.write_text(text, encoding="utf-8")
+    args[args.index(str(base))] = str(outside)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "family.json").read_text())["recipes"]) == 2

@@ -456,3 +456,40 @@ def test_on_a_gpu_machine_each_worker_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     sweep_module._start_worker(None, 3)
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_overwrite_never_deletes_the_recipe_file_the_sweep_reads(pattern_tokens, tmp_path):
+    out = tmp_path / "sw"
+    out.mkdir()
+    mine = out / "my.yaml"  # e.g. a recipe copied into an earlier sweep's folder
+    mine.write_text(recipe_yaml(load_recipe("tiny")), encoding="utf-8")
+    with pytest.raises(LmpipeError) as refused:
+        sweep(settings_for(pattern_tokens, recipe=str(mine)), out, overwrite=True)
+    assert str(refused.value) == (
+        f"{out}: the output folder contains {mine}, which this stage reads; "
+        "choose an output outside everything it reads"
+    )
+    assert mine.read_text(encoding="utf-8") == recipe_yaml(load_recipe("tiny"))
+    # a shipped recipe's name is no file, so no output is refused for it
+    assert sweep_module.recipe_file("tiny") is None
+    assert sweep_module.recipe_file("tiny.yml") == sweep_module.recipe_file("./tiny.yml")
+
+
+def test_best_overwrites_only_a_recipe_file_it_wrote(tmp_path):
+    from lmpipe.train.transfer import write_recipe_file
+
+    tiny, sweep_folder, best = load_recipe("tiny"), tmp_path / "sw", {"point": "0001-mup-w32"}
+    path = tmp_path / "best.yaml"
+    write_recipe_file(path, tiny, sweep_folder, best, "tiny", overwrite=False)
+    write_recipe_file(path, tiny, sweep_folder, best, "tiny", overwrite=True)  # its own: replaced
+    assert load_recipe(str(path)) == tiny
+    for name, text in [("notes.txt", "my notes\n"), ("mine.yaml", "# my recipe\n" + recipe_yaml(tiny))]:  # fmt: skip
+        other = tmp_path / name
+        other.write_text(text, encoding="utf-8")
+        with pytest.raises(LmpipeError) as refused:
+            write_recipe_file(other, tiny, sweep_folder, best, "tiny", overwrite=True)
+        assert str(refused.value) == (
+            f"{other}: exists and was not written by `lmpipe sweep --best`; --overwrite replaces "
+            "only such a file: remove it or choose another --write-recipe"
+        )
+        assert other.read_text(encoding="utf-8") == text
