@@ -185,8 +185,10 @@ def test_tiny_and_huge_weights_keep_their_share():
     for bad in ("web=a:inf", "web=a:nan"):
         with pytest.raises(LmpipeError, match="finite number"):
             parse_data([bad])
-    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight inf is not a finite"):
+    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: Input should be a finite number"):  # fmt: skip
         load_recipe("tiny", [*TINY, "stages.0.weights={web: .inf}"])
+    with pytest.raises(LmpipeError, match=r"stages\.0\.weights\.web: weight 0 is not a finite number > 0"):  # fmt: skip
+        load_recipe("tiny", [*TINY, "stages.0.weights={web: 0}"])
 
 
 def test_a_source_smaller_than_a_window_or_empty_is_one_line(folders, tmp_path, gpt2):
