@@ -21,19 +21,21 @@ milliseconds (DESIGN.md measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x
 distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit); and the
 TFLOP/s of the models' odd-sized matmuls against the same padded (`ALIGNMENT`).
 
-On the GPU machine (no internet; prepare the wheels here with ../shared/tools/device-wheels,
-carry `.whl` and `.cache/tiktoken`, the GPT-2 BPE files, with the working tree):
+On the GPU machine (no internet). Here, first: the wheels it lacks and lmpipe's own, built from
+this tree (the machine's setuptools may be older than the 77 the project's metadata needs; 65
+fails), then carry `.whl` and `.cache/tiktoken` (the GPT-2 BPE files) with the working tree:
+
+    ../shared/tools/device-wheels && python -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+
+and there:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site \\
-      && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \\
       && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check --budget 420
 
 (a lent machine's session has 15 minutes in all, its start included, and 10 a call: one call
 with `timeout_s` 560 leaves the install a minute and the script 7). The machine's image has torch,
-psutil, py-cpuinfo, einops, msgpack, ninja, tqdm and tensorboard (device README, KINDS.md); the
-project's own install needs setuptools >= 77 there: should it be older, build lmpipe's wheel here
-(`pip wheel --no-deps -w .whl .`) and leave out the second install.
+psutil, py-cpuinfo, einops, msgpack, ninja, tqdm and tensorboard (device README, KINDS.md).
 
 BTLM-3B without activation checkpointing is tight on an 80 GB card (the estimate: ~76.5 GiB, of
 the ~78 an H100 leaves): ask the device tool for an H200 (141 GB, the same 989 TFLOP/s bf16 peak,
