@@ -165,7 +165,7 @@ class GuardConfig(Section):
     not finite is skipped on every rank; `max_bad_steps` of them in a row stop the run, and so
     does a loss spike: above the mean loss of the last `spike_window` steps by `spike_margin`
     nats (an absolute margin: a ratio would flag noise once a loss is near 0) and by
-    `spike_sigmas` standard deviations of those losses (a small batch's step-to-step noise)."""
+    `spike_sigmas` times those losses' step-to-step noise (a small batch's; `guard.step_noise`)."""
 
     max_bad_steps: int = Field(5, ge=1, description="skipped steps in a row that stop the run")
     spike_margin: float | None = Field(
@@ -177,8 +177,8 @@ class GuardConfig(Section):
     spike_sigmas: float | None = Field(
         6.0,
         gt=0,
-        description="a spike is also this many standard deviations of the window's losses above "
-        "their mean; null: the margin alone",
+        description="a spike is also this many times the window's step-to-step noise above its "
+        "mean; null: the margin alone",
     )
 
 

@@ -456,7 +456,8 @@ def test_a_non_finite_step_that_was_applied_stops_the_run_at_once():
 
 # A healthy run's losses, the window the margin alone stopped it after: the tiny model (d_model 16)
 # at 128 tokens a step (8 x 16) on the stdlib corpus, steps 65-114, rounded; a standard deviation
-# of 0.70 nats. Its step 115 had a loss of 5.005, 1.37 above the window's mean (2 deviations).
+# of 0.70 nats, a step-to-step noise of 0.67. Its step 115 had a loss of 5.005, 1.37 above the
+# window's mean (2 noise widths).
 NOISY = [3.33, 4.0, 3.77, 4.74, 3.91, 4.08, 4.17, 3.98, 3.31, 4.94, 4.24, 4.11, 3.27, 5.04, 4.07,
          4.45, 3.83, 4.32, 4.31, 2.32, 3.53, 2.31, 2.72, 4.78, 3.5, 4.39, 3.17, 3.56, 3.88, 4.05,
          3.19, 2.97, 2.75, 2.94, 4.03, 2.58, 2.8, 4.75, 3.15, 3.53, 2.89, 3.24, 3.6, 3.39, 3.7,
@@ -468,8 +469,8 @@ NOISY = [3.33, 4.0, 3.77, 4.74, 3.91, 4.08, 4.17, 3.98, 3.31, 4.94, 4.24, 4.11, 
     [(6.0, 5.005, False), (6.0, 8.5, True), (None, 5.005, True), (3.0, 5.9, True)],
 )
 def test_a_small_batch_s_noise_is_not_a_spike(sigmas, loss, stops):
-    """A spike must clear both the margin and `spike_sigmas` deviations of the window: the noisy
-    run goes on at 1.37 nats above its mean (2 deviations), stops at 7 (or at 3.2 with
+    """A spike must clear both the margin and `spike_sigmas` times the window's step noise: the
+    noisy run goes on at 1.37 nats above its mean (2 noise widths), stops at 7 (or at 3.4 with
     `spike_sigmas: 3`); with the margin alone (`spike_sigmas: null`) the noise stops it, as it
     did before the rule."""
     from lmpipe.train.guard import Guard
@@ -482,7 +483,25 @@ def test_a_small_batch_s_noise_is_not_a_spike(sigmas, loss, stops):
     assert (reason is not None) == stops, reason
     if stops:
         assert reason.startswith("loss spike: ") and "guard.spike_margin = 1" in reason
-        assert ("x std 0.704" in reason) == (sigmas is not None), reason
+        assert ("x noise 0.671" in reason) == (sigmas is not None), reason
+
+
+def test_step_noise_is_blind_to_a_falling_trend():
+    """A window of steadily falling losses has a large standard deviation but no step noise: a
+    spike right after it is judged by the margin, not hidden by the trend."""
+    from collections import deque
+
+    from lmpipe.train.guard import Guard, step_noise
+    from lmpipe.train.recipe import GuardConfig
+
+    falling = [10.0 - 0.1 * i + 0.05 * (-1) ** i for i in range(50)]  # 10 -> 5, +-0.05 noise
+    assert step_noise(deque(falling)) == pytest.approx(0.1 / 2**0.5, rel=1e-3)  # steps -0.1 +- 0.1
+    assert step_noise(deque([3.0])) == 0.0 and step_noise(deque()) == 0.0
+    guard = Guard(GuardConfig(spike_window=50))
+    for step, loss in enumerate(falling):
+        assert guard.check(step, loss, 1.0, skipped=False) is None
+    # the window's mean is 7.55: a loss of 8.8 is 1.25 above it (3.9 above the last loss)
+    assert "loss spike: 8.8, 1.25 above" in guard.check(50, 8.8, 1.0, skipped=False)
 
 
 def test_a_steady_large_batch_run_still_stops_at_the_margin():
