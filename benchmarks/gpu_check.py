@@ -43,9 +43,16 @@ so the same MFU goal), or on an H100 add `--cases BTLM-3B --set
 model.activation_checkpointing=every_4` if it runs out of memory.
 `--cases BTLM-3B` (names, or name@seq_len for one length; comma-separated) runs a subset;
 `--set KEY=VALUE` adds a recipe override to every case (e.g. model.activation_checkpointing=every_4).
-The children get
-TORCH_CUDA_ARCH_LIST=9.0 unless it is set to something else than 9.0a (with which DeepSpeed's op
-build fails on an H100, DESIGN.md).
+The children get TORCH_CUDA_ARCH_LIST=9.0 unless it is set to something else than 9.0a (with
+which DeepSpeed's op build fails on an H100, DESIGN.md).
+
+Reading the table against issue 10's goals (MFU: 111M >= 35%, 1.3B >= 45%, BTLM-3B >= 50% at
+both lengths; loader share < 1%): a row short of its goal points at the next lever to measure,
+in a second call with `--cases` and `--set`: a larger micro-batch where memory allows
+(`micro_batch_tokens`; the peak and estimate columns say how much room is left), `--set
+model.compile=none` against the default to see what regional compilation gives, and the
+alignment table: if BTLM's d_ff of 6,826 runs well below its padded 6,912, padding the SwiGLU
+projections with zero rows (exact: they stay zero) is worth building.
 
 On a CPU, `--cpu-smoke` runs the same path with a tiny model at 64 and 256 tokens
 (tests/test_gpu_check.py runs it).
