@@ -61,6 +61,7 @@ On a CPU, `--cpu-smoke` runs the same path with a tiny model at 64 and 256 token
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -212,12 +213,16 @@ def run_case(
             child.wait()
     seconds = round(time.perf_counter() - started, 1)
     rows = metrics_rows(run_dir)
+    micro_batch = {t: case.micro_batch_tokens // t for t in case.seq_lens}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # as the run planned it
+        plan = json.loads((run_dir / "plan.json").read_text())  # (a --set may change it)
+        micro_batch.update({s["seq_len"]: s["micro_batch"] for s in plan["stages"]})
     results = []
     for seq_len in case.seq_lens:
         at = [r for r in rows if r["seq_len"] == seq_len]
         result = {
             "name": case.name, "recipe": case.recipe, "seq_len": seq_len,
-            "micro_batch": case.micro_batch_tokens // seq_len, "overrides": list(case.overrides),
+            "micro_batch": micro_batch[seq_len], "overrides": list(case.overrides),
             "seconds": seconds, "estimate_gb": estimated_gb(case, seq_len, args),
         }  # fmt: skip
         if len(at) < args.steps:
