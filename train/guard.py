@@ -13,7 +13,7 @@
   the step and the newest finished checkpoint. A spike is a loss above the mean loss of the last
   `spike_window` good steps by more than `spike_margin` nats and more than `spike_sigmas` times
   their step-to-step noise (`step_noise`): the margin is what a diverging large-batch run
-  crosses (its noise is hundredths of a nat), the noise term keeps a small batch's (0.67 nats
+  crosses (its noise is hundredths of a nat), the noise term keeps a small batch's (0.68 nats
   measured for 128-token steps of the tiny model) from stopping a healthy run. The running
   window starts again on resume.
 - SIGTERM / SIGINT (a preempted job, Ctrl-C) ask every rank to stop after the current step with
@@ -96,16 +96,16 @@ class Guard:
 
 
 def step_noise(losses: deque[float]) -> float:
-    """The losses' step-to-step noise: the standard deviation of successive differences over
-    sqrt(2), which is the standard deviation of independent noise around a level, but blind to
-    a steady trend (the first 50 steps of the tiny model fall 7 nats: 2.0 nats of standard
-    deviation, 0.62 of step noise). 0 for fewer than two losses."""
+    """The losses' step-to-step noise: the (sample) standard deviation of successive differences
+    over sqrt(2), which is the standard deviation of independent noise around a level, but blind
+    to a steady trend (the first 50 steps of the tiny model fall 7 nats: 2.0 nats of standard
+    deviation, 0.63 of step noise). 0 for fewer than three losses: the margin alone decides."""
     values = list(losses)
     steps = [b - a for a, b in zip(values, values[1:], strict=False)]
-    if not steps:
+    if len(steps) < 2:
         return 0.0
     trend = sum(steps) / len(steps)
-    return math.sqrt(sum((d - trend) ** 2 for d in steps) / (2 * len(steps)))
+    return math.sqrt(sum((d - trend) ** 2 for d in steps) / (2 * (len(steps) - 1)))
 
 
 class StopSignals:

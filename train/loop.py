@@ -66,6 +66,7 @@ from lmpipe.train.metrics import (
     MetricsWriter,
     device_memory_row,
     print_summary,
+    reset_device_peak,
     wait_for_device,
     world_peak_flops,
 )
@@ -196,6 +197,7 @@ def train_run(
     heldout = heldout_splits(recipe, sources)
     plan = make_plan(recipe, launch_world)
     validation = validation_of(recipe, plan) if heldout else None
+    init_from, started_from = init_source(run_dir, init_from, resume)
     reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
     identity = data_identity(sources)
     check_run_dir(run_dir, reads, recipe, resume, world=launch_world, identity=identity)
@@ -228,7 +230,6 @@ def train_run(
         )
     if rank == 0:
         (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
-        started_from = init_source(run_dir, init_from, resume)
         write_json_atomic(
             run_dir / "plan.json",
             {
@@ -297,16 +298,30 @@ def train_run(
     return summary
 
 
-def init_source(run_dir: Path, init_from: Path | None, resume: bool) -> str | None:
-    """What the run's weights started from: `init_from`, or on a resume what the run's first call
-    was given (plan.json keeps it; a resume need not repeat --init-from)."""
-    if init_from is not None:
-        return str(init_from)
+def init_source(
+    run_dir: Path, init_from: Path | None, resume: bool
+) -> tuple[Path | None, str | None]:
+    """The weights to start from (None: a fresh initialisation, or a resume's checkpoint) and
+    what the run's weights started from, for plan.json and the manifest. A resume keeps what its
+    first call was given (plan.json): it need not repeat --init-from, and before the first
+    checkpoint it starts again from those weights; with a checkpoint the weights are the
+    checkpoint's, and another --init-from is refused."""
+    previous = None
     plan = run_dir / "plan.json"
     if resume and plan.is_file():
         with contextlib.suppress(ValueError, OSError, AttributeError):
-            return json.loads(plan.read_text(encoding="utf-8")).get("init_from")
-    return None
+            previous = json.loads(plan.read_text(encoding="utf-8")).get("init_from")
+    if resume and list_checkpoints(run_dir):
+        if init_from is not None and str(init_from) != previous:
+            raise LmpipeError(
+                f"{run_dir}: --init-from {init_from} with --resume: the run continues from its "
+                f"checkpoint (its weights started from {previous or 'a fresh initialisation'}); "
+                "leave --init-from out"
+            )
+        return None, previous
+    if init_from is None and previous:
+        init_from = Path(previous)
+    return init_from, str(init_from) if init_from is not None else None
 
 
 def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +408,7 @@ def run_steps(
                 # A stage with its own batch (Cerebras-GPT 13B): DeepSpeed scales each micro-step's
                 # loss by 1 / its accumulation, so it must know the new one.
                 engine.set_train_batch_size(plan.stages[0].micro_batch * stage.grad_accum * world)
+            reset_device_peak(device)
             batches = loader.batches(
                 seq_len=stage.seq_len,
                 global_batch=stage.global_batch,

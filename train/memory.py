@@ -118,17 +118,18 @@ def zero3_buffer_bytes(recipe: Recipe) -> int:
 def host_build_bytes(recipe: Recipe, n_params: int) -> int:
     """Host memory one rank takes to build and initialise the model (`build.py`): ZeRO-0/1/2 make
     the whole model in fp32 on every rank (a node's ranks each hold one), ZeRO-3 one submodule at
-    a time in the training dtype. Initialising a parameter adds an fp32 copy of it and a mask of
-    the values to draw again (5 bytes a value; `model.truncated_normal_`): the largest counts."""
+    a time in the training dtype. Initialising a parameter adds an fp32 copy of it and two masks
+    of the values to draw again (6 bytes a value, 6.07 measured; `model.truncated_normal_`): the
+    largest parameter counts."""
     from lmpipe.train.model import block_parameters  # torch import, only when planning
 
     model = recipe.model
     embedding = model.vocab_size * model.d_model
     largest = max(embedding, model.d_model * max(3 * model.d_model, model.d_ff))
     if recipe.zero_stage < 3:
-        return 4 * n_params + 5 * largest
+        return 4 * n_params + 6 * largest
     weight = 2 if recipe.precision == "bf16" else 4
-    return weight * max(embedding, block_parameters(model)) + 5 * largest
+    return weight * max(embedding, block_parameters(model)) + 6 * largest
 
 
 def block_activation_bytes(recipe: Recipe, seq_len: int, micro_batch: int) -> int:

@@ -76,12 +76,22 @@ def world_peak_flops(world: int, peak_tflops: float | None) -> tuple[float | Non
 
 
 def device_memory_row(device: Any) -> dict[str, float]:
-    """The rank's peak memory so far, on a GPU (the most allocated at once since the start)."""
+    """The rank's peak memory in this stage so far, on a GPU (the most allocated at once since
+    the stage began: `reset_device_peak`)."""
     import torch
 
     if device.type != "cuda":
         return {}
     return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
+
+
+def reset_device_peak(device: Any) -> None:
+    """Start the GPU's peak memory count again at a stage's first step: each stage (2,048 then
+    8,192 tokens a sequence) shows its own peak, as `--dry-run` estimates one per stage."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def wait_for_device(device: Any) -> None:

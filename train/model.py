@@ -560,7 +560,9 @@ def truncated_normal_(w: torch.Tensor, std: float) -> None:
         return
     flat = w.view(-1)
     flat.normal_(0.0, std)
-    outside = (flat.abs() > 2 * std).nonzero()[:, 0]
+    outside = flat < -2 * std  # two masks of a byte a value, no fp32 temporary (memory.py)
+    outside |= flat > 2 * std
+    outside = outside.nonzero()[:, 0]
     while len(outside):
         # new_empty: inside deepspeed.zero.Init torch.empty would make the draws bf16
         draws = flat.new_empty(len(outside)).normal_(0.0, std)

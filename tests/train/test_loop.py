@@ -217,9 +217,20 @@ def test_the_manifest_of_a_resumed_run_describes_the_whole_run(full_run, data, t
     recipe = load_recipe("tiny", SMALL)
     run_dir = tmp_path / "started"
     train(recipe, data, run_dir, init_from=full, stop_after_steps=2)
+    first = metrics(run_dir)[0]["loss"]
+    with pytest.raises(LmpipeError, match=r"--init-from .* with --resume: the run continues from its checkpoint"):  # fmt: skip
+        train(recipe, data, run_dir, resume=True, init_from=data.parent / "elsewhere")
     train(recipe, data, run_dir, resume=True)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["init_from"] == str(full)
+
+    # killed before its first checkpoint: the resume starts again from the same weights
+    early = tmp_path / "early"
+    train(recipe, data, early, init_from=full, stop_after_steps=1)
+    shutil.rmtree(early / "checkpoints")
+    train(recipe, data, early, resume=True, stop_after_steps=1)
+    assert metrics(early)[0]["loss"] == pytest.approx(first, abs=1e-6)  # not a fresh model's
+    assert json.loads((early / "plan.json").read_text())["init_from"] == str(full)
 
     killed = tmp_path / "killed"
     shutil.copytree(full, killed, ignore=shutil.ignore_patterns("manifest.json", "model"))

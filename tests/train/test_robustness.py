@@ -456,7 +456,7 @@ def test_a_non_finite_step_that_was_applied_stops_the_run_at_once():
 
 # A healthy run's losses, the window the margin alone stopped it after: the tiny model (d_model 16)
 # at 128 tokens a step (8 x 16) on the stdlib corpus, steps 65-114, rounded; a standard deviation
-# of 0.70 nats, a step-to-step noise of 0.67. Its step 115 had a loss of 5.005, 1.37 above the
+# of 0.70 nats, a step-to-step noise of 0.68. Its step 115 had a loss of 5.005, 1.37 above the
 # window's mean (2 noise widths).
 NOISY = [3.33, 4.0, 3.77, 4.74, 3.91, 4.08, 4.17, 3.98, 3.31, 4.94, 4.24, 4.11, 3.27, 5.04, 4.07,
          4.45, 3.83, 4.32, 4.31, 2.32, 3.53, 2.31, 2.72, 4.78, 3.5, 4.39, 3.17, 3.56, 3.88, 4.05,
@@ -483,7 +483,7 @@ def test_a_small_batch_s_noise_is_not_a_spike(sigmas, loss, stops):
     assert (reason is not None) == stops, reason
     if stops:
         assert reason.startswith("loss spike: ") and "guard.spike_margin = 1" in reason
-        assert ("x noise 0.671" in reason) == (sigmas is not None), reason
+        assert ("x noise 0.678" in reason) == (sigmas is not None), reason
 
 
 def test_step_noise_is_blind_to_a_falling_trend():
@@ -495,8 +495,8 @@ def test_step_noise_is_blind_to_a_falling_trend():
     from lmpipe.train.recipe import GuardConfig
 
     falling = [10.0 - 0.1 * i + 0.05 * (-1) ** i for i in range(50)]  # 10 -> 5, +-0.05 noise
-    assert step_noise(deque(falling)) == pytest.approx(0.1 / 2**0.5, rel=1e-3)  # steps -0.1 +- 0.1
-    assert step_noise(deque([3.0])) == 0.0 and step_noise(deque()) == 0.0
+    assert step_noise(deque(falling)) == pytest.approx(0.1 / 2**0.5, rel=0.02)  # steps -0.1 +- 0.1
+    assert step_noise(deque([3.0, 5.0])) == step_noise(deque([3.0])) == step_noise(deque()) == 0.0
     guard = Guard(GuardConfig(spike_window=50))
     for step, loss in enumerate(falling):
         assert guard.check(step, loss, 1.0, skipped=False) is None
