@@ -221,8 +221,7 @@ def run_case(
     for seq_len in case.seq_lens:
         at = [r for r in rows if r["seq_len"] == seq_len]
         result = {
-            "name": case.name, "recipe": case.recipe, "seq_len": seq_len,
-            "micro_batch": micro_batch[seq_len], "overrides": list(case.overrides),
+            **case_row(case, seq_len, micro_batch[seq_len]),
             "seconds": seconds, "estimate_gb": estimated_gb(case, seq_len, args),
         }  # fmt: skip
         if len(at) < args.steps:
@@ -494,12 +493,17 @@ def main() -> None:
     print(f"gpu_check: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
 
 
+def case_row(case: Case, seq_len: int, micro_batch: int) -> dict:
+    """What a table row says of its case, measured or not."""
+    return {"name": case.name, "recipe": case.recipe, "seq_len": seq_len,
+            "micro_batch": micro_batch, "overrides": list(case.overrides)}  # fmt: skip
+
+
 def skipped(case: Case, why: str) -> list[dict]:
     return [
-        {"name": case.name, "recipe": case.recipe, "seq_len": t,
-         "micro_batch": case.micro_batch_tokens // t, "estimate_gb": None, "error": why}
+        {**case_row(case, t, case.micro_batch_tokens // t), "estimate_gb": None, "error": why}
         for t in case.seq_lens
-    ]  # fmt: skip
+    ]
 
 
 def write_report(report: dict, out: Path) -> None:

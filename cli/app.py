@@ -661,7 +661,6 @@ def coord_check(
 ) -> None:
     """Train a recipe's model at several widths for a few steps and plot each activation's size
     against width: flat under muP, growing under the standard parametrisation."""
-    from lmpipe.dataprep.folders import check_output
     from lmpipe.train.coord_check import CoordCheck
     from lmpipe.train.coord_check import coord_check as run_check
     from lmpipe.train.recipe import load_recipe, recipe_file
@@ -674,12 +673,10 @@ def coord_check(
         )
         raise typer.Exit(2) from None
     recipe_obj = run_stage(load_recipe, recipe, set_ or [])
-    # the stage's own check knows only --data: --overwrite must not delete the recipe file either
-    run_stage(check_output, out, [recipe_file(recipe)])
     params = ("mup", "sp") if param == "both" else (param,)
     check = CoordCheck(
         recipe_obj, width_list, steps=steps, params=params, data=data, batch_size=batch_size,
-        seq_len=seq_len, lr=lr, seed=seed,
+        seq_len=seq_len, lr=lr, seed=seed, recipe_file=recipe_file(recipe),
     )  # fmt: skip
     run_stage(run_check, check, out, overwrite=overwrite)
 
@@ -876,12 +873,8 @@ def scaling(
         if run_dirs or recipe is None or not sizes:
             typer.echo("error: --family takes --recipe and --sizes, not run folders", err=True)
             raise typer.Exit(2)
-        from lmpipe.dataprep.folders import check_output
-        from lmpipe.train.recipe import recipe_file
         from lmpipe.train.scaling import family as write_family
 
-        # --overwrite replaces the output folder: refuse one that is or holds the base recipe
-        run_stage(check_output, out, [recipe_file(recipe)])
         size_list = [s for s in sizes.split(",") if s.strip()]
         run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, count=count, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
         return

@@ -52,6 +52,7 @@ class CoordCheck:
     seq_len: int | None = None
     lr: float | None = None
     seed: int = 0
+    recipe_file: Path | None = None  # the recipe's file, if it came from one: read, never touched
 
     @property
     def widths_sorted(self) -> tuple[int, ...]:
@@ -183,7 +184,7 @@ def coord_check(check: CoordCheck, out: Path, *, overwrite: bool = False) -> dic
     data = batches(check, check.recipe.model.vocab_size)
     results: dict[str, Any] = {}
     console = Console(stderr=True)
-    with staged_output(Path(out), stage="coord-check", reads=[check.data], overwrite=overwrite) as work:  # fmt: skip
+    with staged_output(Path(out), stage="coord-check", reads=[check.data, check.recipe_file], overwrite=overwrite) as work:  # fmt: skip
         for param in check.params:
             per_width = {}
             for width in check.widths_sorted:

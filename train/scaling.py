@@ -36,7 +36,7 @@ import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import read_manifest, staged_output, write_json_atomic, write_manifest
-from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_yaml
+from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_file, recipe_yaml
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import heads_for
 
@@ -455,7 +455,8 @@ def family(
     if len(set(names)) != len(names):
         raise LmpipeError(f"--sizes: two sizes give the same recipe ({', '.join(names)})")
     rows = []
-    with staged_output(Path(out), stage="scaling-family", reads=[], overwrite=overwrite) as work:
+    reads = [recipe_file(base_name)]  # a base recipe inside `out`: --overwrite must not delete it
+    with staged_output(Path(out), stage="scaling-family", reads=reads, overwrite=overwrite) as work:
         for recipe in members:
             plan = make_plan(recipe)
             n = count_parameters(recipe.model)
