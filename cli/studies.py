@@ -1,0 +1,272 @@
+"""The study commands: `mup coord-check`, `sweep`, `scaling` (tune a proxy, transfer, fit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmpipe.cli.stage import Overwrite, run_stage
+from lmpipe.dataprep.errors import LmpipeError
+
+
+def coord_check(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name or a YAML file (its model).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: coord.json, coord.png.")],
+    widths: Annotated[
+        str, typer.Option(help="Comma-separated d_model values (multiples of the head size).")
+    ] = "128,256,512,1024",
+    steps: Annotated[int, typer.Option(help="AdamW steps per width.")] = 10,
+    param: Annotated[
+        str, typer.Option(help="mup, sp (the same model with every muP multiplier 1) or both.")
+    ] = "both",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Token folder whose training split gives the batches (default: seeded random tokens)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value: --set model.n_layers=2 (repeatable)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(help="Tokens per sequence (default: the first stage's, at most 256)."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Base learning rate, constant (default: a tenth of the recipe's eta_base)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the initialisation and the random tokens.")
+    ] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train a recipe's model at several widths for a few steps and plot each activation's size
+    against width: flat under muP, growing under the standard parametrisation."""
+    from lmpipe.train.coord_check import CoordCheck
+    from lmpipe.train.coord_check import coord_check as run_check
+    from lmpipe.train.recipe import load_recipe, recipe_file
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(",") if w.strip())
+    except ValueError:
+        typer.echo(
+            f"error: --widths {widths!r}: comma-separated integers, e.g. 128,256,512", err=True
+        )
+        raise typer.Exit(2) from None
+    recipe_obj = run_stage(load_recipe, recipe, set_ or [])
+    params = ("mup", "sp") if param == "both" else (param,)
+    check = CoordCheck(
+        recipe_obj, width_list, steps=steps, params=params, data=data, batch_size=batch_size,
+        seq_len=seq_len, lr=lr, seed=seed, recipe_file=recipe_file(recipe),
+    )  # fmt: skip
+    run_stage(run_check, check, out, overwrite=overwrite)
+
+
+def _split(option: str, text: str | None, kind: type) -> tuple:
+    """A comma-separated option (`--widths 128,256`) as a tuple of `kind`."""
+    if not text:
+        return ()
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LmpipeError(f"{option} {text!r}: comma-separated {kind.__name__}s") from None
+
+
+def sweep(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(help="A finished sweep folder, with --best: read its best point."),
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="A shipped recipe name (proxy) or a YAML file.")
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Token folder, or NAME=PATH:WEIGHT sources (as lmpipe train)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Sweep folder: runs/, sweep.json, sweep.csv, sweep.png."),
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=START:STOP:xFACTOR, KEY=START:STOP:+STEP or KEY=V1,V2 (numbers may be "
+            "2^-10); repeated: every combination."
+        ),
+    ] = None,
+    space: Annotated[
+        list[str] | None,
+        typer.Option(help="Random search: KEY=loguniform:LOW:HIGH or KEY=uniform:LOW:HIGH."),
+    ] = None,
+    random: Annotated[int, typer.Option(help="Random points drawn from --space.")] = 0,
+    widths: Annotated[
+        str | None,
+        typer.Option(help="d_model values, each a muP model of that width (base shapes kept)."),
+    ] = None,
+    densities: Annotated[
+        str | None, typer.Option(help="model.density values (sparse muP), e.g. 1,0.5,0.25.")
+    ] = None,
+    param: Annotated[
+        str | None,
+        typer.Option(
+            help="mup, sp, mup-uncorrected (muP without SμPar's density correction) or a list: "
+            "mup,sp (default: the recipe's parametrisation)."
+        ),
+    ] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per point (stages and warmup scaled alike; default the recipe's)."
+        ),
+    ] = None,
+    val_tokens: Annotated[
+        int | None,
+        typer.Option(help="Held-out tokens scored at the end of each point (default 65,536)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random search's draws.")] = 0,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "-j", "--jobs", help="Points at once: processes sharing the CPUs, or one per GPU."
+        ),
+    ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (processes here) or ray (Ray tasks: the cluster at RAY_ADDRESS, else a "
+            "local instance of -j CPUs; one GPU a point where the cluster has GPUs)."
+        ),
+    ] = "local",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value for every point (repeatable)."),
+    ] = None,
+    best: Annotated[
+        bool, typer.Option("--best", help="Read FOLDER's best muP point (base values).")
+    ] = False,
+    write_recipe: Annotated[
+        Path | None,
+        typer.Option(help="With --best: write --target with the best base values as a recipe."),
+    ] = None,
+    print_set: Annotated[
+        bool, typer.Option("--print-set", help="With --best: print the values as --set options.")
+    ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(help="With --best: the recipe to transfer to (default: the sweep's)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train a recipe at every point of a grid or random search (and widths, densities, SP/muP);
+    resumable. With FOLDER --best: muP-transfer the best point's base values to a recipe."""
+    from lmpipe.train.data import parse_data
+
+    if best or folder is not None:
+        if folder is None or not best or recipe or out:
+            typer.echo(
+                "error: read a sweep with `lmpipe sweep FOLDER --best`; run one with "
+                "`lmpipe sweep --recipe R -o OUT ...`",
+                err=True,
+            )
+            raise typer.Exit(2)
+        from lmpipe.train.transfer import sweep_best
+
+        run_stage(sweep_best, folder, target=target, write_recipe=write_recipe, print_set=print_set, overwrite=overwrite)  # fmt: skip
+        return
+    if recipe is None or out is None or write_recipe or print_set or target:
+        typer.echo(
+            "error: a sweep needs --recipe and -o (--write-recipe, --print-set and --target go "
+            "with FOLDER --best)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from lmpipe.train.sweep import sweep as run_sweep
+    from lmpipe.train.sweep_plan import SweepSettings, parse_grid, parse_space
+
+    def settings() -> SweepSettings:
+        sources = parse_data(data or [])
+        return SweepSettings(
+            recipe=recipe, data=tuple(sources) if isinstance(sources, list) else sources,
+            overrides=tuple(set_ or []), grid=tuple(parse_grid(g) for g in grid or []),
+            space=tuple(parse_space(s) for s in space or []), random=random,
+            widths=_split("--widths", widths, int), densities=_split("--densities", densities, float),
+            params=_split("--param", param, str), tokens=tokens, val_tokens=val_tokens, seed=seed,
+            jobs=jobs, engine=engine,
+        )  # fmt: skip
+
+    run_stage(run_sweep, run_stage(settings), out, overwrite=overwrite)
+
+
+def scaling(
+    run_dirs: Annotated[
+        list[Path] | None, typer.Argument(help="Finished run folders to fit.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Output folder: fit.json, fit.png (or the recipes)."),
+    ] = None,
+    published: Annotated[
+        str | None, typer.Option(help="Also plot a published fit: cerebras-gpt.")
+    ] = None,
+    loss: Annotated[
+        str,
+        typer.Option(help="heldout (the last validation) or train (the last tenth of steps)."),
+    ] = "heldout",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap draws over runs.")] = 1000,
+    family: Annotated[
+        bool,
+        typer.Option("--family", help="Write a compute-optimal family of recipes instead."),
+    ] = False,
+    sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="--family: widths (768) or parameter counts (111M, 1.3B), comma-separated."
+        ),
+    ] = None,
+    tokens_per_param: Annotated[
+        float, typer.Option(help="--family: training tokens a parameter (Chinchilla: 20).")
+    ] = 20.0,
+    count: Annotated[
+        str,
+        typer.Option(
+            help="--family: count parameters in all (total, as Chinchilla and Cerebras-GPT) or "
+            "without embeddings (non-embedding, Kaplan's N)."
+        ),
+    ] = "total",
+    recipe: Annotated[
+        str | None, typer.Option(help="--family: the base recipe (shipped name or YAML file).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="--family: override a base recipe value (repeatable)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fit L(f) = (f/a)^b + c to finished runs' loss against training FLOPs; or, with --family,
+    write compute-optimal recipes of several sizes from a base recipe."""
+    if out is None:
+        typer.echo("error: -o is required (the output folder)", err=True)
+        raise typer.Exit(2)
+    if family:
+        if run_dirs or recipe is None or not sizes:
+            typer.echo("error: --family takes --recipe and --sizes, not run folders", err=True)
+            raise typer.Exit(2)
+        from lmpipe.train.scaling import family as write_family
+
+        size_list = [s for s in sizes.split(",") if s.strip()]
+        run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, count=count, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
+        return
+    if recipe or sizes or set_:
+        typer.echo("error: --recipe, --sizes and --set go with --family", err=True)
+        raise typer.Exit(2)
+    from lmpipe.train.scaling import scaling as run_scaling
+
+    run_stage(run_scaling, run_dirs or [], out, published=published, loss=loss, samples=bootstrap, overwrite=overwrite)  # fmt: skip
