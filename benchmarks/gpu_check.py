@@ -393,7 +393,7 @@ def check_eval_lengths(
 
 
 # Matmuls (M, K, N) whose odd size the models cannot choose, beside the same matmul padded to a
-# multiple of 128: GPT-2's vocabulary (the chunked loss pads it: model.py, VOCAB_ALIGN) and
+# multiple of 128: GPT-2's vocabulary (the chunked loss pads it: loss.py, VOCAB_ALIGN) and
 # BTLM's d_ff of 6,826 (floor(8/3 x 2,560), fixed by its checkpoints; not padded). Their TFLOP/s
 # say whether padding d_ff, exactly (zero rows stay zero under SwiGLU), would be worth its cost.
 ALIGNMENT = (

@@ -162,7 +162,7 @@ def head_bytes(recipe: Recipe, seq_len: int, micro_batch: int) -> int:
     a, n, V, d = activation_size(recipe), seq_len * micro_batch, model.vocab_size, model.d_model
     if model.loss_impl == "plain":
         return a * n * d + a * n * d + (a + 8) * n * V  # ln_f's and the unembedding's inputs
-    from lmpipe.train.model import VOCAB_ALIGN  # torch import, only when planning
+    from lmpipe.train.loss import VOCAB_ALIGN  # torch import, only when planning
 
     chunk, P = min(model.loss_chunk_tokens, n), -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
     return a * n * d + a * n * d + a * V * d + 4 * V * d + a * P * d + (4 + 2 * a) * chunk * P

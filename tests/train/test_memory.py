@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from typer.testing import CliRunner
 
 from lmpipe.cli.app import app
@@ -108,14 +109,15 @@ def test_dry_run_prints_the_memory_table_for_a_planned_world_size():
 
 
 def live_bytes() -> dict[int, int]:
-    """Every CPU tensor's storage the interpreter can reach: address -> bytes."""
+    """Every CPU tensor's storage the interpreter can reach: address -> bytes (torch.compile's
+    caches keep fake tensors, which have no storage, from tests that ran before)."""
     gc.collect()
     found = {}
     with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated objects
         warnings.simplefilter("ignore", FutureWarning)
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for tensor in tensors:
-        if tensor.device.type == "cpu":
+        if tensor.device.type == "cpu" and not is_fake(tensor):
             storage = tensor.untyped_storage()
             found[storage.data_ptr()] = storage.nbytes()
     return found

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.train.model import GPT, IGNORE, chunked_cross_entropy
+from lmpipe.train.data import IGNORE
+from lmpipe.train.loss import chunked_cross_entropy
+from lmpipe.train.model import GPT
 from lmpipe.train.recipe import ModelConfig, load_recipe, recipe_yaml
 from tests.train.test_loop import SMALL as LOOP_SMALL
 from tests.train.test_model import tiny_config
@@ -127,7 +129,7 @@ def test_chunked_loss_multiplies_by_a_vocabulary_padded_to_128_and_masks_the_pad
     """GPT-2's 50,257 rows become 50,304 for the matmuls (aligned GPU kernels); the padded
     logits take no probability: loss and gradients equal the plain ones, and the gradient of the
     weight keeps its [V, D] shape."""
-    from lmpipe.train.model import ChunkedCrossEntropy, softmax_step
+    from lmpipe.train.loss import ChunkedCrossEntropy, softmax_step
 
     N, V, D = 96, 50257, 16
     g = torch.Generator().manual_seed(0)
