@@ -11,15 +11,22 @@ mostly, and beside the measured peak `lmpipe train --dry-run`'s estimate of it) 
 run's metrics.jsonl, the first `--warmup` steps of each length left out, and written as
 gpu_check.json and gpu_check.md under `--out` after every case: a device call cut short still
 returns what was measured. A length a run did not finish (out of memory, say) is a row with its
-error; the other cases still run. Each run is killed once it has its steps: a benchmark needs
-no checkpoint (BTLM-3B's would be ~40 GB). `--budget SECONDS` fits the whole script into a
-device call: each case gets its share of the time left, and none starts with under a minute.
-Before the runs, three kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against
-SDPA with an ALiBi bias, forward and backward in bf16 at BTLM's heads (32 x 80), error and
+error (the run log's last lines in the JSON); the other cases still run. Each run is killed
+once it has its steps: a benchmark needs no checkpoint (BTLM-3B's would be ~40 GB). `--budget
+SECONDS` fits the whole script into a device call: each case gets its share of the time left,
+and none starts with under a minute. A stopped script (SIGTERM, Ctrl-C) kills its run, which
+shares its session, and writes what it measured. `--out` receives only the report and a copy of
+each run's metrics.jsonl (a device call returns at most 8 files); the corpus, the token folder,
+the runs and their logs go to `--work` (default /tmp/lmpipe-gpu-check). Every case's recipe and
+`--set` are checked before anything runs.
+Before the runs, in a child process (its GPU memory freed when it ends, before training needs
+the card), three kernel checks: FlexAttention (ALiBi score_mod, causal block mask) against SDPA
+with an ALiBi bias, forward and backward in bf16 at BTLM's heads (32 x 80), error and
 milliseconds (DESIGN.md measured 2.24 / 5.63 ms flex, 3.78 / 13.1 ms SDPA at 4 x 2,048 / 1 x
-8,192 on an H100); and the compiled FlexAttention path over 20 sequence lengths, counting
-distinct compiled lengths (padding buckets keep it <= 8, Dynamo's recompile limit); and the
-TFLOP/s of the models' odd-sized matmuls against the same padded (`ALIGNMENT`).
+8,192 on an H100); the compiled FlexAttention path over 20 sequence lengths, with the graphs
+Dynamo compiled for them (padding buckets keep it <= 8, Dynamo's recompile limit); and the
+TFLOP/s of the models' odd-sized matmuls against the same padded (`ALIGNMENT`). A failure there
+is recorded in the report, and the training runs still go.
 
 On the GPU machine (no internet). Here, first: the wheels it lacks and lmpipe's own, built from
 this tree (the machine's setuptools may be older than the 77 the project's metadata needs; 65
@@ -31,7 +38,7 @@ and there:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site \\
-      && TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check --budget 420
+      && PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken python3 benchmarks/gpu_check.py --out $OUT/gpu_check --budget 420
 
 (a lent machine's session has 15 minutes in all, its start included, and 10 a call: one call
 with `timeout_s` 560 leaves the install a minute and the script 7). The machine's image has torch,
@@ -188,7 +195,8 @@ def run_case(
     case: Case, tokens: Path, run_dir: Path, args: argparse.Namespace, timeout: float
 ) -> list[dict]:
     """Train the case until its metrics hold `steps` rows at every length, then kill it; a row
-    of the table per length (an error row for a length it did not finish)."""
+    of the table per length (an error row for a length it did not finish). The run's
+    metrics.jsonl is copied to `--out` (its run folder stays in `--work`)."""
     command = lmpipe(
         "train", "--recipe", case.recipe, "--data", str(tokens), "--run-dir", str(run_dir),
         "--no-verify-data",
@@ -197,22 +205,32 @@ def run_case(
         command += ["--set", override]
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run, of an earlier call
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.with_suffix(".log")
+    log = run_dir.parent / f"{run_dir.name}.log"
     wanted = args.steps * len(case.seq_lens)
     started = time.perf_counter()
     with log.open("w") as out:
+        # Its own process group, to kill the whole run (DeepSpeed's workers too), but the same
+        # session: a device call that ends or is killed takes it along; a new session would train
+        # on, checkpoint (BTLM-3B: ~40 GB) and hold the GPU from a rerun.
         child = subprocess.Popen(
-            command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=child_env(), stdout=out, stderr=subprocess.STDOUT, process_group=0
         )
-        while child.poll() is None and len(metrics_rows(run_dir)) < wanted:
-            if time.perf_counter() - started > timeout:
-                break
-            time.sleep(1)
-        if child.poll() is None:  # its steps are in (or time is up): no checkpoint, no export
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+        stopped = False
+        try:
+            while child.poll() is None and len(metrics_rows(run_dir)) < wanted:
+                if time.perf_counter() - started > timeout:
+                    break
+                time.sleep(1)
+        except KeyboardInterrupt:  # this script is stopped: the rows so far, then stop
+            stopped = True
+        finally:  # its steps are in, or time is up: no checkpoint, no export
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
     seconds = round(time.perf_counter() - started, 1)
     rows = metrics_rows(run_dir)
+    with contextlib.suppress(OSError):
+        shutil.copyfile(run_dir / "metrics.jsonl", args.out / f"{run_dir.name}.metrics.jsonl")
     micro_batch = {t: case.micro_batch_tokens // t for t in case.seq_lens}
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # as the run planned it
         plan = json.loads((run_dir / "plan.json").read_text())  # (a --set may change it)
@@ -222,23 +240,42 @@ def run_case(
         at = [r for r in rows if r["seq_len"] == seq_len]
         result = {
             **case_row(case, seq_len, micro_batch[seq_len]),
-            "seconds": seconds, "estimate_gb": estimated_gb(case, seq_len, args),
+            "seconds": seconds, "estimate_gb": args.estimates[case.name, seq_len],
         }  # fmt: skip
         if len(at) < args.steps:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            error = f"{len(at)} of {args.steps} steps in {seconds:g} s; " + " | ".join(tail)
-            results.append({**result, "error": error})
+            tail = log_tail(log, 40)
+            error = f"{len(at)} of {args.steps} steps in {seconds:g} s; " + " | ".join(tail[-3:])
+            results.append({**result, "error": error, "log_tail": tail})
         else:
             step_tokens = case.micro_batch_tokens * args.accum
             results.append(
                 {**result, **summarise(at[: args.warmup], at[args.warmup :], step_tokens)}
             )
+    if stopped:
+        raise Interrupted(results)
     return results
+
+
+class Interrupted(KeyboardInterrupt):
+    """The script was stopped during a case: the rows of what that case measured."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__()
+        self.rows = rows
+
+
+def log_tail(log: Path, lines: int) -> list[str]:
+    """A failed run's last lines, kept in the report: the run folder does not come back from a
+    device call (only a few files under $OUT do)."""
+    with contextlib.suppress(OSError):
+        return log.read_text(errors="replace").strip().splitlines()[-lines:]
+    return []
 
 
 def estimated_gb(case: Case, seq_len: int, args: argparse.Namespace) -> float:
     """`lmpipe train --dry-run`'s estimate of the peak memory at one length, in GB as
-    peak_memory_gb."""
+    peak_memory_gb. Computed for every case before anything runs: it loads each case's recipe
+    with `--set`, so a mistyped override stops the script before the device time goes."""
     from lmpipe.train.memory import estimate_memory
     from lmpipe.train.plan import make_plan
     from lmpipe.train.recipe import load_recipe
@@ -295,7 +332,19 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
 def markdown(report: dict) -> str:
     lines = [f"lmpipe train on {report['device']}", "", "| " + " | ".join(COLUMNS) + " |"]
     lines.append("|" + "---|" * len(COLUMNS))
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["training"])]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report.get("training", []))]
+    if report.get("interrupted"):
+        lines += ["", f"Interrupted: {report['interrupted']}."]
+    if report.get("attention"):
+        lines += ["", "| attention (batch x seq_len) | rel. error | flex fwd+bwd ms | SDPA+bias fwd+bwd ms |"]  # fmt: skip
+        lines.append("|---|---|---|---|")
+        for r in report["attention"]:
+            ms = [f"{r[k]:.2f}" if k in r else "-" for k in ("flex_fwd_bwd_ms", "sdpa_fwd_bwd_ms")]
+            lines.append(f"| {r['batch']} x {r['seq_len']:,} | {r['forward_rel_error']:.1e} | {' | '.join(ms)} |")  # fmt: skip
+    if report.get("eval_lengths"):
+        e = report["eval_lengths"]
+        lines += ["", f"Evaluation lengths: {e['lengths']} lengths, {e['padded_lengths']} padded, "
+                  f"{e['compiled_graphs']} graphs compiled (Dynamo's limit: 8)."]  # fmt: skip
     if report.get("alignment"):
         lines += [
             "",
@@ -308,6 +357,9 @@ def markdown(report: dict) -> str:
                 f"| {r['what']} {tuple(odd['shape'])} | {odd['tflops']:.1f} | "
                 f"{aligned['tflops']:.1f} ({tuple(aligned['shape'])}) |"
             )
+    if report.get("kernel_error"):
+        error = report["kernel_error"]
+        lines += ["", "Kernel checks failed: " + (error if isinstance(error, str) else error[-1])]
     return "\n".join(lines) + "\n"
 
 
@@ -378,18 +430,26 @@ def attention_case(
 def check_eval_lengths(
     device: str, dtype: torch.dtype, heads: int, d_head: int, lengths: list[int]
 ) -> dict:
+    """Evaluation's many lengths through FlexAttention: the graphs Dynamo compiled for them
+    (its own count; padding buckets keep it within its recompile limit of 8, above which it falls
+    back to an unfused kernel). On a CPU nothing is compiled (the unfused kernel is the path)."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     slopes = alibi_slopes(heads).to(device)
-    padded = set()
     with torch.no_grad():
         for T in lengths:
             q = torch.randn(1, heads, T, d_head, device=device, dtype=dtype)
             out = flex_alibi_attention(q, q, q, slopes, 1 / d_head)
             assert out.shape[2] == T
-            padded.add(max(128, 1 << (T - 1).bit_length()))
-    return {"lengths": len(lengths), "compiled_lengths": len(padded)}
+    padded = {max(128, 1 << (T - 1).bit_length()) for T in lengths}
+    return {
+        "lengths": len(lengths),
+        "padded_lengths": len(padded),
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+    }
 
 
 # Matmuls (M, K, N) whose odd size the models cannot choose, beside the same matmul padded to a
@@ -437,9 +497,41 @@ def kernel_checks(cuda: bool) -> dict:
     }
 
 
-def main() -> None:
+def run_kernel_checks(cuda: bool, work: Path, timeout: float) -> dict:
+    """`kernel_checks` in a child process, whose GPU memory is freed when it ends: the caching
+    allocator keeps what a process freed (the 8,192-token SDPA check's ALiBi bias alone peaks
+    near 17.5 GB), and the training runs after it need the whole card. A failure is recorded, and
+    the training runs still go."""
+    result = work / "kernels.json"
+    result.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--kernels-only", str(result)]
+    if not cuda:
+        command.append("--cpu-smoke")
+    try:
+        done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"kernel_error": f"kernel checks timed out after {timeout:g} s"}
+    if done.returncode != 0 or not result.is_file():
+        return {"kernel_error": (done.stderr or done.stdout).strip().splitlines()[-20:]}
+    return json.loads(result.read_text())
+
+
+def device_name(cuda: bool) -> str:
+    """The GPU's name, asked in a child process: this one never opens a CUDA context, which
+    would hold GPU memory the training runs need."""
+    if not cuda:
+        return "cpu"
+    command = [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"]
+    return subprocess.run(command, capture_output=True, text=True).stdout.strip() or "cuda"
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the report and runs")
+    parser.add_argument("--out", type=Path, help="folder for the report (and each run's metrics)")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/lmpipe-gpu-check"),
+        help="folder for the corpus, the token folder, the runs and their logs",
+    )  # fmt: skip
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model, on the CPU")
     parser.add_argument("--cases", default="", help="e.g. 111M,BTLM-3B@8192 (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per length")
@@ -447,17 +539,29 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=4, help="micro-steps per optimizer step")
     parser.add_argument("--set", action="append", default=[], help="override for every case")
     parser.add_argument("--corpus-mb", type=float, default=None, help="text to tokenize")
-    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument("--case-timeout", type=float, default=540.0, help="seconds per case")
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds for the whole script: a case gets "
         "what is left (its share, when cases remain), and none starts with under a minute"
     )  # fmt: skip
     parser.add_argument("--skip-kernels", action="store_true", help="only the training runs")
+    parser.add_argument("--kernels-only", type=Path, help=argparse.SUPPRESS)  # the child's JSON
     args = parser.parse_args()
+    if args.out is None and args.kernels_only is None:
+        parser.error("--out is required")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --cpu-smoke")
+    if args.kernels_only:  # the child of run_kernel_checks
+        report = {"device": torch.cuda.get_device_name() if cuda else "cpu", **kernel_checks(cuda)}
+        args.kernels_only.write_text(json.dumps(report, indent=2) + "\n")
+        return
     args.steps = args.steps or (4 if args.cpu_smoke else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 3)
     if args.warmup >= args.steps:
@@ -465,31 +569,53 @@ def main() -> None:
     cases = smoke_cases() if args.cpu_smoke else gpu_cases()
     if args.cases:
         cases = select(cases, args.cases)
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    report: dict = {"device": device, "torch": torch.__version__, "steps": args.steps,
-                    "warmup": args.warmup, "accum": args.accum, "set": args.set}  # fmt: skip
+    from lmpipe.dataprep.errors import LmpipeError
+
+    try:
+        args.estimates = {(c.name, t): estimated_gb(c, t, args) for c in cases for t in c.seq_lens}
+    except LmpipeError as e:
+        raise SystemExit(f"gpu_check: {e}") from None
+    # A stopped script (the device call's time limit sends SIGTERM) kills its run and still
+    # writes the report of what it measured.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.skip_kernels:
-        report.update(kernel_checks(cuda))
-    corpus = make_corpus(args.out / "corpus", args.corpus_mb or (0.3 if args.cpu_smoke else 16))
-    tokens = args.out / "tokens"
-    if not tokens.is_dir():
-        tokenize(corpus, tokens)
-    report["training"] = []
-    for i, case in enumerate(cases):
-        timeout = args.case_timeout
-        if args.budget is not None:  # a device call's time is short: every case gets a share
-            left = args.budget - (time.perf_counter() - started)
-            if left < 60:
-                report["training"] += skipped(case, f"not started: {left:.0f} s of --budget left")
-                continue
-            timeout = min(timeout, left / (len(cases) - i) if i < len(cases) - 1 else left)
-        run_dir = args.out / "runs" / f"{i}-{case.recipe}"
-        report["training"] += run_case(case, tokens, run_dir, args, timeout)
-        # written after every case: a device call cut short still returns what was measured
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": None, "torch": torch.__version__, "steps": args.steps,
+                    "warmup": args.warmup, "accum": args.accum, "set": args.set}  # fmt: skip
+    try:
+        if not args.skip_kernels:
+            timeout = 240.0 if args.budget is None else max(60.0, args.budget / 4)
+            report.update(run_kernel_checks(cuda, args.work, timeout))
+        report["device"] = report["device"] or device_name(cuda)
         write_report(report, args.out)
+        corpus = make_corpus(
+            args.work / "corpus", args.corpus_mb or (0.3 if args.cpu_smoke else 16)
+        )
+        tokens = args.work / "tokens"
+        if not (tokens / "manifest.json").is_file():
+            tokenize(corpus, tokens)
+        report["training"] = []
+        for i, case in enumerate(cases):
+            timeout = args.case_timeout
+            if args.budget is not None:  # a device call's time is short: every case gets a share
+                left = args.budget - (time.perf_counter() - started)
+                if left < 60:
+                    report["training"] += skipped(
+                        case, f"not started: {left:.0f} s of --budget left"
+                    )
+                    continue
+                timeout = min(timeout, left / (len(cases) - i) if i < len(cases) - 1 else left)
+            run_dir = args.work / "runs" / f"{i}-{case.recipe}"
+            report["training"] += run_case(case, tokens, run_dir, args, timeout)
+            # written after every case: a device call cut short still returns what was measured
+            write_report(report, args.out)
+    except KeyboardInterrupt as e:
+        report.setdefault("training", []).extend(getattr(e, "rows", []))
+        report["interrupted"] = f"stopped after {time.perf_counter() - started:.0f} s"
+        write_report(report, args.out)
+        raise SystemExit(f"gpu_check: interrupted; what was measured is in {args.out}") from None
     write_report(report, args.out)
-    print_table(report["training"], device)
+    print_table(report["training"], report["device"])
     print(f"gpu_check: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
 
 
@@ -507,8 +633,12 @@ def skipped(case: Case, why: str) -> list[dict]:
 
 
 def write_report(report: dict, out: Path) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report))
+    """gpu_check.json and gpu_check.md, each replaced whole (never left half-written)."""
+    for name, text in (("gpu_check.json", json.dumps(report, indent=2) + "\n"),
+                       ("gpu_check.md", markdown(report))):  # fmt: skip
+        part = out / f"{name}.partial"
+        part.write_text(text)
+        part.replace(out / name)
 
 
 if __name__ == "__main__":
