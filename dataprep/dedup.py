@@ -61,7 +61,7 @@ from lmpipe.dataprep.dedup_steps import (  # noqa: F401
 from lmpipe.dataprep.documents import find_inputs, print_invalid
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
-    OWNER,
+    clear_folder,
     lmpipe_version,
     sha256_file,
     staged_output,
@@ -168,9 +168,7 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
             return state
     except ValueError:  # unreadable (not JSON, not UTF-8): not this run's, so start afresh
         pass
-    for entry in work.iterdir():
-        if entry.name != OWNER:  # the mark that lmpipe made this folder stays
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    clear_folder(work)  # the marks that lmpipe made this folder, and holds it, stay
     subs = ("scan", "exact", "lsh", "pairs", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
     for sub in subs:
         (state / sub).mkdir(parents=True)
@@ -208,6 +206,7 @@ def dedup(
         )
     inputs = [Path(p) for p in inputs]
     files = find_inputs(inputs)
+    sources = [source_of(f, inputs) for f in files]
     evals = find_inputs(decontaminate) if decontaminate else []
     out = Path(out)
     manifest_settings = settings.manifest()
@@ -218,7 +217,12 @@ def dedup(
         # Not an output setting, but it sets the partitions and pair buckets the units write.
         "part_entries": settings.part_entries,
         "settings": manifest_settings,
-        "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        # The names too (as given, and each file's source): the finished units' markers hold
+        # them, and the same files named another way must not resume into the first names.
+        "inputs": [
+            [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns, str(f), source]
+            for f, source in zip(files, sources, strict=True)
+        ],
         "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
     }
     err = Console(stderr=True)
@@ -240,7 +244,7 @@ def dedup(
                     state,
                     files,
                     settings,
-                    [source_of(f, inputs) for f in files],
+                    sources,
                     evals,
                 )
         except LmpipeError:
@@ -281,6 +285,13 @@ def _steps(
     """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs, cluster sizes
     and each input's invalid lines (count and first examples)."""
     n = range(len(files))
+    # The eval data first: it does not depend on the corpus, and a bad eval file under --strict
+    # must stop the run before hours of dedup, not after.
+    eval_info = _run_step(
+        runner, bar, "eval data", kept_steps.eval_file,
+        [(state, e, path.resolve(), s) for e, path in enumerate(evals)],
+        [steps.marker(state, "evals", e) for e in range(len(evals))],
+    )  # fmt: skip
     scans = _run_step(
         runner, bar, "fix, normalise" + (", MinHash" if s.near else ""), steps.scan_file,
         [(state, f, files[f].resolve(), s) for f in n],
@@ -300,11 +311,6 @@ def _steps(
         sizes, units = _near_steps(runner, bar, state, s, listed, docs * s.bands_rows[0])
     names = [str(f) for f in files]
     decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s, sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
-    eval_info = _run_step(
-        runner, bar, "eval data", kept_steps.eval_file,
-        [(state, e, path.resolve(), s) for e, path in enumerate(evals)],
-        [steps.marker(state, "evals", e) for e in range(len(evals))],
-    )  # fmt: skip
     if s.decontaminate_ngrams:
         _run_step(runner, bar, "eval n-grams", kept_steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
         _run_step(

@@ -10,11 +10,17 @@ A stage never writes into what it reads: an output that is, contains or lies ins
 refused before anything is touched (`check_output`), and `--overwrite` only ever deletes an empty
 folder or an earlier output of the same stage (`made_by`: its manifest names the stage); a
 `.partial` work folder is only deleted when its `.lmpipe-owner` file names the stage (`owned_by`).
+A run holds an exclusive lock on its `.partial` folder (`.lmpipe-lock`, flock) from before it
+clears it until it is published: a second run for the same output (a double launch, a retry of a
+job still running) stops with one line instead of deleting the first one's files under it.
+`--overwrite` moves the old output aside (`<out>.replaced`) before the new one is renamed in, so a
+kill at any moment leaves either output whole, never a manifest beside missing parts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -98,11 +104,18 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def replaced_path(out: Path) -> Path:
+    """Where `--overwrite` moves the old output while the new one is renamed in."""
+    return out.with_name(out.name + ".replaced")
+
+
 # --- outputs never touch inputs --------------------------------------------------------------
 
 # A folder lmpipe creates for work in progress (`<out>.partial/`, the demo's folder) holds this
 # file naming the stage, so that lmpipe only ever deletes a folder it made itself.
 OWNER = ".lmpipe-owner"
+# The file a running stage holds an flock on, in its `.partial` folder (`lock_folder`).
+LOCK = ".lmpipe-lock"
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -143,6 +156,7 @@ def check_output(out: Path, reads: Iterable[Path | None], what: str = "output fo
     for target, name in (
         (out, what),
         (partial_path(out), f"work folder {partial_path(out)} of the {what}"),
+        (replaced_path(out), f"folder {replaced_path(out)} that --overwrite uses"),
     ):
         for read in reads:
             if read is None:
@@ -175,7 +189,37 @@ def owned_by(folder: Path, stage: str) -> bool:
     owner = folder / OWNER
     if owner.is_file() and not owner.is_symlink():
         return owner.read_text(encoding="utf-8", errors="replace").strip() == stage
-    return not any(folder.iterdir())
+    return all(p.name == LOCK for p in folder.iterdir())  # empty, or a run's lock before its mark
+
+
+def clear_folder(folder: Path) -> None:
+    """Empty a work folder, keeping lmpipe's marks (its owner, and the lock a run holds)."""
+    for entry in folder.iterdir():
+        if entry.name not in (OWNER, LOCK):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path, stage: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for the block; another holder
+    (a second run for the same output) is one line. flock: released by the kernel when the
+    process dies, so a killed run leaves no stale lock."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise LmpipeError(f"{folder}: cannot be created ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmpipeError(
+                f"{folder}: another `lmpipe {stage}` is writing this output now; wait for it "
+                "or stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def made_by(folder: Path, stage: str) -> bool:
@@ -228,25 +272,37 @@ def staged_output(
             what = "a finished lmpipe output" if is_finished(out) else "in the way"
             raise LmpipeError(f"{out}: already exists ({what}); pass --overwrite to replace it")
         check_replaceable(out, stage)
+    aside = replaced_path(out)
+    if (aside.exists() or aside.is_symlink()) and not made_by(aside, stage):
+        raise LmpipeError(
+            f"{aside}: exists and was not made by `lmpipe {stage}`; remove or rename it"
+        )
     work = partial_path(out)
-    if work.exists() or work.is_symlink():
-        if not owned_by(work, stage):
-            raise LmpipeError(
-                f"{work}: exists and was not made by `lmpipe {stage}`; remove or rename it"
-            )
+    if (work.exists() or work.is_symlink()) and not owned_by(work, stage):
+        raise LmpipeError(
+            f"{work}: exists and was not made by `lmpipe {stage}`; remove or rename it"
+        )
+    with lock_folder(work, stage):
         if not resume:
-            shutil.rmtree(work)
-    claim_folder(work, stage)
-    try:
-        yield work
-    except BaseException:
-        if not resume:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if not is_finished(work):
-        raise RuntimeError(f"stage wrote no {MANIFEST} into {work}")  # a bug, not user input
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-    # After the rename: until then the work folder is marked as lmpipe's, whatever happens.
-    (out / OWNER).unlink(missing_ok=True)
+            clear_folder(work)
+        claim_folder(work, stage)
+        try:
+            yield work
+        except BaseException:
+            if not resume:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        if not is_finished(work):
+            raise RuntimeError(f"stage wrote no {MANIFEST} into {work}")  # a bug, not user input
+        # The old output goes aside whole, then the new one takes its name: at no moment is there
+        # a folder `out` with a manifest and missing parts (deleting it in place would be one).
+        if aside.exists():
+            shutil.rmtree(aside)  # an earlier replacement's, cut short (made_by checked above)
+        if out.exists():
+            os.replace(out, aside)
+        os.replace(work, out)
+        # After the rename: until then the work folder is marked as lmpipe's, whatever happens.
+        (out / OWNER).unlink(missing_ok=True)
+        (out / LOCK).unlink(missing_ok=True)
+    if aside.exists():
+        shutil.rmtree(aside)

@@ -68,9 +68,22 @@ def read_field(
     """(line number, the string at `field`) of each line (or Parquet row) of an eval file;
     `field` may be dotted (`doc.question`). A line without it is an error under `strict`, else
     counted in `invalid`, and so is an empty file (one invalid line: a failed download must not
-    turn decontamination off unnoticed)."""
-    seen = False
-    for line_no, record, reason in read_records(path):
+    turn decontamination off unnoticed). Data that breaks off (a truncated .zst / .gz) ends the
+    file as it does a corpus file: an error under `strict`, else one invalid line, the lines
+    before it kept."""
+    seen, line_no, records = False, 0, read_records(path)
+    while True:
+        try:
+            line_no, record, reason = next(records)
+        except StopIteration:
+            break
+        except LmpipeError as e:
+            if strict:
+                raise
+            invalid.add(
+                line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
+            )
+            return
         if record is None and not reason:  # a blank line: counted apart
             invalid.blank += 1
             continue

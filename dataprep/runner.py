@@ -124,8 +124,15 @@ class Runner:
             waiting = list(refs)
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1)
-                # raises the task's error here, as the local engines do
-                tick(index[ready[0]], ray.get(ready[0]))
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    # The task's own error, as the local engines raise it: a bad line is one
+                    # line, not the worker's traceback that Ray's wrapper prints around it.
+                    if isinstance(e.cause, LmpipeError):
+                        raise e.cause from None
+                    raise
+                tick(index[ready[0]], result)
             return ray.get(refs)
         if self._pool is None:
             results = []

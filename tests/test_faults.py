@@ -142,6 +142,67 @@ def test_a_partial_folder_lmpipe_did_not_make_is_left_alone(raw, tmp_path, gpt2)
     assert (partial_path(out) / "keep.txt").is_file() and not out.exists()
 
 
+@pytest.mark.parametrize("stage", ["dedup", "tokenize"])
+def test_a_second_run_for_the_same_output_stops_and_leaves_the_first_alone(
+    stage, raw, tmp_path, gpt2
+):
+    """A double launch: the run holding OUT.partial's lock keeps it; the second is one line and
+    deletes nothing of the first's (it used to clear the folder under the running one, which
+    then published a manifest naming deleted shards)."""
+    from lmpipe.dataprep.folders import claim_folder, lock_folder
+
+    out = tmp_path / "out"
+    work = partial_path(out)
+    with lock_folder(work, stage):  # the first run, mid-way
+        claim_folder(work, stage)
+        write_lines(work / "part-00000.jsonl", ["the first run's"])
+        result = cli(stage, raw, "-o", out)
+        assert_one_line_error(result, rf"out\.partial: another `lmpipe {stage}` is writing")
+        assert (work / "part-00000.jsonl").read_text() == "the first run's\n"
+        assert not out.exists()
+    assert cli(stage, raw, "-o", out).exit_code == 0  # the lock ends with its holder
+    assert not (out / ".lmpipe-lock").exists() and not work.exists()
+
+
+def test_overwrite_moves_the_old_output_aside_before_the_new_one_takes_its_name(
+    raw, tmp_path, gpt2, monkeypatch
+):
+    """Killed between the two renames of `--overwrite`: no folder named OUT (never a manifest
+    beside missing parts), the old output whole in OUT.replaced; the next run cleans up."""
+    from lmpipe.dataprep.folders import replaced_path
+
+    out = tmp_path / "tok"
+    assert cli("tokenize", raw, "-o", out).exit_code == 0
+    old = tree_digest(out)
+    rename = os.replace
+
+    def killed_before_the_new_name(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_name)
+    assert cli("tokenize", raw, "-o", out, "--overwrite", "--holdout", "0.5").exit_code == 130
+    monkeypatch.undo()
+    assert not out.exists() and tree_digest(replaced_path(out)) == old
+    assert cli("tokenize", raw, "-o", out, "--holdout", "0.5").exit_code == 0
+    assert not replaced_path(out).exists() and not partial_path(out).exists()
+    assert json.loads((out / "manifest.json").read_text())["settings"]["holdout"] == 0.5
+
+
+def test_the_folder_overwrite_uses_is_never_an_input_or_anothers(raw, tmp_path, gpt2):
+    aside = tmp_path / "tok.replaced"
+    write_lines(aside / "c.jsonl", docs(2))
+    before = tree_digest(tmp_path)
+    assert_one_line_error(
+        cli("tokenize", aside, "-o", tmp_path / "tok"), r"tok\.replaced that --overwrite uses"
+    )
+    assert_one_line_error(
+        cli("tokenize", raw, "-o", tmp_path / "tok"), r"tok\.replaced: exists and was not made"
+    )
+    assert tree_digest(tmp_path) == before
+
+
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory) -> Path:
     """A run folder with a saved (untrained) tiny model, as `lmpipe train` leaves one."""

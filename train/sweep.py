@@ -41,8 +41,8 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
-    OWNER,
     check_output,
+    clear_folder,
     is_finished,
     read_manifest,
     staged_output,
@@ -244,9 +244,7 @@ def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
                 f"{work}: holds an interrupted sweep of another plan ({plan_difference(old, plan)}); "
                 "rerun that command to finish it, or pass --overwrite to start this one"
             )
-    for entry in work.iterdir():
-        if entry.name != OWNER:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    clear_folder(work)
     for sub in (RUNS, POINTS):
         (work / sub).mkdir()
     write_json_atomic(path, plan)

@@ -616,6 +616,11 @@ def test_ray_engine_gives_the_local_output(many_files, tmp_path):
     dedup([many_files], tmp_path / "local", **options)
     dedup([many_files], tmp_path / "ray", engine="ray", workers=2, **options)
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
+    # a bad line (many_files has some) under --strict is the task's own one-line error, not
+    # Ray's wrapper with the worker's traceback
+    with pytest.raises(LmpipeError) as raised:
+        dedup([many_files], tmp_path / "strict", engine="ray", workers=2, strict=True, progress=False)  # fmt: skip
+    assert re.fullmatch(rf"{re.escape(str(many_files))}/\S+\.jsonl:\d+: not JSON \(.*\)", str(raised.value))  # fmt: skip
 
 
 def test_ray_engine_missing_is_a_clear_error(tmp_path, monkeypatch):
@@ -633,3 +638,24 @@ def test_ray_engine_missing_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(LmpipeError, match=re.escape("pip install 'lmpipe[ray]'")):
         dedup([tmp_path / "in"], tmp_path / "out", engine="ray", progress=False)
     assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
+
+
+def test_a_resume_that_names_the_files_another_way_gives_its_own_output(tmp_path, monkeypatch):
+    """Killed after every step, then rerun on the same files named from a deeper folder: the
+    finished units hold the first names (source `corpus`, not `a` and `b`), so the run must start
+    afresh and equal an uninterrupted run of the second command."""
+    import lmpipe.dataprep.dedup as stage
+
+    corpus = tmp_path / "nest" / "corpus"
+    write_jsonl(corpus / "a" / "d.jsonl", [{"text": prose(i)} for i in range(6)])
+    write_jsonl(corpus / "b" / "d.jsonl", [{"text": prose(100 + i)} for i in range(4)])
+    out = tmp_path / "out"
+    monkeypatch.setattr(stage, "write_cluster_png", lambda *a: 1 / 0)  # after the last step
+    with pytest.raises(ZeroDivisionError):
+        dedup([tmp_path / "nest"], out, progress=False)
+    monkeypatch.undo()
+    assert partial_path(out).is_dir()
+    resumed = dedup([corpus], out, progress=False)
+    dedup([corpus], tmp_path / "ref", progress=False)
+    assert sorted(resumed["counts"]["sources"]) == ["a", "b"]
+    assert folder_bytes(out) == folder_bytes(tmp_path / "ref")

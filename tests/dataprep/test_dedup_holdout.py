@@ -153,6 +153,30 @@ def test_decontaminate_field_missing_is_clear(distinct, evals, tmp_path):
         dedup([distinct], tmp_path / "out3", decontaminate=[evals / "c.jsonl"], strict=True, progress=False)  # fmt: skip
 
 
+def test_eval_data_that_breaks_off_is_counted_and_checked_before_the_corpus(
+    distinct, evals, tmp_path, monkeypatch
+):
+    """A truncated .gz eval file keeps its lines before the break and counts one invalid line, as
+    a corpus file does (it used to stop the run); under --strict it stops the run before the
+    corpus is read (it used to come after every dedup step)."""
+    import lmpipe.dataprep.dedup_steps as steps
+
+    lines = [json.dumps({"doc": {"question": f"question {i} " + "lorem ipsum " * 40}}) for i in range(300)]  # fmt: skip
+    whole = gzip.compress("".join(line + "\n" for line in lines).encode())
+    (evals / "c.jsonl.gz").write_bytes(whole[: len(whole) * 6 // 10])  # a download cut short
+    options = {"decontaminate": [evals], "decontaminate_field": "doc.question", "progress": False}
+    m = dedup([distinct], tmp_path / "out", **options)
+    (cut,) = [e for e in m["decontaminate"] if e["path"].endswith("c.jsonl.gz")]
+    assert cut["invalid"] == 1 and "unreadable from here on" in cut["invalid_examples"][0]
+    assert 0 < cut["documents"] < 300
+    assert m["counts"]["total"]["decontaminated"]["documents"] == 2  # a.jsonl, b.jsonl.gz as before
+    assert_counts_add_up(m)
+    monkeypatch.setattr(steps, "scan_file", lambda *a: pytest.fail("the corpus was read first"))
+    with pytest.raises(LmpipeError, match=r"c\.jsonl\.gz: .*(truncated|CRC|compressed)"):
+        dedup([distinct], tmp_path / "strict", strict=True, **options)
+    assert not (tmp_path / "strict").exists() and not partial_path(tmp_path / "strict").exists()
+
+
 def test_holdout_and_evals_identical_for_workers_and_after_a_crash(distinct, evals, tmp_path, monkeypatch):  # fmt: skip
     import lmpipe.dataprep.dedup_kept as kept_steps
 
