@@ -25,8 +25,9 @@ def eval_(
         typer.Option(
             "-o",
             "--out",
-            help="Output folder for results. Default: RUN_DIR/eval for a run, ./NAME-eval for a "
-            "Hugging Face folder NAME.",
+            help="Output folder for results. Default: RUN_DIR/eval for a run, NAME-eval beside "
+            "a model folder NAME (model.pt + recipe.yaml), ./NAME-eval for a Hugging Face folder "
+            "NAME.",
         ),
     ] = None,
     tasks: Annotated[

@@ -2,19 +2,23 @@
 one object a line; or Parquet (`.parquet`, with the `parquet` extra), one document a row.
 
 Each document needs a string `text`; every other field passes through. Reading streams: nothing
-holds a whole file in memory (Parquet is read by record batches). A bad line or row (not JSON,
-not UTF-8, no string `text`) is either an error naming the file and line (`strict=True`) or
-counted in `InvalidLines`, with the first few line numbers kept for the report; so is an empty
-file and data that breaks off. The commands count by default and stop at the first bad line with
-`--strict`. In a Parquet file a "line" is a row: its 1-based number across the whole file.
-Parquet's values become JSON values by the rules in `parquet.py`.
+holds a whole file in memory (compressed data is decoded a little at a time, however well it
+compresses; Parquet is read by record batches). A bad line or row (not JSON, JSON that Python
+cannot hold, not UTF-8, no string `text`) is either an error naming the file and line
+(`strict=True`) or counted in `InvalidLines`, with the first few line numbers kept for the
+report; so is an empty file and data that breaks off (the lines decoded before it are kept).
+The commands count by default and stop at the first bad line with `--strict`. In a Parquet file
+a "line" is a row: its 1-based number across the whole file. Parquet's values become JSON values
+by the rules in `parquet.py`.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import MANIFEST
 from lmpipe.dataprep.parquet import (
     batch_rows,
     is_parquet,
@@ -34,30 +39,89 @@ from lmpipe.dataprep.parquet import (
 SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet")
 MAX_REPORTED_LINES = 5
 READ_BYTES = 1 << 20
+# Compressed bytes a decoder is given at once: what one call can lose to damage (an error
+# discards that call's output), and what bounds one call's output, where a whole READ_BYTES of a
+# very compressible file would decode to gigabytes at once. zstd's densest block is 4 bytes for
+# 128 KiB (1 KiB -> at most 32 MiB); deflate's ratio is at most ~1032:1 (16 KiB -> ~16 MiB), and
+# gzip reads slower in smaller pieces.
+ZSTD_PIECE_BYTES = 1 << 10
+GZIP_PIECE_BYTES = 1 << 14
 
 
 def is_document_file(path: Path) -> bool:
     return path.name.endswith(SUFFIXES)
 
 
-def _private(path: Path, folder: Path) -> bool:
-    # Subfolders named `_x` or `.x` hold what is not the folder's documents: dedup's `_holdout/`
-    # (so `lmpipe tokenize clean/` trains on the training documents only), `.git`.
-    return any(part.startswith(("_", ".")) for part in path.relative_to(folder).parts[:-1])
+def _stage_folder(folder: str, names: list[str]) -> bool:
+    """Whether `folder` is an lmpipe stage's output (its manifest names the stage): the files
+    beside its documents are the stage's own (manifest, removal listing, plot), not input."""
+    if MANIFEST not in names:
+        return False
+    try:
+        manifest = json.loads(Path(folder, MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"stage", "lmpipe_version"} <= manifest.keys()
+
+
+def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
+    """The document files below `folder`, sorted, through links to folders as well; the other
+    files go to `skipped`. Subfolders named `_x` or `.x` hold what is not the folder's documents
+    (dedup's `_holdout/`, so that `lmpipe tokenize clean/` trains on the training documents only;
+    `.git`): not read, nor are files so named (Spark's `_SUCCESS`, `.crc` files) noted."""
+
+    def unreadable(e: OSError) -> None:  # os.walk would skip a folder it cannot list, quietly
+        raise LmpipeError(f"{e.filename}: cannot read folder ({e.strerror})")
+
+    files: list[Path] = []
+    seen: dict[tuple[int, int], str] = {}  # each folder (device, inode) -> where it was reached
+    for where, subfolders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        st = os.stat(where)
+        first = seen.setdefault((st.st_dev, st.st_ino), where)
+        if first != where:  # a link to a folder read already: a loop, or its files twice
+            raise LmpipeError(f"{where}: the folder {first} again, through a link; name each folder once")  # fmt: skip
+        subfolders[:] = [d for d in subfolders if not d.startswith(("_", "."))]
+        stage = _stage_folder(where, names)
+        for name in names:
+            f = Path(where, name)
+            if is_document_file(f):
+                if not f.is_file():
+                    raise LmpipeError(f"{f}: not a file (a broken link?)")
+                files.append(f)
+            elif not name.startswith(("_", ".")) and not stage:
+                skipped.append(f)
+    return sorted(files)
+
+
+def _note_skipped(skipped: list[Path], folders: list[Path]) -> None:
+    """One line on stderr naming the files of the input folders not read for their suffix (a
+    `.json.gz`, `.JSONL`, `.bz2`): not dropped without a word, nor read as a format they may not
+    be."""
+    if not skipped:
+        return
+    names = sorted(map(str, skipped))
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    where = ", ".join(map(str, folders))
+    print(
+        f"note: {len(names)} file(s) in {where} skipped: not {'/'.join(SUFFIXES)} ({shown})",
+        file=sys.stderr,
+    )
 
 
 def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of document files. Within a
-    folder, subfolders whose name starts with `_` or `.` are skipped; name them to read them."""
+    """Expand files and folders (recursively, through links) into a sorted list of document files.
+    Within a folder, subfolders whose name starts with `_` or `.` are skipped; name them to read
+    them. Files of other suffixes in a folder are named in one note on stderr."""
     found: list[Path] = []
     given: dict[tuple[int, int], Path] = {}  # each file (device, inode) -> the argument naming it
+    skipped: list[Path] = []
+    folders: list[Path] = []  # those that held skipped files
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file() and is_document_file(f) and not _private(f, p)
-            )
+            before = len(skipped)
+            files = _folder_files(p, skipped)
+            if len(skipped) > before:
+                folders.append(p)
             if not files:
                 raise LmpipeError(f"{p}: folder holds no {' or '.join(SUFFIXES)} files")
         elif p.is_file():
@@ -77,6 +141,7 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
         found.extend(files)
     if not found:
         raise LmpipeError("no input files given")
+    _note_skipped(skipped, folders)
     # Here, before a stage starts: not after hours of work, at the first .parquet file.
     parquet = next(filter(is_parquet, found), None)
     if parquet is not None:
@@ -126,30 +191,57 @@ def print_invalid(console: Any, entries: Iterable[dict[str, Any]]) -> None:
 
 
 def decoded_chunks(
-    raw: BinaryIO, path: Path, new_decoder: Callable[[], Any], error: type[Exception], what: str
+    raw: BinaryIO,
+    path: Path,
+    new_decoder: Callable[[], Any],
+    error: type[Exception],
+    what: str,
+    piece_bytes: int,
 ) -> Iterator[bytes]:
-    """Decompressed bytes of every frame (zstd) or member (gzip) in `raw`, in order. A file whose
-    last frame stops before its end (a truncated download, a writer killed mid-file) is an error,
-    not a short file: the libraries' stream readers would end quietly there."""
+    """Decompressed bytes of every frame (zstd) or member (gzip) in `raw`, in order, in blocks of
+    about `READ_BYTES`. A file whose last frame stops before its end (a truncated download, a
+    writer killed mid-file) is an error, not a short file: the libraries' stream readers would
+    end quietly there. Damage is an error too, raised after every byte decoded before it."""
     decoder, fed = new_decoder(), False
+    block: list[bytes] = []  # decoded, not yet yielded
+    size, problem = 0, ""
     try:
         while chunk := raw.read(READ_BYTES):
-            while chunk:
-                fed = True
-                yield decoder.decompress(chunk)
-                if not decoder.eof:
-                    break
-                chunk = decoder.unused_data  # the next frame starts within this chunk
-                decoder, fed = new_decoder(), False
+            view = memoryview(chunk)
+            for start in range(0, len(chunk), piece_bytes):  # (see ZSTD_PIECE_BYTES)
+                piece = view[start : start + piece_bytes]
+                while piece:
+                    fed = True
+                    decoded = decoder.decompress(piece)
+                    if decoded:
+                        block.append(decoded)
+                        size += len(decoded)
+                    if not decoder.eof:
+                        break
+                    piece = decoder.unused_data  # the next frame starts within this piece
+                    decoder, fed = new_decoder(), False
+                if size >= READ_BYTES:
+                    yield b"".join(block)
+                    block, size = [], 0
     except error as e:
-        raise LmpipeError(f"{path}: corrupt {what} data ({e})") from None
-    if fed and not decoder.eof:
-        raise LmpipeError(f"{path}: truncated {what} data (the last frame is incomplete)")
+        problem = f"corrupt {what} data ({e})"
+    else:
+        if fed and not decoder.eof:
+            problem = f"truncated {what} data (the last frame is incomplete)"
+    if block:
+        yield b"".join(block)
+    if problem:
+        raise LmpipeError(f"{path}: {problem}")
 
 
 def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
     return decoded_chunks(
-        raw, path, zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError, "zstd"
+        raw,
+        path,
+        zstandard.ZstdDecompressor().decompressobj,
+        zstandard.ZstdError,
+        "zstd",
+        ZSTD_PIECE_BYTES,
     )
 
 
@@ -158,7 +250,12 @@ def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
 
     # 16 + MAX_WBITS: a gzip header, not a zlib one
     return decoded_chunks(
-        raw, path, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error, "gzip"
+        raw,
+        path,
+        lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+        zlib.error,
+        "gzip",
+        GZIP_PIECE_BYTES,
     )
 
 
@@ -248,6 +345,28 @@ def surrogate_problem(value: Any, path: tuple[str, ...] = (), key: bool = False)
     return ""
 
 
+# Python's json gives up near its recursion limit (1,000 frames, less those of its caller), so
+# how deep a line may nest would depend on the stage and worker reading it: a fixed limit well
+# below it treats a line alike everywhere, and leaves the stack room to check and write it.
+MAX_JSON_DEPTH = 500
+TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def json_depth(value: Any) -> int:
+    """How many arrays and objects nest in a parsed JSON value, the outermost counted: level by
+    level, without recursion (the value may nest as deep as json.loads allows)."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [
+            sub
+            for v in level
+            for sub in (v.values() if isinstance(v, dict) else v)
+            if isinstance(sub, (dict, list))
+        ]
+    return depth
+
+
 def parse_json(raw: bytes) -> tuple[dict[str, Any] | None, str]:
     """A line's JSON object, or None and the reason it is not one (no field is checked beyond
     being valid Unicode text)."""
@@ -259,8 +378,15 @@ def parse_json(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg})"
+    except RecursionError:  # valid JSON nested deeper than Python's recursion limit
+        return None, TOO_DEEP
+    except ValueError as e:  # valid JSON: an integer past Python's 4,300-digit limit
+        return None, f"JSON Python cannot read ({str(e).split(':')[0]})"
     if not isinstance(record, dict):
         return None, "not a JSON object"
+    # (depth <= the brackets a line opens: most lines open too few to need the walk)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(record) > MAX_JSON_DEPTH:
+        return None, TOO_DEEP
     if _SURROGATE_ESCAPE.search(text):
         problem = surrogate_problem(record)
         if problem:

@@ -203,7 +203,8 @@ def clear_folder(folder: Path) -> None:
 def lock_folder(folder: Path, stage: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (created if missing) for the block; another holder
     (a second run for the same output) is one line. flock: released by the kernel when the
-    process dies, so a killed run leaves no stale lock."""
+    process dies, so a killed run leaves no stale lock. Where the file system refuses flock
+    (Lustre mounted without `flock`), the block runs unlocked, as before locks existed."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -214,9 +215,11 @@ def lock_folder(folder: Path, stage: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LmpipeError(
-                f"{folder}: another `lmpipe {stage}` is writing this output now; wait for it "
-                "or stop it first"
+                f"{folder}: another `lmpipe {stage}` is writing to it now; wait for it or stop "
+                "it first"
             ) from None
+        except OSError:
+            pass  # a file system without flock (Lustre mounted without it): run unlocked
         yield
     finally:
         os.close(fd)

@@ -17,8 +17,9 @@ Floating-point NaN and infinities pass through as Python's json module writes th
 `Infinity`), as they would from a JSON line: lmpipe and Python read them back, strict JSON parsers
 do not. Columns that hold none of these cost no conversion. `text` itself must be a string column: it is
 never converted, so a binary `text` is an invalid row like a JSON number would be. A row holding a
-value Python cannot read (invalid UTF-8 in a string column) is an invalid row. A file without a
-`text` column is an error under strict, otherwise every row is invalid for that reason.
+value Python cannot read (invalid UTF-8 in a string column, a date past year 9999) is an invalid
+row. A file without a `text` column is an error under strict, otherwise every row is invalid for
+that reason. Rows are read row group by row group, so a corrupt page keeps the groups before it.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class _Conversion:
 
     def records(self, batch: Any) -> Iterator[tuple[dict[str, Any] | None, str]]:
         """(record, "") for each row of a record batch, or (None, reason) for a row pyarrow cannot
-        give as Python values (invalid UTF-8 in a string column)."""
+        give as Python values (invalid UTF-8 in a string column, a date past year 9999)."""
         import pyarrow as pa
 
         if self.cast is not None:
@@ -152,7 +153,7 @@ class _Conversion:
             batch = pa.RecordBatch.from_arrays(arrays, schema=self.cast)
         try:
             rows = [(r, "") for r in batch.to_pylist()]
-        except ValueError:  # some row holds it: find which, one row at a time
+        except Exception:  # some row holds one (see `_one_row`): find which, one row at a time
             rows = [_one_row(batch, i) for i in range(batch.num_rows)]
         for record, reason in rows:
             if record is not None:
@@ -168,7 +169,9 @@ def _one_row(batch: Any, i: int) -> tuple[dict[str, Any] | None, str]:
             record[name] = column[i].as_py()
         except UnicodeDecodeError as e:
             return None, f"column {name!r}: invalid UTF-8 at byte {e.start}"
-        except ValueError as e:
+        # Any other error of a value Python cannot hold: a date past year 9999 (OverflowError),
+        # a timestamp out of range (ValueError), a type pyarrow cannot convert.
+        except Exception as e:
             return None, f"column {name!r}: unreadable value ({e})"
     return record, ""
 
@@ -205,22 +208,25 @@ def batch_rows(
     import pyarrow as pa
 
     conversion = _Conversion.of(file.schema_arrow)
-    batches = file.iter_batches(batch_size=PARQUET_BATCH_ROWS)
     size, total = path.stat().st_size, file.metadata.num_rows
     row_no = reported = 0
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as e:
-            raise LmpipeError(f"{path}: not a readable parquet file ({e})") from None
-        if batch is None:
-            break
-        for record, reason in conversion.records(batch):
-            row_no += 1
-            yield row_no, record, reason
-        if on_bytes is not None and total:
-            position = size * row_no // total
-            on_bytes(position - reported)
-            reported = position
+    # Row group by row group: a batch never spans two, so damage in one keeps every row of the
+    # groups before it (one batch of a file's first rows could hold several small groups).
+    for group in range(file.metadata.num_row_groups):
+        batches = file.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:
+                raise LmpipeError(f"{path}: not a readable parquet file ({e})") from None
+            if batch is None:
+                break
+            for record, reason in conversion.records(batch):
+                row_no += 1
+                yield row_no, record, reason
+            if on_bytes is not None and total:
+                position = size * row_no // total
+                on_bytes(position - reported)
+                reported = position
     if on_bytes is not None:
         on_bytes(size - reported)

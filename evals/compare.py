@@ -52,6 +52,19 @@ def read_results(path: Path) -> ScoredModel:
     for task, result in report["tasks"].items():
         if not isinstance(result, dict):
             raise LmpipeError(f"{path}: tasks.{task} is not an object")
+        for name, metric in result.items():
+            if not is_metric(metric):
+                continue
+            for field in ("value", "stderr"):
+                number = metric.get(field)
+                # bool is an int to Python; a cell would print true as 1.0000.
+                if number is not None and (
+                    isinstance(number, bool) or not isinstance(number, int | float)
+                ):
+                    raise LmpipeError(
+                        f"{path}: tasks.{task}.{name}.{field} is {json.dumps(number)}, "
+                        "not a number or null"
+                    )
     return ScoredModel(path, model, report["tasks"])
 
 

@@ -11,11 +11,13 @@ folder (`data`); `long_context` scores windows of twice the model's training len
 task each, so several lengths sit side by side; `long_context.png` draws their loss by position); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
 `task_data`; a suite name (`SUITES`: cerebras-gpt, btlm) stands for its tasks. Each task's metrics
 are {"value", "stderr"} plus its item count `n`; results.json holds them per task with the
-settings; the output folder is published only when every task ran.
+settings; the output folder is published only when every task ran. Every input is read and
+checked before the first task runs (the held-out split, each task file and its rows, each
+long-context window against the held-out tokens), so no error comes after hours of scoring.
 The model reads at most its training sequence length (the recipe's last stage) per forward pass.
 The output folder may not be, contain or lie inside what eval reads (the model's folder, the
-token data, the task files); the default, `RUN_DIR/eval` for a run and `./NAME-eval` for a
-Hugging Face folder, never does. A task row whose gold label is not one of its choices is an
+token data, the task files); the default, `RUN_DIR/eval` for a run, `NAME-eval` beside a model
+folder NAME (model.pt + recipe.yaml) and `./NAME-eval` for a Hugging Face folder, never does. A task row whose gold label is not one of its choices is an
 error naming the file and line (`tasks.py`).
 """
 
@@ -106,8 +108,10 @@ def expand_tasks(tasks: list[str]) -> list[str]:
 
 
 def check_tasks(tasks: list[str], data: Path | None, task_data: Path | None) -> list[str]:
-    """The task list (suites expanded) without repeats; every problem with it as one LmpipeError,
-    before any work."""
+    """The task list (suites expanded) without repeats; a problem with the names or with the
+    options they need is an LmpipeError, before anything is read. The files the tasks read are
+    checked next, still before any task runs (`read_inputs`, and in `evaluate` the long-context
+    windows against the held-out split)."""
     names = expand_tasks(tasks)
     known = f"known tasks: {', '.join(known_tasks())}; suites: {', '.join(SUITES)}"
     if not names:
@@ -156,6 +160,10 @@ def evaluate(
     out = Path(out) if out is not None else source.default_output()
     if limit is not None and limit < 1:
         raise LmpipeError(f"--limit must be at least 1, got {limit}")
+    # NaN and infinity would pass a plain `> 0`: NaN scores every metric null, infinity removes
+    # the position bias altogether.
+    if alibi_scale is not None and not (math.isfinite(alibi_scale) and alibi_scale > 0):
+        raise LmpipeError(f"--alibi-scale must be finite and > 0, got {alibi_scale:g}")
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,21 +176,30 @@ def evaluate(
     # the token data and the task files; the output may sit beside a run's model (RUN_DIR/eval).
     reads = [source.folder(), data, task_data]
     with staged_output(out, stage="eval", reads=reads, overwrite=overwrite) as work:
+        # Every task's input is read and checked before the first task runs: a missing file or a
+        # bad row of the last task must not throw away hours of scoring the first ones.
+        encoding = get_encoding()
+        shards, items = read_inputs(
+            names, data=data, task_data=task_data, limit=limit, seed=seed, encoding=encoding
+        )
         gpt, recipe = source.load(device)
         max_length = recipe.stages[-1].seq_len
         if alibi_scale is None:
             alibi_scale = recipe.stages[-1].alibi_scale
-        if alibi_scale <= 0:
-            raise LmpipeError(f"--alibi-scale must be positive, got {alibi_scale:g}")
         if alibi_scale != 1 and recipe.model.position != "alibi":
             raise LmpipeError("--alibi-scale: this model has learned positions, not ALiBi")
         if LONG_CONTEXT in map(base_task, names) and recipe.model.position != "alibi":
             raise LmpipeError(
                 "long_context: this model has learned positions, which end at its training length"
             )
-        encoding = get_encoding()
-        heldout = any(base_task(t) in HELDOUT_TASKS for t in names)
-        shards = open_heldout(Path(data)) if heldout else None  # type: ignore[arg-type]
+        for name in names:
+            if base_task(name) == LONG_CONTEXT:  # its window needs the model's training length
+                length = long_context_length(name, max_length)
+                if shards.n_tokens - 1 < length:
+                    raise LmpipeError(
+                        f"{name}: the held-out split of {data} has {shards.n_tokens} tokens, "
+                        f"fewer than one window of {length + 1}"
+                    )
         results: dict[str, Any] = {}
         columns = (
             TextColumn("{task.description:<16}"),
@@ -204,11 +221,10 @@ def evaluate(
                     encoding=encoding,
                     max_length=max_length,
                     shards=shards,
-                    task_data=task_data,
+                    items=items.get(name),
                     limit=limit,
                     batch_size=batch_size,
                     device=device,
-                    seed=seed,
                     alibi_scale=alibi_scale,
                     progress=advance,
                 )
@@ -268,6 +284,44 @@ def open_heldout(data: Path):  # -> TokenShards
     return shards
 
 
+def read_inputs(
+    names: list[str],
+    *,
+    data: Path | None,
+    task_data: Path | None,
+    limit: int | None,
+    seed: int,
+    encoding,
+) -> tuple[Any, dict[str, list[Any]]]:
+    """The held-out split (None when no task reads it) and the items of every item task
+    (`continuation` and the external tasks) by name: each file opened and each row checked
+    once, before any task runs."""
+    from lmpipe.evals.tasks import EXTERNAL_TASKS, continuation_items, load_items
+
+    heldout = any(base_task(t) in HELDOUT_TASKS for t in names)
+    shards = open_heldout(Path(data)) if heldout else None  # type: ignore[arg-type]
+    items: dict[str, list[Any]] = {}
+    for name in names:
+        if name == "continuation":
+            # Held-out documents are a hash-chosen sample already: the first ones serve, and a
+            # billion-token held-out split is never decoded whole.
+            n_items = limit or CONTINUATION_ITEMS
+            docs = itertools.islice(shards.documents(), CONTINUATION_DOCS_PER_ITEM * n_items)  # type: ignore[union-attr]
+            texts = [encoding.decode(doc.tolist()) for doc in docs]
+            items[name] = continuation_items(texts, seed=seed, limit=n_items)
+            if not items[name]:
+                raise LmpipeError(
+                    f"continuation: none of the {len(texts)} held-out documents is long enough "
+                    "(36 words and another document of 20) to make an item"
+                )
+        elif name in EXTERNAL_TASKS:
+            spec = EXTERNAL_TASKS[name]
+            items[name] = load_items(spec, task_data, limit)  # type: ignore[arg-type]
+            if not items[name]:
+                raise LmpipeError(f"{Path(task_data) / spec.path}: no items")  # type: ignore[arg-type]
+    return shards, items
+
+
 def run_task(
     name: str,
     *,
@@ -275,16 +329,17 @@ def run_task(
     encoding,
     max_length: int,
     shards,
-    task_data: Path | None,
+    items: list[Any] | None,
     limit: int | None,
     batch_size: int,
     device: str,
-    seed: int,
     alibi_scale: float,
     progress,
 ) -> dict[str, Any]:
+    """One task's results: the held-out tasks read `shards`, the item tasks score `items` (from
+    `read_inputs`)."""
     from lmpipe.evals.lm import GPTLM
-    from lmpipe.evals.tasks import EXTERNAL_TASKS, continuation_items, load_items, score_items
+    from lmpipe.evals.tasks import EXTERNAL_TASKS, score_items
 
     lm = GPTLM(
         model,
@@ -302,37 +357,19 @@ def run_task(
     if base_task(name) == LONG_CONTEXT:
         from lmpipe.evals.perplexity import loss_by_position
 
-        try:
-            return loss_by_position(
-                model,
-                shards,
-                long_context_length(name, max_length),
-                max_length,
-                n_windows=limit or 8,
-                base_scale=alibi_scale,
-                device=device,
-                progress=progress,
-            )
-        except ValueError as e:
-            raise LmpipeError(f"{name}: {e}") from None
+        return loss_by_position(
+            model,
+            shards,
+            long_context_length(name, max_length),
+            max_length,
+            n_windows=limit or 8,
+            base_scale=alibi_scale,
+            device=device,
+            progress=progress,
+        )
     if name == "continuation":
-        # Held-out documents are a hash-chosen sample already: the first ones serve, and a
-        # billion-token held-out split is never decoded whole.
-        n_items = limit or CONTINUATION_ITEMS
-        docs = itertools.islice(shards.documents(), CONTINUATION_DOCS_PER_ITEM * n_items)
-        texts = [encoding.decode(doc.tolist()) for doc in docs]
-        items = continuation_items(texts, seed=seed, limit=n_items)
-        if not items:
-            raise LmpipeError(
-                f"continuation: none of the {len(texts)} held-out documents is long enough "
-                "(36 words and another document of 20) to make an item"
-            )
-        return score_items(lm, items, ("acc", "acc_norm"))
-    spec = EXTERNAL_TASKS[name]
-    items = load_items(spec, task_data, limit)  # type: ignore[arg-type]
-    if not items:
-        raise LmpipeError(f"{Path(task_data) / spec.path}: no items")  # type: ignore[arg-type]
-    return score_items(lm, items, spec.metrics)
+        return score_items(lm, items, ("acc", "acc_norm"))  # type: ignore[arg-type]
+    return score_items(lm, items, EXTERNAL_TASKS[name].metrics)  # type: ignore[arg-type]
 
 
 def finite(obj: Any) -> Any:

@@ -256,6 +256,24 @@ def test_train_refuses_a_run_folder_over_its_data(pattern_tokens, tmp_path):
     assert tree_digest(data) == before
 
 
+def test_a_second_train_in_a_running_run_folder_is_one_line(pattern_tokens, tmp_path):
+    """A requeued or double-submitted `--resume` while the first attempt still runs: refused
+    before it writes anything (it would checkpoint over the first run); the lock ends with the
+    run that holds it."""
+    from lmpipe.dataprep.folders import lock_folder
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--recipe", "tiny", "--data", pattern_tokens, "--run-dir", run_dir]
+    args += ["--set", "stages=[{seq_len: 64, tokens: 2048}]", "--set", "tokens_per_step=1024"]
+    args += ["--set", "micro_batch_tokens=512", "--set", "schedule.warmup_tokens=1024"]
+    with lock_folder(run_dir, "train"):  # the first attempt, running
+        before = tree_digest(run_dir)
+        assert_one_line_error(cli(*args, "--resume"), r"run: another `lmpipe train` is writing")
+        assert tree_digest(run_dir) == before
+    assert cli(*args, "--resume").exit_code == 0
+    assert (run_dir / "manifest.json").is_file()
+
+
 def test_inspect_decode_never_writes_into_the_folder_or_over_a_file(pattern_tokens, tmp_path):
     data = tmp_path / "tokens"
     shutil.copytree(pattern_tokens, data)

@@ -118,10 +118,14 @@ class ModelSource:
         return model_folder(self.path)
 
     def default_output(self) -> Path:
-        """RUN_DIR/eval beside a run's model; `./NAME-eval` for a Hugging Face folder, which may
-        be a shared, read-only download that no output belongs in."""
+        """RUN_DIR/eval beside a run's model; `NAME-eval` beside a model folder NAME, which eval
+        reads whole; `./NAME-eval` for a Hugging Face folder, which may be a shared, read-only
+        download that no output belongs in."""
         if self.kind == "hf":
             return Path(f"{self.path.resolve().name}-eval")
+        if self.folder() == self.path:  # resolved: a folder given as "." still has a name
+            folder = self.path.resolve()
+            return folder.parent / f"{folder.name}-eval"
         return self.path / "eval"
 
     def load(self, device: str | torch.device) -> tuple[GPT, Recipe]:

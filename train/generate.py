@@ -6,13 +6,18 @@ MODEL is a run folder, a model folder (model.pt + recipe.yaml) or a Hugging Face
 layout (one with config.json). Prompts, one given or one per line of a file, are encoded with the
 GPT-2 BPE as `lmpipe tokenize` encodes documents (special-token text stays text) and run one at
 a time: no padding, so every completion is what the model gives that prompt alone. The prompt
-goes through the model once, filling the KV cache; each new token then costs one position.
+goes through the model once, filling the KV cache; each new token then costs one position. The
+cache grows as the text does (doubling), so a large `max_new_tokens` reserves no memory for
+tokens a completion never reaches. A prompts file holds one prompt per "\n"-ended line (a
+trailing "\r" dropped): form feeds and other Unicode line breaks stay inside their prompt.
 
 Sampling: temperature 0 is greedy (argmax); otherwise the next token is drawn from
 softmax(logits / temperature), kept to the `top_k` most likely tokens (0: all) and then to the
 smallest set of them whose probability reaches `top_p` (1: all), by a torch.Generator seeded once
-per call, so the same settings give the same text. A completion ends after `max_new_tokens` or
-at the end-of-text token (50256, left out of the text).
+per call, so the same settings give the same text. A temperature so small that logits /
+temperature overflow float32 (1e-40, say) picks the argmax: the limit the tempered distribution
+tends to. A completion ends after `max_new_tokens` or at the end-of-text token (50256, left out
+of the text).
 
 ALiBi position interpolation (seeds-spec 2) divides every slope by a scale s: `none` (s = 1), a
 fixed FACTOR, or `dynamic` (the default for ALiBi models): s = max(1, S / L), S the key length
@@ -39,7 +44,7 @@ import torch
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.tokenizer import EOT_ID, get_encoding
 from lmpipe.train.checkpoint import model_source
-from lmpipe.train.model import GPT
+from lmpipe.train.model import GPT, KVCache
 from lmpipe.train.recipe import Recipe
 
 
@@ -141,11 +146,14 @@ def generate_tokens(
     """New token ids after the prompt: the prompt fills the cache in one pass, then one token a
     step, each pass at the ALiBi scale of its key length (cached tokens included)."""
     device = model.wte.weight.device
-    cache = model.new_cache(len(prompt_ids) + settings.max_new_tokens)
+    most = len(prompt_ids) + settings.max_new_tokens
+    cache = model.new_cache(min(most, len(prompt_ids) + FIRST_CACHE_TOKENS))
     idx_1T = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     new: list[int] = []
     while True:
         key_len = cache[0].length + idx_1T.shape[1]
+        if key_len > cache[0].max_len:
+            cache = grown_cache(model, cache, min(most, 2 * cache[0].max_len))
         x_1TD = model.hidden_states(idx_1T, scaling.scale(key_len), cache)
         logits_V = model.unembed(x_1TD[0, -1])
         token = next_token(logits_V, settings, generator)
@@ -155,13 +163,33 @@ def generate_tokens(
         idx_1T = torch.tensor([[token]], dtype=torch.long, device=device)
 
 
+# Positions the KV cache holds past the prompt before it first grows: a short completion never
+# copies it, a long one copies each position about once more in all (doubling).
+FIRST_CACHE_TOKENS = 256
+
+
+def grown_cache(model: GPT, cache: list[KVCache], max_len: int) -> list[KVCache]:
+    """A cache of `max_len` positions holding what `cache` holds: the same keys and values, so
+    the tokens that follow are the ones a cache allocated whole at the start gives."""
+    bigger = model.new_cache(max_len)
+    for old, new in zip(cache, bigger, strict=True):
+        if old.k_BHSd is not None and old.v_BHSd is not None:
+            new.append(old.k_BHSd[:, :, : old.length], old.v_BHSd[:, :, : old.length])
+    return bigger
+
+
 def next_token(
     logits_V: torch.Tensor, settings: GenerateSettings, generator: torch.Generator
 ) -> int:
     """Greedy at temperature 0; else a draw from the tempered, top-k and top-p cut distribution."""
     if settings.temperature == 0:
         return int(logits_V.argmax())
-    logits_V = logits_V.float() / settings.temperature
+    tempered_V = logits_V.float() / settings.temperature
+    if not torch.isfinite(tempered_V).all():
+        # A temperature that tiny overflows float32, and softmax of infinities is NaN; the
+        # tempered distribution is all on the argmax by then.
+        return int(logits_V.argmax())
+    logits_V = tempered_V
     if 0 < settings.top_k < logits_V.numel():
         kth = torch.topk(logits_V, settings.top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
@@ -202,11 +230,17 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
         raise LmpipeError("give one of --prompt TEXT and --prompts FILE, not both")
     try:
         # utf-8-sig: a byte-order mark (Windows editors) is no part of the first prompt
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise LmpipeError(f"{path}: cannot read the prompts ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise LmpipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    # Lines end at "\n" alone (and "\r\n"): str.splitlines would also split at form feeds (in
+    # many Python sources) and Unicode line breaks, making extra prompts and line numbers that
+    # are not the file's.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":  # after the last line's newline
+        lines.pop()
     if not lines:
         raise LmpipeError(f"{path}: no prompts (one per line)")
     for number, line in enumerate(lines, 1):

@@ -4,7 +4,10 @@
 d_model_base/d_model, mup_embeddings_scale = alpha_in, mup_output_alpha = alpha_out,
 mup_scale_qk_dot_by_d from qk_scale (SP: 1, 1, 1, false), initializer_range = sigma_base (or
 init_std), n_positions = the last stage's length for ALiBi, alibi_scaling {"type": "linear",
-"factor": s} for a last stage that trained with alibi_scale s > 1.
+"factor": s} for a last stage that trained with alibi_scale s > 1. A learned-position model's
+n_positions is its table's size, which may exceed the last stage's length: `lmpipe_train_seq_len`
+holds that length, so an import reads windows of what the model trained at, as its run's eval
+does (a folder without the field, e.g. one exported before it existed: n_positions).
 
 `read_config` reads any BTLM config (lmpipe's, the released BTLM's, including the first upload's
 field names, Cerebras-GPT-muP's intermediate checkpoints) or a GPT-2 one (Cerebras-GPT SP) back
@@ -30,6 +33,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_btlm.BTLMModel",
     "AutoModelForCausalLM": "modeling_btlm.BTLMLMHeadModel",
 }
+# lmpipe's own config.json field: a learned-position model's training length (n_positions is
+# the size of its position table).
+TRAIN_SEQ_LEN_FIELD = "lmpipe_train_seq_len"
 
 
 def hf_config(recipe: Recipe, dtype: str) -> dict[str, Any]:
@@ -65,6 +71,7 @@ def hf_config(recipe: Recipe, dtype: str) -> dict[str, Any]:
         "eos_token_id": EOT_ID,
         "tie_word_embeddings": True,
         "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
+        **({TRAIN_SEQ_LEN_FIELD: last.seq_len} if learned else {}),
     }
 
 
@@ -176,6 +183,12 @@ def read_config(folder: Path) -> Imported:
             qk_scale="d_head" if by_d else "sqrt_d_head",
         )
     seq_len, alibi_scale = n_positions, 1.0
+    if position == "learned":
+        seq_len = config.positive(TRAIN_SEQ_LEN_FIELD, n_positions)
+        if seq_len > n_positions:
+            raise config.error(
+                TRAIN_SEQ_LEN_FIELD, seq_len, f"longer than the {n_positions} learned positions"
+            )
     scaling = config.get("alibi_scaling", dict, None) if btlm else None
     if scaling is not None:
         if position != "alibi":

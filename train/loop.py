@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import write_json_atomic, write_manifest
+from lmpipe.dataprep.folders import lock_folder, write_json_atomic, write_manifest
 from lmpipe.train.checkpoint import (
     CHECKPOINTS,
     MARKER,
@@ -170,10 +170,11 @@ def train(
     `stopped`); the guard's stop raises `RunStopped`.
     """
     recipe = with_data(recipe, data)
-    with launch_environment():
+    with launch_environment(), contextlib.ExitStack() as held:
         return train_run(
-            recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from, peak_tflops
-        )
+            recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from, peak_tflops,
+            held,
+        )  # fmt: skip
 
 
 def train_run(
@@ -184,7 +185,10 @@ def train_run(
     verify_data: bool,
     init_from: Path | None = None,
     peak_tflops: float | None = None,
+    held: contextlib.ExitStack | None = None,
 ) -> dict[str, Any]:
+    """`train` inside its launch environment; `held` keeps the run folder's lock until the
+    caller's block ends."""
     import torch
 
     from lmpipe.dataprep.mixture import MixtureLoader
@@ -213,12 +217,20 @@ def train_run(
     if verify_data:
         on_all_ranks(lambda: [s.verify_checksums(rank, world) for s in sources.values()], world)
     dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
-    if rank == 0:
+
+    def create_run_dir() -> None:
+        if rank != 0:
+            return
+        if held is not None:
+            # One run at a time in a run folder: a second `--resume` of a job whose first
+            # attempt still runs (a requeue, a double submit) would write checkpoints over it.
+            held.enter_context(lock_folder(run_dir, "train"))
         try:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LmpipeError(f"{run_dir}: cannot be created ({e.strerror})") from None
-    dist.barrier()
+
+    on_all_ranks(create_run_dir, world)  # a refused rank 0 stops every rank, each in one line
     setup_logging(run_dir, rank)
     loader = MixtureLoader(sources, recipe.seed)
     ds_config = deepspeed_config(recipe, plan)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, is_finished
+from lmpipe.dataprep.folders import LOCK, check_output, is_finished
 from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
 from lmpipe.train.metrics import TENSORBOARD
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
@@ -20,6 +20,7 @@ from lmpipe.train.recipe import DataSource, Recipe, load_recipe
 # What a run folder holds (`checkpoint.py`). A folder is an earlier run's when it has the plan
 # (written at the start) or checkpoints, or holds nothing but these.
 RUN_FILES = (
+    LOCK,  # held by the running rank 0 (`loop.py`)
     "recipe.yaml",
     "plan.json",
     "deepspeed.json",

@@ -335,3 +335,30 @@ def test_parquet_eval_data_decontaminates(tmp_path):
     (info,) = m["decontaminate"]
     assert info["documents"] == 1 and info["invalid"] == 1
     assert info["invalid_examples"] == ["line 2: field 'question' is missing, not a string (--decontaminate-field)"]  # fmt: skip
+
+
+def test_a_value_python_cannot_hold_is_an_invalid_row(tmp_path):
+    days = pa.array([0, 2**31 - 1, 1], pa.date32())  # the second: a date past year 9999
+    path = write_parquet(tmp_path / "d.parquet", pa.table({"text": ["a", "b", "c"], "day": days}))
+    good, invalid = read(path)
+    assert good == [(1, {"text": "a", "day": "1970-01-01"}), (3, {"text": "c", "day": "1970-01-02"})]  # fmt: skip
+    assert invalid.count == 1
+    assert invalid.examples[0].startswith("line 2: column 'day': unreadable value (")
+    with pytest.raises(LmpipeError, match=r"d\.parquet:2: column 'day': unreadable value"):
+        list(read_documents(path))
+
+
+def test_a_corrupt_page_keeps_every_row_group_before_it(tmp_path):
+    # Small row groups: one record batch would hold several, and lose them all with the damage
+    options = {"write_page_checksum": True, "compression": "none", "use_dictionary": False}
+    path = write_parquet(tmp_path / "c.parquet", many_rows(320), row_group_size=50, **options)
+    chunk = pq.ParquetFile(path).metadata.row_group(3).column(0)  # `text` of rows 151-200
+    data = bytearray(path.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+    good, invalid = read(path)
+    assert [row for row, _ in good] == list(range(1, 151))
+    assert invalid.count == 1 and invalid.examples[0].startswith(
+        "line 151: unreadable from here on ("
+    )

@@ -99,3 +99,23 @@ def test_bad_inputs_are_one_line_errors(tmp_path, two_results):
     ]
     two = CliRunner().invoke(app, ["eval", str(folder), str(folder)])
     assert two.exit_code == 2 and "one model to evaluate, got 2" in two.output
+
+
+def test_a_metric_that_is_not_a_number_names_file_task_and_metric(tmp_path, two_results):
+    """A string (or true, which Python would print as 1.0000) where a number belongs is one line
+    naming where it is; null stays a "-" cell."""
+    _, folder, _ = two_results
+    for field, value in (("value", "0.5"), ("value", True), ("stderr", "0.1"), ("value", [1])):
+        metric = {"value": 0.5, "stderr": None, field: value}
+        path = write_results(tmp_path / "cmpbad" / "results.json", "m", {"a": {"acc": metric}})
+        with pytest.raises(LmpipeError) as error:
+            read_results(path)
+        message = str(error.value)
+        assert message == (
+            f"{path}: tasks.a.acc.{field} is {json.dumps(value)}, not a number or null"
+        )
+        result = CliRunner().invoke(app, ["eval", "--compare", str(path), str(folder)])
+        assert result.exit_code == 2 and result.output.strip() == f"error: {message}"
+    fine = {"acc": {"value": 1, "stderr": None}, "ppl": {"value": None, "stderr": None}}
+    path = write_results(tmp_path / "ok" / "results.json", "m", {"a": fine})
+    assert comparison_rows([read_results(path)]) == [("a", "acc", ["1.0000"]), ("a", "ppl", ["-"])]

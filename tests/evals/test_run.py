@@ -265,3 +265,75 @@ def test_a_hugging_face_folder_scores_as_the_run_it_came_from(run_dir, task_data
         manifest = json.loads((tmp_path / "tiny-hf-eval" / "manifest.json").read_text())
         assert manifest["inputs"]["model"] == str(exported)
     assert not any("eval" in p.name for p in exported.iterdir())  # nothing written inside
+
+
+# --- every input checked before any task runs ------------------------------------------------
+
+
+def test_every_input_is_checked_before_the_first_task_runs(run_dir, task_data, make_shards, heldout_texts, tmp_path, monkeypatch):  # fmt: skip
+    """A missing task file, a bad row in a later task's file, a long_context window longer than
+    the held-out split: each is an error before the first task (perplexity) runs, not after it;
+    and each task file is read once."""
+    from lmpipe.evals import run as run_module
+    from lmpipe.evals import tasks as tasks_module
+
+    data = make_shards(tmp_path / "tokens", heldout_texts)
+    ran: list[str] = []
+    run_task = run_module.run_task
+
+    def spy(name, **kw):
+        ran.append(name)
+        return run_task(name, **kw)
+
+    monkeypatch.setattr(run_module, "run_task", spy)
+    kw = dict(data=data, task_data=task_data, limit=2)
+    with pytest.raises(LmpipeError, match="wikitext-2-raw-v1_test_pages.jsonl: no such file"):
+        evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "arc_easy", "wikitext"], **kw)
+    assert ran == []  # not even perplexity, the first task
+    (task_data / "piqa").mkdir()
+    rows = [{"goal": "g", "sol1": "a", "sol2": "b", "label": label} for label in (0, 2)]
+    (task_data / "piqa" / "validation.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    with pytest.raises(LmpipeError, match=r"piqa/validation.jsonl:2: label is 2, outside"):
+        evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "arc_easy", "piqa"], **kw)
+    assert ran == []  # not even perplexity, the first task
+    too_long = r"long_context@100000: the held-out split of .* fewer than one window of 100001"
+    with pytest.raises(LmpipeError, match=too_long):
+        evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "long_context@100000"], **kw)
+    assert ran == [] and not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+    loads = []
+    load_items = tasks_module.load_items
+
+    def count(spec, *args):
+        loads.append(spec.name)
+        return load_items(spec, *args)
+
+    monkeypatch.setattr(tasks_module, "load_items", count)
+    report = evaluate(run_dir, tmp_path / "e", tasks=["continuation", "arc_easy"], **kw)
+    assert loads == ["arc_easy"] and ran == ["continuation", "arc_easy"]
+    assert report["tasks"]["arc_easy"]["n"] == 2 and report["tasks"]["continuation"]["n"] == 2
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_alibi_scale_must_be_finite_and_positive(run_dir, task_data, tmp_path, scale):
+    with pytest.raises(LmpipeError, match=f"--alibi-scale must be finite and > 0, got {scale:g}"):
+        evaluate(run_dir, tmp_path / "e", tasks=["arc_easy"], data=None, task_data=task_data, limit=1, alibi_scale=scale)  # fmt: skip
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_model_folders_default_output_lies_beside_it(run_dir, task_data, tmp_path, monkeypatch):
+    """MODEL_FOLDER (model.pt + recipe.yaml) is read whole: its results go to MODEL_FOLDER-eval
+    beside it, also when it is given as "."; a run's stay in RUN_DIR/eval."""
+    from lmpipe.evals.run import model_source
+
+    model = run_dir / "model"
+    beside = model.resolve().parent / "model-eval"
+    assert model_source(model).default_output() == beside
+    report = evaluate(model, None, tasks=["arc_easy"], data=None, task_data=task_data, limit=2)
+    assert json.loads((beside / "results.json").read_text()) == report
+    assert not (model / "eval").exists()
+    monkeypatch.chdir(model)
+    assert model_source(".").default_output() == beside
+    assert model_source(run_dir).default_output() == run_dir / "eval"

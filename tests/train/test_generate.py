@@ -393,3 +393,78 @@ def test_a_byte_order_mark_is_no_part_of_the_first_prompt(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xef\xbb\xbfHello\r\nWorld\r\n")  # as Windows editors save UTF-8
     assert read_prompts(GenerateSettings(model=tmp_path, prompts_file=path)) == ["Hello", "World"]
+
+
+def test_a_growing_cache_gives_the_tokens_of_one_allocated_whole(alibi_run, gpt2, monkeypatch):
+    """The KV cache starts at the prompt plus FIRST_CACHE_TOKENS and doubles: with one token
+    past the prompt at first it grows three times over 24 tokens, and the greedy text is the one
+    a cache allocated whole gives, the recomputed argmax."""
+    from lmpipe.train import generate as generate_module
+
+    sizes = []
+    new_cache = GPT.new_cache
+
+    def spy(self, max_len):
+        sizes.append(max_len)
+        return new_cache(self, max_len)
+
+    monkeypatch.setattr(GPT, "new_cache", spy)
+    whole = generate(settings(alibi_run, max_new_tokens=24)).completions[0].tokens
+    prompt = gpt2.encode_ordinary(PROMPT)
+    assert sizes == [len(prompt) + 24]
+    monkeypatch.setattr(generate_module, "FIRST_CACHE_TOKENS", 1)
+    sizes.clear()
+    grown = generate(settings(alibi_run, max_new_tokens=24)).completions[0].tokens
+    want = [len(prompt) + 1]
+    while want[-1] < len(prompt) + 24:
+        want.append(min(2 * want[-1], len(prompt) + 24))
+    assert sizes == want and len(want) == 4
+    assert grown == whole
+    model, _ = load_model(alibi_run)
+    assert grown == greedy_by_recomputing(model, prompt, 24, lambda S: max(1.0, S / TRAIN_SEQ_LEN))
+
+
+def test_a_huge_max_new_tokens_reserves_nothing_up_front(alibi_run, monkeypatch):
+    """--max-new-tokens 10**12 with a text that ends after five tokens: the cache holds what the
+    text needs, not 10**12 positions (which no machine could allocate)."""
+    from lmpipe.train import generate as generate_module
+
+    calls = []
+    next_token = generate_module.next_token
+
+    def ends_at_five(logits_V, s, generator):
+        calls.append(1)
+        return EOT_ID if len(calls) == 5 else next_token(logits_V, s, generator)
+
+    monkeypatch.setattr(generate_module, "next_token", ends_at_five)
+    (c,) = generate(settings(alibi_run, max_new_tokens=10**12)).completions
+    assert len(c.tokens) == 5 and c.stopped_at_eos
+
+
+def test_a_temperature_too_small_for_float32_is_greedy(run):
+    """logits / 1e-40 overflow float32 to infinity (softmax: NaN); such a temperature is the
+    limit of the tempered distribution, the argmax."""
+    greedy = generate(settings(run, max_new_tokens=12)).completions[0].tokens
+    for temperature in (1e-40, 1e-300, 5e-324):
+        for top_k, top_p in ((200, 1.0), (0, 0.5)):
+            s = settings(run, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p)
+            assert generate(s).completions[0].tokens == greedy
+
+
+def test_a_prompts_file_splits_at_newlines_only(tmp_path):
+    """A form feed, a lone carriage return and Unicode line breaks (U+2028, U+0085, ...) stay
+    inside their prompt, so prompt N is line N of the file, as its errors say."""
+    from lmpipe.train.generate import read_prompts
+
+    path = tmp_path / "p.txt"
+    lines = ["first with\x0cform feed", "second \u2028 with LS\u2029\x85\x1c\x1d\x1e", "a\rb"]
+    path.write_text("\n".join(lines) + "\r\n", encoding="utf-8", newline="")
+    assert read_prompts(GenerateSettings(model=tmp_path, prompts_file=path)) == lines
+    path.write_bytes(b"a\n\x0c\n")
+    assert read_prompts(GenerateSettings(model=tmp_path, prompts_file=path)) == ["a", "\x0c"]
+    path.write_bytes(b"a\n\x0c\n\nd")
+    with pytest.raises(LmpipeError, match=r"p\.txt:3: empty prompt"):
+        read_prompts(GenerateSettings(model=tmp_path, prompts_file=path))
+    path.write_bytes(b"")
+    with pytest.raises(LmpipeError, match="no prompts"):
+        read_prompts(GenerateSettings(model=tmp_path, prompts_file=path))

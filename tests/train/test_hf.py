@@ -502,3 +502,38 @@ def test_init_from_starts_training_from_the_imported_weights(tmp_path, pattern_t
     assert rows[0]["loss"] == pytest.approx(loss.item(), abs=2e-6)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["init_from"] == str(tmp_path / "hf")
+
+
+def test_a_learned_model_trained_shorter_than_its_positions_is_read_at_its_training_length(tmp_path):  # fmt: skip
+    """n_positions 256, last stage 128: the export carries 128 (lmpipe_train_seq_len), so
+    `eval hf:EXPORT` and an import read windows of 128 as `eval RUN` does; a folder exported
+    before the field existed reads n_positions as it did; a length past the table is refused."""
+    from lmpipe.evals.run import evaluate
+
+    overrides = [*LEARNED, "model.mup=null", "model.init_std=0.02", "stages.1.seq_len=128"]
+    make_model_folder(tmp_path / "model", overrides)
+    export_model(tmp_path / "model", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["n_positions"], config["lmpipe_train_seq_len"]) == (256, 128)
+    _, recipe = load_hf_model(tmp_path / "hf")
+    assert (recipe.model.n_positions, recipe.stages[-1].seq_len) == (256, 128)
+    import_model(tmp_path / "hf", tmp_path / "imported")
+    assert load_model(tmp_path / "imported")[1].stages[-1].seq_len == 128
+
+    (tmp_path / "tasks" / "arc_easy").mkdir(parents=True)
+    row = {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}  # fmt: skip
+    (tmp_path / "tasks" / "arc_easy" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    kw = dict(tasks=["arc_easy"], data=None, task_data=tmp_path / "tasks", limit=1)
+    lengths = [
+        evaluate(model, tmp_path / out, **kw)["max_length"]
+        for model, out in ((tmp_path / "model", "e1"), (f"hf:{tmp_path / 'hf'}", "e2"))
+    ]
+    assert lengths == [128, 128]
+
+    config.pop("lmpipe_train_seq_len")  # as exported before the field existed
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert load_hf_model(tmp_path / "hf")[1].stages[-1].seq_len == 256
+    edit_config(tmp_path / "hf", lmpipe_train_seq_len=512)
+    with pytest.raises(LmpipeError) as error:
+        load_hf_model(tmp_path / "hf")
+    one_line(error, "config.json", "lmpipe_train_seq_len 512", "256 learned positions")
