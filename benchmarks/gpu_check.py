@@ -591,12 +591,12 @@ def main() -> None:
     try:
         report["device"] = device_name(cuda)
         write_report(report, args.out)
-        corpus = make_corpus(
-            args.work / "corpus", args.corpus_mb or (0.3 if args.cpu_smoke else 16)
-        )
-        tokens = args.work / "tokens"
+        megabytes = args.corpus_mb or (0.3 if args.cpu_smoke else 16)
+        # Named by its size: --work is shared by calls, and tokens of another corpus must not
+        # serve this one (a warm machine's second call reuses the same corpus's tokens).
+        tokens = args.work / f"tokens-{megabytes:g}MB"
         if not (tokens / "manifest.json").is_file():
-            tokenize(corpus, tokens)
+            tokenize(make_corpus(args.work / f"corpus-{megabytes:g}MB", megabytes), tokens)
         report["training"] = []
         for i, case in enumerate(cases):
             timeout = args.case_timeout

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from rich.table import Table
 
 from lmpipe.dataprep.cluster_plot import have_matplotlib
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, claim_folder, owned_by
+from lmpipe.dataprep.folders import check_output, claim_folder, clear_folder, lock_folder, owned_by
 
 # The demo corpus is ~1,200 documents; SlimPajama's 0.17% would hold out two of them.
 DEMO_HOLDOUT = 0.05
@@ -40,6 +39,27 @@ def run_demo(
     """Run the chain in `workdir`; returns each stage's manifest or summary (up to the training's
     when a signal stopped it: `stop_after_signal`). `recipe_overrides` (`dotted.key=value`)
     shorten the tiny recipe, for tests."""
+    workdir = Path(workdir)
+    check_output(workdir, [], what="demo folder")
+    existed = workdir.exists() or workdir.is_symlink()
+    if existed:
+        if not overwrite:
+            raise LmpipeError(f"{workdir}: already exists; pass --overwrite to start the demo over")
+        if not owned_by(workdir, "demo"):  # never delete a folder the demo did not make
+            raise LmpipeError(
+                f"{workdir}: --overwrite only replaces an empty folder or an earlier demo's "
+                "folder, and this is neither; choose another --workdir"
+            )
+    # Held for the whole demo: `--overwrite` from another shell never empties a running demo.
+    with lock_folder(workdir, "demo"):
+        if existed:
+            clear_folder(workdir)
+        claim_folder(workdir, "demo")
+        return demo_chain(workdir, recipe_overrides or [])
+
+
+def demo_chain(workdir: Path, recipe_overrides: list[str]) -> dict:
+    """The four stages in `workdir`, which the demo holds (`run_demo`)."""
     from lmpipe.dataprep.corpus import write_demo_corpus
     from lmpipe.dataprep.dedup import dedup
     from lmpipe.dataprep.tokenize import tokenize
@@ -49,18 +69,6 @@ def run_demo(
     from lmpipe.train.recipe import load_recipe
 
     console = Console()
-    workdir = Path(workdir)
-    check_output(workdir, [], what="demo folder")
-    if workdir.exists() or workdir.is_symlink():
-        if not overwrite:
-            raise LmpipeError(f"{workdir}: already exists; pass --overwrite to start the demo over")
-        if not owned_by(workdir, "demo"):  # never delete a folder the demo did not make
-            raise LmpipeError(
-                f"{workdir}: --overwrite only replaces an empty folder or an earlier demo's "
-                "folder, and this is neither; choose another --workdir"
-            )
-        shutil.rmtree(workdir)
-    claim_folder(workdir, "demo", new=True)
     timings: dict[str, float] = {}
 
     def stage(title: str) -> float:
@@ -89,10 +97,10 @@ def run_demo(
     timings["tokenize"] = time.perf_counter() - t
 
     t = stage("3/4 lmpipe train --recipe tiny (DeepSpeed, muP, ALiBi + SwiGLU, 64 -> 256 tokens)")
-    recipe = load_recipe("tiny", recipe_overrides or [])
+    recipe = load_recipe("tiny", recipe_overrides)
     summary = train(recipe, workdir / "tokens", workdir / "run")
     if summary["stopped"]:  # a SIGINT / SIGTERM: the run is unfinished, so there is no model
-        stop_after_signal(summary, workdir, recipe_overrides or [])
+        stop_after_signal(summary, workdir, recipe_overrides)
         return {"dedup": dedup_manifest, "tokenize": tokens_manifest, "train": summary}
     print_loss_curve(console, workdir / "run" / "metrics.jsonl")
     if have_matplotlib():  # beside the run folder: a stage never writes into what it reads

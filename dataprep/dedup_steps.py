@@ -121,7 +121,8 @@ class ZstdLines:
 
     def __init__(self, path: Path, level: int = 3):
         self._raw = open(path, "wb")
-        self._sink = zstandard.ZstdCompressor(level=level).stream_writer(self._raw)
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)  # as DocumentWriter
+        self._sink = compressor.stream_writer(self._raw)
         self.lines = 0
 
     def write(self, record: dict[str, Any]) -> None:

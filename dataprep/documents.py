@@ -224,7 +224,10 @@ def decoded_chunks(
                     yield b"".join(block)
                     block, size = [], 0
     except error as e:
-        problem = f"corrupt {what} data ({e})"
+        # Its checksum covers a whole member or frame, checked at its end: the lines decoded
+        # before the error may be altered too (kept, as they cannot be told apart; the file is
+        # named with this reason, and is best fetched again).
+        problem = f"corrupt {what} data ({e}; lines read before it may be damaged too)"
     else:
         if fed and not decoder.eof:
             problem = f"truncated {what} data (the last frame is incomplete)"
@@ -519,7 +522,10 @@ class DocumentWriter:
         path = self.folder / f"{self.prefix}-{len(self.files):05d}.jsonl.zst"
         self.files.append(path)
         self._raw = open(path, "wb")
-        self._stream = zstandard.ZstdCompressor(level=self.level).stream_writer(self._raw)
+        # With each frame's checksum: damage to a shard is then an error on reading, not text
+        # that silently differs (a reader checks it at the frame's end).
+        compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+        self._stream = compressor.stream_writer(self._raw)
         self._written = 0
 
     def write(self, record: dict[str, Any]) -> None:

@@ -169,12 +169,10 @@ def check_output(out: Path, reads: Iterable[Path | None], what: str = "output fo
                 )
 
 
-def claim_folder(folder: Path, stage: str, *, new: bool = False) -> None:
-    """Create `folder` (if needed; with `new`, it must not exist) and mark it as made by `stage`."""
+def claim_folder(folder: Path, stage: str) -> None:
+    """Create `folder` (if needed) and mark it as made by `stage`."""
     try:
-        folder.mkdir(parents=True, exist_ok=not new)
-    except FileExistsError:
-        raise LmpipeError(f"{folder}: appeared while lmpipe was making it; run again") from None
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LmpipeError(f"{folder}: cannot be created ({e.strerror})") from None
     (folder / OWNER).write_text(stage + "\n", encoding="utf-8")
@@ -197,6 +195,15 @@ def clear_folder(folder: Path) -> None:
     for entry in folder.iterdir():
         if entry.name not in (OWNER, LOCK):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def remove_owned(folder: Path) -> None:
+    """Delete a folder marked by `claim_folder`, its mark last: a deletion cut short leaves a
+    folder still marked (or empty), which the next run may delete, never one it must refuse."""
+    clear_folder(folder)
+    for mark in (LOCK, OWNER):
+        (folder / mark).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -276,7 +283,7 @@ def staged_output(
             raise LmpipeError(f"{out}: already exists ({what}); pass --overwrite to replace it")
         check_replaceable(out, stage)
     aside = replaced_path(out)
-    if (aside.exists() or aside.is_symlink()) and not made_by(aside, stage):
+    if (aside.exists() or aside.is_symlink()) and not owned_by(aside, stage):
         raise LmpipeError(
             f"{aside}: exists and was not made by `lmpipe {stage}`; remove or rename it"
         )
@@ -299,13 +306,15 @@ def staged_output(
             raise RuntimeError(f"stage wrote no {MANIFEST} into {work}")  # a bug, not user input
         # The old output goes aside whole, then the new one takes its name: at no moment is there
         # a folder `out` with a manifest and missing parts (deleting it in place would be one).
+        # Marked first, so that an `aside` left by a kill is known as this stage's to delete.
         if aside.exists():
-            shutil.rmtree(aside)  # an earlier replacement's, cut short (made_by checked above)
+            remove_owned(aside)  # an earlier replacement's, cut short (owned_by checked above)
         if out.exists():
+            claim_folder(out, stage)
             os.replace(out, aside)
         os.replace(work, out)
         # After the rename: until then the work folder is marked as lmpipe's, whatever happens.
         (out / OWNER).unlink(missing_ok=True)
         (out / LOCK).unlink(missing_ok=True)
     if aside.exists():
-        shutil.rmtree(aside)
+        remove_owned(aside)

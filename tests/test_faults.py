@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -184,7 +185,9 @@ def test_overwrite_moves_the_old_output_aside_before_the_new_one_takes_its_name(
     monkeypatch.setattr(os, "replace", killed_before_the_new_name)
     assert cli("tokenize", raw, "-o", out, "--overwrite", "--holdout", "0.5").exit_code == 130
     monkeypatch.undo()
-    assert not out.exists() and tree_digest(replaced_path(out)) == old
+    assert not out.exists() and tree_digest(replaced_path(out)) == {**old, ".lmpipe-owner": ANY}
+    # its deletion cut short too (the manifest gone first): still the stage's own to delete
+    (replaced_path(out) / "manifest.json").unlink()
     assert cli("tokenize", raw, "-o", out, "--holdout", "0.5").exit_code == 0
     assert not replaced_path(out).exists() and not partial_path(out).exists()
     assert json.loads((out / "manifest.json").read_text())["settings"]["holdout"] == 0.5
@@ -292,6 +295,16 @@ def test_demo_overwrite_never_deletes_a_folder_it_did_not_make(tmp_path):
     write_lines(home / "thesis.txt", ["years of work"])
     assert_one_line_error(cli("demo", "--workdir", home, "--overwrite"), "choose another --workdir")
     assert (home / "thesis.txt").read_text() == "years of work\n"
+    # nor a running demo's (it holds its folder): --overwrite from another shell is one line
+    from lmpipe.dataprep.folders import claim_folder, lock_folder
+
+    running = tmp_path / "demo"
+    with lock_folder(running, "demo"):
+        claim_folder(running, "demo")
+        write_lines(running / "raw" / "a.jsonl", ["the running demo's"])
+        result = cli("demo", "--workdir", running, "--overwrite")
+        assert_one_line_error(result, r"demo: another `lmpipe demo` is writing to it")
+        assert (running / "raw" / "a.jsonl").is_file()
 
 
 # --- 2. nothing read from a run folder runs code ----------------------------------------------

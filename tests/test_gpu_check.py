@@ -50,7 +50,7 @@ def test_cpu_smoke_measures_every_case_through_lmpipe_train(tmp_path, gpt2):
         assert 0 <= row["loader_share"] < 1 and math.isfinite(row["loss"])
         assert row["estimate_gb"] > 0  # the dry run's estimate, beside the measured peak
     # the runs trained the case's shape on the tokenized corpus, validation out of the way
-    tokens = json.loads((work / "tokens" / "manifest.json").read_text())
+    tokens = json.loads((work / "tokens-0.2MB" / "manifest.json").read_text())
     assert tokens["stage"] == "tokenize"
     # one run trains both lengths, a stage each, as the 2k -> 8k recipe switches
     run = work / "runs" / "0-tiny"
