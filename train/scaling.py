@@ -396,8 +396,10 @@ def family_member(
     count: str = "total",
 ) -> Recipe:
     """The base recipe (with `overrides`) at `width`, trained on `tokens_per_param` tokens a
-    parameter (counted as `count` says): every stage keeps its share (whole steps), the warmup its fraction; checkpoints
-    and validation as often, in tokens, relative to the run."""
+    parameter (counted as `count` says): every stage keeps its share (whole steps); the warmup
+    keeps its tokens, as Cerebras-GPT warmed every size up over ~375M tokens (seeds-spec 3.2), at
+    least one step and at most the run; checkpoints and validation as often, in tokens, relative
+    to the run."""
     from lmpipe.train.model import count_parameters
 
     base = load_recipe(base_name, overrides)
@@ -412,9 +414,12 @@ def family_member(
         total += tokens
     scale = total / shaped.total_tokens
     every = max(shaped.tokens_per_step, round(shaped.checkpoint_every_tokens * scale))
+    # The warmup in tokens, not a share of the run: a share would stretch a big member's warmup
+    # (2.7B from 111M's: 9.2B tokens) and squeeze a small one's under one step (no warmup at all).
+    warmup = min(max(shaped.schedule.warmup_tokens, shaped.tokens_per_step), total)
     sets += [
         f"name={name}",
-        f"schedule.warmup_tokens={round(shaped.schedule.warmup_tokens * scale)}",
+        f"schedule.warmup_tokens={warmup}",
         f"checkpoint_every_tokens={every}",
     ]
     if shaped.validation:
