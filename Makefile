@@ -46,7 +46,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-lint: install
+# Lint reads the tree, so it needs the tools but not the package (nor reinstalls over an
+# editable install a developer made).
+lint: $(VENV)/.deps
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:

@@ -108,9 +108,11 @@ def test_dry_run_prints_the_memory_table_for_a_planned_world_size():
     assert run.exit_code == 2 and "go with --dry-run" in run.output
 
 
-def live_bytes() -> dict[int, int]:
-    """Every CPU tensor's storage the interpreter can reach: address -> bytes (torch.compile's
-    caches keep fake tensors, which have no storage, from tests that ran before)."""
+def live_storages() -> dict[int, torch.UntypedStorage]:
+    """Every CPU tensor's storage the interpreter can reach, by address (torch.compile's caches
+    keep fake tensors, which have no storage, from tests that ran before). Holding the result
+    keeps those storages alive: a tensor of an earlier test freed meanwhile would let a new one
+    take its address and go uncounted."""
     gc.collect()
     found = {}
     with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated objects
@@ -119,7 +121,7 @@ def live_bytes() -> dict[int, int]:
     for tensor in tensors:
         if tensor.device.type == "cpu" and not is_fake(tensor):
             storage = tensor.untyped_storage()
-            found[storage.data_ptr()] = storage.nbytes()
+            found[storage.data_ptr()] = storage
     return found
 
 
@@ -157,7 +159,7 @@ def test_model_states_match_a_deepspeed_engine(zero_stage, precision):
         init_distributed()
         plan = make_plan(recipe)
         config = deepspeed_config(recipe, plan)
-        before = live_bytes()
+        before = live_storages()
         model = build_model(recipe, config)
         optimizer = torch.optim.AdamW(model.param_groups(1e-3, 0.1), lr=1e-3)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -170,7 +172,9 @@ def test_model_states_match_a_deepspeed_engine(zero_stage, precision):
                 engine.backward(loss)
                 del loss
                 if step == 1 and micro == 1:
-                    held = sum(b for ptr, b in live_bytes().items() if ptr not in before)
+                    held = sum(
+                        st.nbytes() for ptr, st in live_storages().items() if ptr not in before
+                    )
                 engine.step()
     memory = estimate_memory(recipe, plan)
     if zero_stage == 3:  # the reduce bucket (gathered parameters are freed between passes)
