@@ -273,7 +273,9 @@ def staged_output(
     output of `stage`; a `.partial` folder that this stage did not make. The block must write the
     manifest last (`write_manifest`). On an exception the work folder is removed, unless `resume`
     is set, in which case it stays for the next run to pick up. Either way `out` itself never
-    appears unfinished.
+    appears unfinished. The work folder is locked for the block (`lock_folder`: a second run for
+    the same `out` is refused), and an old `out` moves to `<out>.replaced` whole before the new
+    one takes its name.
     """
     out = Path(out)
     check_output(out, reads)
