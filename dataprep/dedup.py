@@ -205,7 +205,8 @@ def dedup(
             "dedup settings: --decontaminate-ngrams needs eval files (--decontaminate)"
         )
     inputs = [Path(p) for p in inputs]
-    files = find_inputs(inputs)
+    skipped: list[Path] = []
+    files = find_inputs(inputs, skipped)
     sources = [source_of(f, inputs) for f in files]
     evals = find_inputs(decontaminate) if decontaminate else []
     out = Path(out)
@@ -259,6 +260,7 @@ def dedup(
             inputs=[
                 {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, **bad} for f, bad in zip(files, invalid, strict=True)
             ],
+            skipped_inputs=[str(f) for f in skipped],  # other files in the input folders
             decontaminate=[
                 {"path": str(f), "sha256": sha256_file(f), **info} for f, info in zip(evals, eval_info, strict=True)
             ],

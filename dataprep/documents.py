@@ -108,13 +108,15 @@ def _note_skipped(skipped: list[Path], folders: list[Path]) -> None:
     )
 
 
-def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
+def find_inputs(paths: Iterable[Path | str], skipped: list[Path] | None = None) -> list[Path]:
     """Expand files and folders (recursively, through links) into a sorted list of document files.
     Within a folder, subfolders whose name starts with `_` or `.` are skipped; name them to read
-    them. Files of other suffixes in a folder are named in one note on stderr."""
+    them. Files of other suffixes in a folder are named in one note on stderr, and added to
+    `skipped` (sorted) for a stage's manifest."""
     found: list[Path] = []
     given: dict[tuple[int, int], Path] = {}  # each file (device, inode) -> the argument naming it
-    skipped: list[Path] = []
+    skipped = [] if skipped is None else skipped
+    already = len(skipped)
     folders: list[Path] = []  # those that held skipped files
     for p in map(Path, paths):
         if p.is_dir():
@@ -141,7 +143,8 @@ def find_inputs(paths: Iterable[Path | str]) -> list[Path]:
         found.extend(files)
     if not found:
         raise LmpipeError("no input files given")
-    _note_skipped(skipped, folders)
+    skipped[already:] = sorted(skipped[already:])
+    _note_skipped(skipped[already:], folders)
     # Here, before a stage starts: not after hours of work, at the first .parquet file.
     parquet = next(filter(is_parquet, found), None)
     if parquet is not None:

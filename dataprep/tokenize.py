@@ -223,7 +223,8 @@ def tokenize(
         raise LmpipeError(f"workers must be at least 1, got {workers}")
     if split_by_field == "":
         raise LmpipeError("--split-by-field: name a field (dotted for nested: meta.source)")
-    files = find_inputs(inputs)
+    skipped: list[Path] = []
+    files = find_inputs(inputs, skipped)
     split = FieldSplit(split_by_field) if split_by_field else None
     get_encoding()  # a missing tokenizer fails here, before any output exists
     key, threshold = str(seed).encode(), holdout_threshold(holdout)
@@ -315,6 +316,7 @@ def tokenize(
                     eot_id=EOT_ID,
                 ),
                 inputs=inputs,
+                skipped_inputs=[str(f) for f in skipped],
                 totals=totals(splits, all_stats) if split is None else folder_totals(splits),
                 settings=settings
                 if split is None
@@ -336,6 +338,7 @@ def tokenize(
                     for folder, m in made.items()
                 },
                 inputs=inputs,
+                skipped_inputs=[str(f) for f in skipped],
                 totals=split_totals(made, all_stats),
                 settings=settings,
             )

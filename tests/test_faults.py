@@ -144,6 +144,24 @@ def test_a_partial_folder_lmpipe_did_not_make_is_left_alone(raw, tmp_path, gpt2)
 
 
 @pytest.mark.parametrize("stage", ["dedup", "tokenize"])
+def test_files_an_input_folder_holds_in_another_format_are_named_not_lost(stage, raw, tmp_path, gpt2):  # fmt: skip
+    """A `.json.gz` (C4's naming) or `.JSONL` beside the documents is not read as a format it
+    may not be, nor dropped without a word: named on stderr and in the manifest."""
+    import gzip
+
+    (raw / "web" / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(b"{}\n"))
+    (raw / "books" / "upper.JSONL").write_text(docs(1)[0] + "\n")
+    result = cli(stage, raw, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "note: 2 file(s) in" in " ".join(result.output.split())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped_inputs"] == [
+        str(raw / "books" / "upper.JSONL"),
+        str(raw / "web" / "c4-train.00000-of-01024.json.gz"),
+    ]
+
+
+@pytest.mark.parametrize("stage", ["dedup", "tokenize"])
 def test_a_second_run_for_the_same_output_stops_and_leaves_the_first_alone(
     stage, raw, tmp_path, gpt2
 ):
