@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import MANIFEST
+from lmpipe.dataprep.folders import MANIFEST, read_manifest
 from lmpipe.dataprep.parquet import (
     batch_rows,
     is_parquet,
@@ -58,10 +58,10 @@ def _stage_folder(folder: str, names: list[str]) -> bool:
     if MANIFEST not in names:
         return False
     try:
-        manifest = json.loads(Path(folder, MANIFEST).read_bytes())
-    except (OSError, ValueError):
+        manifest = read_manifest(Path(folder))
+    except LmpipeError:  # not JSON, not an object: a file of the input's own
         return False
-    return isinstance(manifest, dict) and {"stage", "lmpipe_version"} <= manifest.keys()
+    return {"stage", "lmpipe_version"} <= manifest.keys()
 
 
 def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
@@ -94,12 +94,12 @@ def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
 
 
 def _note_skipped(skipped: list[Path], folders: list[Path]) -> None:
-    """One line on stderr naming the files of the input folders not read for their suffix (a
-    `.json.gz`, `.JSONL`, `.bz2`): not dropped without a word, nor read as a format they may not
-    be."""
+    """One line on stderr naming the files (sorted) of the input folders not read for their
+    suffix (a `.json.gz`, `.JSONL`, `.bz2`): not dropped without a word, nor read as a format
+    they may not be."""
     if not skipped:
         return
-    names = sorted(map(str, skipped))
+    names = list(map(str, skipped))
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     where = ", ".join(map(str, folders))
     print(
@@ -473,24 +473,8 @@ def read_documents(
     else:
         entries = _documents(read_records(path, on_bytes))
         empty = "empty file (no non-blank line)"
-    line_no, seen = 0, False
-    while True:
-        try:
-            line_no, record, reason = next(entries)
-        except StopIteration:
-            if not seen:  # an empty file is bad input too: often a failed download or export
-                if strict:
-                    raise LmpipeError(f"{path}: {empty}") from None
-                if invalid is not None:
-                    invalid.add(1, empty)
-            return
-        except LmpipeError as e:
-            if strict or invalid is None:
-                raise
-            invalid.add(
-                line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
-            )
-            return
+    seen = False
+    for line_no, record, reason in ending_at_break(entries, path, strict or invalid is None):
         if record is None and not reason:  # a blank line: not a document, counted apart
             if invalid is not None:
                 invalid.blank += 1
@@ -503,6 +487,27 @@ def read_documents(
                 invalid.add(line_no, reason)
             continue
         yield line_no, record
+    if not seen:  # an empty file is bad input too: often a failed download or export
+        if strict:
+            raise LmpipeError(f"{path}: {empty}")
+        if invalid is not None:
+            invalid.add(1, empty)
+
+
+def ending_at_break(
+    entries: Iterator[tuple[int, dict[str, Any] | None, str]], path: Path, strict: bool
+) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """`entries` up to data that breaks off (a truncated or corrupt .zst / .gz / .parquet): its
+    error when `strict`, else one last invalid entry after the last line read, "unreadable from
+    here on", so that the lines before it are kept and the break is counted as a bad line."""
+    line_no = 0
+    try:
+        for line_no, record, reason in entries:
+            yield line_no, record, reason
+    except LmpipeError as e:
+        if strict:
+            raise
+        yield line_no + 1, None, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
 
 
 class DocumentWriter:

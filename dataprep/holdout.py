@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmpipe.dataprep.documents import InvalidLines, field_value, read_records
+from lmpipe.dataprep.documents import InvalidLines, ending_at_break, field_value, read_records
 from lmpipe.dataprep.errors import LmpipeError
 
 DIGEST = np.dtype("V32")
@@ -71,19 +71,8 @@ def read_field(
     turn decontamination off unnoticed). Data that breaks off (a truncated .zst / .gz) ends the
     file as it does a corpus file: an error under `strict`, else one invalid line, the lines
     before it kept."""
-    seen, line_no, records = False, 0, read_records(path)
-    while True:
-        try:
-            line_no, record, reason = next(records)
-        except StopIteration:
-            break
-        except LmpipeError as e:
-            if strict:
-                raise
-            invalid.add(
-                line_no + 1, f"unreadable from here on ({str(e).removeprefix(f'{path}: ')})"
-            )
-            return
+    seen = False
+    for line_no, record, reason in ending_at_break(read_records(path), path, strict):
         if record is None and not reason:  # a blank line: counted apart
             invalid.blank += 1
             continue

@@ -183,9 +183,9 @@ def train_run(
     resume: bool,
     stop_after_steps: int | None,
     verify_data: bool,
-    init_from: Path | None = None,
-    peak_tflops: float | None = None,
-    held: contextlib.ExitStack | None = None,
+    init_from: Path | None,
+    peak_tflops: float | None,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """`train` inside its launch environment; `held` keeps the run folder's lock until the
     caller's block ends."""
@@ -221,10 +221,9 @@ def train_run(
     def create_run_dir() -> None:
         if rank != 0:
             return
-        if held is not None:
-            # One run at a time in a run folder: a second `--resume` of a job whose first
-            # attempt still runs (a requeue, a double submit) would write checkpoints over it.
-            held.enter_context(lock_folder(run_dir, "train"))
+        # One run at a time in a run folder: a second `--resume` of a job whose first attempt
+        # still runs (a requeue, a double submit) would write checkpoints over it.
+        held.enter_context(lock_folder(run_dir, "train"))
         try:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         except OSError as e:
