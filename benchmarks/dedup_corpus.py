@@ -48,12 +48,12 @@ What does not: the near duplicates to verify (the copies leave at the exact step
 from __future__ import annotations
 
 import ast
+import gzip
 import io
 import json
 import os
 import random
 import re
-import shlex
 import subprocess
 import sysconfig
 import time
@@ -166,24 +166,43 @@ def rendered_manpages(budget: int, rng: random.Random) -> list[str]:
     # how many English pages fit the budget.
     pages.sort(key=lambda p: p.relative_to(root).parts[0].startswith("man"))
 
-    def render(page: Path) -> str:
-        cmd = f"zcat {shlex.quote(str(page))} | groff -k -Tutf8 -man -P -cbou"
-        result = subprocess.run(
-            cmd, shell=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}
-        )
-        return result.stdout.decode("utf-8", errors="replace")
+    def render(page: Path) -> tuple[str, str]:
+        """(text, error): the error is groff's first line when the page failed."""
+        try:
+            source = gzip.decompress(page.read_bytes())
+            result = subprocess.run(
+                ["groff", "-k", "-Tutf8", "-man", "-P", "-cbou"],
+                input=source,
+                capture_output=True,
+                env={**os.environ, "LC_ALL": "C.UTF-8"},
+            )
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            return "", f"{page}: {e}"
+        if result.returncode != 0:
+            lines = result.stderr.decode("utf-8", errors="replace").strip().splitlines()
+            return "", f"{page}: {lines[0] if lines else f'exit status {result.returncode}'}"
+        return result.stdout.decode("utf-8", errors="replace"), ""
 
     out: list[str] = []
-    size = 0
+    size, failed, first_error = 0, 0, ""
     with ThreadPoolExecutor(4) as pool:
         for start in range(0, len(pages), 64):
-            for text in pool.map(render, pages[start : start + 64]):
+            for text, error in pool.map(render, pages[start : start + 64]):
+                failed += bool(error)
+                first_error = first_error or error
                 for doc in chunks(text, rng):
                     if len(normalise(doc)) >= MIN_NORM_CHARS:
                         out.append(doc)
                         size += len(doc.encode("utf-8"))
             if size >= budget:
                 break
+    # Without groff or the pages the corpus would quietly lose its non-English half.
+    if size < budget // 2:
+        raise SystemExit(
+            f"manual pages gave {size:,} of the {budget:,} bytes the web corpus needs "
+            f"({len(pages):,} pages under {root}, {failed} failed to render"
+            f"{': ' + first_error if first_error else ''}); install groff and the manual pages"
+        )
     return out
 
 

@@ -4,7 +4,7 @@
         [--tasks cerebras-gpt] [--limit 100] [--batch-size 16] [--device cpu] \
         [--json benchmarks/results/eval_speed.json]
 
-Run it with a Python that has `lm_eval`, `transformers` and lmpipe (as for lmeval_crosscheck.py).
+Run it with a Python that has `lm_eval[hf]==0.4.13` and lmpipe (as for lmeval_crosscheck.py).
 The model is Cerebras-GPT-111M's shape (recipes/cerebras-gpt-111m.yaml: 10 layers, d_model 768,
 learned positions, GELU), randomly initialised with a fixed seed, saved as a run and exported
 with `export_model`, fp32. Each tool scores the exported folder once, from loading it to the

@@ -5,7 +5,8 @@
         [--tasks all] [--score-tasks arc_easy,winogrande,boolq,lambada_openai] \
         [--score-limit 300] [--max-length 128] [--exported] [--json report.json]
 
-Run it with a Python that has `lm_eval`, `transformers` and lmpipe (installed --no-deps); never
+Run it with a Python that has `lm_eval[hf]==0.4.13` (the `hf` extra brings transformers and
+accelerate, which the harness's `hf` model imports) and lmpipe (installed --no-deps); never
 the project's own venv, which stays free of the harness. No network: every dataset is read from
 the lm-eval-ready files of `--task-data` (MANIFEST.md there), the GPT-2 tokenizer from local files.
 
