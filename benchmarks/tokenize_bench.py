@@ -71,14 +71,20 @@ def best_with_cpu(fn, repeats: int) -> tuple[float, float]:
 
 
 def check_tokens(folder: Path, texts: list[str], enc) -> None:
-    """The shards hold exactly tiktoken's tokens of each document, in input order."""
-    docs = list(TokenShards(folder).documents())
-    expected = enc.encode_ordinary_batch(texts)
-    if len(docs) != len(expected) or any(
-        not np.array_equal(d, np.asarray(e, dtype=np.uint16))
-        for d, e in zip(docs, expected, strict=True)
-    ):
-        raise SystemExit(f"{folder}: the shards' tokens differ from tiktoken's")
+    """The shards hold exactly tiktoken's tokens of each document: every document, in input
+    order, in the training split or (tokenize's default holdout) the held-out one."""
+    splits = [iter(TokenShards(folder, split).documents()) for split in ("train", "heldout")]
+    heads = [next(s, None) for s in splits]
+    for i, ids in enumerate(enc.encode_ordinary_batch(texts)):
+        want = np.asarray(ids, dtype=np.uint16)
+        k = next(
+            (k for k, h in enumerate(heads) if h is not None and np.array_equal(h, want)), None
+        )
+        if k is None:
+            raise SystemExit(f"{folder}: document {i}'s tokens differ from tiktoken's")
+        heads[k] = next(splits[k], None)
+    if heads != [None, None]:
+        raise SystemExit(f"{folder}: the shards hold documents the corpus does not")
 
 
 def main() -> None:

@@ -200,6 +200,8 @@ def train_run(
     sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
     heldout = heldout_splits(recipe, sources)
     plan = make_plan(recipe, launch_world)
+    loader = MixtureLoader(sources, recipe.seed)
+    drawn = coverage(recipe, plan, loader)  # a source shorter than one window: refused here
     validation = validation_of(recipe, plan) if heldout else None
     init_from, started_from = init_source(run_dir, init_from, resume)
     reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
@@ -231,9 +233,7 @@ def train_run(
 
     on_all_ranks(create_run_dir, world)  # a refused rank 0 stops every rank, each in one line
     setup_logging(run_dir, rank)
-    loader = MixtureLoader(sources, recipe.seed)
     ds_config = deepspeed_config(recipe, plan)
-    drawn = coverage(recipe, plan, loader)
     for row in drawn:
         log.info(
             "stage %(stage)d, source %(source)s: %(tokens)d tokens, %(epochs).3f epochs of %(epoch_tokens)d at seq_len %(seq_len)d",
@@ -531,25 +531,31 @@ def run_steps(
     elapsed = time.perf_counter() - started
     trained = plan.tokens_at(step) - plan.tokens_at(start_step)
     checkpoints = list_checkpoints(run.run_dir)
-    if not losses:  # resumed at its last checkpoint (killed before the end): the run's own rows
+    first_loss = losses[0] if losses else None
+    if resumed:  # the run's first loss is an earlier call's: its rows, trimmed to the checkpoint
         rows = [r for r in metrics_rows(run.run_dir) if r["step"] <= step]
-        losses = [r["loss"] for r in rows]
-        val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss")), None)
-        rates = rows[-1].get("lr_groups", {}) if rows else {}
+        first_loss = rows[0]["loss"] if rows else first_loss
+        if not losses:  # resumed at its last checkpoint (killed before the end): no steps ran
+            losses = [r["loss"] for r in rows]
+            val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss")), None)
+            rates = rows[-1].get("lr_groups", {}) if rows else {}
+    # The losses are the run's; the speed is this call's (a resume's start-up and another
+    # machine would blur a whole-run figure), named so.
+    mfu_known = run.peak_flops and elapsed
     return {
         "finished": step >= plan.total_steps and stopped != "guard",
         "steps": step,
         "tokens": plan.tokens_at(step),
         "steps_this_call": step - start_step,
-        "first_loss": losses[0] if losses else None,
+        "first_loss": first_loss,
         "last_loss": losses[-1] if losses else None,
         "val_loss": val_loss,  # the last measured
         "lr": rates.get("embedding"),
         "lr_hidden": rates.get("hidden"),
         "skipped_steps": engine.skipped_steps,
-        "tokens_per_s": round(trained / elapsed, 1) if elapsed and trained else None,
-        "mfu": round(flops / elapsed / run.peak_flops, 4) if run.peak_flops and elapsed else None,
-        "seconds": round(elapsed, 2),
+        "tokens_per_s_this_call": round(trained / elapsed, 1) if elapsed and trained else None,
+        "mfu_this_call": round(flops / elapsed / run.peak_flops, 4) if mfu_known else None,
+        "seconds_this_call": round(elapsed, 2),
         "stopped": stopped,  # None, "SIGTERM", "SIGINT" or "guard"
         "stop_reason": stop_reason,
         "checkpoint": str(checkpoints[-1]) if checkpoints else None,

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.train.checkpoint import MODEL_DIR
 
 TENSORBOARD = "tensorboard"  # the run folder's event-file folder
@@ -73,6 +74,23 @@ def world_peak_flops(world: int, peak_tflops: float | None) -> tuple[float | Non
     if per_device is None:
         return None, f"{name} (peak unknown: pass --peak-tflops)"
     return per_device * 1e12 * world, name
+
+
+def val_losses(row: dict[str, Any], where: str) -> dict[str, float]:
+    """A row's held-out losses ({} where it has none). The loop writes a map of numbers (NaN for a
+    diverged source; a split too short to score left out), so anything else is another tool's
+    file: a one-line error naming `where`, not a crash in whatever reads the row."""
+    value = row.get("val_loss")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+    ):
+        raise LmpipeError(
+            f"{where}: step {row.get('step')!r} has a 'val_loss' that is not a {{source: loss}} "
+            "map of numbers; not lmpipe training metrics"
+        )
+    return value
 
 
 def device_memory_row(device: Any) -> dict[str, float]:
@@ -146,7 +164,8 @@ class MetricsWriter:
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """A call's last line (rank 0, stderr): losses, speed, and how it ended."""
+    """A call's last line (rank 0, stderr): the run's losses, this call's speed, and how it
+    ended."""
     from rich.console import Console
 
     steps, stopped = summary["steps"], summary["stopped"]
@@ -166,13 +185,12 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         losses += f", last LR {summary['lr']:.3g} (embeddings) {summary['lr_hidden']:.3g} (hidden)"
     if summary["skipped_steps"]:
         losses += f", {summary['skipped_steps']:,} steps skipped (not finite)"
-    speed = (
-        f"{summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "no steps left"
-    )
-    if summary["mfu"] is not None:
-        speed += f" ({summary['mfu']:.1%} MFU)"
+    rate, mfu = summary["tokens_per_s_this_call"], summary["mfu_this_call"]
+    speed = f"{rate:,.0f} tokens/s" if rate else "no steps left"
+    if mfu is not None:
+        speed += f" ({mfu:.1%} MFU)"
     Console(stderr=True).print(
         f"train: {summary['steps_this_call']:,} steps ({summary['tokens']:,} tokens in all){losses}, "
-        f"{speed}, {summary['seconds']:.0f} s; {done}",
+        f"{speed}, {summary['seconds_this_call']:.0f} s; {done}",
         highlight=False,
     )

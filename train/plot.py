@@ -20,6 +20,7 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output
+from lmpipe.train.metrics import val_losses
 from lmpipe.train.run_folder import metrics_rows
 
 PNG = "loss.png"
@@ -59,8 +60,8 @@ def curves_from_rows(name: str, rows: list[dict[str, Any]], where: str = "") -> 
         lr.append(float(row.get("lr") or 0.0))
         if row.get("skipped") or not math.isfinite(row["loss"]):
             skipped.append(t)
-        for source, value in (row.get("val_loss") or {}).items():
-            if isinstance(value, int | float) and math.isfinite(value):
+        for source, value in val_losses(row, where or name).items():
+            if math.isfinite(value):  # a diverged source's NaN: no marker
                 val.setdefault(source, []).append((t, float(value)))
         if previous is not None and row.get("stage") != previous.get("stage"):
             switches.append((previous["tokens"], int(row.get("seq_len") or 0)))

@@ -7,10 +7,12 @@ the mean training loss of its last tenth of steps. No scipy: the fit takes, for 
 in [0, lowest loss), the least-squares line through (ln f, ln(L - c)), keeps the c with the
 least squared error in L, and refines (ln a, b, c) by Levenberg-Marquardt on the squared error
 in L, c kept in that range (an irreducible loss: a negative one would fit noise, not a law; at
-a bound only a and b move). The uncertainty is a bootstrap over runs (runs drawn with replacement, refitted; draws
-with fewer than three distinct compute budgets skipped): the standard deviation and the 16th
-and 84th percentiles of each parameter. Written: fit.json, fit.png (loss against FLOPs, log-log:
-the runs, the fit and, with `published`, Cerebras-GPT's fit and its models) and manifest.json.
+a bound only a and b move); losses that do not change with compute have no law (a would be 0
+or infinite) and are refused. The uncertainty is a bootstrap over runs (runs drawn with
+replacement, refitted; draws with fewer than three distinct compute budgets, or flat, skipped):
+the standard deviation and the 16th and 84th percentiles of each parameter. Written: fit.json,
+fit.png (loss against FLOPs, log-log: the runs, the fit and, with `published`, Cerebras-GPT's
+fit and its models) and manifest.json.
 
 Family (`family`): from a base recipe, one recipe per size, trained on `tokens_per_param` tokens
 a parameter (Chinchilla's 20, as Cerebras-GPT did; seeds-spec 3.2). A size is a width (`768`:
@@ -36,6 +38,7 @@ import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import read_manifest, staged_output, write_json_atomic, write_manifest
+from lmpipe.train.metrics import val_losses
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_file, recipe_yaml
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import heads_for
@@ -109,7 +112,7 @@ def read_run(run_dir: Path, loss: str = "heldout") -> RunPoint:
     tokens = int(manifest.get("summary", {}).get("tokens") or plan.total_tokens)
     rows = metrics_rows(run_dir)
     if loss == "heldout":
-        scored = [r["val_loss"] for r in rows if r.get("val_loss")]
+        scored = [v for r in rows if (v := val_losses(r, str(run_dir / "metrics.jsonl")))]
         if not scored:
             raise LmpipeError(
                 f"{run_dir}: no held-out loss in metrics.jsonl (train with a validation section, "
@@ -232,6 +235,8 @@ def scaling(
 
     if published is not None and published not in PUBLISHED:
         raise LmpipeError(f"--published {published!r}: one of {', '.join(PUBLISHED)}")
+    if samples < 0:
+        raise LmpipeError(f"--bootstrap {samples}: the number of draws is 0 (none) or more")
     paths = [Path(p) for p in run_dirs]
     if len({p.resolve() for p in paths}) != len(paths):
         raise LmpipeError("scaling: a run folder is given twice")
@@ -243,6 +248,13 @@ def scaling(
     flops = [r.flops for r in runs]
     losses = [r.loss for r in runs]
     law = fit_power_law(flops, losses)
+    if not (math.isfinite(law.a) and law.a > 0 and law.b != 0):
+        # (f / a)^b is then a constant: no law to extrapolate, and `a` has no JSON number.
+        raise LmpipeError(
+            f"scaling: the loss does not change with compute across these runs (fit: a = "
+            f"{law.a:.4g}, b = {law.b:.3g}), so there is no power law to fit; check that the runs "
+            "differ (equal losses: the same run, or runs that did not train)"
+        )
     spread = bootstrap(flops, losses, samples, seed)
     report: dict[str, Any] = {
         "law": "L(f) = (f / a)^b + c",
@@ -443,8 +455,8 @@ def family(
 
     if not sizes:
         raise LmpipeError("--sizes: name at least one size (768 or 111M)")
-    if not tokens_per_param > 0:
-        raise LmpipeError(f"--tokens-per-param: {tokens_per_param:g} is not > 0")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise LmpipeError(f"--tokens-per-param: {tokens_per_param:g} is not a finite number > 0")
     if count not in COUNTS:
         raise LmpipeError(f"--count: {count!r} is not one of {', '.join(COUNTS)}")
     base = load_recipe(base_name, list(overrides))

@@ -9,7 +9,8 @@ The sweep folder is built in `OUT.partial` and published as `OUT` when every poi
 (`dataprep/folders.py`). It is resumable: the plan file `sweep-plan.json` records the points; a
 rerun of the same command keeps every finished point (its run folder has a manifest), resumes an
 unfinished one from its last checkpoint and runs the rest; a rerun on a finished sweep does
-nothing; another plan is refused unless `--overwrite`. A point whose loss turns non-finite is
+nothing; another plan (the recipe's text, the data's checksums, the points: not where the recipe
+file and token folders lie) is refused unless `--overwrite`. A point whose loss turns non-finite is
 recorded as diverged, never dropped. A finished point's checkpoints are deleted (only a resume
 needs them); its final weights stay in `model/`. `sweep_report.py` writes the results
 (sweep.json, sweep.csv, sweep.png, the optimum per group); `transfer.py` turns the best point
@@ -18,6 +19,8 @@ into a recipe for a wider model.
 Points run one after the other in this process (`jobs` 1), or in `jobs` spawned worker
 processes: on a GPU machine one point per GPU (CUDA_VISIBLE_DEVICES, at most one worker a GPU),
 on CPUs with the cores shared among them; each worker's output goes to `logs/<point>.log`.
+SIGTERM / SIGINT stop the points in training with a checkpoint and start no other; a worker
+never outlives the sweep's process.
 With engine "ray" the points are Ray tasks (`dataprep/runner.py`: the cluster at RAY_ADDRESS, else
 a local instance of `jobs` CPUs), one GPU each where the cluster has GPUs, else one CPU each;
 every node must see the sweep folder and the data at the same paths (shared storage).
@@ -30,11 +33,15 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,7 @@ from lmpipe.dataprep.folders import (
 )
 from lmpipe.dataprep.runner import Runner
 from lmpipe.train.data import open_sources
+from lmpipe.train.guard import StopSignals
 from lmpipe.train.recipe import Recipe, recipe_file
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import SweepSettings, plan_points
@@ -156,21 +164,111 @@ def output_to(path: Path) -> Iterator[None]:
 
 
 def _start_worker(gpus: Any, threads: int) -> None:
-    """A worker process's set-up, before it imports torch: its GPU, or its share of the cores."""
+    """A worker process's set-up, before it imports torch: its GPU, or its share of the cores;
+    in a spawned worker, also how it stops (`_stop_with_sweep`)."""
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
     else:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if multiprocessing.parent_process() is not None:
+        _stop_with_sweep()
+
+
+# In a worker: set while it runs a point (`_on_stop_signal`), and once a stop signal came (a
+# point the parent sent before the signal must not start).
+_in_point = threading.Event()
+_stopped = threading.Event()
+
+
+def _stop_with_sweep() -> None:
+    """A worker stops with the sweep's process. SIGTERM / SIGINT (the parent forwards its own,
+    a terminal's Ctrl-C or a scheduler reaches the worker directly) are the training loop's
+    while a point trains (a checkpoint, then the point raises `SweepInterrupted`); otherwise
+    `_on_stop_signal`. When the parent dies, even by kill -9, the worker gets SIGTERM: on Linux
+    from the kernel (PR_SET_PDEATHSIG, at once, with no thread of ours), elsewhere from a thread
+    that waits on the parent's sentinel. SIGTERM, not the SIGKILL of dataprep's workers
+    (`runner.die_with_parent`), so that a point in training keeps its steps in a checkpoint;
+    `_run_in_worker` then exits instead of waiting for calls that will never come."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+    # held back by the parent while it spawned this worker (`_stop_signals_held`): a signal
+    # that came during the start-up is handled now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, StopSignals.SIGNALS)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    else:
+
+        def watch() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="lmpipe-sweep-watch", daemon=True).start()
+    if not parent.is_alive():  # the parent died before the signal was armed
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT back for the block (the pool spawns its workers in `submit`): a
+    spawned worker inherits the mask, so a signal during its start-up waits for its own handlers
+    instead of killing it, which would break the pool and lose the other workers' results."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """A worker's SIGTERM / SIGINT outside the training loop's own handler: exit if the sweep's
+    process is gone; otherwise no point starts after it, and a point in its set-up gets the
+    signal once its loop's handler is there (`_pass_on`). An idle worker waits for the parent's
+    word to exit."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(1)
+    _stopped.set()
+    if _in_point.is_set():
+        threading.Thread(target=_pass_on, args=(signum,), name="lmpipe-stop", daemon=True).start()
+
+
+def _pass_on(signum: int) -> None:
+    """Send a signal that came in a point's set-up again once the training loop handles it, so
+    the point stops after its first step with a checkpoint. Not raised in the set-up itself: C
+    code importing or building a library may swallow an exception and go on half-done (seen:
+    a point so interrupted trained to its end). After the loop (its handler gone again) the
+    point is finishing anyway."""
+    while _in_point.is_set():
+        if isinstance(getattr(signal.getsignal(signum), "__self__", None), StopSignals):
+            os.kill(os.getpid(), signum)
+            return
+        time.sleep(0.05)
 
 
 def _run_in_worker(job: PointJob, threads: int) -> dict[str, Any]:
-    import torch
+    try:
+        _in_point.set()
+        if _stopped.is_set():
+            raise KeyboardInterrupt  # not started: the parent reports the stop
+        import torch
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-    job.log.parent.mkdir(exist_ok=True)
-    with output_to(job.log):
-        return run_point(job)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        job.log.parent.mkdir(exist_ok=True)
+        with output_to(job.log):
+            return run_point(job)
+    finally:
+        _in_point.clear()
+        # The parent died while the point ran (its SIGTERM stopped the point with a
+        # checkpoint): nobody will read the result or send another point.
+        parent = multiprocessing.parent_process()
+        if parent is not None and not parent.is_alive():
+            os._exit(1)
 
 
 def gpu_count() -> int:
@@ -199,9 +297,37 @@ def run_on_ray(jobs: list[PointJob], cpus: int, announce: Any) -> None:
         )
 
 
+class _ForwardedStop(StopSignals):
+    """The sweep's SIGTERM / SIGINT with points in worker processes: recorded as the training
+    loop records it (a second Ctrl-C a second or more later interrupts at once) and passed on
+    to every worker, so each point in training stops after its step with a checkpoint."""
+
+    def _handle(self, signum: int, frame: object) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+        super()._handle(signum, frame)
+
+    def outcome(self, errors: list[BaseException]) -> BaseException:
+        """What the stopped sweep raises: the first point's error, normally its stop (the
+        message of `-j 1`); else, when no point was in its training loop, the signal's own
+        (KeyboardInterrupt, as `-j 1` raises it there)."""
+        first = next((e for e in errors if isinstance(e, Exception)), None)
+        if first is not None:
+            return first
+        if self.received == "SIGINT":
+            return KeyboardInterrupt()
+        return SweepInterrupted(
+            f"sweep: stopped by {self.received} (no point was in its training loop); "
+            "rerun the same command to resume"
+        )
+
+
 def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -> None:
     """Train every job: here, one after the other, or in `processes` spawned workers (one GPU
-    each when `gpus`). The first error stops the sweep; points already finished stay."""
+    each when `gpus`). The first error stops the sweep: no point starts after it, the points in
+    training finish, and points already finished stay. SIGTERM / SIGINT stop it as they stop
+    one point (`_ForwardedStop`)."""
     if processes <= 1:
         for job in jobs:
             announce(job, run_point(job))
@@ -213,35 +339,71 @@ def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -
         queue = context.Queue()
         for gpu in range(gpus):
             queue.put(gpu)
-    pool = ProcessPoolExecutor(processes, context, _start_worker, (queue, threads))
-    try:
-        pending = {pool.submit(_run_in_worker, job, threads): job for job in jobs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+    todo = iter(jobs)
+    running: dict[Future[dict[str, Any]], PointJob] = {}
+    errors: list[BaseException] = []
+    told = False
+    with (
+        _ForwardedStop(announce=False) as stop,
+        ProcessPoolExecutor(processes, context, _start_worker, (queue, threads)) as pool,
+    ):
+        while True:
+            # One job a worker, never more: the executor would queue another, and it would
+            # start after a stop or an error.
+            while len(running) < processes and not (stop.received or errors):
+                job = next(todo, None)
+                if job is None:
+                    break
+                with _stop_signals_held():
+                    running[pool.submit(_run_in_worker, job, threads)] = job
+            if not running:
+                break
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            if stop.received and not told:  # said here: a signal handler must not write
+                told = True
+                sys.stderr.write(
+                    f"\nsweep: {stop.received}: the points in training stop after their step, "
+                    "with a checkpoint; no other point starts\n"
+                )
             for future in done:
-                job = pending.pop(future)
-                announce(job, future.result())  # a worker's error is raised here
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                job = running.pop(future)
+                error = future.exception()
+                if error is None:
+                    announce(job, future.result())
+                else:
+                    errors.append(error)
+    if stop.received:
+        raise stop.outcome(errors)
+    if errors:
+        raise errors[0]  # a worker's error, with its traceback
 
 
 # --- the stage -------------------------------------------------------------------------------
 
 
 def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
-    """Keep the work of an interrupted run of this plan; refuse (or with `overwrite`, clear) that
-    of another plan."""
+    """Keep the work of an interrupted run of this plan (its recipe file or token folders may
+    have moved: the plan file then says where they are now); refuse (or with `overwrite`, clear)
+    that of another plan."""
     path = work / PLAN
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
-        if old == plan:
+        difference = plan_difference(old, plan)
+        if difference is None:
+            if old != plan:
+                write_json_atomic(path, plan)
             return
+        if not overwrite and older_plan(old):
+            raise LmpipeError(
+                f"{work}: holds an interrupted sweep planned by an older lmpipe ({OLDER}); "
+                "pass --overwrite to start this one"
+            )
         if not overwrite:
             raise LmpipeError(
-                f"{work}: holds an interrupted sweep of another plan ({plan_difference(old, plan)}); "
+                f"{work}: holds an interrupted sweep of another plan ({difference}); "
                 "rerun that command to finish it, or pass --overwrite to start this one"
             )
     clear_folder(work)
@@ -250,20 +412,59 @@ def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, plan)
 
 
-def plan_difference(old: Any, new: dict[str, Any]) -> str:
-    """What differs between two plans, in a few words."""
+# Why a plan file without the recipe's text and the data's identity cannot be resumed.
+OLDER = "its plan records neither the recipe's text nor the data's checksums, so a rerun cannot tell whether they changed"  # fmt: skip
+
+
+def older_plan(plan: Any) -> bool:
+    return isinstance(plan, dict) and not {"recipe_text", "data_identity"} <= plan.keys()
+
+
+def plan_difference(old: Any, new: dict[str, Any]) -> str | None:
+    """What differs between two plans, in a few words; None when they train the same runs. Where
+    the recipe file and the token folders lie may change, as a resumed `lmpipe train` allows
+    (`run_folder.check_same_data`): their content may not."""
     if not isinstance(old, dict):
         return "its plan file is unreadable"
-    for key in ("recipe", "set", "data", "keys"):
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} there, {new.get(key)!r} here"
+    if older_plan(old):
+        return f"it was planned by an older lmpipe: {OLDER}"
+    if old["recipe_text"] != new["recipe_text"]:
+        lines = itertools.zip_longest(
+            str(old["recipe_text"]).splitlines(), new["recipe_text"].splitlines(), fillvalue=""
+        )
+        at = next(
+            (f"at line {n} ({a.strip()!r} there, {b.strip()!r} here)"
+             for n, (a, b) in enumerate(lines, 1) if a != b),
+            "in its line endings",
+        )  # fmt: skip
+        return f"recipe: the text of {new['recipe']} differs from the one the sweep was planned with {at}"  # fmt: skip
+    identities = old["data_identity"] if isinstance(old["data_identity"], dict) else {}
+    for name, identity in new["data_identity"].items():
+        if identities.get(name) != identity:
+            path = next(s["path"] for s in new["data"] if s["name"] == name)
+            return (
+                f"data: source {name!r} ({path}) holds other tokens than the sweep was planned "
+                "on (its shards' checksums differ)"
+            )
+
+    def placeless(sources: Any) -> Any:
+        return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s
+                for s in sources or []]  # fmt: skip
+
+    for key, there, here in [
+        ("set", old.get("set"), new["set"]),
+        ("data", placeless(old.get("data")), placeless(new["data"])),
+        ("keys", old.get("keys"), new["keys"]),
+    ]:
+        if there != here:
+            return f"{key}: {there!r} there, {here!r} here"
     old_points, new_points = old.get("points") or [], new["points"]
     if len(old_points) != len(new_points):
         return f"{len(old_points)} points there, {len(new_points)} here"
     for a, b in zip(old_points, new_points, strict=True):
         if a != b:
             return f"point {b['name']} differs"
-    return "the plans differ"
+    return None
 
 
 def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -283,9 +484,15 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
             done_plan = json.loads((out / PLAN).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             done_plan = None
-        if done_plan != plan:
+        if older_plan(done_plan):
             raise LmpipeError(
-                f"{out}: a finished sweep of another plan ({plan_difference(done_plan, plan)}); "
+                f"{out}: a finished sweep planned by an older lmpipe ({OLDER}); pass --overwrite "
+                "to run this one again, or choose another -o"
+            )
+        difference = plan_difference(done_plan, plan)
+        if difference is not None:
+            raise LmpipeError(
+                f"{out}: a finished sweep of another plan ({difference}); "
                 "pass --overwrite to replace it, or choose another -o"
             )
         err.print(f"sweep: {out} is finished ({len(points)} points); nothing to do", highlight=False)  # fmt: skip

@@ -15,9 +15,11 @@ axes' product, times `--random N` draws from the `--space` dimensions, seeded by
   - `tokens` gives every point that many tokens (stages and warmup scaled alike); the held-out
     loss is scored once, at the end of each point (`validation.every_tokens` = its tokens).
 
-The plan (what `sweep-plan.json` holds) is the recipe, the sweep's `--set`, the data (absolute
-paths) and every point's name, group, values and `--set` list: two commands with the same plan
-train the same runs.
+The plan (what `sweep-plan.json` holds) is the recipe (its name or path as given, its file's
+absolute path and its text), the sweep's `--set`, the data (absolute paths, and each source's
+identity: its shards' checksums, `data.data_identity`) and every point's name, group, values and
+`--set` list: two commands whose plans agree but for where the recipe file and the token folders
+lie train the same runs. Planning reads the token folders' manifests, not their tokens.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import yaml
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.runner import ENGINES
+from lmpipe.train.data import data_identity, open_sources
 from lmpipe.train.recipe import (
     DataSource,
     ModelConfig,
     Recipe,
     apply_override,
     parse_yaml,
+    recipe_file,
     recipe_source,
     validate_recipe,
 )
@@ -50,6 +54,9 @@ PARAMS = ("mup", "mup-uncorrected", "sp")
 VAL_TOKENS = 65536  # held-out tokens scored per point unless the recipe or --val-tokens says
 # Keys the sweep sets itself from --widths / --densities / --param; a grid over them would fight.
 SHAPE_KEYS = ("model.d_model", "model.n_heads", "model.d_ff", "model.density", "model.mup")
+# What an SP point of a muP recipe drops (`model.mup: null`) or sets itself (init std from
+# sigma_base): a swept value of these would label identical SP runs with different values.
+SP_DROPS = ("model.init_std", "model.mup.")
 
 GRID_FORMS = "KEY=START:STOP:xFACTOR, KEY=START:STOP:+STEP or KEY=V1,V2,... (numbers may be B^E)"
 
@@ -197,17 +204,17 @@ def yaml_value(value: Any) -> str:
 # --- the plan: base recipe and points --------------------------------------------------------
 
 
-def base_raw(settings: SweepSettings) -> tuple[str, dict[str, Any], Recipe]:
-    """The recipe file with the sweep's --set applied: (label, raw YAML mapping, validated)."""
-    label, text = recipe_source(settings.recipe)
+def parse_recipe(
+    label: str, text: str, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, Any], Recipe]:
+    """A recipe's text with `--set` options applied: (raw YAML mapping, validated)."""
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as e:
         raise LmpipeError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
-    for assignment in settings.overrides:
+    for assignment in overrides:
         apply_override(raw, assignment)
-    recipe = validate_recipe(raw, label)
-    return label, raw, recipe
+    return raw, validate_recipe(raw, label)
 
 
 def resolve_data(recipe: Recipe, data: Path | tuple[DataSource, ...] | None) -> list[DataSource]:
@@ -254,8 +261,30 @@ def check_keys(settings: SweepSettings, recipe: Recipe) -> None:
             raise LmpipeError(
                 f"{option} {key}: set by the sweep itself; use --widths, --densities or --param"
             )
+        if (
+            "sp" in settings.params
+            and recipe.model.mup is not None
+            and key.startswith(SP_DROPS)
+            and key != "model.mup.sigma_base"
+        ):
+            raise LmpipeError(
+                f"{option} {key}: has no effect on the --param sp points (SP drops model.mup and "
+                "takes its init std from model.mup.sigma_base); sweep sigma_base, or leave out sp"
+            )
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        for v in next((a.values for a in settings.grid if a.key == key), ()):
+            # A power past float's range (2^2000) reads back as the text it was.
+            if numeric and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise LmpipeError(
+                    f"--grid {key}: {v!r} is not a number (or is past float's range); the "
+                    f"recipe's {key} is {value}"
+                )
     if len(set(keys)) != len(keys):
         raise LmpipeError(f"--grid/--space: a key appears twice ({', '.join(keys)})")
+    if settings.random < 0:
+        raise LmpipeError(f"--random: {settings.random} is not a number of points")
+    if settings.seed < 0:
+        raise LmpipeError(f"--seed: {settings.seed} is not a seed (0 or more)")
     if settings.random and not settings.space:
         raise LmpipeError("--random: name what to draw with --space KEY=loguniform:LOW:HIGH")
     if settings.space and not settings.random:
@@ -341,7 +370,8 @@ def token_sets(recipe: Recipe, tokens: int) -> list[str]:
 
 def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], list[Recipe]]:
     """The sweep's plan (what its plan file holds), its points and their validated recipes."""
-    label, raw, recipe = base_raw(settings)
+    label, text = recipe_source(settings.recipe)
+    raw, recipe = parse_recipe(label, text, settings.overrides)
     check_keys(settings, recipe)
     sources = resolve_data(recipe, settings.data)
     data = [s.model_dump(mode="json") for s in sources]
@@ -388,10 +418,17 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
         sets.append(validation)
         recipes.append(validate_recipe({**point_raw, "data": data}, where))
         points.append(Point(name, param, width, density, chosen, tuple(sets)))
+    path = recipe_file(settings.recipe)
     plan = {
         "recipe": settings.recipe,
+        # What the runs are made of, for a rerun's plan check and `--best`: the recipe's text (a
+        # file may be edited, a shipped recipe upgraded, a relative path read from another
+        # folder) and each source's tokens, by the digest a resumed `lmpipe train` checks.
+        "recipe_path": str(path.resolve()) if path else None,
+        "recipe_text": text,
         "set": list(settings.overrides),
         "data": data,
+        "data_identity": data_identity(open_sources(recipes[0])),
         "keys": settings.keys,
         "points": [asdict(p) for p in points],
     }

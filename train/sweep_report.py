@@ -66,7 +66,7 @@ def point_row(work: Path, point: Point) -> dict[str, Any]:
         "parameters": plan["parameters"],
         "flops": plan["flops"],
         "seconds": record.get("seconds"),
-        "train_seconds": summary.get("seconds"),
+        "train_seconds": summary.get("seconds_this_call"),
         "stopped": record.get("stopped"),
     }
 

@@ -10,20 +10,24 @@ schedule's length, the batch and the data stay the target's.
 The best point is the lowest objective (held-out loss, else final training loss) among the muP
 points that finished without diverging; SP points are left out, their values do not transfer.
 The target must be a muP recipe with the sweep's base width (`mup.d_model_base`): the values are
-relative to it. Written: a recipe file (`--write-recipe`) that `lmpipe train --recipe FILE`
+relative to it. The default target is the recipe the sweep trained, as its plan recorded it (its
+text: the file may have been edited since, and a relative path would be read from another
+folder). Written: a recipe file (`--write-recipe`) that `lmpipe train --recipe FILE`
 takes as it is, or the same values as `--set` options (`--print-set`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output, is_finished, partial_path
-from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
-from lmpipe.train.sweep_plan import yaml_value
+from lmpipe.train.recipe import Recipe, load_recipe, recipe_source, recipe_yaml
+from lmpipe.train.sweep import PLAN
+from lmpipe.train.sweep_plan import parse_recipe, yaml_value
 from lmpipe.train.sweep_report import read_report
 
 # The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
@@ -47,6 +51,20 @@ def best_point(report: dict[str, Any]) -> dict[str, Any]:
             "without divergence, so there are no base values to transfer"
         )
     return min(rows, key=lambda r: r[objective])
+
+
+def swept_recipe(folder: Path) -> tuple[str, str]:
+    """(label, text) of the recipe the sweep in `folder` trained, as its plan recorded it."""
+    try:
+        plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        plan = None
+    if not isinstance(plan, dict) or not isinstance(plan.get("recipe_text"), str):
+        raise LmpipeError(
+            f"{folder}: its {PLAN} records no recipe text (a sweep of an older lmpipe, or no "
+            "sweep); name the recipe to transfer to with --target"
+        )
+    return str(plan.get("recipe_path") or plan.get("recipe")), plan["recipe_text"]
 
 
 def transfer_sets(best: Recipe, target: Recipe) -> list[str]:
@@ -75,7 +93,7 @@ def sweep_best(
     overwrite: bool = False,
 ) -> list[str]:
     """Find the best point of the finished sweep `folder`, print it, and write its base values
-    into `target` (default: the sweep's recipe file): as a recipe file and/or `--set` options
+    into `target` (default: the recipe the sweep trained): as a recipe file and/or `--set` options
     on stdout. Returns the `--set` options (without the `--set`)."""
     from rich.console import Console
 
@@ -88,10 +106,10 @@ def sweep_best(
     report = read_report(folder)
     best = best_point(report)
     best_recipe = load_recipe(str(folder / best["run_dir"] / "recipe.yaml"))
-    target_name = target or report["recipe"]
-    target_recipe = load_recipe(target_name)
+    label, text = recipe_source(target) if target else swept_recipe(folder)
+    target_recipe = parse_recipe(label, text)[1]
     sets = transfer_sets(best_recipe, target_recipe)
-    tuned = load_recipe(target_name, sets)  # validated like `lmpipe train --recipe T --set ...`
+    tuned = parse_recipe(label, text, sets)[1]  # as `lmpipe train --recipe T --set ...`
     err = Console(stderr=True)
     objective = report["objective"]
     err.print(
@@ -111,7 +129,7 @@ def sweep_best(
             highlight=False,
         )
     if write_recipe is not None:
-        write_recipe_file(Path(write_recipe), tuned, folder, best, target_name, overwrite)
+        write_recipe_file(Path(write_recipe), tuned, folder, best, target or label, overwrite)
         err.print(f"wrote {write_recipe} (lmpipe train --recipe {write_recipe})", highlight=False)
     if print_set:
         print(" ".join(f"--set {s}" for s in sets))

@@ -103,10 +103,13 @@ def test_resumed_run_equals_uninterrupted(full_run, data, tmp_path):
     first = train(recipe, data, resumed, stop_after_steps=6)  # checkpoints at 4 and 6
     assert not first["finished"] and not (resumed / "manifest.json").exists()
     assert not (resumed / "model").exists()
-    train(recipe, data, resumed, resume=True)  # continues at step 7, crosses the stage switch at 12
+    summary = train(recipe, data, resumed, resume=True)  # steps 7 to 16, past the switch at 12
     got = [(r["step"], r["loss"], r["lr"]) for r in metrics(resumed)]
     want = [(r["step"], r["loss"], r["lr"]) for r in metrics(run_dir)]
     assert got == want
+    # the summary's losses are the run's (step 1's first loss), not those of the call's steps
+    assert (summary["first_loss"], summary["steps_this_call"]) == (want[0][1], 10)
+    assert summary["last_loss"] == pytest.approx(want[-1][1], abs=1e-6)
     a, _ = load_model(run_dir)
     b, _ = load_model(resumed)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -123,6 +126,25 @@ def test_unfinished_data_folder_is_refused(tmp_path):
     (tmp_path / "tokens").mkdir()
     with pytest.raises(LmpipeError, match="unfinished"):
         train(load_recipe("tiny", SMALL), tmp_path / "tokens", tmp_path / "run")
+
+
+def test_a_source_shorter_than_a_later_stages_window_is_refused_before_anything_is_written(
+    data, tmp_path
+):
+    """100 tokens hold a window of stage 0 (64 + 1) but not of stage 1 (128 + 1): refused
+    before the run folder exists, so the corrected command starts it (not 'pass --resume')."""
+    from lmpipe.dataprep.shards import write_shard_folder
+    from lmpipe.train.recipe import DataSource
+
+    short = tmp_path / "short"
+    write_shard_folder(short, {"train": [np.arange(100)]})
+    recipe = load_recipe("tiny", SMALL)
+    run_dir = tmp_path / "run"
+    mixture = [DataSource(name="A", path=data), DataSource(name="C", path=short)]
+    with pytest.raises(LmpipeError, match=r"source 'C' holds fewer tokens than one window of stage 1 \(128 \+ 1\)"):  # fmt: skip
+        train(recipe, mixture, run_dir)
+    assert not run_dir.exists()
+    assert train(recipe, data, run_dir, stop_after_steps=1)["steps"] == 1
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
@@ -239,7 +261,7 @@ def test_the_manifest_of_a_resumed_run_describes_the_whole_run(full_run, data, t
     assert summary["finished"] and summary["steps_this_call"] == 0 and len(rows) == 16
     assert (summary["first_loss"], summary["last_loss"]) == (rows[0]["loss"], rows[-1]["loss"])
     assert summary["val_loss"] == next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
-    assert summary["lr"] == rows[-1]["lr"] and summary["tokens_per_s"] is None
+    assert summary["lr"] == rows[-1]["lr"] and summary["tokens_per_s_this_call"] is None
     assert (killed / "model" / "model.pt").is_file()
 
 

@@ -138,6 +138,13 @@ def test_a_real_run_is_drawn_and_the_cli_says_where(pattern_tokens, tmp_path, mo
     assert png_size(tmp_path / "loss.png") == (640, 480)
 
 
+# Another tool's val_loss in one row (lmpipe writes {source: number}), and the error it gets.
+FOREIGN_VAL = {"number": 2.5, "list": [1], "null": {"web": None}}
+NOT_A_MAP = (
+    r"has a 'val_loss' that is not a \{source: loss\} map of numbers; not lmpipe training metrics"
+)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -145,6 +152,10 @@ def test_a_real_run_is_drawn_and_the_cli_says_where(pattern_tokens, tmp_path, mo
         ("no_metrics", "empty: no metrics.jsonl"),
         ("only_torn", "metrics.jsonl: no complete row yet"),
         ("foreign", "not lmpipe training metrics"),
+        *[
+            (f"val_{kind}", rf"val_{kind}/metrics.jsonl: step 4 {NOT_A_MAP}")
+            for kind in FOREIGN_VAL
+        ],
         ("inside", "the plot lies inside"),
         ("twice", "named twice"),
         ("suffix", "name a .png, .svg or .pdf file"),
@@ -155,11 +166,18 @@ def test_bad_input_is_one_line_naming_it(tmp_path, case, message):
     (tmp_path / "empty").mkdir()
     write_run(tmp_path / "torn", [], torn='{"step": 1, "tok')
     write_run(tmp_path / "foreign", [{"step": 1, "loss": "low"}])
+    for kind, value in FOREIGN_VAL.items():
+        rows = [{**r, "val_loss": value} if r["step"] == 4 else r for r in synthetic_rows()]
+        write_run(tmp_path / f"val_{kind}", rows)
     runs, out = {
         "missing": ([tmp_path / "nope"], tmp_path / "loss.png"),
         "no_metrics": ([tmp_path / "empty"], tmp_path / "loss.png"),
         "only_torn": ([tmp_path / "torn"], tmp_path / "loss.png"),
         "foreign": ([tmp_path / "foreign"], tmp_path / "loss.png"),
+        **{
+            f"val_{kind}": ([tmp_path / f"val_{kind}"], tmp_path / "loss.png")
+            for kind in FOREIGN_VAL
+        },
         "inside": ([good], good / "loss.png"),
         "twice": ([good, tmp_path / "good"], tmp_path / "loss.png"),
         "suffix": ([good], tmp_path / "loss.txt"),

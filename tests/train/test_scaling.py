@@ -213,3 +213,82 @@ def test_family_overwrite_never_deletes_the_base_recipe_file(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(json.loads((out / "family.json").read_text())["recipes"]) == 2
+
+
+def synthetic_run(folder, tokens, val_loss, loss=3.0):
+    """A finished run folder as `lmpipe train` leaves it, trained on `tokens` (its compute), with
+    `val_loss` in its last row; no training."""
+    from lmpipe.dataprep.folders import write_manifest
+
+    recipe = load_recipe("tiny", [*FAST, f"stages=[{{seq_len: 64, tokens: {tokens}}}]"])
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+    row = {"step": 1, "tokens": tokens, "loss": loss, "val_loss": val_loss}
+    (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    write_manifest(folder, "train", summary={"tokens": tokens})
+    return folder
+
+
+FAST = ["tokens_per_step=256", "micro_batch_tokens=256", "schedule.warmup_tokens=256"]
+BUDGETS = (512, 1024, 2048, 4096)
+
+
+def test_a_val_loss_that_is_not_a_map_of_numbers_is_one_line(tmp_path):
+    """lmpipe writes {source: loss} (NaN for a diverged source): anything else is another tool's."""
+    good = [synthetic_run(tmp_path / f"r{t}", t, {"data": 3.0 - t / 4096}) for t in BUDGETS[:3]]
+    for name, value in {"number": 2.5, "list": [1], "null": {"data": None}}.items():
+        bad = synthetic_run(tmp_path / name, 4096, value)
+        with pytest.raises(LmpipeError) as e:
+            scaling([*good, bad], tmp_path / "fit")
+        assert str(e.value) == (
+            f"{bad}/metrics.jsonl: step 1 has a 'val_loss' that is not a {{source: loss}} map of "
+            "numbers; not lmpipe training metrics"
+        )
+    diverged = synthetic_run(tmp_path / "nan", 4096, {"data": math.nan})
+    with pytest.raises(LmpipeError, match=r"nan: its heldout loss is nan \(the run diverged\)"):
+        scaling([*good, diverged], tmp_path / "fit")
+    assert not (tmp_path / "fit").exists()
+
+
+def test_a_flat_fit_is_refused_and_fit_json_is_strict_json(tmp_path):
+    """Equal losses fit b ~ 0 and a = inf or 0 (ln a = ln f - k / b): refused, no fit.json (it
+    held `"a": Infinity`, not JSON); a real fit's fit.json parses without NaN or Infinity."""
+    flat = [synthetic_run(tmp_path / f"flat{t}", t, {"data": 3.0}) for t in BUDGETS]
+    with pytest.raises(LmpipeError, match=r"^scaling: the loss does not change with compute across these runs \(fit: a = (inf|0), b = \S+\), so there is no power law to fit"):  # fmt: skip
+        scaling(flat, tmp_path / "fit-flat")
+    assert not (tmp_path / "fit-flat").exists()
+    law = PowerLaw(a=1e7, b=-0.3, c=1.5)
+    runs = []
+    for t in BUDGETS:
+        folder = synthetic_run(tmp_path / f"law{t}", t, {"data": 0.0})
+        recipe = load_recipe(str(folder / "recipe.yaml"))
+        flops = training_flops(recipe, make_plan(recipe))
+        row = {"step": 1, "tokens": t, "loss": 3.0, "val_loss": {"data": float(law(flops))}}
+        (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+        runs.append(folder)
+    report = scaling(runs, tmp_path / "fit", samples=20)
+    assert report["fit"]["a"] == pytest.approx(1e7, rel=1e-4)
+    assert report["fit"]["b"] == pytest.approx(-0.3, rel=1e-4)
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    saved = json.loads((tmp_path / "fit" / "fit.json").read_text(), parse_constant=refuse)
+    assert saved == json.loads(json.dumps(report))
+
+
+def test_bad_bootstrap_and_tokens_per_param_are_one_line(tmp_path):
+    runs = [synthetic_run(tmp_path / f"r{t}", t, {"data": 3.0 - t / 4096}) for t in BUDGETS]
+    with pytest.raises(LmpipeError, match=r"^--bootstrap -5: the number of draws is 0 \(none\) or more$"):  # fmt: skip
+        scaling(runs, tmp_path / "fit", samples=-5)
+    for value, shown in ((math.inf, "inf"), (math.nan, "nan"), (0.0, "0"), (-20.0, "-20")):
+        with pytest.raises(LmpipeError, match=rf"^--tokens-per-param: {shown} is not a finite number > 0$"):  # fmt: skip
+            family("tiny", ["64"], tmp_path / "fam", tokens_per_param=value)
+    args = ["scaling", "--family", "--recipe", "tiny", "--sizes", "64", "--tokens-per-param", "inf", "-o", str(tmp_path / "fz")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --tokens-per-param: inf is not a finite number > 0"
+    ]
+    result = CliRunner().invoke(app, ["scaling", *map(str, runs), "--bootstrap", "-1", "-o", str(tmp_path / "fb")])  # fmt: skip
+    assert result.exit_code == 2 and "--bootstrap -1: the number of draws" in result.output
+    assert not any((tmp_path / name).exists() for name in ("fit", "fam", "fz", "fb"))

@@ -220,8 +220,8 @@ def test_best_of_a_folder_that_is_no_finished_sweep_is_a_one_line_error(tmp_path
         sweep_best(tmp_path / "s")
 
 
-def test_widths_densities_and_sp_points_are_proper_models(tmp_path):
-    data = tmp_path / "tokens"  # planning reads no data
+def test_widths_densities_and_sp_points_are_proper_models(pattern_tokens):
+    data = pattern_tokens  # planning reads its manifest (the plan records its identity)
     settings = SweepSettings(
         recipe="proxy", data=data, grid=(parse_grid("optimizer.lr=2^-10:2^-3:x2"),
         parse_grid("model.mup.sigma_base=0.05,0.1")), widths=(128, 512), densities=(1.0, 0.25),
@@ -251,13 +251,13 @@ def test_widths_densities_and_sp_points_are_proper_models(tmp_path):
     assert heads_for(96, 64) == 2 and heads_for(512, 64) == 8  # heads of 48 when 64 cannot be
 
 
-def test_uncorrected_mup_points_use_dense_mup_rules_on_the_sparse_model(tmp_path):
+def test_uncorrected_mup_points_use_dense_mup_rules_on_the_sparse_model(pattern_tokens):
     """SμPar divides the hidden init variance and Adam rate by m_d x m_rho; `mup-uncorrected`
     by m_d alone (the comparison of the SμPar paper), and a --set of the muP base values holds."""
     from lmpipe.train.model import GPT
 
     settings = SweepSettings(
-        recipe="tiny", data=tmp_path, widths=(128,), densities=(0.25,),
+        recipe="tiny", data=pattern_tokens, widths=(128,), densities=(0.25,),
         params=("mup", "mup-uncorrected"), overrides=("model.mup.d_model_base=32", "model.mup.d_ff_base=85"),
     )  # fmt: skip
     _, points, recipes = plan_points(settings)
@@ -291,10 +291,10 @@ def test_uncorrected_mup_points_use_dense_mup_rules_on_the_sparse_model(tmp_path
     assert torch.allclose(a(idx)[0], b(idx)[0], atol=1e-5)
 
 
-def test_random_search_draws_are_seeded_and_in_range(tmp_path):
+def test_random_search_draws_are_seeded_and_in_range(pattern_tokens):
     def draw(seed):
         settings = SweepSettings(
-            recipe="proxy", data=tmp_path, random=64, seed=seed,
+            recipe="proxy", data=pattern_tokens, random=64, seed=seed,
             space=(parse_space("optimizer.lr=loguniform:1e-4:1e-1"),
                    parse_space("model.mup.alpha_out=uniform:0.5:4")),
         )  # fmt: skip
@@ -422,10 +422,12 @@ def test_overwrite_clears_the_work_of_another_plan(tmp_path):
     work = tmp_path / "out.partial"
     work.mkdir()
     (work / ".lmpipe-owner").write_text("sweep\n")
-    (work / "sweep-plan.json").write_text(json.dumps({"recipe": "proxy", "points": []}))
+    plan = {"recipe": "tiny", "recipe_path": None, "recipe_text": "seed: 1\n", "set": [],
+            "data": [], "data_identity": {}, "keys": [], "points": []}  # fmt: skip
+    old = {**plan, "recipe": "proxy", "recipe_text": "seed: 2\n"}
+    (work / "sweep-plan.json").write_text(json.dumps(old))
     (work / "runs" / "0000-mup-w256").mkdir(parents=True)
-    plan = {"recipe": "tiny", "set": [], "data": [], "keys": [], "points": []}
-    with pytest.raises(LmpipeError, match=r"another plan \(recipe: 'proxy' there, 'tiny' here\)"):
+    with pytest.raises(LmpipeError, match=r"another plan \(recipe: the text of tiny differs from the one the sweep was planned with at line 1 \('seed: 2' there, 'seed: 1' here\)\)"):  # fmt: skip
         sweep_module.prepare_work(work, plan, overwrite=False)
     assert (work / "runs" / "0000-mup-w256").is_dir()
     sweep_module.prepare_work(work, plan, overwrite=True)
