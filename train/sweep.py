@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,25 +106,28 @@ def run_point(job: PointJob) -> dict[str, Any]:
     checkpoints (only a resume needs them; the final weights stay in model/). The guard stopping
     the run (non-finite steps in a row, a loss spike), or an exception after a non-finite loss,
     is a diverged point: recorded, not raised. A SIGTERM / SIGINT stop leaves the point
-    unfinished with its checkpoint and stops the sweep (`SweepInterrupted`)."""
+    unfinished with its checkpoint and stops the sweep (`SweepInterrupted`); one that came in
+    the last step stops the sweep after the point is recorded as finished."""
     # Imported here: they import torch, which only a process that trains needs.
     from lmpipe.train.checkpoint import CHECKPOINTS
     from lmpipe.train.guard import RunStopped
     from lmpipe.train.loop import train
 
     started = time.perf_counter()
-    stopped = None
+    stopped = signal_stop = None
     try:
         summary = train(
             job.recipe, None, job.run_dir, resume=job.run_dir.exists(), verify_data=False
         )
         if summary.get("stopped") in ("SIGTERM", "SIGINT"):
-            # The user's or the scheduler's stop: the point is not done and keeps its checkpoint,
-            # and the sweep stops here (the same command resumes it).
-            raise SweepInterrupted(
-                f"sweep: point {job.name} stopped by {summary['stopped']} at step "
-                f"{summary['steps']:,} with a checkpoint; rerun the same command to resume"
-            )
+            signal_stop = summary["stopped"]
+            if not summary["finished"]:
+                # The user's or the scheduler's stop: the point is not done and keeps its
+                # checkpoint, and the sweep stops here (the same command resumes it).
+                raise SweepInterrupted(
+                    f"sweep: point {job.name} stopped by {signal_stop} at step "
+                    f"{summary['steps']:,} with a checkpoint; rerun the same command to resume"
+                )
     except RunStopped as e:
         stopped = str(e)
     except LmpipeError:
@@ -137,6 +141,11 @@ def run_point(job: PointJob) -> dict[str, Any]:
     if stopped:
         record["stopped"] = stopped
     write_json_atomic(job.record, record)
+    if signal_stop:  # the stop came in the point's last step: it is done, the sweep stops
+        raise SweepInterrupted(
+            f"sweep: point {job.name} finished as {signal_stop} came; rerun the same command "
+            "to go on"
+        )
     return record
 
 
@@ -368,6 +377,11 @@ def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -
             for future in done:
                 job = running.pop(future)
                 error = future.exception()
+                if isinstance(error, BrokenProcessPool):  # killed (the OOM killer, kill -9)
+                    error = LmpipeError(
+                        f"sweep: a worker process died (killed? out of memory?) while point "
+                        f"{job.name} was in training; rerun the same command to resume"
+                    )
                 if error is None:
                     announce(job, future.result())
                 else:
@@ -396,11 +410,6 @@ def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
             if old != plan:
                 write_json_atomic(path, plan)
             return
-        if not overwrite and older_plan(old):
-            raise LmpipeError(
-                f"{work}: holds an interrupted sweep planned by an older lmpipe ({OLDER}); "
-                "pass --overwrite to start this one"
-            )
         if not overwrite:
             raise LmpipeError(
                 f"{work}: holds an interrupted sweep of another plan ({difference}); "
@@ -412,50 +421,46 @@ def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, plan)
 
 
-# Why a plan file without the recipe's text and the data's identity cannot be resumed.
-OLDER = "its plan records neither the recipe's text nor the data's checksums, so a rerun cannot tell whether they changed"  # fmt: skip
-
-
-def older_plan(plan: Any) -> bool:
-    return isinstance(plan, dict) and not {"recipe_text", "data_identity"} <= plan.keys()
-
-
 def plan_difference(old: Any, new: dict[str, Any]) -> str | None:
-    """What differs between two plans, in a few words; None when they train the same runs. Where
-    the recipe file and the token folders lie may change, as a resumed `lmpipe train` allows
-    (`run_folder.check_same_data`): their content may not."""
+    """What differs between two plans, in a few words; None when they train the same runs.
+
+    A plan records what the runs are made of: the recipe's settings (with the sweep's --set;
+    its `data` section aside) and each source's shards' checksums. Where the recipe file and the
+    token folders lie may change (a mixture recipe's `data` paths with them), as a resumed
+    `lmpipe train` allows (`run_folder.check_same_data`); a comment in the recipe changes nothing.
+    A plan of an lmpipe from before 2026-12-07 records only names and paths: the same command
+    is taken as the same plan, as that lmpipe took it."""
     if not isinstance(old, dict):
         return "its plan file is unreadable"
-    if older_plan(old):
-        return f"it was planned by an older lmpipe: {OLDER}"
-    if old["recipe_text"] != new["recipe_text"]:
-        lines = itertools.zip_longest(
-            str(old["recipe_text"]).splitlines(), new["recipe_text"].splitlines(), fillvalue=""
-        )
-        at = next(
-            (f"at line {n} ({a.strip()!r} there, {b.strip()!r} here)"
-             for n, (a, b) in enumerate(lines, 1) if a != b),
-            "in its line endings",
-        )  # fmt: skip
-        return f"recipe: the text of {new['recipe']} differs from the one the sweep was planned with {at}"  # fmt: skip
-    identities = old["data_identity"] if isinstance(old["data_identity"], dict) else {}
-    for name, identity in new["data_identity"].items():
-        if identities.get(name) != identity:
-            path = next(s["path"] for s in new["data"] if s["name"] == name)
-            return (
-                f"data: source {name!r} ({path}) holds other tokens than the sweep was planned "
-                "on (its shards' checksums differ)"
-            )
+    content = {"recipe_settings", "data_identity"} <= old.keys()
+    if content:
+        difference = setting_difference(old["recipe_settings"], new["recipe_settings"])
+        if difference is not None:
+            return f"recipe {new['recipe']}: {difference}"
+        identities = old["data_identity"] if isinstance(old["data_identity"], dict) else {}
+        for name, identity in new["data_identity"].items():
+            if identities.get(name) != identity:
+                path = next(s["path"] for s in new["data"] if s["name"] == name)
+                return (
+                    f"data: source {name!r} ({path}) holds other tokens than the sweep was "
+                    "planned on (its shards' checksums differ)"
+                )
 
     def placeless(sources: Any) -> Any:
         return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s
                 for s in sources or []]  # fmt: skip
 
-    for key, there, here in [
+    old_data, new_data = old.get("data"), new["data"]
+    if content:
+        old_data, new_data = placeless(old_data), placeless(new_data)
+    checks = [
         ("set", old.get("set"), new["set"]),
-        ("data", placeless(old.get("data")), placeless(new["data"])),
+        ("data", old_data, new_data),
         ("keys", old.get("keys"), new["keys"]),
-    ]:
+    ]
+    if not content:
+        checks.insert(0, ("recipe", old.get("recipe"), new["recipe"]))
+    for key, there, here in checks:
         if there != here:
             return f"{key}: {there!r} there, {here!r} here"
     old_points, new_points = old.get("points") or [], new["points"]
@@ -465,6 +470,17 @@ def plan_difference(old: Any, new: dict[str, Any]) -> str | None:
         if a != b:
             return f"point {b['name']} differs"
     return None
+
+
+def setting_difference(old: Any, new: Any, key: str = "") -> str | None:
+    """The first setting that differs between two recipes' settings, `key: old there, new here`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(old.keys() | new.keys()):
+            found = setting_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else f"{key}: {old!r} there, {new!r} here"
 
 
 def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -484,11 +500,6 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
             done_plan = json.loads((out / PLAN).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             done_plan = None
-        if older_plan(done_plan):
-            raise LmpipeError(
-                f"{out}: a finished sweep planned by an older lmpipe ({OLDER}); pass --overwrite "
-                "to run this one again, or choose another -o"
-            )
         difference = plan_difference(done_plan, plan)
         if difference is not None:
             raise LmpipeError(

@@ -16,10 +16,10 @@ axes' product, times `--random N` draws from the `--space` dimensions, seeded by
     loss is scored once, at the end of each point (`validation.every_tokens` = its tokens).
 
 The plan (what `sweep-plan.json` holds) is the recipe (its name or path as given, its file's
-absolute path and its text), the sweep's `--set`, the data (absolute paths, and each source's
-identity: its shards' checksums, `data.data_identity`) and every point's name, group, values and
-`--set` list: two commands whose plans agree but for where the recipe file and the token folders
-lie train the same runs. Planning reads the token folders' manifests, not their tokens.
+absolute path, its text, and its settings with the sweep's `--set`), the sweep's `--set`, the
+data (absolute paths, and each source's identity: its shards' checksums, `data.data_identity`)
+and every point's name, group, values and `--set` list: two commands whose plans agree but for
+where the recipe file and the token folders lie (and the recipe's comments) train the same runs. Planning reads the token folders' manifests, not their tokens.
 """
 
 from __future__ import annotations
@@ -421,11 +421,14 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
     path = recipe_file(settings.recipe)
     plan = {
         "recipe": settings.recipe,
-        # What the runs are made of, for a rerun's plan check and `--best`: the recipe's text (a
-        # file may be edited, a shipped recipe upgraded, a relative path read from another
-        # folder) and each source's tokens, by the digest a resumed `lmpipe train` checks.
+        # What the runs are made of, for a rerun's plan check: the recipe's settings with the
+        # sweep's --set (a file may be edited, a shipped recipe upgraded; a comment or a moved
+        # `data` path changes nothing) and each source's tokens, by the digest a resumed
+        # `lmpipe train` checks. `--best` transfers into the text (a relative path would be read
+        # from another folder).
         "recipe_path": str(path.resolve()) if path else None,
         "recipe_text": text,
+        "recipe_settings": recipe.model_dump(mode="json", exclude={"data"}),
         "set": list(settings.overrides),
         "data": data,
         "data_identity": data_identity(open_sources(recipes[0])),

@@ -53,18 +53,19 @@ def best_point(report: dict[str, Any]) -> dict[str, Any]:
     return min(rows, key=lambda r: r[objective])
 
 
-def swept_recipe(folder: Path) -> tuple[str, str]:
-    """(label, text) of the recipe the sweep in `folder` trained, as its plan recorded it."""
+def swept_recipe(folder: Path, report: dict[str, Any]) -> tuple[str, str]:
+    """(label, text) of the recipe the sweep in `folder` trained, as its plan recorded it; a
+    sweep of an lmpipe from before 2026-12-07 recorded only its name or path (sweep.json's
+    `recipe`), read again as that lmpipe read it."""
     try:
         plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         plan = None
-    if not isinstance(plan, dict) or not isinstance(plan.get("recipe_text"), str):
-        raise LmpipeError(
-            f"{folder}: its {PLAN} records no recipe text (a sweep of an older lmpipe, or no "
-            "sweep); name the recipe to transfer to with --target"
-        )
-    return str(plan.get("recipe_path") or plan.get("recipe")), plan["recipe_text"]
+    if isinstance(plan, dict) and isinstance(plan.get("recipe_text"), str):
+        return str(plan.get("recipe_path") or plan.get("recipe")), plan["recipe_text"]
+    if isinstance(report.get("recipe"), str):
+        return recipe_source(report["recipe"])
+    raise LmpipeError(f"{folder}: records no recipe; name the recipe to transfer to with --target")
 
 
 def transfer_sets(best: Recipe, target: Recipe) -> list[str]:
@@ -106,7 +107,7 @@ def sweep_best(
     report = read_report(folder)
     best = best_point(report)
     best_recipe = load_recipe(str(folder / best["run_dir"] / "recipe.yaml"))
-    label, text = recipe_source(target) if target else swept_recipe(folder)
+    label, text = recipe_source(target) if target else swept_recipe(folder, report)
     target_recipe = parse_recipe(label, text)[1]
     sets = transfer_sets(best_recipe, target_recipe)
     tuned = parse_recipe(label, text, sets)[1]  # as `lmpipe train --recipe T --set ...`

@@ -407,6 +407,19 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
     assert (cut.run_dir / "checkpoints" / "step00000003").is_dir()  # kept for the resume
     assert not sweep_module.point_done(work, cut.name) and not cut.record.exists()
 
+    def last_step(recipe, data, run_dir, **kw):  # the stop came in the last step: run finished
+        (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
+        return {"stopped": "SIGTERM", "steps": 4, "finished": True}
+
+    monkeypatch.setattr(loop, "train", last_step)
+    ended = sweep_module.PointJob("0004-mup-w64", recipe, work / "runs" / "0004-mup-w64",
+                                  work / "points" / "0004-mup-w64.json", work / "logs" / "v.log")  # fmt: skip
+    with pytest.raises(sweep_module.SweepInterrupted, match=r"^sweep: point 0004-mup-w64 finished as SIGTERM came; rerun the same command to go on$"):  # fmt: skip
+        sweep_module.run_point(ended)
+    # done as any finished point: recorded, its checkpoints dropped; the sweep still stops
+    assert json.loads(ended.record.read_text()) == {"point": ended.name, "seconds": pytest.approx(0, abs=5)}  # fmt: skip
+    assert not (ended.run_dir / "checkpoints").exists()
+
     def fails(recipe, data, run_dir, **kw):  # any other error is a bug: raised, point not done
         raise RuntimeError("boom")
 
@@ -422,12 +435,13 @@ def test_overwrite_clears_the_work_of_another_plan(tmp_path):
     work = tmp_path / "out.partial"
     work.mkdir()
     (work / ".lmpipe-owner").write_text("sweep\n")
-    plan = {"recipe": "tiny", "recipe_path": None, "recipe_text": "seed: 1\n", "set": [],
-            "data": [], "data_identity": {}, "keys": [], "points": []}  # fmt: skip
-    old = {**plan, "recipe": "proxy", "recipe_text": "seed: 2\n"}
+    plan = {"recipe": "tiny", "recipe_path": None, "recipe_text": "seed: 1\n",
+            "recipe_settings": {"seed": 1}, "set": [], "data": [], "data_identity": {},
+            "keys": [], "points": []}  # fmt: skip
+    old = {**plan, "recipe": "proxy", "recipe_text": "seed: 2\n", "recipe_settings": {"seed": 2}}
     (work / "sweep-plan.json").write_text(json.dumps(old))
     (work / "runs" / "0000-mup-w256").mkdir(parents=True)
-    with pytest.raises(LmpipeError, match=r"another plan \(recipe: the text of tiny differs from the one the sweep was planned with at line 1 \('seed: 2' there, 'seed: 1' here\)\)"):  # fmt: skip
+    with pytest.raises(LmpipeError, match=r"another plan \(recipe tiny: seed: 2 there, 1 here\)"):  # fmt: skip
         sweep_module.prepare_work(work, plan, overwrite=False)
     assert (work / "runs" / "0000-mup-w256").is_dir()
     sweep_module.prepare_work(work, plan, overwrite=True)

@@ -76,11 +76,13 @@ def test_a_rerun_refuses_a_changed_recipe_or_data_and_resumes_a_moved_folder(pat
     with pytest.raises(LmpipeError) as refused:
         sweep_module.prepare_work(work, plan_of(data), overwrite=False)
     assert str(refused.value) == (
-        f"{work}: holds an interrupted sweep of another plan (recipe: the text of {recipe} "
-        "differs from the one the sweep was planned with at line 25 ('weight_decay: 0.1' there, "
-        "'weight_decay: 0.0' here)); rerun that command to finish it, or pass --overwrite to "
-        "start this one"
+        f"{work}: holds an interrupted sweep of another plan (recipe {recipe}: "
+        "optimizer.weight_decay: 0.1 there, 0.0 here); rerun that command to finish it, or pass "
+        "--overwrite to start this one"
     )
+    # a comment changes no setting: the same plan
+    recipe.write_text("# tuned on 2026-12-07\n" + text, encoding="utf-8")
+    sweep_module.prepare_work(work, plan_of(data), overwrite=False)
     recipe.write_text(text, encoding="utf-8")
     # the same tokens in another folder resume, as `lmpipe train --resume` allows
     moved = tmp_path / "moved"
@@ -91,19 +93,37 @@ def test_a_rerun_refuses_a_changed_recipe_or_data_and_resumes_a_moved_folder(pat
     other_tokens(data)  # other tokens where the first folder was
     with pytest.raises(LmpipeError, match=rf"another plan \(data: source 'data' \({data}\) holds other tokens than the sweep was planned on \(its shards' checksums differ\)\)"):  # fmt: skip
         sweep_module.prepare_work(work, plan_of(data), overwrite=False)
-    # a plan file of an older lmpipe (no recipe text, no data identity) is refused, not resumed
-    old = {
-        k: v for k, v in plan.items() if k not in ("recipe_path", "recipe_text", "data_identity")
-    }
+    # the plan file of an lmpipe before 2026-12-07 (names and paths only): the same command is
+    # the same plan, as that lmpipe took it, and the plan file gains what this one records
+    new_fields = ("recipe_path", "recipe_text", "recipe_settings", "data_identity")
+    old = {k: v for k, v in plan.items() if k not in new_fields}
     (work / "sweep-plan.json").write_text(json.dumps(old), encoding="utf-8")
-    with pytest.raises(LmpipeError) as refused:
-        sweep_module.prepare_work(work, plan, overwrite=False)
-    assert str(refused.value) == (
-        f"{work}: holds an interrupted sweep planned by an older lmpipe (its plan records neither "
-        "the recipe's text nor the data's checksums, so a rerun cannot tell whether they "
-        "changed); pass --overwrite to start this one"
-    )
+    with pytest.raises(LmpipeError, match=r"another plan \(data: .*'path': '.*moved'.* here\)"):
+        sweep_module.prepare_work(work, plan_of(moved), overwrite=False)
+    sweep_module.prepare_work(work, plan, overwrite=False)
+    assert json.loads((work / "sweep-plan.json").read_text(encoding="utf-8")) == plan
     assert (work / "runs" / "0000-mup-w64").is_dir()
+
+
+def test_a_mixture_recipe_whose_folders_moved_resumes(pattern_tokens, tmp_path):
+    """The sources named in the recipe's `data` section: moving them (and the recipe's paths with
+    them) is the same plan; other tokens there are not."""
+    first, moved = tmp_path / "web", tmp_path / "web2"
+    shutil.copytree(pattern_tokens, first)
+    text = recipe_source("tiny")[1] + "data:\n  - name: web\n    path: {}\n    weight: 1.0\n"
+    recipe = tmp_path / "mix.yaml"
+
+    def plan_at(folder):
+        recipe.write_text(text.format(folder), encoding="utf-8")
+        return plan_points(SweepSettings(recipe=str(recipe), overrides=TWO_STEPS))[0]
+
+    work = owned_work(tmp_path)
+    sweep_module.prepare_work(work, plan_at(first), overwrite=False)
+    first.rename(moved)
+    sweep_module.prepare_work(work, plan_at(moved), overwrite=False)
+    other_tokens(first)
+    with pytest.raises(LmpipeError, match=r"source 'web' \(.*web\) holds other tokens"):
+        sweep_module.prepare_work(work, plan_at(first), overwrite=False)
 
 
 @pytest.mark.slow
@@ -119,7 +139,7 @@ def test_a_finished_sweep_is_checked_and_best_reads_the_recipe_it_trained(patter
     out = tmp_path / "a" / "sw"
     sweep(settings, out)
     recipe.write_text(text.replace("n_layers: 2", "n_layers: 3"), encoding="utf-8")
-    with pytest.raises(LmpipeError, match=r"a finished sweep of another plan \(recipe: the text of my.yaml differs .* at line 7 \('n_layers: 2' there, 'n_layers: 3' here\)\)"):  # fmt: skip
+    with pytest.raises(LmpipeError, match=r"a finished sweep of another plan \(recipe my.yaml: model.n_layers: 2 there, 3 here\)"):  # fmt: skip
         sweep(settings, out)
     # --best from another folder, which has a my.yaml of its own: the sweep's recipe, as trained
     (tmp_path / "b" / "my.yaml").write_text(text.replace("n_layers: 2", "n_layers: 8"), encoding="utf-8")  # fmt: skip
@@ -127,15 +147,18 @@ def test_a_finished_sweep_is_checked_and_best_reads_the_recipe_it_trained(patter
     sweep_best(out, write_recipe=tmp_path / "best.yaml")
     best = load_recipe(str(tmp_path / "best.yaml"))
     assert best.model == load_recipe("tiny").model and best.optimizer.lr == 2**-4
-    # the sweep of an older lmpipe: its plan names no recipe text
+    # the sweep of an lmpipe before 2026-12-07: its plan names the recipe, with no text; the
+    # same command is still nothing to do, and --best reads the recipe by its name again
     plan = json.loads((out / "sweep-plan.json").read_text(encoding="utf-8"))
-    del plan["recipe_text"], plan["data_identity"]
+    for key in ("recipe_path", "recipe_text", "recipe_settings", "data_identity"):
+        del plan[key]
     (out / "sweep-plan.json").write_text(json.dumps(plan), encoding="utf-8")
-    with pytest.raises(LmpipeError, match=r"a finished sweep planned by an older lmpipe .*; pass --overwrite to run this one again"):  # fmt: skip
-        sweep(settings, out)
-    with pytest.raises(LmpipeError, match="records no recipe text .* with --target$"):
-        sweep_best(out, print_set=True)
-    assert sweep_best(out, target="tiny", print_set=True)[0] == "optimizer.lr=0.0625"
+    recipe.write_text(text, encoding="utf-8")
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    sweep(settings, out)
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    monkeypatch.chdir(tmp_path / "a")
+    assert sweep_best(out, print_set=True)[0] == "optimizer.lr=0.0625"
 
 
 def test_sp_points_refuse_a_swept_value_that_sp_drops(pattern_tokens):

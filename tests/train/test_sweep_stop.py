@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -175,3 +176,16 @@ def test_the_first_error_starts_no_further_point(monkeypatch, tmp_path):
     # p1 was training and finished; p2 and p3 never started (nothing waited in a queue)
     assert sorted(started) == ["p0", "p1"] and announced == ["p1"]
     assert ThreadPool.most == 2
+
+
+def test_a_worker_that_dies_is_one_line_naming_a_point(monkeypatch, tmp_path):
+    """A worker killed (the OOM killer, kill -9) breaks the pool: one line, not its traceback."""
+
+    def run(job, threads):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", ThreadPool)
+    monkeypatch.setattr(sweep_module, "_run_in_worker", run)
+    jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(2)]
+    with pytest.raises(LmpipeError, match=r"^sweep: a worker process died \(killed\? out of memory\?\) while point p\d was in training; rerun the same command to resume$"):  # fmt: skip
+        sweep_module.run_points(jobs, 2, 0, lambda job, record: None)
