@@ -112,7 +112,12 @@ class StopSignals:
     """SIGTERM and SIGINT set `received` (the signal's name) instead of ending the process, for
     the block; installed only in the main thread, the one Python runs handlers in. A second
     SIGINT a second or more after the first raises KeyboardInterrupt (a launcher that forwards
-    the terminal's Ctrl-C delivers it twice at once; that counts as one)."""
+    the terminal's Ctrl-C delivers it twice at once; that counts as one).
+
+    Nested in another (a sweep training its points in its own process), the inner one starts
+    with a signal the outer one already has, and hands a signal it got back on exit: one that
+    came after the training loop's last stop vote (in its final validation or save) still
+    stops the sweep, and one that came in a point's set-up stops that point after a step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -127,11 +132,22 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        outer = self._outer()
+        if outer is not None and outer.received and self.received is None:
+            self.received, self._at = outer.received, outer._at
         return self
 
     def __exit__(self, *exc: object) -> None:
+        outer = self._outer()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if outer is not None and self.received and outer.received is None:
+            outer.received, outer._at = self.received, self._at
+
+    def _outer(self) -> StopSignals | None:
+        """The StopSignals whose handler this one replaced, if any."""
+        owner = getattr(self._previous.get(signal.SIGTERM), "__self__", None)
+        return owner if isinstance(owner, StopSignals) else None
 
     def mark(self, votes: Any) -> None:
         """This rank's votes (SIGTERM, SIGINT: 1 if received) into a device tensor of two, to be

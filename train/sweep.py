@@ -338,8 +338,16 @@ def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -
     training finish, and points already finished stay. SIGTERM / SIGINT stop it as they stop
     one point (`_ForwardedStop`)."""
     if processes <= 1:
-        for job in jobs:
-            announce(job, run_point(job))
+        # The loop's own handler nests in this one (`StopSignals`): a signal it got after its
+        # last stop vote, with the point finished, stops the sweep before the next point.
+        with StopSignals(announce=False) as stop:
+            for i, job in enumerate(jobs):
+                if stop.received:
+                    raise SweepInterrupted(
+                        f"sweep: stopped by {stop.received} after point {jobs[i - 1].name} "
+                        "finished; rerun the same command to go on"
+                    )
+                announce(job, run_point(job))
         return
     threads = max(1, (os.cpu_count() or 1) // processes)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch
@@ -407,8 +415,11 @@ def prepare_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
             old = None
         difference = plan_difference(old, plan)
         if difference is None:
-            if old != plan:
-                write_json_atomic(path, plan)
+            if has_content(old) and old != plan:
+                # Where the recipe file and the token folders are now. The recipe's text stays
+                # the one the sweep started with: `--best` transfers into it (a comment or a
+                # value the sweep's --set overrides may have been edited since).
+                write_json_atomic(path, {**plan, "recipe_text": old["recipe_text"]})
             return
         if not overwrite:
             raise LmpipeError(
@@ -432,7 +443,7 @@ def plan_difference(old: Any, new: dict[str, Any]) -> str | None:
     is taken as the same plan, as that lmpipe took it."""
     if not isinstance(old, dict):
         return "its plan file is unreadable"
-    content = {"recipe_settings", "data_identity"} <= old.keys()
+    content = has_content(old)
     if content:
         difference = setting_difference(old["recipe_settings"], new["recipe_settings"])
         if difference is not None:
@@ -470,6 +481,11 @@ def plan_difference(old: Any, new: dict[str, Any]) -> str | None:
         if a != b:
             return f"point {b['name']} differs"
     return None
+
+
+def has_content(plan: Any) -> bool:
+    """Whether a plan records what its runs are made of (since 2026-12-07), not only where."""
+    return isinstance(plan, dict) and {"recipe_settings", "data_identity", "recipe_text"} <= plan.keys()  # fmt: skip
 
 
 def setting_difference(old: Any, new: Any, key: str = "") -> str | None:

@@ -80,9 +80,10 @@ def test_a_rerun_refuses_a_changed_recipe_or_data_and_resumes_a_moved_folder(pat
         "optimizer.weight_decay: 0.1 there, 0.0 here); rerun that command to finish it, or pass "
         "--overwrite to start this one"
     )
-    # a comment changes no setting: the same plan
+    # a comment changes no setting: the same plan; the text --best reads stays the first one
     recipe.write_text("# tuned on 2026-12-07\n" + text, encoding="utf-8")
     sweep_module.prepare_work(work, plan_of(data), overwrite=False)
+    assert json.loads((work / "sweep-plan.json").read_text(encoding="utf-8")) == plan
     recipe.write_text(text, encoding="utf-8")
     # the same tokens in another folder resume, as `lmpipe train --resume` allows
     moved = tmp_path / "moved"
@@ -94,14 +95,15 @@ def test_a_rerun_refuses_a_changed_recipe_or_data_and_resumes_a_moved_folder(pat
     with pytest.raises(LmpipeError, match=rf"another plan \(data: source 'data' \({data}\) holds other tokens than the sweep was planned on \(its shards' checksums differ\)\)"):  # fmt: skip
         sweep_module.prepare_work(work, plan_of(data), overwrite=False)
     # the plan file of an lmpipe before 2026-12-07 (names and paths only): the same command is
-    # the same plan, as that lmpipe took it, and the plan file gains what this one records
+    # the same plan, as that lmpipe took it; the file stays as it was (rewritten with what the
+    # recipe holds now, a reverted edit would be refused)
     new_fields = ("recipe_path", "recipe_text", "recipe_settings", "data_identity")
     old = {k: v for k, v in plan.items() if k not in new_fields}
     (work / "sweep-plan.json").write_text(json.dumps(old), encoding="utf-8")
     with pytest.raises(LmpipeError, match=r"another plan \(data: .*'path': '.*moved'.* here\)"):
         sweep_module.prepare_work(work, plan_of(moved), overwrite=False)
     sweep_module.prepare_work(work, plan, overwrite=False)
-    assert json.loads((work / "sweep-plan.json").read_text(encoding="utf-8")) == plan
+    assert json.loads((work / "sweep-plan.json").read_text(encoding="utf-8")) == old
     assert (work / "runs" / "0000-mup-w64").is_dir()
 
 

@@ -189,3 +189,36 @@ def test_a_worker_that_dies_is_one_line_naming_a_point(monkeypatch, tmp_path):
     jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(2)]
     with pytest.raises(LmpipeError, match=r"^sweep: a worker process died \(killed\? out of memory\?\) while point p\d was in training; rerun the same command to resume$"):  # fmt: skip
         sweep_module.run_points(jobs, 2, 0, lambda job, record: None)
+
+
+def test_one_process_a_signal_after_the_last_stop_vote_stops_the_sweep(monkeypatch, tmp_path):
+    """-j 1: a SIGTERM that reaches the training loop's handler after its last stop vote (its
+    final validation or save) finishes that point, and the sweep stops before the next one."""
+    from lmpipe.train.guard import StopSignals
+
+    def run_point(job):
+        with StopSignals(announce=False) as loop_signals:  # as train() installs it
+            os.kill(os.getpid(), signal.SIGTERM)
+            while loop_signals.received is None:
+                time.sleep(0.01)
+        return {"point": job.name, "seconds": 0.1}
+
+    monkeypatch.setattr(sweep_module, "run_point", run_point)
+    jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(3)]
+    announced = []
+    with pytest.raises(sweep_module.SweepInterrupted, match=r"^sweep: stopped by SIGTERM after point p0 finished; rerun the same command to go on$"):  # fmt: skip
+        sweep_module.run_points(jobs, 1, 0, lambda job, record: announced.append(job.name))
+    assert announced == ["p0"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_a_signal_before_the_loop_starts_reaches_it(monkeypatch):
+    """A signal the sweep's handler took (in a point's set-up) is the loop's from its start."""
+    from lmpipe.train.guard import StopSignals
+
+    with StopSignals(announce=False) as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        while outer.received is None:
+            time.sleep(0.01)
+        with StopSignals(announce=False) as inner:
+            assert inner.received == "SIGTERM"
