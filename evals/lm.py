@@ -33,6 +33,7 @@ How it is computed, which the scores do not depend on (tests/evals/test_lm.py):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,18 @@ class LM(Protocol):
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]: ...
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]: ...
+
+
+def harness_encode(encoding, text: str) -> list[int]:
+    """GPT-2 tokens of a task's text. Hugging Face's GPT-2 tokenizer reads "<|endoftext|>" in
+    text as the special token; so does this."""
+    return encoding.encode(text, allowed_special="all")
+
+
+def continuation_length(encoding, context: str, continuation: str) -> int:
+    """The tokens of a request's continuation as `GPTLM.loglikelihood` scores it."""
+    encode = functools.partial(harness_encode, encoding)
+    return len(encode_pair(encode, context, continuation, encoding.eot_token)[1])
 
 
 def encode_pair(
@@ -259,8 +272,7 @@ class GPTLM:
         self.prefix_id: int = encoding.eot_token
 
     def tok_encode(self, text: str) -> list[int]:
-        # Hugging Face's GPT-2 tokenizer reads "<|endoftext|>" in text as the special token; match it.
-        return self.encoding.encode(text, allowed_special="all")
+        return harness_encode(self.encoding, text)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return encode_pair(self.tok_encode, context, continuation, self.prefix_id)

@@ -192,6 +192,7 @@ def evaluate(
             raise LmpipeError(
                 "long_context: this model has learned positions, which end at its training length"
             )
+        check_continuations(items, encoding, max_length, task_data)
         for name in names:
             if base_task(name) == LONG_CONTEXT:  # its window needs the model's training length
                 length = long_context_length(name, max_length)
@@ -320,6 +321,39 @@ def read_inputs(
             if not items[name]:
                 raise LmpipeError(f"{Path(task_data) / spec.path}: no items")  # type: ignore[arg-type]
     return shards, items
+
+
+def check_continuations(
+    items: dict[str, list[Any]], encoding, max_length: int, task_data: Path | None
+) -> None:
+    """Every request of the item tasks fits the model: a continuation longer than `max_length`
+    cannot be scored (the harness would read past its input; `GPTLM` refuses it), and a model
+    trained at a short length meets one. Checked here, before the first task runs, not after
+    hours of scoring the others."""
+    from lmpipe.evals.lm import continuation_length
+    from lmpipe.evals.tasks import EXTERNAL_TASKS, Choice, Cloze
+
+    for name, task_items in items.items():
+        for number, item in enumerate(task_items, 1):
+            if isinstance(item, Choice):
+                requests = item.requests
+            elif isinstance(item, Cloze):
+                requests = ((item.context, item.continuation),)
+            else:  # rolling texts are cut into windows of the model's length
+                continue
+            for context, continuation in requests:
+                n = continuation_length(encoding, context, continuation)
+                if n > max_length:
+                    source = (
+                        f"{Path(task_data) / EXTERNAL_TASKS[name].path}, "  # type: ignore[arg-type]
+                        if name in EXTERNAL_TASKS
+                        else ""
+                    )
+                    raise LmpipeError(
+                        f"{name} ({source}item {number}): a continuation of {n} tokens is longer "
+                        f"than the model's max_length ({max_length}, its last stage's seq_len); "
+                        "leave the task out of --tasks, or evaluate a model trained longer"
+                    )
 
 
 def run_task(

@@ -159,20 +159,36 @@ def data_identity(sources: dict[str, TokenShards]) -> dict[str, str]:
     return out
 
 
-def open_heldout(recipe: Recipe, required: bool = False) -> dict[str, TokenShards]:
+def open_heldout(
+    recipe: Recipe, required: bool = False, warn: bool = True
+) -> dict[str, TokenShards]:
     """The held-out split of every source that has one: every source's when `required` (the
-    recipe's `validation` section asks for them), and an empty one is then an error."""
+    recipe's `validation` section asks for them), and an empty one is then an error. A split
+    shorter than one window of a stage has no loss in that stage; with `warn` (rank 0) that is
+    said at the start, not left to an empty `val_loss`."""
     assert recipe.data
     out = {}
     for source in recipe.data:
         shards = TokenShards(source.path, "heldout", verify=False)
-        if shards.n_tokens > 1:
-            out[source.name] = shards
-        elif required:
-            raise LmpipeError(
-                f"{source.path}: its held-out split has {shards.n_tokens} tokens, and the "
-                f"recipe's validation scores every source's (tokenize it with --holdout, or "
-                "leave `validation` out: sources without one are then not scored)"
+        if shards.n_tokens <= 1:
+            if required:
+                raise LmpipeError(
+                    f"{source.path}: its held-out split has {shards.n_tokens} tokens, and the "
+                    f"recipe's validation scores every source's (tokenize it with --holdout, or "
+                    "leave `validation` out: sources without one are then not scored)"
+                )
+            continue
+        out[source.name] = shards
+        short = [i for i, s in enumerate(recipe.stages) if shards.n_tokens < s.seq_len + 1]
+        if short and warn:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] source {source.name} ({source.path}): its held-out split "
+                f"has {shards.n_tokens:,} tokens, fewer than one window of stage "
+                f"{', '.join(str(i) for i in short)} (seq_len + 1 = "
+                f"{recipe.stages[short[0]].seq_len + 1:,}): no held-out loss there",
+                highlight=False,
             )
     return out
 

@@ -338,10 +338,13 @@ def init_source(
 def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
     """The held-out splits to score: every source's when the recipe asks for validation (a
     source without one is an error), otherwise those of the sources that have one."""
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # one warning, not one a rank
     if recipe.validation:
-        return open_heldout(recipe, required=True)
+        return open_heldout(recipe, required=True, warn=first_rank)
     having = [s for s in recipe.data or [] if "heldout" in sources[s.name].manifest["splits"]]
-    return open_heldout(recipe.model_copy(update={"data": having})) if having else {}
+    if not having:
+        return {}
+    return open_heldout(recipe.model_copy(update={"data": having}), warn=first_rank)
 
 
 def validation_of(recipe: Recipe, plan: Plan) -> ValidationConfig:

@@ -271,9 +271,9 @@ def test_a_hugging_face_folder_scores_as_the_run_it_came_from(run_dir, task_data
 
 
 def test_every_input_is_checked_before_the_first_task_runs(run_dir, task_data, make_shards, heldout_texts, tmp_path, monkeypatch):  # fmt: skip
-    """A missing task file, a bad row in a later task's file, a long_context window longer than
-    the held-out split: each is an error before the first task (perplexity) runs, not after it;
-    and each task file is read once."""
+    """A missing task file, a bad row in a later task's file, a continuation longer than the
+    model, a long_context window longer than the held-out split: each is an error before the
+    first task (perplexity) runs, not after it; and each task file is read once."""
     from lmpipe.evals import run as run_module
     from lmpipe.evals import tasks as tasks_module
 
@@ -298,6 +298,12 @@ def test_every_input_is_checked_before_the_first_task_runs(run_dir, task_data, m
     with pytest.raises(LmpipeError, match=r"piqa/validation.jsonl:2: label is 2, outside"):
         evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "arc_easy", "piqa"], **kw)
     assert ran == []  # not even perplexity, the first task
+    # a piqa answer longer than the model's 64 positions: refused before perplexity runs too
+    long_answer = {"goal": "g", "sol1": "a", "sol2": " word" * 70, "label": 0}
+    (task_data / "piqa" / "validation.jsonl").write_text(json.dumps(long_answer) + "\n")
+    with pytest.raises(LmpipeError, match=r"^piqa \(.*piqa/validation.jsonl, item 1\): a continuation of 71 tokens is longer than the model's max_length \(64, its last stage's seq_len\); leave the task out of --tasks, or evaluate a model trained longer$"):  # fmt: skip
+        evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "piqa"], **kw)
+    assert ran == []
     too_long = r"long_context@100000: the held-out split of .* fewer than one window of 100001"
     with pytest.raises(LmpipeError, match=too_long):
         evaluate(run_dir, tmp_path / "e", tasks=["perplexity", "long_context@100000"], **kw)

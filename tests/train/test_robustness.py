@@ -283,7 +283,7 @@ def test_a_second_ctrl_c_a_moment_later_interrupts_at_once(pattern_tokens, tmp_p
     assert signal.getsignal(signal.SIGINT) is handler
 
 
-def test_validation_runs_by_default_on_a_held_out_split(clean, pattern_tokens, tmp_path):
+def test_validation_runs_by_default_on_a_held_out_split(clean, pattern_tokens, tmp_path, capsys):
     """No `validation` section: every tenth of the run (4,096 tokens: every 409), 16 windows of
     the longest stage; a folder without a held-out split trains without validation."""
     from lmpipe.dataprep.shards import TokenShards, write_shard_folder
@@ -314,6 +314,16 @@ def test_validation_runs_by_default_on_a_held_out_split(clean, pattern_tokens, t
     with pytest.raises(LmpipeError, match=r"empty-heldout: its held-out split has 0 tokens, and the recipe's validation"):  # fmt: skip
         train(asking, empty, tmp_path / "asking")
     assert not (tmp_path / "asking").exists()
+
+    # a held-out split shorter than one window has no loss: said at the start (its val_loss
+    # was `{}` without a word), with a validation section or without
+    short = tmp_path / "short-heldout"
+    write_shard_folder(short, {"train": [shards.tokens(0, 4000)], "heldout": [shards.tokens(0, 20)]})  # fmt: skip
+    capsys.readouterr()
+    summary = train(asking, short, tmp_path / "warned", stop_after_steps=2)
+    warned = " ".join(capsys.readouterr().err.split())
+    assert "warning: source data (" in warned and "its held-out split has 21 tokens, fewer than one window of stage 0, 1 (seq_len + 1 = 65): no held-out loss there" in warned  # fmt: skip
+    assert summary["val_loss"] == {}
 
 
 # --- several ranks under torchrun -------------------------------------------------------------
