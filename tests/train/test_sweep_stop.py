@@ -205,11 +205,11 @@ def test_one_process_a_signal_after_the_last_stop_vote_stops_the_sweep(monkeypat
 
     monkeypatch.setattr(sweep_module, "run_point", run_point)
     jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(3)]
-    announced = []
+    announced, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(sweep_module.SweepInterrupted, match=r"^sweep: stopped by SIGTERM after point p0 finished; rerun the same command to go on$"):  # fmt: skip
         sweep_module.run_points(jobs, 1, 0, lambda job, record: announced.append(job.name))
     assert announced == ["p0"]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
 
 
 def test_a_signal_before_the_loop_starts_reaches_it(monkeypatch):
