@@ -9,8 +9,8 @@ The sweep folder is built in `OUT.partial` and published as `OUT` when every poi
 (`dataprep/folders.py`). It is resumable: the plan file `sweep-plan.json` records the points; a
 rerun of the same command keeps every finished point (its run folder has a manifest), resumes an
 unfinished one from its last checkpoint and runs the rest; a rerun on a finished sweep does
-nothing; another plan (the recipe's text, the data's checksums, the points: not where the recipe
-file and token folders lie) is refused unless `--overwrite`. A point whose loss turns non-finite is
+nothing; another plan (the recipe's settings, the data's checksums, the points: not where the
+recipe file and token folders lie) is refused unless `--overwrite`. A point whose loss turns non-finite is
 recorded as diverged, never dropped. A finished point's checkpoints are deleted (only a resume
 needs them); its final weights stay in `model/`. `sweep_report.py` writes the results
 (sweep.json, sweep.csv, sweep.png, the optimum per group); `transfer.py` turns the best point
@@ -183,25 +183,36 @@ def _start_worker(gpus: Any, threads: int) -> None:
         _stop_with_sweep()
 
 
-# In a worker: set while it runs a point (`_on_stop_signal`), and once a stop signal came (a
-# point the parent sent before the signal must not start).
-_in_point = threading.Event()
-_stopped = threading.Event()
+class _WorkerStop(StopSignals):
+    """A worker's SIGTERM / SIGINT outside the training loop, for the worker's life: recorded as
+    the loop records them, so the loop of a point in its set-up starts with the signal and stops
+    after a step with a checkpoint (`StopSignals` nest), and no point starts after it. Only the
+    first counts: the sweep's process decides the rest. When that process is gone (the
+    parent-death signal), an idle worker exits."""
+
+    def _handle(self, signum: int, frame: object) -> None:
+        parent = multiprocessing.parent_process()
+        if parent is not None and not parent.is_alive():
+            os._exit(1)
+        if self.received is None:
+            super()._handle(signum, frame)
+
+
+_worker_stop = _WorkerStop(announce=False)
 
 
 def _stop_with_sweep() -> None:
     """A worker stops with the sweep's process. SIGTERM / SIGINT (the parent forwards its own,
     a terminal's Ctrl-C or a scheduler reaches the worker directly) are the training loop's
     while a point trains (a checkpoint, then the point raises `SweepInterrupted`); otherwise
-    `_on_stop_signal`. When the parent dies, even by kill -9, the worker gets SIGTERM: on Linux
+    `_WorkerStop`'s. When the parent dies, even by kill -9, the worker gets SIGTERM: on Linux
     from the kernel (PR_SET_PDEATHSIG, at once, with no thread of ours), elsewhere from a thread
     that waits on the parent's sentinel. SIGTERM, not the SIGKILL of dataprep's workers
     (`runner.die_with_parent`), so that a point in training keeps its steps in a checkpoint;
     `_run_in_worker` then exits instead of waiting for calls that will never come."""
     parent = multiprocessing.parent_process()
     assert parent is not None
-    for sig in StopSignals.SIGNALS:
-        signal.signal(sig, _on_stop_signal)
+    _worker_stop.__enter__()  # never left: the worker ends with it
     # held back by the parent while it spawned this worker (`_stop_signals_held`): a signal
     # that came during the start-up is handled now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, StopSignals.SIGNALS)
@@ -233,36 +244,9 @@ def _stop_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _on_stop_signal(signum: int, frame: object) -> None:
-    """A worker's SIGTERM / SIGINT outside the training loop's own handler: exit if the sweep's
-    process is gone; otherwise no point starts after it, and a point in its set-up gets the
-    signal once its loop's handler is there (`_pass_on`). An idle worker waits for the parent's
-    word to exit."""
-    parent = multiprocessing.parent_process()
-    if parent is not None and not parent.is_alive():
-        os._exit(1)
-    _stopped.set()
-    if _in_point.is_set():
-        threading.Thread(target=_pass_on, args=(signum,), name="lmpipe-stop", daemon=True).start()
-
-
-def _pass_on(signum: int) -> None:
-    """Send a signal that came in a point's set-up again once the training loop handles it, so
-    the point stops after its first step with a checkpoint. Not raised in the set-up itself: C
-    code importing or building a library may swallow an exception and go on half-done (seen:
-    a point so interrupted trained to its end). After the loop (its handler gone again) the
-    point is finishing anyway."""
-    while _in_point.is_set():
-        if isinstance(getattr(signal.getsignal(signum), "__self__", None), StopSignals):
-            os.kill(os.getpid(), signum)
-            return
-        time.sleep(0.05)
-
-
 def _run_in_worker(job: PointJob, threads: int) -> dict[str, Any]:
     try:
-        _in_point.set()
-        if _stopped.is_set():
+        if _worker_stop.received:
             raise KeyboardInterrupt  # not started: the parent reports the stop
         import torch
 
@@ -272,7 +256,6 @@ def _run_in_worker(job: PointJob, threads: int) -> dict[str, Any]:
         with output_to(job.log):
             return run_point(job)
     finally:
-        _in_point.clear()
         # The parent died while the point ran (its SIGTERM stopped the point with a
         # checkpoint): nobody will read the result or send another point.
         parent = multiprocessing.parent_process()
