@@ -59,6 +59,12 @@ class PowerLaw:
     def __call__(self, flops: Any) -> Any:
         return (np.asarray(flops, dtype=float) / self.a) ** self.b + self.c
 
+    @property
+    def flat(self) -> bool:
+        """No trend with compute (losses that do not change): (f / a)^b is then a constant, and
+        `a` is 0, infinite or has no JSON number."""
+        return not (math.isfinite(self.a) and self.a > 0 and self.b != 0)
+
 
 @dataclass(frozen=True)
 class Published:
@@ -203,7 +209,7 @@ def bootstrap(flops: Any, loss: Any, samples: int = 1000, seed: int = 0) -> dict
         if len(np.unique(flops[pick])) < 3:
             continue
         law = fit_power_law(flops[pick], loss[pick])
-        if math.isfinite(law.a) and law.a > 0:
+        if not law.flat:
             fits.append((math.log(law.a), law.b, law.c))
     out: dict[str, Any] = {"samples": samples, "used": len(fits)}
     if len(fits) < 2:
@@ -248,8 +254,7 @@ def scaling(
     flops = [r.flops for r in runs]
     losses = [r.loss for r in runs]
     law = fit_power_law(flops, losses)
-    if not (math.isfinite(law.a) and law.a > 0 and law.b != 0):
-        # (f / a)^b is then a constant: no law to extrapolate, and `a` has no JSON number.
+    if law.flat:
         raise LmpipeError(
             f"scaling: the loss does not change with compute across these runs (fit: a = "
             f"{law.a:.4g}, b = {law.b:.3g}), so there is no power law to fit; check that the runs "
