@@ -8,6 +8,7 @@ that torch is not imported by it.
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Annotated
 
@@ -15,6 +16,7 @@ import typer
 
 from lmpipe.cli.data import dedup, inspect, tokenize
 from lmpipe.cli.models import eval_, export, generate, import_
+from lmpipe.cli.stage import os_error_line
 from lmpipe.cli.studies import coord_check, scaling, sweep
 from lmpipe.cli.training import demo, plot, recipes, train
 
@@ -46,18 +48,32 @@ app.command(name="eval")(eval_)
 app.command()(generate)
 app.command(name="export")(export)
 app.command(name="import")(import_)
-mup_app = typer.Typer(name="mup", help="muP's tools: the coordinate check.", no_args_is_help=True)
-mup_app.command("coord-check")(coord_check)
-app.add_typer(mup_app)
 app.command()(sweep)
 app.command()(scaling)
 app.command()(plot)
 app.command()(recipes)
 app.command()(demo)
+# A group is listed after the commands, whatever the order it is added in.
+mup_app = typer.Typer(name="mup", help="muP's tools: the coordinate check.", no_args_is_help=True)
+mup_app.command("coord-check")(coord_check)
+app.add_typer(mup_app)
 
 
 def main() -> None:
-    app(prog_name="lmpipe")
+    # A path that is not UTF-8 (a surrogate escape, as Python decodes it) is printed escaped, as
+    # stderr does, where a strict UTF-8 locale would stop the stage at its report.
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
+    # A command's own printing (generate's completions) and the flush at exit meet a full device
+    # or a closed pipe under stdout here: one line, as run_stage gives a stage's.
+    try:
+        try:
+            app(prog_name="lmpipe")
+        finally:
+            sys.stdout.flush()
+    except OSError as e:
+        typer.echo(f"error: {os_error_line(e)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

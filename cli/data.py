@@ -158,7 +158,7 @@ def dedup(
         threshold=threshold,
         num_perm=num_perm,
         ngram=ngram,
-        hash_scheme="legacy" if hash_scheme == "sha1" else hash_scheme,
+        hash_scheme=hash_scheme,
         verify=verify,
         lsh_threshold=lsh_threshold,
         keep=keep,
@@ -184,7 +184,9 @@ def tokenize(
             help="Share of documents held out for evaluation, chosen by a seeded hash (SlimPajama: 0.0017)."
         ),
     ] = 0.0017,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out choice.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--holdout-seed", "--seed", help="Seed of the held-out choice.")
+    ] = 0,
     shard_tokens: Annotated[
         int, typer.Option(help="Tokens per shard file (uint16: 2 bytes each).")
     ] = 128 << 20,
@@ -224,18 +226,25 @@ def tokenize(
 
 
 def inspect(
-    folder: Annotated[Path, typer.Argument(help="A token shard folder from `lmpipe tokenize`.")],
+    folder: Annotated[
+        Path, typer.Argument(metavar="FOLDER", help="A token shard folder from `lmpipe tokenize`.")
+    ],
     decode: Annotated[
         Path | None,
         typer.Option(
             help='Also write every document back as JSON lines ({"text": ...}) to this file, in shard order.'
         ),
     ] = None,
-    verify: Annotated[
-        bool, typer.Option(help="Check every shard's sha256 against the manifest.")
+    verify_data: Annotated[
+        bool,
+        typer.Option(
+            "--verify-data/--no-verify-data",
+            "--verify/--no-verify",
+            help="Check every shard's sha256 against the manifest (as train's --verify-data).",
+        ),
     ] = True,
 ) -> None:
     """Summarise a token shard folder (tokenizer, counts, lengths) and verify its checksums."""
     from lmpipe.dataprep.inspection import inspect_shards
 
-    run_stage(inspect_shards, folder, decode=decode, verify=verify)
+    run_stage(inspect_shards, folder, decode=decode, verify=verify_data)

@@ -104,7 +104,7 @@ def demo_chain(workdir: Path, recipe_overrides: list[str]) -> dict:
         return {"dedup": dedup_manifest, "tokenize": tokens_manifest, "train": summary}
     print_loss_curve(console, workdir / "run" / "metrics.jsonl")
     if have_matplotlib():  # beside the run folder: a stage never writes into what it reads
-        plot([workdir / "run"], workdir / "loss.png")
+        plot([workdir / "run"], workdir / "loss.png", overwrite=True)  # the demo's own folder
     else:
         console.print(
             "no loss.png: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False

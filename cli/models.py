@@ -7,16 +7,22 @@ from typing import Annotated
 
 import typer
 
-from lmpipe.cli.stage import Overwrite, run_stage
+from lmpipe.cli.stage import Overwrite, parse_list, run_stage
+
+# What eval and generate take as MODEL.
+MODEL_HELP = (
+    "The model: a run folder from `lmpipe train`, a model folder (model.pt + recipe.yaml, from "
+    "`lmpipe import`), or a Hugging Face folder in BTLM's or GPT-2's layout (hf:PATH, or any "
+    "folder holding a config.json)."
+)
 
 
 def eval_(
     model: Annotated[
         list[str],
         typer.Argument(
-            help="The model: a run folder from `lmpipe train`, or a Hugging Face folder in BTLM's "
-            "or GPT-2's layout (hf:PATH, or any folder holding a config.json). With --compare: "
-            "results.json files, or folders holding one.",
+            metavar="MODEL",
+            help=MODEL_HELP + " With --compare: results.json files, or folders holding one.",
             show_default=False,
         ),
     ],
@@ -43,7 +49,8 @@ def eval_(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Token shard folder whose held-out split is scored (perplexity, continuation)."
+            help="Token shard folder whose held-out split is scored (perplexity, continuation, "
+            "long_context)."
         ),
     ] = None,
     task_data: Annotated[
@@ -74,8 +81,10 @@ def eval_(
     ] = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Score a model (a run, or a published Hugging Face model): zero-shot tasks the
-    lm-evaluation-harness way, and perplexity. --compare prints results side by side."""
+    """Score a model: zero-shot tasks the lm-evaluation-harness way, and perplexity.
+
+    The model is a run, or a published Hugging Face model; --compare prints results side by
+    side."""
     if compare:
         from lmpipe.evals.compare import print_comparison
 
@@ -90,7 +99,7 @@ def eval_(
         evaluate,
         model[0],
         out,
-        tasks=[t for t in tasks.split(",") if t],
+        tasks=list(parse_list("--tasks", tasks, str)),
         data=data,
         task_data=task_data,
         limit=limit,
@@ -100,12 +109,7 @@ def eval_(
 
 
 def generate(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="A run folder, a model folder, or a Hugging Face folder (BTLM layout)."
-        ),
-    ],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     prompt: Annotated[str | None, typer.Option(help="The text to continue.")] = None,
     prompts: Annotated[
         Path | None, typer.Option(help="A UTF-8 file of prompts, one per line, each run alone.")
@@ -124,11 +128,13 @@ def generate(
     seed: Annotated[
         int, typer.Option(help="Seed of the sampling: the same seed, the same text.")
     ] = 0,
-    alibi_scaling: Annotated[
+    alibi_scale: Annotated[
         str | None,
         typer.Option(
+            "--alibi-scale",
+            "--alibi-scaling",
             help="ALiBi position interpolation: none, dynamic (slopes / max(1, keys / training "
-            "length), growing with the text) or a fixed FACTOR. Default: dynamic for ALiBi models."
+            "length), growing with the text) or a fixed FACTOR. Default: dynamic for ALiBi models.",
         ),
     ] = None,
     device: Annotated[
@@ -142,7 +148,7 @@ def generate(
     settings = GenerateSettings(
         model=model, prompt=prompt, prompts_file=prompts, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        alibi_scaling=alibi_scaling, device=device,
+        alibi_scaling=alibi_scale, device=device,
     )  # fmt: skip
     result = run_stage(run_generate, settings)
     for c in result.completions:
@@ -158,7 +164,10 @@ def generate(
 
 def export(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run folder from `lmpipe train`, or a model folder.")
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR", help="A run folder from `lmpipe train`, or a model folder."
+        ),
     ],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Output folder: a Hugging Face model (BTLM layout).")
@@ -168,8 +177,10 @@ def export(
     ] = "fp32",
     overwrite: Overwrite = False,
 ) -> None:
-    """Write a trained model as a Hugging Face folder (safetensors, BTLM's config and modeling
-    code for trust_remote_code, GPT-2's tokenizer)."""
+    """Write a trained model as a Hugging Face folder (BTLM layout, safetensors).
+
+    The folder holds the weights as safetensors, BTLM's config and modeling code for
+    trust_remote_code, and GPT-2's tokenizer."""
     from lmpipe.train.hf import export_model
 
     run_stage(export_model, run_dir, out, dtype=dtype, overwrite=overwrite)
@@ -180,8 +191,9 @@ def import_(
     hf_dir: Annotated[
         Path,
         typer.Argument(
+            metavar="HF_DIR",
             help="A Hugging Face folder: BTLM layout (lmpipe's exports, cerebras/btlm-3b-8k-base, "
-            "Cerebras-GPT-muP) or GPT-2 layout (Cerebras-GPT)."
+            "Cerebras-GPT-muP) or GPT-2 layout (Cerebras-GPT).",
         ),
     ],
     out: Annotated[
@@ -192,8 +204,9 @@ def import_(
     ],
     overwrite: Overwrite = False,
 ) -> None:
-    """Read a Hugging Face model into an lmpipe model folder (model.pt + recipe.yaml), checking
-    that lmpipe runs exactly what it holds."""
+    """Read a Hugging Face model into an lmpipe model folder (model.pt + recipe.yaml).
+
+    The import checks that lmpipe runs exactly what the folder holds."""
     from lmpipe.train.hf import import_model
 
     run_stage(import_model, hf_dir, out, overwrite=overwrite)

@@ -7,30 +7,38 @@ from typing import Annotated
 
 import typer
 
-from lmpipe.cli.stage import Overwrite, run_stage
-from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.cli.stage import RECIPE_HELP, Overwrite, Recipe, Sets, parse_list, run_stage
+
+# --param's one grammar (coord-check and sweep): a comma list, `both` short for mup,sp.
+PARAM_HELP = (
+    "mup, sp (the same model with every muP multiplier 1), mup-uncorrected (muP without SμPar's "
+    "density correction), or a comma list; both: mup,sp."
+)
+
+
+def parse_params(text: str | None) -> tuple[str, ...]:
+    """--param as the parametrisations it names, `both` expanded, each once (`mup,both` would
+    train mup twice); the stage checks the names."""
+    names = parse_list("--param", text, str)
+    expanded = (p for name in names for p in (("mup", "sp") if name == "both" else (name,)))
+    return tuple(dict.fromkeys(expanded))
 
 
 def coord_check(
-    recipe: Annotated[str, typer.Option(help="A shipped recipe name or a YAML file (its model).")],
+    recipe: Recipe,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: coord.json, coord.png.")],
     widths: Annotated[
         str, typer.Option(help="Comma-separated d_model values (multiples of the head size).")
     ] = "128,256,512,1024",
     steps: Annotated[int, typer.Option(help="AdamW steps per width.")] = 10,
-    param: Annotated[
-        str, typer.Option(help="mup, sp (the same model with every muP multiplier 1) or both.")
-    ] = "both",
+    param: Annotated[str, typer.Option(help=PARAM_HELP)] = "both",
     data: Annotated[
         Path | None,
         typer.Option(
             help="Token folder whose training split gives the batches (default: seeded random tokens)."
         ),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe value: --set model.n_layers=2 (repeatable)."),
-    ] = None,
+    set_: Sets = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
     seq_len: Annotated[
         int | None,
@@ -47,21 +55,17 @@ def coord_check(
     ] = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train a recipe's model at several widths for a few steps and plot each activation's size
-    against width: flat under muP, growing under the standard parametrisation."""
+    """Check muP's transfer: each activation's size against width, flat under muP, not under SP.
+
+    Trains a recipe's model at several widths (d_model) for a few AdamW steps and plots the mean
+    |x| of each activation against width; under the standard parametrisation it grows."""
     from lmpipe.train.coord_check import CoordCheck
     from lmpipe.train.coord_check import coord_check as run_check
     from lmpipe.train.recipe import load_recipe, recipe_file
 
-    try:
-        width_list = tuple(int(w) for w in widths.split(",") if w.strip())
-    except ValueError:
-        typer.echo(
-            f"error: --widths {widths!r}: comma-separated integers, e.g. 128,256,512", err=True
-        )
-        raise typer.Exit(2) from None
+    width_list = run_stage(parse_list, "--widths", widths, int)
+    params = run_stage(parse_params, param)
     recipe_obj = run_stage(load_recipe, recipe, set_ or [])
-    params = ("mup", "sp") if param == "both" else (param,)
     check = CoordCheck(
         recipe_obj, width_list, steps=steps, params=params, data=data, batch_size=batch_size,
         seq_len=seq_len, lr=lr, seed=seed, recipe_file=recipe_file(recipe),
@@ -69,24 +73,14 @@ def coord_check(
     run_stage(run_check, check, out, overwrite=overwrite)
 
 
-def _split(option: str, text: str | None, kind: type) -> tuple:
-    """A comma-separated option (`--widths 128,256`) as a tuple of `kind`."""
-    if not text:
-        return ()
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise LmpipeError(f"{option} {text!r}: comma-separated {kind.__name__}s") from None
-
-
 def sweep(
     folder: Annotated[
         Path | None,
-        typer.Argument(help="A finished sweep folder, with --best: read its best point."),
+        typer.Argument(
+            metavar="FOLDER", help="A finished sweep folder, with --best: read its best point."
+        ),
     ] = None,
-    recipe: Annotated[
-        str | None, typer.Option(help="A shipped recipe name (proxy) or a YAML file.")
-    ] = None,
+    recipe: Annotated[str | None, typer.Option(help=RECIPE_HELP)] = None,
     data: Annotated[
         list[str] | None,
         typer.Option(help="Token folder, or NAME=PATH:WEIGHT sources (as lmpipe train)."),
@@ -115,11 +109,7 @@ def sweep(
         str | None, typer.Option(help="model.density values (sparse muP), e.g. 1,0.5,0.25.")
     ] = None,
     param: Annotated[
-        str | None,
-        typer.Option(
-            help="mup, sp, mup-uncorrected (muP without SμPar's density correction) or a list: "
-            "mup,sp (default: the recipe's parametrisation)."
-        ),
+        str | None, typer.Option(help=PARAM_HELP + " Default: the recipe's parametrisation.")
     ] = None,
     tokens: Annotated[
         int | None,
@@ -129,13 +119,19 @@ def sweep(
     ] = None,
     val_tokens: Annotated[
         int | None,
-        typer.Option(help="Held-out tokens scored at the end of each point (default 65,536)."),
+        typer.Option(
+            help="Held-out tokens scored at the end of each point (default: the recipe's "
+            "validation.tokens, else 65,536)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random search's draws.")] = 0,
     jobs: Annotated[
         int,
         typer.Option(
-            "-j", "--jobs", help="Points at once: processes sharing the CPUs, or one per GPU."
+            "-j",
+            "--jobs",
+            "--workers",
+            help="Points at once: processes sharing the CPUs, or one per GPU.",
         ),
     ] = 1,
     engine: Annotated[
@@ -145,10 +141,7 @@ def sweep(
             "local instance of -j CPUs; one GPU a point where the cluster has GPUs)."
         ),
     ] = "local",
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe value for every point (repeatable)."),
-    ] = None,
+    set_: Sets = None,
     best: Annotated[
         bool, typer.Option("--best", help="Read FOLDER's best muP point (base values).")
     ] = False,
@@ -165,8 +158,10 @@ def sweep(
     ] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train a recipe at every point of a grid or random search (and widths, densities, SP/muP);
-    resumable. With FOLDER --best: muP-transfer the best point's base values to a recipe."""
+    """Train a recipe at every point of a grid or random search; FOLDER --best transfers the best.
+
+    Points also span widths, densities and SP/muP; a sweep resumes where it stopped. With FOLDER
+    --best: muP-transfer the best point's base values to a recipe."""
     from lmpipe.train.data import parse_data
 
     if best or folder is not None:
@@ -179,7 +174,14 @@ def sweep(
             raise typer.Exit(2)
         from lmpipe.train.transfer import sweep_best
 
-        run_stage(sweep_best, folder, target=target, write_recipe=write_recipe, print_set=print_set, overwrite=overwrite)  # fmt: skip
+        run_stage(
+            sweep_best,
+            folder,
+            target=target,
+            write_recipe=write_recipe,
+            print_set=print_set,
+            overwrite=overwrite,
+        )
         return
     if recipe is None or out is None or write_recipe or print_set or target:
         typer.echo(
@@ -197,8 +199,8 @@ def sweep(
             recipe=recipe, data=tuple(sources) if isinstance(sources, list) else sources,
             overrides=tuple(set_ or []), grid=tuple(parse_grid(g) for g in grid or []),
             space=tuple(parse_space(s) for s in space or []), random=random,
-            widths=_split("--widths", widths, int), densities=_split("--densities", densities, float),
-            params=_split("--param", param, str), tokens=tokens, val_tokens=val_tokens, seed=seed,
+            widths=parse_list("--widths", widths, int), densities=parse_list("--densities", densities, float),
+            params=parse_params(param), tokens=tokens, val_tokens=val_tokens, seed=seed,
             jobs=jobs, engine=engine,
         )  # fmt: skip
 
@@ -206,12 +208,12 @@ def sweep(
 
 
 def scaling(
-    run_dirs: Annotated[
-        list[Path] | None, typer.Argument(help="Finished run folders to fit.")
-    ] = None,
     out: Annotated[
-        Path | None,
-        typer.Option("-o", "--out", help="Output folder: fit.json, fit.png (or the recipes)."),
+        Path, typer.Option("-o", "--out", help="Output folder: fit.json, fit.png (or the recipes).")
+    ],
+    run_dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="RUN_DIR", help="Finished run folders to fit."),
     ] = None,
     published: Annotated[
         str | None, typer.Option(help="Also plot a published fit: cerebras-gpt.")
@@ -242,31 +244,44 @@ def scaling(
         ),
     ] = "total",
     recipe: Annotated[
-        str | None, typer.Option(help="--family: the base recipe (shipped name or YAML file).")
+        str | None, typer.Option(help="--family: the base recipe. " + RECIPE_HELP)
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="--family: override a base recipe value (repeatable)."),
-    ] = None,
+    set_: Sets = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Fit L(f) = (f/a)^b + c to finished runs' loss against training FLOPs; or, with --family,
-    write compute-optimal recipes of several sizes from a base recipe."""
-    if out is None:
-        typer.echo("error: -o is required (the output folder)", err=True)
-        raise typer.Exit(2)
+    """Fit L(f) = (f/a)^b + c to runs' loss against FLOPs; --family writes compute-optimal recipes.
+
+    The fit takes finished runs' loss against their training FLOPs; with --family, compute-optimal
+    recipes of several sizes are written from a base recipe (--recipe, --sizes, --set)."""
     if family:
         if run_dirs or recipe is None or not sizes:
             typer.echo("error: --family takes --recipe and --sizes, not run folders", err=True)
             raise typer.Exit(2)
         from lmpipe.train.scaling import family as write_family
 
-        size_list = [s for s in sizes.split(",") if s.strip()]
-        run_stage(write_family, recipe, size_list, out, tokens_per_param=tokens_per_param, count=count, overrides=set_ or [], overwrite=overwrite)  # fmt: skip
+        size_list = list(parse_list("--sizes", sizes, str))
+        run_stage(
+            write_family,
+            recipe,
+            size_list,
+            out,
+            tokens_per_param=tokens_per_param,
+            count=count,
+            overrides=set_ or [],
+            overwrite=overwrite,
+        )
         return
     if recipe or sizes or set_:
         typer.echo("error: --recipe, --sizes and --set go with --family", err=True)
         raise typer.Exit(2)
     from lmpipe.train.scaling import scaling as run_scaling
 
-    run_stage(run_scaling, run_dirs or [], out, published=published, loss=loss, samples=bootstrap, overwrite=overwrite)  # fmt: skip
+    run_stage(
+        run_scaling,
+        run_dirs or [],
+        out,
+        published=published,
+        loss=loss,
+        samples=bootstrap,
+        overwrite=overwrite,
+    )

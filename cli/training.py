@@ -7,13 +7,11 @@ from typing import Annotated
 
 import typer
 
-from lmpipe.cli.stage import run_stage
+from lmpipe.cli.stage import Recipe, Sets, run_stage
 
 
 def train(
-    recipe: Annotated[
-        str, typer.Option(help="A shipped recipe name (tiny, btlm3b) or a path to a YAML file.")
-    ],
+    recipe: Recipe,
     data: Annotated[
         list[str] | None,
         typer.Option(
@@ -27,10 +25,7 @@ def train(
             help="Run folder: checkpoints, logs, metrics.jsonl. Default: runs/<recipe name>."
         ),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe value: --set model.n_layers=4 (repeatable)."),
-    ] = None,
+    set_: Sets = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -81,54 +76,38 @@ def train(
     ] = None,
 ) -> None:
     """Train a GPT (ALiBi, SwiGLU, muP) with DeepSpeed on a recipe's sequence-length stages."""
-    from lmpipe.train.data import parse_data, print_data_plan, with_data
+    from functools import partial
+
+    from lmpipe.train.data import parse_data, with_data
     from lmpipe.train.recipe import load_recipe
 
     recipe_obj = run_stage(load_recipe, recipe, set_ or [])
     sources = run_stage(parse_data, data or [])
     if dry_run:
-        from lmpipe.train.plan import print_plan
+        from lmpipe.train.plan import dry_run as print_dry_run
 
-        if sources is not None or recipe_obj.data:  # the data is optional for a dry run
-            recipe_obj = run_stage(with_data, recipe_obj, sources)
-        import os
-
-        from lmpipe.train.memory import local_gpu_memory, print_memory
-
-        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        plan = run_stage(print_plan, recipe_obj, world)
-        print_data_plan(recipe_obj, plan)
-        print_memory(recipe_obj, plan, gpu_memory or local_gpu_memory())
+        run_stage(print_dry_run, recipe_obj, sources, world_size, gpu_memory)
         return
     if gpu_memory is not None or world_size is not None:  # a run's world is its launcher's
         typer.echo("error: --gpu-memory and --world-size go with --dry-run", err=True)
         raise typer.Exit(2)
     recipe_obj = run_stage(with_data, recipe_obj, sources)
-    import os
-
-    from lmpipe.train.guard import RunStopped
-    from lmpipe.train.launch import finish_process
+    from lmpipe.dataprep.folders import writing_into
+    from lmpipe.train.launch import run_rank
     from lmpipe.train.loop import train as run_train
 
-    launched = "LOCAL_RANK" in os.environ  # torchrun or the deepspeed launcher started this rank
     run_dir = run_dir or Path("runs") / recipe_obj.name
-
-    def train_run() -> None:
-        try:
-            run_train(recipe_obj, None, run_dir, resume=resume, verify_data=verify_data,
-                      init_from=init_from, peak_tflops=peak_tflops)  # fmt: skip
-        except RunStopped as e:
-            if not launched:
-                raise
-            # Every rank stops at the same step (the guard decides on all-reduced numbers): one
-            # line, from rank 0, and the clean end of a launched rank, with status 2.
-            if os.environ.get("RANK") == "0":
-                typer.echo(f"error: {e}", err=True)
-            finish_process(2)
-
-    run_stage(train_run)
-    if launched:
-        finish_process()
+    train_here = partial(
+        run_train,
+        recipe_obj,
+        None,
+        run_dir,
+        resume=resume,
+        verify_data=verify_data,
+        init_from=init_from,
+        peak_tflops=peak_tflops,
+    )
+    run_stage(run_rank, writing_into(run_dir)(train_here))  # a failed write names the run folder
 
 
 def plot(
@@ -142,9 +121,18 @@ def plot(
         ),
     ] = Path("loss.png"),
     size: Annotated[str, typer.Option(help="Width x height in pixels.")] = "1200x700",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace -o even if it is not a picture lmpipe plot drew (one it drew is "
+            "replaced without this).",
+        ),
+    ] = False,
 ) -> None:
-    """Draw training and held-out loss against tokens (stage switches marked, the learning rate
-    on a second axis) for one or more runs into loss.png."""
+    """Draw training and held-out loss against tokens for one or more runs into loss.png.
+
+    Stage switches are marked, and the learning rate is drawn on a second axis."""
     from lmpipe.train.plot import plot as draw
 
     try:
@@ -152,7 +140,7 @@ def plot(
     except ValueError:
         typer.echo(f"error: --size {size!r}: WIDTHxHEIGHT in pixels, e.g. 1200x700", err=True)
         raise typer.Exit(2) from None
-    run_stage(draw, run_dirs, out, (width, height))
+    run_stage(draw, run_dirs, out, (width, height), overwrite=overwrite)
 
 
 def recipes() -> None:

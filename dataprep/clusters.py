@@ -1,8 +1,9 @@
 """Clusters of documents: LSH band keys, candidate pairs from equal keys, connected components.
 
 The pure, in-memory pieces of `lmpipe dedup`'s decisions, shared by the on-disk steps
-(`dedup_steps.py`) and `decide` (the same decisions for documents held in memory, for tests and
-small inputs). Documents are numbered in input order; "the first" of a group is the smallest.
+(`dedup_steps.py`) and `decide` (the same decisions for documents held in memory: the tests'
+reference for the steps). Documents are numbered in input order; "the first" of a group is the
+smallest.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any
 
 import zstandard
 
-from lmpipe.dataprep.dedup import normalise
+from lmpipe.dataprep.minhash import normalise
 
 TOPICS, DOCSTRINGS = "pydoc_topics", "stdlib_docstrings"
 # Real documents have at least this many normalised characters, the injected short ones at most

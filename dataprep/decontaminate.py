@@ -49,7 +49,7 @@ def _word_hash(word: str) -> int:
 words_of = normalised_words
 # One odd multiplier per position in the N-gram (N up to 64), fixed: the hashes must not depend
 # on the process.
-_POSITION = np.random.default_rng(13).integers(0, 1 << 63, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # fmt: skip
+_POSITION = 2 * np.random.default_rng(13).integers(0, 1 << 63, 64, dtype=np.uint64) + 1
 
 
 def ngram_hashes(words: list[str], n: int) -> np.ndarray:

@@ -14,9 +14,9 @@ optionally `verify` (the exact n-gram Jaccard of each candidate pair, edges belo
 dropped), connected components of the remaining pairs; per group the first document in input
 order is kept (or the longest). Then, over the kept documents, SlimPajama's holdout and SHA-256
 decontamination (`holdout.py`), and with `decontaminate_ngrams` N the removal of documents that
-share N consecutive words with an eval text (`decontaminate.py`). Kept records are unchanged but for the fixed `text`. `out` gets
-`part-<k>.jsonl.zst` (the training documents of the k-th input file, in order; none for a file
-that keeps nothing),
+share N consecutive words with an eval text (`decontaminate.py`). Kept records are unchanged
+but for the fixed `text`. `out` gets `part-<k>.jsonl.zst` (the training documents of the k-th
+input file, in order; none for a file that keeps nothing),
 `_holdout/part-<k>.jsonl.zst` (its held-out documents), `removed.ndjson.zst` (every removed
 document, why, and the kept document it duplicates), `clusters.png` (the duplicate cluster
 sizes, when matplotlib is importable: `cluster_plot.py`) and `manifest.json` with document and
@@ -27,9 +27,10 @@ Blank lines are no documents: each input's `blank_lines` counts them.
 
 The work is the map-reduce of `dedup_steps.py` and `dedup_kept.py` in `<out>.partial/`, which a
 failed or killed run leaves behind: a rerun with the same inputs and settings redoes only the
-units that had not finished (other settings start afresh). Memory does not grow with the corpus: a unit holds one
-file, one partition of keys or one bucket of pairs, and the union-find a few int64 per document
-that has a candidate pair. The output is byte-identical for any `workers`, either engine, and after a resume.
+units that had not finished (other settings start afresh). Memory does not grow with the
+corpus: a unit holds one file, one partition of keys or one bucket of pairs, and the union-find
+a few int64 per document that has a candidate pair. The output is byte-identical for any
+`workers`, either engine, and after a resume.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +46,8 @@ import lmpipe.dataprep.dedup_kept as kept_steps
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
 from lmpipe.dataprep.decontaminate import EVAL_NGRAMS, NGRAMS
-from lmpipe.dataprep.dedup_settings import PART_ENTRIES, DedupSettings  # noqa: F401
-
-# Re-exported: callers and tests import the pieces of the stage from here.
-from lmpipe.dataprep.dedup_steps import (  # noqa: F401
-    BUCKETS,
-    EXACT,
-    KEPT,
-    NEAR,
-    REASONS,
-    SHORT,
-    decide,
-    union_find,
-)
+from lmpipe.dataprep.dedup_settings import DedupSettings
+from lmpipe.dataprep.dedup_steps import BUCKETS
 from lmpipe.dataprep.documents import find_inputs, print_invalid
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
@@ -67,15 +57,6 @@ from lmpipe.dataprep.folders import (
     staged_output,
     write_json_atomic,
     write_manifest,
-)
-from lmpipe.dataprep.minhash import (  # noqa: F401
-    SCHEMES,
-    MinHasher,
-    OnePermHasher,
-    make_hasher,
-    normalise,
-    optimal_bands,
-    shingle_hashes,
 )
 from lmpipe.dataprep.report import print_table
 from lmpipe.dataprep.runner import Runner
@@ -169,7 +150,20 @@ def _prepare_state(work: Path, fingerprint: dict[str, Any]) -> Path:
     except ValueError:  # unreadable (not JSON, not UTF-8): not this run's, so start afresh
         pass
     clear_folder(work)  # the marks that lmpipe made this folder, and holds it, stay
-    subs = ("scan", "exact", "lsh", "pairs", "sets", "verify", "decide", "evals", EVAL_NGRAMS, NGRAMS, "holdout", "filter")  # fmt: skip
+    subs = (
+        "scan",
+        "exact",
+        "lsh",
+        "pairs",
+        "sets",
+        "verify",
+        "decide",
+        "evals",
+        EVAL_NGRAMS,
+        NGRAMS,
+        "holdout",
+        "filter",
+    )
     for sub in subs:
         (state / sub).mkdir(parents=True)
     write_json_atomic(stamp, fingerprint)
@@ -239,14 +233,8 @@ def dedup(
             state = _prepare_state(work, fingerprint)
             state = state.resolve()  # tasks may run in another working folder (Ray workers)
             with Runner(settings.workers, settings.engine) as runner, bar:
-                counts, outputs, eval_info, cluster_sizes, invalid = _steps(
-                    runner,
-                    bar,
-                    state,
-                    files,
-                    settings,
-                    sources,
-                    evals,
+                done = _steps(
+                    runner, bar, state, files=files, s=settings, sources=sources, evals=evals
                 )
         except LmpipeError:
             # Bad input or settings: a rerun would fail the same way, so nothing is kept.
@@ -254,36 +242,54 @@ def dedup(
             raise
         # Before the manifest (which marks the folder finished); not among its outputs, so the
         # manifest is the same with or without matplotlib.
-        plotted = write_cluster_png(cluster_sizes, work / PNG)
+        plotted = write_cluster_png(done.cluster_sizes, work / PNG)
         manifest = write_manifest(
-            work, "dedup", settings=manifest_settings,
+            work,
+            "dedup",
+            settings=manifest_settings,
             inputs=[
-                {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, **bad} for f, bad in zip(files, invalid, strict=True)
+                {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, **bad}
+                for f, bad in zip(files, done.invalid, strict=True)
             ],
             skipped_inputs=[str(f) for f in skipped],  # other files in the input folders
             decontaminate=[
-                {"path": str(f), "sha256": sha256_file(f), **info} for f, info in zip(evals, eval_info, strict=True)
+                {"path": str(f), "sha256": sha256_file(f), **info}
+                for f, info in zip(evals, done.eval_info, strict=True)
             ],
-            outputs=outputs, counts=counts, cluster_sizes=cluster_sizes,
-        )  # fmt: skip
+            outputs=done.outputs,
+            counts=done.counts,
+            cluster_sizes=done.cluster_sizes,
+        )
         shutil.rmtree(state)  # after the manifest: a run killed between the two resumes at the end
     if progress:
-        print_summary(counts, Console())
+        print_summary(done.counts, Console())
         print_invalid(Console(), manifest["inputs"] + manifest["decontaminate"])
         if not plotted:
             Console().print(NO_PLOT, markup=False)  # "[plot]" is not a rich tag
     return manifest
 
 
+@dataclass(frozen=True)
+class StepResults:
+    """What the steps give the manifest."""
+
+    counts: dict[str, Any]  # "total" and "sources": bucket -> documents and bytes
+    outputs: list[dict[str, Any]]  # the manifest's output files
+    eval_info: list[dict[str, Any]]  # per eval file, what reading it found
+    cluster_sizes: dict[str, int]  # duplicate cluster size -> clusters
+    invalid: list[dict[str, Any]]  # per input file, its invalid lines (count, first examples)
+
+
 def _steps(
     runner: Runner,
     bar: Any,
     state: Path,
+    *,
     files: list[Path],
     s: DedupSettings,
     sources: list[str],
     evals: list[Path],
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, int], list]:
+) -> StepResults:
     """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs, cluster sizes
     and each input's invalid lines (count and first examples)."""
     n = range(len(files))
@@ -312,9 +318,15 @@ def _steps(
     if s.near:
         sizes, units = _near_steps(runner, bar, state, s, listed, docs * s.bands_rows[0])
     names = [str(f) for f in files]
-    decided = _run_step(runner, bar, "components", steps.decide_all, [(state, names, s, sizes, units)], [steps.marker(state, "decide")])  # fmt: skip
+    decided = _run_step(
+        runner, bar, "components", steps.decide_all,
+        [(state, names, s, sizes, units)], [steps.marker(state, "decide")],
+    )  # fmt: skip
     if s.decontaminate_ngrams:
-        _run_step(runner, bar, "eval n-grams", kept_steps.eval_ngram_union, [(state, len(evals))], [steps.marker(state, "eval_union")])  # fmt: skip
+        _run_step(
+            runner, bar, "eval n-grams", kept_steps.eval_ngram_union,
+            [(state, len(evals))], [steps.marker(state, "eval_union")],
+        )  # fmt: skip
         _run_step(
             runner, bar, "eval n-gram overlap", kept_steps.ngram_file,
             [(state, f, s.decontaminate_ngrams, [str(e) for e in evals]) for f in n],
@@ -348,25 +360,35 @@ def _steps(
                     removed.write_line(line)
             if filtered[f]["kept"]:
                 name = steps.part_name(f)
-                outputs.append({"file": name, "kind": "documents", "sha256": sha256_file(work / name), "documents": filtered[f]["kept"]})  # fmt: skip
+                outputs.append(_output(work, name, "documents", filtered[f]["kept"]))
             if filtered[f]["held_out"]:
                 name = f"{steps.HOLDOUT}/{steps.part_name(f)}"
-                outputs.append({"file": name, "kind": "holdout", "sha256": sha256_file(work / name), "documents": filtered[f]["held_out"]})  # fmt: skip
-    outputs.append({"file": REMOVED, "kind": "removed", "sha256": sha256_file(work / REMOVED), "documents": removed.lines})  # fmt: skip
-    sources = dict(sorted(counts.items()))  # by name, whatever order files name them in
+                outputs.append(_output(work, name, "holdout", filtered[f]["held_out"]))
+    outputs.append(_output(work, REMOVED, "removed", removed.lines))
+    per_source = dict(sorted(counts.items()))  # by name, whatever order files name them in
     total = {
-        b: {u: sum(c[b][u] for c in sources.values()) for u in ("documents", "bytes")}
+        b: {u: sum(c[b][u] for c in per_source.values()) for u in ("documents", "bytes")}
         for b in ("input", *BUCKETS)
     }
-    # The total apart from the sources: a source may be named anything, "total" included.
-    counts = {"total": total, "sources": sources}
     check_counts(total, "all sources")
-    for name, c in sources.items():
+    for name, c in per_source.items():
         check_counts(c, name)
     invalid = [
         {k: scan[k] for k in ("invalid", "invalid_examples", "blank_lines")} for scan in scans
     ]
-    return counts, outputs, eval_info, decided[0]["cluster_sizes"], invalid
+    return StepResults(
+        # The total apart from the sources: a source may be named anything, "total" included.
+        counts={"total": total, "sources": per_source},
+        outputs=outputs,
+        eval_info=eval_info,
+        cluster_sizes=decided[0]["cluster_sizes"],
+        invalid=invalid,
+    )
+
+
+def _output(work: Path, name: str, kind: str, documents: int) -> dict[str, Any]:
+    """A manifest `outputs` entry: the file, what it holds, its sha256 and its documents."""
+    return {"file": name, "kind": kind, "sha256": sha256_file(work / name), "documents": documents}
 
 
 def _near_steps(

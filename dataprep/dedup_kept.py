@@ -207,8 +207,15 @@ def filter_file(
     listing.sort(key=lambda e: e["line"])
     with open(state / "filter" / f"{f:05d}.removed.jsonl", "wb") as out:
         for entry in listing:
-            out.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
-    return finish_unit(marker(state, "filter", f), {"kept": kept, "held_out": held, "counts": _counts(meta, info, reason, source)})  # fmt: skip
+            # A file name that is not UTF-8 reaches here as surrogate escapes (os.fsdecode);
+            # backslashreplace writes each as its JSON escape (`\udce9`), which reads back as the
+            # same name, where plain UTF-8 would stop the stage at its very end.
+            line = json.dumps(entry, ensure_ascii=False) + "\n"
+            out.write(line.encode("utf-8", "backslashreplace"))
+    return finish_unit(
+        marker(state, "filter", f),
+        {"kept": kept, "held_out": held, "counts": _counts(meta, info, reason, source)},
+    )
 
 
 def _counts(meta: dict, info: dict, reason: np.ndarray, source: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ spread (`workers`, `engine`, `part_entries`): none of the last four changes the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +29,16 @@ PART_ENTRIES = 1 << 22
 FIXERS = ("lmpipe", "ftfy")
 # The MinHash permutations' seed: fixed, so that runs are comparable signature for signature.
 SEED = 1
+# `lmpipe dedup`'s name for a field, where it is not --FIELD-NAME: errors name the flag a user
+# typed (part_entries, a test knob, has none).
+FLAGS = {
+    "fix": "--fix-text",
+    "hash_scheme": "--hash",
+    "workers": "-j",
+    "part_entries": "part_entries",
+}
+# --hash's names: sha1 (datasketch 1.5.9's, SlimPajama's) is the scheme minhash.py calls legacy.
+HASH_NAMES = {"oph": "oph", "sha1": "legacy", "affine32": "affine32"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class DedupSettings:
     threshold: float = 0.8
     num_perm: int = 128
     ngram: int = 13
-    hash_scheme: str = "oph"  # "oph", "legacy" (datasketch 1.5.9 sha1) or "affine32"
+    hash_scheme: str = "oph"  # "oph", "legacy" (datasketch 1.5.9's sha1; or "sha1") or "affine32"
     verify: bool = True  # keep only candidate pairs whose exact Jaccard reaches `threshold`
     lsh_threshold: float | None = None  # None: threshold - 0.2 with verify, else threshold
     keep: Literal["first", "longest"] = "first"
@@ -62,29 +72,38 @@ class DedupSettings:
     part_entries: int = PART_ENTRIES
 
     def __post_init__(self) -> None:
-        from lmpipe.dataprep.minhash import SCHEMES
         from lmpipe.dataprep.runner import ENGINES
 
+        # The CLI's name, so that Python and the command line take the same words.
+        object.__setattr__(self, "hash_scheme", HASH_NAMES.get(self.hash_scheme, self.hash_scheme))
         problems = [
-            (self.min_chars >= 0, "min_chars >= 0"),
-            (self.ngram >= 1, "ngram >= 1"),
-            (self.num_perm >= 2, "num_perm >= 2"),
-            (0.0 < self.threshold < 1.0, "0 < threshold < 1"),
-            (0.0 < self.lsh < 1.0, "0 < lsh_threshold < 1"),
-            (self.hash_scheme in SCHEMES, f"hash scheme one of {', '.join(SCHEMES)}"),
-            (self.keep in ("first", "longest"), "keep first or longest"),
-            (0.0 <= self.holdout < 1.0, "0 <= holdout < 1 (SlimPajama: 0.0017)"),
-            (bool(self.decontaminate_field), "a non-empty decontaminate_field"),
-            (self.source_field != "", "a non-empty source_field"),
-            (0 <= self.decontaminate_ngrams <= 64, "0 <= decontaminate_ngrams <= 64"),
-            (self.fixer in FIXERS, f"fixer one of {', '.join(FIXERS)}"),
-            (self.workers >= 1, "workers >= 1"),
-            (self.engine in ENGINES, f"engine one of {', '.join(ENGINES)}"),
-            (self.part_entries >= 1, "part_entries >= 1"),
+            (self.min_chars >= 0, "min_chars", "0 or more"),
+            (self.ngram >= 1, "ngram", "at least 1"),
+            (self.num_perm >= 2, "num_perm", "at least 2"),
+            (0.0 < self.threshold < 1.0, "threshold", "between 0 and 1"),
+            (
+                self.lsh_threshold is None or 0.0 < self.lsh_threshold < 1.0,
+                "lsh_threshold",
+                "between 0 and 1",
+            ),
+            (self.hash_scheme in HASH_NAMES.values(), "hash_scheme", _one_of(HASH_NAMES)),
+            (self.keep in ("first", "longest"), "keep", "first or longest"),
+            (0.0 <= self.holdout < 1.0, "holdout", "0 or more and under 1 (SlimPajama: 0.0017)"),
+            (bool(self.decontaminate_field), "decontaminate_field", "a field name"),
+            (self.source_field != "", "source_field", "a field name"),
+            (0 <= self.decontaminate_ngrams <= 64, "decontaminate_ngrams", "0 to 64"),
+            (self.fixer in FIXERS, "fixer", _one_of(FIXERS)),
+            (self.workers >= 1, "workers", "at least 1"),
+            (self.engine in ENGINES, "engine", _one_of(ENGINES)),
+            (self.part_entries >= 1, "part_entries", "at least 1"),
         ]
-        failed = [need for ok, need in problems if not ok]
+        failed = [
+            f"{_flag(name)} {getattr(self, name)!r}: {need}"
+            for ok, name, need in problems
+            if not ok
+        ]
         if failed:
-            raise LmpipeError(f"dedup settings: need {'; '.join(failed)}")
+            raise LmpipeError("; ".join(failed))
 
     @property
     def lsh(self) -> float:
@@ -133,6 +152,16 @@ class DedupSettings:
             "decontaminate_ngrams": self.decontaminate_ngrams, "source_field": self.source_field,
             "text_hash": "sha256(fixed text, utf-8)" if self.fix else "sha256(text, utf-8)",
         }  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _one_of(names: Iterable[str]) -> str:
+    """`a, b or c`."""
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 @cache

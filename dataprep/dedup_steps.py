@@ -45,18 +45,15 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from lmpipe.dataprep.clusters import (  # noqa: F401  (decide: re-exported for dedup.py)
+from lmpipe.dataprep.clusters import (
     DECONTAMINATED,
     EXACT,
-    HELD_OUT,
     KEPT,
     NEAR,
     SHORT,
     band_hashes,
     bucket_pairs,
-    decide,
     resolve,
-    union_find,
 )
 from lmpipe.dataprep.dedup_settings import DedupSettings
 from lmpipe.dataprep.documents import InvalidLines, field_value, read_documents

@@ -190,7 +190,12 @@ def print_invalid(console: Any, entries: Iterable[dict[str, Any]]) -> None:
         soft_wrap=True,
     )
     for e in bad:
-        console.print(f"  {e['path']}: {e['invalid']:,} ({'; '.join(e['invalid_examples'])})", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            f"  {e['path']}: {e['invalid']:,} ({'; '.join(e['invalid_examples'])})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def decoded_chunks(

@@ -25,12 +25,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import sys
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.errors import WRITE_ERRNOS, LmpipeError
 
 MANIFEST = "manifest.json"
 
@@ -50,15 +52,35 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def umask_mode() -> int:
+    """The mode the umask gives a new file (0o666 less it), for a file a library creates with a
+    mode of its own (safetensors: 0600 whatever the umask)."""
+    mask = os.umask(0)  # the only way to read it; set back at once (lmpipe writes on one thread)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path) -> Iterator[Path]:
+    """For a file written whole to `tmp`, then renamed into place: a write that fails (a full
+    disk) or is interrupted leaves no `tmp` behind."""
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_on_error(path.with_name(path.name + ".tmp")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, stage: str, **fields: Any) -> dict[str, Any]:
@@ -104,9 +126,12 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+REPLACED = ".replaced"  # the longest suffix lmpipe adds to an output's name (check_output)
+
+
 def replaced_path(out: Path) -> Path:
     """Where `--overwrite` moves the old output while the new one is renamed in."""
-    return out.with_name(out.name + ".replaced")
+    return out.with_name(out.name + REPLACED)
 
 
 # --- outputs never touch inputs --------------------------------------------------------------
@@ -146,13 +171,23 @@ def check_output(out: Path, reads: Iterable[Path | None], what: str = "output fo
     contains or lies inside anything the stage reads: with `--overwrite` that would delete the
     input, and without it the output would be written into the input. Also refused: an output
     not named by its last part (`.`, `..`, `/`: `new/..` would be a folder that exists only once
-    `new` is made) and one under a file."""
+    `new` is made), one under a file, and one whose last part is too long for the file system
+    once `.partial` or `.replaced` is added to it."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise LmpipeError(f"{out}: name the {what} itself (a path that does not end in . or ..)")
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if existing != out.absolute() and not existing.is_dir():
         raise LmpipeError(f"{out}: {existing} is a file, so no {what} can be made under it")
+    # A name that fits the file system's limit only without the suffix of the work folder, or of
+    # the folder --overwrite uses, would fail on its first stat, as a traceback (Errno 36).
+    name_max = _name_max(existing if existing.is_dir() else existing.parent)
+    longest = name_max - len(REPLACED)
+    if name_max > 0 and len(os.fsencode(out.name)) > longest:
+        raise LmpipeError(
+            f"{out}: its last part is {len(os.fsencode(out.name))} bytes; at most {longest} here "
+            f"(the file system's {name_max}, less {REPLACED!r}, which lmpipe adds to it)"
+        )
     for target, name in (
         (out, what),
         (partial_path(out), f"work folder {partial_path(out)} of the {what}"),
@@ -167,6 +202,14 @@ def check_output(out: Path, reads: Iterable[Path | None], what: str = "output fo
                     f"{out}: the {name} {how} {read}, which this stage reads; "
                     "choose an output outside everything it reads"
                 )
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system holding `folder` takes; -1 for none."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except OSError:  # a file system that does not say: the common limit
+        return 255
 
 
 def claim_folder(folder: Path, stage: str) -> None:
@@ -258,6 +301,32 @@ def check_replaceable(folder: Path, stage: str) -> None:
 
 
 @contextlib.contextmanager
+def writing_into(folder: Path) -> Iterator[None]:
+    """A write error without a file name in the block (a write through an open file: json,
+    zstd, numpy's short write "N requested and M written") is given `folder`'s name, so that its
+    one-line error (cli/stage.py) says where the write failed. Standard output redirected to a
+    file fails the same way and cannot be told apart, so it is named too when it is a file;
+    other errors (a read's EIO) are left as they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or (e.errno is not None and e.errno not in WRITE_ERRNOS):
+            raise
+        where = f"{folder} (or standard output)" if _stdout_is_a_file() else str(folder)
+        raise OSError(e.errno, e.strerror or str(e), where) from e
+
+
+def _stdout_is_a_file() -> bool:
+    """Whether standard output can fail as a file does (a regular file, or a device such as
+    /dev/full); a terminal or a pipe cannot give a full disk's error."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor
+        return False
+    return stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not sys.stdout.isatty())
+
+
+@contextlib.contextmanager
 def staged_output(
     out: Path,
     *,
@@ -299,7 +368,8 @@ def staged_output(
             clear_folder(work)
         claim_folder(work, stage)
         try:
-            yield work
+            with writing_into(work):
+                yield work
         except BaseException:
             if not resume:
                 shutil.rmtree(work, ignore_errors=True)

@@ -45,8 +45,9 @@ def digest_set(parts: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def held_out(digests: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Which of `digests` go to the holdout: a keyed 64-bit BLAKE2b of each digest below
-    `fraction` of the 64-bit range. The key is the seed, so another seed draws another holdout."""
+    """Which of `digests` go to the holdout: a keyed 64-bit BLAKE2b of each digest (read as a
+    little-endian integer) below `fraction` of the 64-bit range. The key is the seed (8 bytes,
+    little-endian, signed), so another seed draws another holdout."""
     if fraction <= 0.0 or len(digests) == 0:
         return np.zeros(len(digests), dtype=bool)
     key = seed.to_bytes(8, "little", signed=True)

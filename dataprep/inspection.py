@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, partial_path
+from lmpipe.dataprep.folders import check_output, partial_path, writing_into
 from lmpipe.dataprep.shards import SPLITS, TokenShards
 
 
@@ -98,7 +98,7 @@ def inspect_shards(
             raise LmpipeError(
                 f"{partial}: exists (an unfinished --decode, or not lmpipe's); remove it first"
             ) from None
-        with _removed_on_error(partial), f:
+        with _removed_on_error(partial), f, writing_into(partial):
             for split, data in splits.items():
                 for i, doc in enumerate(data.documents()):
                     try:

@@ -36,7 +36,6 @@ from lmpipe.dataprep.shards import TokenShards
 FEISTEL_ROUNDS = 6
 BLOCK_TOKENS = 8192  # unit of the stream's shuffle; a 2,049-token window spans at most 2 blocks
 MIN_BLOCKS = 16
-MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 TABLE_MAX = 1 << 18  # a permutation of at most this many values is kept as a table (2 MB)
 BLOCK_ORDERS_KEPT = 64  # epochs' block orders a loader keeps (tables only for small data)
 
@@ -173,10 +172,6 @@ class WindowLoader:
                     break
                 self.data.read_into(int(data_starts[row, piece]), out[target, at : at + take])
                 at += take
-
-    def read_window(self, position: int, out: np.ndarray) -> None:
-        """Fill `out` with the stream's tokens from stream position `position` on."""
-        self.read_windows(np.array([position]), out[None])
 
     def batches(
         self,

@@ -1,4 +1,4 @@
-"""MinHash signatures of character n-gram sets, and the LSH banding that turns them into candidates.
+"""MinHash signatures of character n-gram sets, and the LSH band layout for a Jaccard threshold.
 
 Two families of signature, one interface (`hasher.shingles(text)` -> array, `hasher.signatures(list
 of arrays)` -> (documents, num_perm) uint32):
@@ -15,7 +15,8 @@ of arrays)` -> (documents, num_perm) uint32):
   shingle instead of 128 permutations. Not datasketch-compatible; its decisions are checked against
   an exact truth by benchmarks/dedup_bench.py.
 
-`normalise` is SlimPajama's clean(), shared by the short filter and the shingles.
+`normalise` is SlimPajama's clean(), shared by the short filter and the shingles. The band keys,
+candidate pairs and their components are `clusters.py`'s.
 """
 
 from __future__ import annotations
@@ -328,50 +329,3 @@ def make_hasher(scheme: str, num_perm: int, seed: int = 1) -> MinHasher | OnePer
     if scheme == "oph":
         return OnePermHasher(num_perm, seed)
     return MinHasher(num_perm, seed, scheme)
-
-
-# --- LSH ------------------------------------------------------------------------------------------
-
-
-def _rows_as_keys(matrix: np.ndarray) -> np.ndarray:
-    """Each row of a 2-D array as one opaque, comparable value (numpy void)."""
-    matrix = np.ascontiguousarray(matrix)
-    return matrix.view(np.dtype((np.void, matrix.shape[1] * matrix.itemsize))).ravel()
-
-
-def band_keys(signatures: np.ndarray, bands: int, rows: int) -> list[np.ndarray]:
-    """Per band, each document's key: its `rows` signature values in that band, compared whole
-    (datasketch keys a band by the bytes of its values; no hash of them, so no extra collisions)."""
-    return [_rows_as_keys(signatures[:, i * rows : (i + 1) * rows]) for i in range(bands)]
-
-
-def first_of_equal(keys: np.ndarray) -> np.ndarray:
-    """For each position, the first position holding an equal key."""
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return first[inverse.ravel()]
-
-
-def candidate_pairs(keys_per_band: Iterable[np.ndarray], window: int = 0) -> np.ndarray:
-    """(pairs, 2) of documents sharing a key in some band, as positions in the key arrays.
-
-    `window=0`: each document with the first document of its bucket, as SlimPajama's
-    generate_duplicate_pairs.py does (enough for connected components, which is all it needs).
-    `window=w`: also with the w documents before it in its bucket. With verification an edge to
-    the first may fail while one to a later member holds; the window gives those a chance without
-    the quadratic cost of every pair in a large bucket.
-    """
-    found = []
-    for keys in keys_per_band:
-        first = first_of_equal(keys)
-        doc = np.flatnonzero(first != np.arange(len(keys)))
-        found.append(np.stack([doc, first[doc]], axis=1))
-        if window:
-            order = np.argsort(keys, kind="stable")  # equal keys stay in input order
-            ranked = keys[order]
-            for k in range(1, min(window, len(keys) - 1) + 1):
-                same = np.flatnonzero(ranked[k:] == ranked[:-k])
-                if len(same) == 0:
-                    break
-                found.append(np.stack([order[same + k], order[same]], axis=1))
-    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs.astype(np.int64)

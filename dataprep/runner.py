@@ -1,10 +1,11 @@
 """Run a stage's independent tasks: in this process, on a local process pool, or as Ray tasks.
 
 `Runner(workers, engine)` is a context manager; `runner.map(fn, jobs)` calls `fn(*job)` for each
-job and returns the results in job order (`on_done(index, result)` as each one ends), so what a stage makes never depends on where, or in
-which order, its tasks ran. `fn` must be a module-level function and the jobs picklable; tasks
-talk to each other only through files, so with Ray every node must see the same file system
-(the input and output folders on shared storage).
+job and returns the results in job order (`on_done(index, result)` as each one ends), so what a
+stage makes never depends on where, or in which order, its tasks ran. `fn` must be a
+module-level function and the jobs picklable; tasks talk to each other only through files, so
+with Ray every node must see the same file system (the input and output folders on shared
+storage).
 
 engine "local": `workers` processes (1: this process, no pool), each ended with the stage's
 process if that is killed (`die_with_parent`). engine "ray": plain `ray.remote`

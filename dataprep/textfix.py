@@ -263,7 +263,9 @@ def _fix_segment(segment: str, html: bool) -> str:
             import ftfy
 
             config = ftfy.TextFixerConfig(normalization="NFC", explain=False)
-            return ftfy.fix_and_explain(segment, config._replace(unescape_html="auto" if html else False)).text  # fmt: skip
+            return ftfy.fix_and_explain(
+                segment, config._replace(unescape_html="auto" if html else False)
+            ).text
         for fixer, acts_on in tables.fixers:  # a fixer leaves a text without its characters be
             if acts_on.search(text):
                 text = fixer(text)

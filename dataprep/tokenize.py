@@ -213,14 +213,15 @@ def tokenize(
     `split_by_field` (dotted, e.g. meta.redpajama_set_name), one shard folder per value of that
     field under `out` (`folder_for`), each with its own manifest, in one pass; `out/manifest.json`
     then lists the folders, and a record without the field is an invalid line."""
+    # Named as `lmpipe tokenize`'s flags, which is where these come from.
     if not 0.0 <= holdout <= 1.0:
-        raise LmpipeError(f"holdout must be between 0 and 1, got {holdout}")
+        raise LmpipeError(f"--holdout {holdout}: between 0 and 1")
     if seed < 0:
-        raise LmpipeError(f"seed must be non-negative, got {seed}")
+        raise LmpipeError(f"--holdout-seed {seed}: 0 or more")
     if shard_tokens < 1:
-        raise LmpipeError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        raise LmpipeError(f"--shard-tokens {shard_tokens}: at least 1")
     if workers < 1:
-        raise LmpipeError(f"workers must be at least 1, got {workers}")
+        raise LmpipeError(f"-j {workers}: at least 1")
     if split_by_field == "":
         raise LmpipeError("--split-by-field: name a field (dotted for nested: meta.source)")
     skipped: list[Path] = []

@@ -210,11 +210,22 @@ def write_long_context_png(path: Any, report: dict[str, Any]) -> bool:
             ax.plot(xs, ys, style, color=color, marker=".", lw=1.2, label=label)
     train_seq_len = ordered[0][1]["train_seq_len"]
     ax.axvline(train_seq_len, color="grey", lw=0.8, ls=":")
-    ax.annotate(f"training length {train_seq_len:,}", (train_seq_len, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="right")  # fmt: skip
+    ax.annotate(
+        f"training length {train_seq_len:,}",
+        (train_seq_len, 1),
+        xycoords=("data", "axes fraction"),
+        fontsize=7,
+        rotation=90,
+        va="top",
+        ha="right",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the window (bucket centre)")
     ax.set_ylabel("held-out loss (nats)")
-    ax.set_title(f"{report['recipe']}: long-context loss by position (dashed: ALiBi interpolation)", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{report['recipe']}: long-context loss by position (dashed: ALiBi interpolation)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

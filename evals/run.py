@@ -8,17 +8,19 @@ a user's run and a published model are scored by the same code into the same tab
 Tasks: `perplexity`, `continuation` and `long_context` read the held-out split of a token shard
 folder (`data`); `long_context` scores windows of twice the model's training length,
 `long_context@4096` windows of 4,096 tokens and `long_context@8x` of 8x the training length (one
-task each, so several lengths sit side by side; `long_context.png` draws their loss by position); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under
-`task_data`; a suite name (`SUITES`: cerebras-gpt, btlm) stands for its tasks. Each task's metrics
-are {"value", "stderr"} plus its item count `n`; results.json holds them per task with the
+task each, so several lengths sit side by side; `long_context.png` draws their loss by
+position); the harness tasks (arc_easy, piqa, ...) read lm-eval-ready files under `task_data`;
+a suite name (`SUITES`: cerebras-gpt, btlm) stands for its tasks. Each task's metrics are
+{"value", "stderr"} plus its item count `n`; results.json holds them per task with the
 settings; the output folder is published only when every task ran. Every input is read and
 checked before the first task runs (the held-out split, each task file and its rows, each
 long-context window against the held-out tokens), so no error comes after hours of scoring.
 The model reads at most its training sequence length (the recipe's last stage) per forward pass.
 The output folder may not be, contain or lie inside what eval reads (the model's folder, the
 token data, the task files); the default, `RUN_DIR/eval` for a run, `NAME-eval` beside a model
-folder NAME (model.pt + recipe.yaml) and `./NAME-eval` for a Hugging Face folder, never does. A task row whose gold label is not one of its choices is an
-error naming the file and line (`tasks.py`).
+folder NAME (model.pt + recipe.yaml) and `./NAME-eval` for a Hugging Face folder, never does.
+A task row whose gold label is not one of its choices is an error naming the file and line
+(`tasks.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomic, write_manifest
+from lmpipe.dataprep.shards import TokenShards
 from lmpipe.train.checkpoint import model_source
 
 HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
 RESULTS = "results.json"
-
 
 # `continuation` without --limit scores this many items, from at most 4 documents per item.
 CONTINUATION_ITEMS = 1000
@@ -276,8 +278,8 @@ def evaluate(
     return report
 
 
-def open_heldout(data: Path):  # -> TokenShards
-    from lmpipe.dataprep.shards import TokenShards
+def heldout_split(data: Path) -> TokenShards:
+    """The tokenized folder's held-out split; an empty one is an error (nothing to score)."""
 
     shards = TokenShards(data, "heldout")
     if shards.n_documents == 0:
@@ -293,14 +295,14 @@ def read_inputs(
     limit: int | None,
     seed: int,
     encoding,
-) -> tuple[Any, dict[str, list[Any]]]:
+) -> tuple[TokenShards | None, dict[str, list[Any]]]:
     """The held-out split (None when no task reads it) and the items of every item task
     (`continuation` and the external tasks) by name: each file opened and each row checked
     once, before any task runs."""
     from lmpipe.evals.tasks import EXTERNAL_TASKS, continuation_items, load_items
 
     heldout = any(base_task(t) in HELDOUT_TASKS for t in names)
-    shards = open_heldout(Path(data)) if heldout else None  # type: ignore[arg-type]
+    shards = heldout_split(Path(data)) if heldout else None  # type: ignore[arg-type]
     items: dict[str, list[Any]] = {}
     for name in names:
         if name == "continuation":

@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -38,6 +38,9 @@ from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, write_json_atomic
 from lmpipe.train.model import GPT
 from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
+
+if TYPE_CHECKING:  # loop.py imports this module; the Run is only handed in
+    from lmpipe.train.loop import Run
 
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
@@ -69,7 +72,11 @@ def save_model(
         state = model.state_dict()
     state = {k: v.detach().float().cpu() for k, v in state.items()}
     tmp = folder / "model.pt.tmp"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as e:  # a short write (full disk, file-size limit): "unexpected pos ..."
+        first = next(iter(str(e).strip().splitlines()), "")
+        raise LmpipeError(f"{tmp}: cannot be written ({first})") from None
     (folder / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
     tmp.replace(folder / "model.pt")
 
@@ -191,24 +198,20 @@ def read_marker(folder: Path) -> dict[str, Any]:
     return {"step": step, "tokens": tokens, "data": data, "files": files}
 
 
-def save_checkpoint(
-    engine: Any,
-    run_dir: Path,
-    recipe: Recipe,
-    step: int,
-    tokens: int,
-    rank: int,
-    world: int,
-    data: dict[str, str] | None = None,
-) -> None:
-    """DeepSpeed checkpoint plus lmpipe's position, the sha256 of every file in it and `data`,
-    the identity of the tokens each source read (`data.data_identity`); the marker
+def save_checkpoint(engine: Any, run: Run, step: int, tokens: int) -> None:
+    """DeepSpeed checkpoint plus lmpipe's position, the sha256 of every file in it and
+    `run.data`, the identity of the tokens each source read (`data.data_identity`); the marker
     `lmpipe.json` is written last and marks the checkpoint finished."""
     import torch.distributed as dist
 
+    run_dir, recipe, rank, world, data = run.run_dir, run.recipe, run.rank, run.world, run.data
     root = run_dir / CHECKPOINTS
     tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "tokens": tokens})
+    except RuntimeError as e:  # torch.save's short write (a full disk): "unexpected pos ..."
+        first = next(iter(str(e).strip().splitlines()), "")
+        raise LmpipeError(f"{root / tag}: cannot be written ({first})") from None
     if rank == 0:
         (root / tag / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
     dist.barrier()

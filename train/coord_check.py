@@ -32,7 +32,7 @@ from lmpipe.dataprep.folders import staged_output, write_json_atomic, write_mani
 from lmpipe.train.recipe import ModelConfig, Recipe, recipe_yaml
 
 JSON, PNG = "coord.json", "coord.png"
-PARAMS = ("mup", "sp")
+PARAMS = ("mup", "mup-uncorrected", "sp")  # as a sweep's --param
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,8 @@ def check_settings(check: CoordCheck) -> None:
         raise LmpipeError("--steps, --batch-size, --seq-len and --lr must be positive")
     unknown = [p for p in check.params if p not in PARAMS]
     if unknown or not check.params:
-        raise LmpipeError(f"--param: one of mup, sp, both (got {', '.join(check.params)})")
-    if "mup" in check.params and model.mup is None:
+        raise LmpipeError(f"--param: {', '.join(PARAMS)} (got {', '.join(unknown) or 'none'})")
+    if any(p.startswith("mup") for p in check.params) and model.mup is None:
         raise LmpipeError(
             f"recipe {check.recipe.name} has no muP base shapes (model.mup is null: it is the "
             "standard parametrisation); check it with --param sp, or give a muP recipe"
@@ -95,12 +95,15 @@ def check_settings(check: CoordCheck) -> None:
 
 def width_config(model: ModelConfig, width: int, param: str) -> ModelConfig:
     """The recipe's model at `width`: heads of the same size, the same FFN ratio, muP's base
-    shapes kept (so m_d = width / d_model_base), or SP (every multiplier 1, init std sigma_base)."""
+    shapes kept (so m_d = width / d_model_base), or SP (every multiplier 1, init std sigma_base);
+    mup-uncorrected: muP without SμPar's density correction, as a sweep's."""
     d_ff = max(1, round(width * model.d_ff / model.d_model))
     update: dict[str, Any] = {"d_model": width, "n_heads": width // model.d_head, "d_ff": d_ff}
     if param == "sp":
         std = model.mup.sigma_base if model.mup else model.init_std
         update.update(mup=None, init_std=std)
+    if param == "mup-uncorrected" and model.mup:  # dense muP's rules on a sparse model (SμPar off)
+        update["mup"] = {**model.mup.model_dump(), "sparse_correction": False}
     try:
         return ModelConfig.model_validate({**model.model_dump(), **update})
     except ValueError as e:
@@ -184,7 +187,9 @@ def coord_check(check: CoordCheck, out: Path, *, overwrite: bool = False) -> dic
     data = batches(check, check.recipe.model.vocab_size)
     results: dict[str, Any] = {}
     console = Console(stderr=True)
-    with staged_output(Path(out), stage="coord-check", reads=[check.data, check.recipe_file], overwrite=overwrite) as work:  # fmt: skip
+    with staged_output(
+        Path(out), stage="coord-check", reads=[check.data, check.recipe_file], overwrite=overwrite
+    ) as work:
         for param in check.params:
             per_width = {}
             for width in check.widths_sorted:
@@ -218,7 +223,9 @@ def coord_check(check: CoordCheck, out: Path, *, overwrite: bool = False) -> dic
         )  # fmt: skip
     print_slopes(report)
     if not plotted:
-        Console().print(f"no {PNG}: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False)  # fmt: skip
+        Console().print(
+            f"no {PNG}: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False
+        )
     return report
 
 

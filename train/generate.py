@@ -264,7 +264,7 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def resolve_alibi_scaling(text: str | None, recipe: Recipe) -> AlibiScaling:
-    """`--alibi-scaling` against the model: dynamic by default for ALiBi, refused for learned."""
+    """`--alibi-scale` against the model: dynamic by default for ALiBi, refused for learned."""
     alibi = recipe.model.position == "alibi"
     if text is None:
         text = "dynamic" if alibi else "none"
@@ -272,7 +272,7 @@ def resolve_alibi_scaling(text: str | None, recipe: Recipe) -> AlibiScaling:
         return AlibiScaling()
     if not alibi:
         raise LmpipeError(
-            f"--alibi-scaling {text}: the model has learned positions, not ALiBi; use none"
+            f"--alibi-scale {text}: the model has learned positions, not ALiBi; use none"
         )
     if text == "dynamic":
         last = recipe.stages[-1]
@@ -282,7 +282,7 @@ def resolve_alibi_scaling(text: str | None, recipe: Recipe) -> AlibiScaling:
     except ValueError:
         factor = float("nan")
     if not (factor >= 1 and math.isfinite(factor)):
-        raise LmpipeError(f"--alibi-scaling {text!r}: expected none, dynamic or a factor >= 1")
+        raise LmpipeError(f"--alibi-scale {text!r}: expected none, dynamic or a factor >= 1")
     return AlibiScaling(factor=factor)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import sha256_file, staged_output, write_manifest
+from lmpipe.dataprep.folders import sha256_file, staged_output, umask_mode, write_manifest
 from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
 from lmpipe.train.checkpoint import MODEL_DIR, load_model, model_folder, save_model
 from lmpipe.train.hf_config import MODELING_FILE, hf_config, imported_recipe, read_config
@@ -83,7 +83,9 @@ def lmpipe_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Recipe]:
         model.load_state_dict(state, strict=True, assign=True)  # names and shapes
     except Exception as e:  # whatever a damaged or foreign file makes torch raise
         first = next(iter(str(e).strip().splitlines()), "")
-        raise LmpipeError(f"{weights}: unreadable or does not match the recipe ({type(e).__name__}: {first})") from None  # fmt: skip
+        raise LmpipeError(
+            f"{weights}: unreadable or does not match the recipe ({type(e).__name__}: {first})"
+        ) from None
     return state, recipe
 
 
@@ -105,6 +107,17 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
     """`model.safetensors`, or shards of at most `max_shard_bytes` (a tensor larger than that
     gets a shard of its own) named as transformers names them, with their index."""
     save_file = safetensors_torch().save_file
+    from safetensors import SafetensorError
+
+    def save(part: dict[str, torch.Tensor], path: Path) -> None:
+        try:
+            save_file(part, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk, a file-size limit: it names no file
+            raise LmpipeError(f"{path}: cannot be written ({e})") from None
+        # safetensors creates its file 0600 whatever the umask: readable by its owner alone, so
+        # a teammate or a serving account could not load the export; give it the umask's mode.
+        path.chmod(umask_mode())
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -115,12 +128,12 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save(tensors, folder / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        save(shard, folder / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -209,6 +222,11 @@ def open_tensors(folder: Path, stack: contextlib.ExitStack) -> dict[str, tuple[P
     tensors: dict[str, tuple[Path, Any]] = {}
     for path in sorted(set(files.values())) or [folder / source]:
         wanted = {n for n, p in files.items() if p == path} if files else None
+        try:
+            with open(path, "rb"):
+                pass  # safetensors calls a file it may not open "No such file or directory"
+        except OSError as e:
+            raise LmpipeError(f"{path}: cannot be read ({e.strerror})") from None
         if path.suffix == ".safetensors":
             safetensors_torch()  # installed, or a one-line error
             from safetensors import SafetensorError, safe_open
@@ -223,7 +241,9 @@ def open_tensors(folder: Path, stack: contextlib.ExitStack) -> dict[str, tuple[P
                 stored = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # whatever a foreign or damaged file makes torch raise
                 first = next(iter(str(e).strip().splitlines()), "")
-                raise LmpipeError(f"{path}: not a weights-only loadable state dict ({type(e).__name__}: {first})") from None  # fmt: skip
+                raise LmpipeError(
+                    f"{path}: not a weights-only loadable state dict ({type(e).__name__}: {first})"
+                ) from None
             if not isinstance(stored, dict):
                 raise LmpipeError(f"{path}: not a state dict")
         for name in sorted(wanted or stored):
@@ -274,28 +294,43 @@ def convert_state(
     missing = sorted(set(wanted) - set(stored))
     extra = sorted(set(stored) - set(wanted))
     if missing:
-        raise LmpipeError(f"{folder}: tensor transformer.{missing[0]} is missing ({len(missing)} missing in all)")  # fmt: skip
+        raise LmpipeError(
+            f"{folder}: tensor transformer.{missing[0]} is missing ({len(missing)} missing in all)"
+        )
     if extra:
         name, path, _ = stored[extra[0]]
-        raise LmpipeError(f"{path}: tensor {name} is not part of the model config.json describes ({len(extra)} extra in all)")  # fmt: skip
+        raise LmpipeError(
+            f"{path}: tensor {name} is not part of the model config.json describes "
+            f"({len(extra)} extra in all)"
+        )
     for key, shape in wanted.items():
         name, path, loader = stored[key]
         if shape_of(loader) != tuple(shape):
-            raise LmpipeError(f"{path}: tensor {name} has shape {list(shape_of(loader))}, config.json gives {list(shape)}")  # fmt: skip
+            raise LmpipeError(
+                f"{path}: tensor {name} has shape {list(shape_of(loader))}, "
+                f"config.json gives {list(shape)}"
+            )
     if cfg.position == "alibi":
         name, path, loader = stored.pop("relative_pe.slopes")
         found, standard = tensor_of(loader).float().flatten(), alibi_slopes(cfg.n_heads)
         # bf16 checkpoints round the slopes; anything further off is another ALiBi
         if not torch.allclose(found, standard, rtol=1e-2, atol=0):
-            raise LmpipeError(f"{path}: tensor {name} holds {found.tolist()[:3]}..., not ALiBi's standard slopes (lmpipe computes its own)")  # fmt: skip
+            raise LmpipeError(
+                f"{path}: tensor {name} holds {found.tolist()[:3]}..., not ALiBi's standard slopes "
+                "(lmpipe computes its own)"
+            )
     state = {}
     for key, (_, _, loader) in stored.items():
         tensor = tensor_of(loader).float()
         state[key] = tensor.t().contiguous() if CONV1D.fullmatch(key) else tensor
     if head is not None:
         name, path, loader = head
-        if shape_of(loader) != tuple(expected["wte.weight"]) or not torch.equal(tensor_of(loader).float(), state["wte.weight"]):  # fmt: skip
-            raise LmpipeError(f"{path}: tensor {name} differs from the token embedding; lmpipe ties the head to it (untied embeddings)")  # fmt: skip
+        same_shape = shape_of(loader) == tuple(expected["wte.weight"])
+        if not same_shape or not torch.equal(tensor_of(loader).float(), state["wte.weight"]):
+            raise LmpipeError(
+                f"{path}: tensor {name} differs from the token embedding; lmpipe ties the head "
+                "to it (untied embeddings)"
+            )
     return state
 
 

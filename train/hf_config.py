@@ -165,7 +165,11 @@ def read_config(folder: Path) -> Imported:
         alpha_out = config.get("output_logits_scale", float, width) / width
     by_d = config.get("mup_scale_qk_dot_by_d", bool, None)
     by_d = config.get("scale_qk_dot_by_d", bool, False) if by_d is None else by_d
-    for field, value in (("mup_width_scale", width), ("mup_embeddings_scale", alpha_in), ("mup_output_alpha", alpha_out)):  # fmt: skip
+    for field, value in (
+        ("mup_width_scale", width),
+        ("mup_embeddings_scale", alpha_in),
+        ("mup_output_alpha", alpha_out),
+    ):
         if not value > 0:
             raise config.error(field, value, "must be positive")
     sigma = config.get("initializer_range", float, ModelConfig.SP_INIT_STD)
@@ -195,7 +199,9 @@ def read_config(folder: Path) -> Imported:
             raise config.error("alibi_scaling", scaling, "needs position_embedding_type alibi")
         factor, train_seq_len = scaling.get("factor"), scaling.get("train_seq_len")
         if len(scaling) != 2 or scaling.get("type") != "linear":
-            raise config.error("alibi_scaling", scaling, "expected type linear with factor or train_seq_len")  # fmt: skip
+            raise config.error(
+                "alibi_scaling", scaling, "expected type linear with factor or train_seq_len"
+            )
         if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 1:
             alibi_scale = float(factor)  # a fixed interpolation the model was fine-tuned with
         elif isinstance(train_seq_len, int) and not isinstance(train_seq_len, bool) and train_seq_len > 1:  # fmt: skip
@@ -203,7 +209,9 @@ def read_config(folder: Path) -> Imported:
             # train_seq_len: lmpipe's eval applies it by length (long_context, --alibi-scale).
             seq_len = train_seq_len
         else:
-            raise config.error("alibi_scaling", scaling, "factor must be > 1, train_seq_len an integer > 1")  # fmt: skip
+            raise config.error(
+                "alibi_scaling", scaling, "factor must be > 1, train_seq_len an integer > 1"
+            )
     try:
         model = ModelConfig(
             n_layers=n_layers,

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.train.guard import RunStopped
 
 
 @contextlib.contextmanager
@@ -36,6 +37,11 @@ def launch_environment() -> Iterator[None]:
     finally:
         for key in own:
             os.environ.pop(key, None)
+
+
+def launch_world_size() -> int:
+    """The ranks the launcher started (its WORLD_SIZE); 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed() -> tuple[int, int]:
@@ -65,6 +71,25 @@ def finish_process(status: int = 0) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(status)
+
+
+def run_rank(train: Callable[[], object]) -> None:
+    """Run `train` as this process's work. A rank that a launcher started (torchrun, the
+    deepspeed launcher: LOCAL_RANK is set) ends here through `finish_process`, with status 0, or
+    2 when the guard stopped the run: every rank stops at the same step (the guard decides on
+    all-reduced numbers), so rank 0 alone prints the one line. In a plain process the stop
+    reaches the caller as the `LmpipeError` it is."""
+    launched = "LOCAL_RANK" in os.environ
+    try:
+        train()
+    except RunStopped as e:
+        if not launched:
+            raise
+        if os.environ.get("RANK") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        finish_process(2)
+    if launched:
+        finish_process()
 
 
 def on_all_ranks(check: Callable[[], object], world: int) -> None:

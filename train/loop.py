@@ -61,7 +61,12 @@ from lmpipe.train.data import (
     with_data,
 )
 from lmpipe.train.guard import Guard, RunStopped, StopSignals, plain_step, skip_unless_finite
-from lmpipe.train.launch import init_distributed, launch_environment, on_all_ranks
+from lmpipe.train.launch import (
+    init_distributed,
+    launch_environment,
+    launch_world_size,
+    on_all_ranks,
+)
 from lmpipe.train.metrics import (
     MetricsWriter,
     device_memory_row,
@@ -92,7 +97,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     log.propagate = False
 
 
-def export_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
+def write_final_model(engine: Any, recipe: Recipe, folder: Path, rank: int) -> None:
     """Write the final weights as a plain fp32 state dict: the optimizer's fp32 master copy where
     DeepSpeed keeps one (bf16 runs; the module itself holds bf16-rounded weights), gathered from
     every rank's partition (ZeRO-3). Every rank takes part in each gathering; only rank 0 keeps
@@ -172,14 +177,21 @@ def train(
     recipe = with_data(recipe, data)
     with launch_environment(), contextlib.ExitStack() as held:
         return train_run(
-            recipe, Path(run_dir), resume, stop_after_steps, verify_data, init_from, peak_tflops,
-            held,
-        )  # fmt: skip
+            recipe,
+            Path(run_dir),
+            resume=resume,
+            stop_after_steps=stop_after_steps,
+            verify_data=verify_data,
+            init_from=init_from,
+            peak_tflops=peak_tflops,
+            held=held,
+        )
 
 
 def train_run(
     recipe: Recipe,
     run_dir: Path,
+    *,
     resume: bool,
     stop_after_steps: int | None,
     verify_data: bool,
@@ -196,7 +208,7 @@ def train_run(
 
     # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
     # cold); the launcher's environment already says how many ranks there are.
-    launch_world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch_world = launch_world_size()
     sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
     heldout = heldout_splits(recipe, sources)
     plan = make_plan(recipe, launch_world)
@@ -236,7 +248,8 @@ def train_run(
     ds_config = deepspeed_config(recipe, plan)
     for row in drawn:
         log.info(
-            "stage %(stage)d, source %(source)s: %(tokens)d tokens, %(epochs).3f epochs of %(epoch_tokens)d at seq_len %(seq_len)d",
+            "stage %(stage)d, source %(source)s: %(tokens)d tokens, "
+            "%(epochs).3f epochs of %(epoch_tokens)d at seq_len %(seq_len)d",
             row,
         )
     if rank == 0:
@@ -279,10 +292,20 @@ def train_run(
     peak_flops, device_name = world_peak_flops(world, peak_tflops)
     if rank == 0 and peak_flops is None and device_name != "cpu":
         _notice(f"train: no MFU: {device_name}")
-    run = Run(recipe, plan, run_dir, rank, world, heldout, validation, peak_flops, identity)
+    run = Run(
+        recipe=recipe,
+        plan=plan,
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        heldout=heldout,
+        validation=validation,
+        peak_flops=peak_flops,
+        data=identity,
+    )
     summary = run_steps(engine, loader, run, step, stop_after_steps, resumed=resume)
     if summary["finished"]:
-        export_model(engine, recipe, run_dir / MODEL_DIR, rank)
+        write_final_model(engine, recipe, run_dir / MODEL_DIR, rank)
         if rank == 0:
             write_manifest(
                 run_dir,
@@ -525,9 +548,7 @@ def run_steps(
                 )
                 due = tokens // every > before // every or step == end_step
                 if stopped != "guard" and (due or stopped):  # the guard's state may be bad
-                    save_checkpoint(
-                        engine, run.run_dir, recipe, step, tokens, rank, world, run.data
-                    )
+                    save_checkpoint(engine, run, step, tokens)
                 loading = time.perf_counter()
                 if stopped or step >= end_step or step == stage.first_step + stage.steps:
                     break

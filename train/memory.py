@@ -193,7 +193,7 @@ def estimate_memory(recipe: Recipe, plan: Plan) -> MemoryEstimate:
         zero3_buffers=zero3_buffer_bytes(recipe) if recipe.zero_stage == 3 else 0,
         stages=stages,
         host_build=host_build_bytes(recipe, plan.n_params),
-        host_export=4 * plan.n_params,  # the fp32 weights, gathered (`loop.export_model`)
+        host_export=4 * plan.n_params,  # the fp32 weights, gathered (`loop.write_final_model`)
     )
 
 
@@ -220,7 +220,18 @@ def print_memory(recipe: Recipe, plan: Plan, gpu_memory: float | None) -> Memory
         f"{recipe.precision}, activation checkpointing {recipe.model.activation_checkpointing})",
         box=box.SIMPLE_HEAD,
     )
-    columns = ("stage", "seq_len", "micro-batch\n/rank", "weights", "gradients", "optimizer", "ZeRO-3\nbuffers", "activations", "ln_f +\nloss", "total")  # fmt: skip
+    columns = (
+        "stage",
+        "seq_len",
+        "micro-batch\n/rank",
+        "weights",
+        "gradients",
+        "optimizer",
+        "ZeRO-3\nbuffers",
+        "activations",
+        "ln_f +\nloss",
+        "total",
+    )
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
     for s in memory.stages:

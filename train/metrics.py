@@ -174,7 +174,10 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     elif stopped == "guard":
         done = f"stopped by the guard at step {steps:,}"
     elif stopped:
-        done = f"stopped by {stopped} at step {steps:,}; checkpoint {summary['checkpoint']}; continue with --resume"  # fmt: skip
+        done = (
+            f"stopped by {stopped} at step {steps:,}; checkpoint {summary['checkpoint']}; "
+            "continue with --resume"
+        )
     else:
         done = f"stopped at step {steps:,}; continue with --resume"
     first, last = summary["first_loss"], summary["last_loss"]

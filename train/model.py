@@ -2,8 +2,8 @@
 ALiBi or learned positions, SwiGLU or GELU; muP or the standard parametrisation (SP).
 
 Read top to bottom: ALiBi slopes, the KV cache of generation, attention (two kernels that
-compute the same thing), the MLP, the block, the loss, the model, then the initialisation and
-per-group learning rates.
+compute the same thing), the MLP, the block, the model, then the initialisation and per-group
+learning rates. The losses are `loss.py`'s.
 
 Three settings change how the model trains, never what it computes:
   - `loss_impl: chunked`: the training loss without the [B*T, V] float32 logits (1.6 GB for one
@@ -28,8 +28,8 @@ m_d = d_model / d_model_base and the FFN multiplier m_ffn = d_ff / d_ff_base:
 SP (`mup: null`) is the same model with every multiplier 1: init std `init_std` (0.02) for every
 matrix, / sqrt(2 n_layers) for residual-output projections, q.k / sqrt(d_head), one learning rate.
 
-Shapes: B batch, T sequence (query) length, S key length, H heads, Dh head size, D d_model, F d_ff,
-V vocabulary.
+Shapes: B batch, T sequence (query) length, S key length, H heads, d head size (d_model /
+n_heads), D d_model, F d_ff, V vocabulary, N = B*T tokens flattened.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def alibi_bias(slopes_H: torch.Tensor, T: int, S: int, dtype: torch.dtype) -> to
 
 class KVCache:
     """One layer's keys and values of the tokens seen so far, for generation: each forward pass
-    then runs only the new tokens. Buffers [B, H, max_len, Dh] are allocated at the first append
+    then runs only the new tokens. Buffers [B, H, max_len, d] are allocated at the first append
     and written in place, so a step costs no copy of the whole cache.
 
     ALiBi's bias is added to the scores, not baked into K, so a pass at a new (dynamic) ALiBi
@@ -89,13 +89,13 @@ class KVCache:
     def append(
         self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys and values; return all of them so far, [B, H, S, Dh]."""
-        B, H, T, Dh = k_BHTd.shape
+        """Store the new keys and values; return all of them so far, [B, H, S, d]."""
+        B, H, T, d = k_BHTd.shape
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more")
         if self.k_BHSd is None or self.v_BHSd is None:
-            self.k_BHSd = k_BHTd.new_empty(B, H, self.max_len, Dh)
-            self.v_BHSd = v_BHTd.new_empty(B, H, self.max_len, Dh)
+            self.k_BHSd = k_BHTd.new_empty(B, H, self.max_len, d)
+            self.v_BHSd = v_BHTd.new_empty(B, H, self.max_len, d)
         S = self.length + T
         self.k_BHSd[:, :, self.length : S] = k_BHTd
         self.v_BHSd[:, :, self.length : S] = v_BHTd
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         self.scale = 1.0 / self.d_head if by_d else self.d_head**-0.5
 
     def heads(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K, V [B, H, T, Dh] from the fused projection."""
+        """Q, K, V [B, H, T, d] from the fused projection."""
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=2)
         q_BHTd, k_BHTd, v_BHTd = (
@@ -342,9 +342,10 @@ class GPT(nn.Module):
                 x_BTD = block(x_BTD, slopes_H, impl, cache[i] if cache else None)
         return self.ln_f(x_BTD) * (self.alpha_out / self.m_d)
 
-    def unembed(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) from hidden states, through the tied embedding."""
-        return F.linear(x_ND, self.wte.weight).float()
+    def unembed(self, x_D: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] (float32) from hidden states [..., D] (any leading dimensions), through
+        the tied embedding."""
+        return F.linear(x_D, self.wte.weight).float()
 
     def forward(
         self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, alibi_scale: float = 1.0

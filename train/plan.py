@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.mixture import StageSource, counts, quotas
 from lmpipe.dataprep.report import print_table
-from lmpipe.train.recipe import Recipe, ScheduleConfig, recipe_yaml
+from lmpipe.train.launch import launch_world_size
+from lmpipe.train.recipe import DataSource, Recipe, ScheduleConfig, recipe_yaml
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,18 @@ def print_plan(recipe: Recipe, world_size: int = 1) -> Plan:
     )
     console.print(f"model: {model.position} positions, {model.mlp} MLP, {parametrisation(recipe)}")
     table = Table(title="stages", box=box.SIMPLE_HEAD)
-    columns = ("stage", "seq_len", "tokens", "steps", "first\nstep", "tokens\n/step", "sequences\n/step", "micro-batch\n/rank", "grad\naccum", "alibi\nscale")  # fmt: skip
+    columns = (
+        "stage",
+        "seq_len",
+        "tokens",
+        "steps",
+        "first\nstep",
+        "tokens\n/step",
+        "sequences\n/step",
+        "micro-batch\n/rank",
+        "grad\naccum",
+        "alibi\nscale",
+    )
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
     for s in plan.stages:
@@ -229,6 +242,29 @@ def print_plan(recipe: Recipe, world_size: int = 1) -> Plan:
             f"{s.alibi_scale:g}",
         )
     print_table(console, table)
+    return plan
+
+
+def dry_run(
+    recipe: Recipe,
+    data: Path | list[DataSource] | None = None,
+    world_size: int | None = None,
+    gpu_memory: float | None = None,
+) -> Plan:
+    """`lmpipe train --dry-run`: the resolved recipe, its plan for `world_size` ranks (default:
+    the launcher's WORLD_SIZE, or 1), what each stage draws from each source and the memory per
+    GPU, with a warning when it exceeds `gpu_memory` GiB (default: this machine's GPU, if any).
+    `data` (as `train` takes it) is optional here: without any, the data table has no epochs.
+    Trains nothing; returns the plan."""
+    # data.py and memory.py build on this module's Plan, so they are imported here, not above.
+    from lmpipe.train.data import print_data_plan, with_data
+    from lmpipe.train.memory import local_gpu_memory, print_memory
+
+    if data is not None or recipe.data:
+        recipe = with_data(recipe, data)
+    plan = print_plan(recipe, world_size or launch_world_size())
+    print_data_plan(recipe, plan)
+    print_memory(recipe, plan, gpu_memory or local_gpu_memory())
     return plan
 
 

@@ -7,7 +7,9 @@ hidden rates are fixed ratios of it under muP). Steps whose update was skipped (
 or grad norm: `skipped` in the row) are crosses on the bottom edge.
 
 Only reads: a run may still be training (a torn last line of metrics.jsonl is left out), and the
-picture goes outside every folder it reads, as every stage's output does (`check_output`).
+picture goes outside every folder it reads, as every stage's output does (`check_output`). The
+picture's metadata names `lmpipe plot` (MARK): an existing file is replaced only when it is such a
+picture, anything else (a symbolic link too) only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output
+from lmpipe.dataprep.folders import check_output, removed_on_error
 from lmpipe.train.metrics import val_losses
 from lmpipe.train.run_folder import metrics_rows
 
 PNG = "loss.png"
 FORMATS = ("png", "svg", "pdf")  # what matplotlib writes without extra libraries
 DPI = 100
+# The software named in the picture (png: Software; svg, pdf: Creator): it marks a file `plot` may
+# replace, and leaves out matplotlib's version, as the manifests leave out times.
+MARK = "lmpipe plot"
+METADATA = {"png": {"Software": MARK}, "svg": {"Creator": MARK}, "pdf": {"Creator": MARK}}
+# How each format writes MARK: png and svg near the start, pdf in its Info near the end.
+WRITTEN_MARKS = (
+    b"tEXtSoftware\x00" + MARK.encode(),
+    f"<dc:title>{MARK}</dc:title>".encode(),
+    f"/Creator ({MARK})".encode(),
+)
 NO_MATPLOTLIB = "lmpipe plot draws with matplotlib, which is not installed: pip install 'lmpipe[plot]'"  # fmt: skip
 
 
@@ -159,8 +171,28 @@ def figure(runs: list[RunCurves], size: tuple[int, int]) -> Any:
     return fig
 
 
-def plot(run_dirs: list[Path], out: Path = Path(PNG), size: tuple[int, int] = (1200, 700)) -> Path:
-    """Draw the runs into `out` (written whole, then renamed into place) and say where."""
+def drawn_by_plot(path: Path, window: int = 1 << 16) -> bool:
+    """Whether the file `path` is a picture an earlier `lmpipe plot` drew (its MARK, looked for
+    in its first and last `window` bytes)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(window)
+            f.seek(max(0, f.seek(0, os.SEEK_END) - window))
+            tail = f.read()
+    except OSError:
+        return False
+    return any(mark in head or mark in tail for mark in WRITTEN_MARKS)
+
+
+def plot(
+    run_dirs: list[Path],
+    out: Path = Path(PNG),
+    size: tuple[int, int] = (1200, 700),
+    overwrite: bool = False,
+) -> Path:
+    """Draw the runs into `out` (written whole, then renamed into place) and say where. An
+    existing `out` is replaced when an earlier `plot` drew it, anything else only with
+    `overwrite`."""
     from rich.console import Console
 
     run_dirs, out = [Path(d) for d in run_dirs], Path(out)
@@ -176,6 +208,13 @@ def plot(run_dirs: list[Path], out: Path = Path(PNG), size: tuple[int, int] = (1
         raise LmpipeError(f"-o {out}: name a .png, .svg or .pdf file")
     if out.is_dir():
         raise LmpipeError(f"-o {out}: is a folder; name the picture file")
+    if out.is_symlink() and not overwrite:
+        raise LmpipeError(f"-o {out}: is a symbolic link; pass --overwrite to replace the link")
+    if out.exists() and not overwrite and not drawn_by_plot(out):
+        raise LmpipeError(
+            f"-o {out}: exists and is not a picture `lmpipe plot` drew; pass --overwrite to "
+            "replace it"
+        )
     if min(size) < 100 or max(size) > 10000:
         raise LmpipeError(f"--size {size[0]}x{size[1]}: each side between 100 and 10,000 pixels")
     check_output(out, run_dirs, what="plot")
@@ -187,10 +226,9 @@ def plot(run_dirs: list[Path], out: Path = Path(PNG), size: tuple[int, int] = (1
     fig = figure(runs, size)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        # Software would name the matplotlib version: left out, as the manifests leave out times.
-        fig.savefig(tmp, format=fmt, metadata={"Software": None} if fmt == "png" else None)
-        os.replace(tmp, out)
+        with removed_on_error(out.with_name(f".{out.name}.tmp")) as tmp:
+            fig.savefig(tmp, format=fmt, metadata=METADATA[fmt])
+            os.replace(tmp, out)
     except OSError as e:
         raise LmpipeError(f"-o {out}: cannot be written ({e.strerror})") from None
     Console().print(f"plot: {len(runs)} run(s) drawn into {out}", highlight=False, markup=False)

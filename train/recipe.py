@@ -227,18 +227,21 @@ class Recipe(Section):
         problems = self._mixture_problems()
         if self.tokens_per_step % self.micro_batch_tokens:
             problems.append(
-                f"tokens_per_step ({self.tokens_per_step}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
+                f"tokens_per_step ({self.tokens_per_step}) is not a multiple of "
+                f"micro_batch_tokens ({self.micro_batch_tokens})"
             )
         model = self.model
         for i, stage in enumerate(self.stages):
             step_tokens = self.stage_tokens_per_step(i)
             if stage.tokens_per_step is not None and step_tokens % self.micro_batch_tokens:
                 problems.append(
-                    f"stages.{i}.tokens_per_step ({step_tokens}) is not a multiple of micro_batch_tokens ({self.micro_batch_tokens})"
+                    f"stages.{i}.tokens_per_step ({step_tokens}) is not a multiple of "
+                    f"micro_batch_tokens ({self.micro_batch_tokens})"
                 )
             if self.micro_batch_tokens % stage.seq_len:
                 problems.append(
-                    f"stages.{i}.seq_len ({stage.seq_len}) does not divide micro_batch_tokens ({self.micro_batch_tokens})"
+                    f"stages.{i}.seq_len ({stage.seq_len}) does not divide "
+                    f"micro_batch_tokens ({self.micro_batch_tokens})"
                 )
             if stage.tokens % step_tokens:
                 problems.append(
@@ -246,7 +249,8 @@ class Recipe(Section):
                 )
             if model.position == "learned" and stage.seq_len > model.n_positions:
                 problems.append(
-                    f"stages.{i}.seq_len ({stage.seq_len}) exceeds model.n_positions ({model.n_positions}): learned positions end there"
+                    f"stages.{i}.seq_len ({stage.seq_len}) exceeds model.n_positions "
+                    f"({model.n_positions}): learned positions end there"
                 )
             if model.position == "learned" and stage.alibi_scale != 1:
                 problems.append(
@@ -280,9 +284,13 @@ class Recipe(Section):
                 problems.append(f"stages.{i}.weights: names no source")
             for name, weight in stage.weights.items():
                 if self.data is not None and name not in names:
-                    problems.append(f"stages.{i}.weights.{name}: no such source (data: {', '.join(names)})")  # fmt: skip
+                    problems.append(
+                        f"stages.{i}.weights.{name}: no such source (data: {', '.join(names)})"
+                    )
                 if not 0 < weight < math.inf:
-                    problems.append(f"stages.{i}.weights.{name}: weight {weight:g} is not a finite number > 0")  # fmt: skip
+                    problems.append(
+                        f"stages.{i}.weights.{name}: weight {weight:g} is not a finite number > 0"
+                    )
         return problems
 
     @property

@@ -276,7 +276,14 @@ def scaling(
     with staged_output(Path(out), stage="scaling", reads=paths, overwrite=overwrite) as work:
         write_json_atomic(work / FIT_JSON, report)
         plotted = write_fit_png(work / FIT_PNG, report)
-        write_manifest(work, "scaling", loss=loss, runs=[r.run for r in runs], fit=asdict(law), bootstrap=spread)  # fmt: skip
+        write_manifest(
+            work,
+            "scaling",
+            loss=loss,
+            runs=[r.run for r in runs],
+            fit=asdict(law),
+            bootstrap=spread,
+        )
     print_fit(report)
     if not plotted:
         Console().print(NO_PLOT, markup=False)
@@ -295,7 +302,14 @@ def print_fit(report: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     law = PowerLaw(**report["fit"])
     for r in report["runs"]:
-        table.add_row(r["run"], f"{r['parameters']:,}", f"{r['tokens']:,}", f"{r['flops']:.3g}", f"{r['loss']:.4f}", f"{float(law(r['flops'])):.4f}")  # fmt: skip
+        table.add_row(
+            r["run"],
+            f"{r['parameters']:,}",
+            f"{r['tokens']:,}",
+            f"{r['flops']:.3g}",
+            f"{r['loss']:.4f}",
+            f"{float(law(r['flops'])):.4f}",
+        )
     print_table(console, table)
     s = report["bootstrap"]
     a_band = f" (68%: {s['a']['p16']:.3g} .. {s['a']['p84']:.3g})" if "a" in s else ""
@@ -342,8 +356,21 @@ def write_fit_png(path: Path, report: dict[str, Any]) -> bool:
         lo, hi = min(f.min(), min(pf)), max(f.max(), max(pf))
         span = np.logspace(np.log10(lo) - 0.2, np.log10(hi) + 0.2, 200)
         p = PowerLaw(**pub["fit"])
-        ax.plot(span, p(span), color="tab:orange", ls="--", label=f"{pub['name']}: (f/{p.a:.3g})^{p.b:.3g} + {p.c:.3g}")  # fmt: skip
-        ax.scatter(pf, [m[2] for m in pub["models"]], color="tab:orange", marker="s", s=18, label=f"{pub['name']} models")  # fmt: skip
+        ax.plot(
+            span,
+            p(span),
+            color="tab:orange",
+            ls="--",
+            label=f"{pub['name']}: (f/{p.a:.3g})^{p.b:.3g} + {p.c:.3g}",
+        )
+        ax.scatter(
+            pf,
+            [m[2] for m in pub["models"]],
+            color="tab:orange",
+            marker="s",
+            s=18,
+            label=f"{pub['name']} models",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs")
@@ -492,10 +519,30 @@ def family(
                 "flops": training_flops(recipe, plan),
             })  # fmt: skip
             per = "parameter" if count == "total" else "non-embedding parameter"
-            header = f"# {recipe.name}: {base.name} at d_model {m.d_model}, {recipe.total_tokens / counted:.3g} tokens a {per} (lmpipe scaling --family)\n"  # fmt: skip
+            header = (
+                f"# {recipe.name}: {base.name} at d_model {m.d_model}, "
+                f"{recipe.total_tokens / counted:.3g} tokens a {per} (lmpipe scaling --family)\n"
+            )
             (work / f"{recipe.name}.yaml").write_text(header + recipe_yaml(recipe), encoding="utf-8")  # fmt: skip
-        write_json_atomic(work / FAMILY_JSON, {"base": base_name, "set": list(overrides), "tokens_per_param": tokens_per_param, "count": count, "recipes": rows})  # fmt: skip
-        write_manifest(work, "scaling-family", base=base_name, set=list(overrides), tokens_per_param=tokens_per_param, count=count, recipes=rows)  # fmt: skip
+        write_json_atomic(
+            work / FAMILY_JSON,
+            {
+                "base": base_name,
+                "set": list(overrides),
+                "tokens_per_param": tokens_per_param,
+                "count": count,
+                "recipes": rows,
+            },
+        )
+        write_manifest(
+            work,
+            "scaling-family",
+            base=base_name,
+            set=list(overrides),
+            tokens_per_param=tokens_per_param,
+            count=count,
+            recipes=rows,
+        )
     print_family(rows, count)
     return rows
 
@@ -508,8 +555,30 @@ def print_family(rows: list[dict[str, Any]], count: str = "total") -> None:
 
     table = Table(title="compute-optimal family")
     per = "tokens/param" if count == "total" else "tokens/non-emb. param"
-    for col in ("recipe", "layers", "d_model", "heads", "d_ff", "parameters", "non-emb.", "tokens", per, "FLOPs"):  # fmt: skip
+    for col in (
+        "recipe",
+        "layers",
+        "d_model",
+        "heads",
+        "d_ff",
+        "parameters",
+        "non-emb.",
+        "tokens",
+        per,
+        "FLOPs",
+    ):
         table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["recipe"], str(r["n_layers"]), str(r["d_model"]), str(r["n_heads"]), str(r["d_ff"]), f"{r['parameters']:,}", f"{r['non_embedding_parameters']:,}", f"{r['tokens']:,}", f"{r['tokens_per_parameter']:.3g}", f"{r['flops']:.3g}")  # fmt: skip
+        table.add_row(
+            r["recipe"],
+            str(r["n_layers"]),
+            str(r["d_model"]),
+            str(r["n_heads"]),
+            str(r["d_ff"]),
+            f"{r['parameters']:,}",
+            f"{r['non_embedding_parameters']:,}",
+            f"{r['tokens']:,}",
+            f"{r['tokens_per_parameter']:.3g}",
+            f"{r['flops']:.3g}",
+        )
     print_table(Console(), table)

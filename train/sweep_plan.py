@@ -285,6 +285,8 @@ def check_keys(settings: SweepSettings, recipe: Recipe) -> None:
         raise LmpipeError(f"--random: {settings.random} is not a number of points")
     if settings.seed < 0:
         raise LmpipeError(f"--seed: {settings.seed} is not a seed (0 or more)")
+    if settings.val_tokens is not None and settings.val_tokens < 1:
+        raise LmpipeError(f"--val-tokens {settings.val_tokens}: at least 1")
     if settings.random and not settings.space:
         raise LmpipeError("--random: name what to draw with --space KEY=loguniform:LOW:HIGH")
     if settings.space and not settings.random:
@@ -383,7 +385,9 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
     widths = settings.widths or (model.d_model,)
     densities = settings.densities or (model.density,)
     values = value_sets(settings, recipe)
-    val_tokens = settings.val_tokens or (recipe.validation.tokens if recipe.validation else VAL_TOKENS)  # fmt: skip
+    val_tokens = settings.val_tokens
+    if val_tokens is None:  # not `or`: --val-tokens 0 is refused, never read as "the default"
+        val_tokens = recipe.validation.tokens if recipe.validation else VAL_TOKENS
     points, recipes = [], []
     for param, density, width, chosen in itertools.product(params, densities, widths, values):
         name = f"{len(points):04d}-{param}-w{width}" + (f"-rho{density:g}" if density != 1 else "")

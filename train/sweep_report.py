@@ -142,7 +142,17 @@ def read_report(folder: Path) -> dict[str, Any]:
     return report
 
 
-CSV_TAIL = ("train_loss", "heldout_loss", "tokens", "parameters", "flops", "seconds", "train_seconds", "diverged", "finished")  # fmt: skip
+CSV_TAIL = (
+    "train_loss",
+    "heldout_loss",
+    "tokens",
+    "parameters",
+    "flops",
+    "seconds",
+    "train_seconds",
+    "diverged",
+    "finished",
+)
 
 
 def write_csv(path: Path, report: dict[str, Any]) -> None:
@@ -167,9 +177,14 @@ def print_optimum(report: dict[str, Any]) -> None:
     for col in ("group", "best point", "values", objective.replace("_", " "), "diverged"):
         table.add_column(col, justify="right" if col in ("diverged",) else "left", no_wrap=True)
     for g in report["optimum"]:
-        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (g["values"] or {}).items())  # fmt: skip
+        values = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in (g["values"] or {}).items()
+        )
         loss = "-" if g[objective] is None else f"{g[objective]:.4f}"
-        table.add_row(g["group"], g["best"] or "-", values or "-", loss, f"{g['diverged']} of {g['points']}")  # fmt: skip
+        table.add_row(
+            g["group"], g["best"] or "-", values or "-", loss, f"{g['diverged']} of {g['points']}"
+        )
     print_table(Console(), table)
 
 
@@ -215,10 +230,20 @@ def write_png(path: Path, report: dict[str, Any]) -> bool:
                 lowest[x] = min(lowest.get(x, math.inf), r[objective])
             xs = sorted(lowest)
             ax.plot(xs, [lowest[x] for x in xs], color=color, lw=1.2, marker=".", label=group)
-            ax.scatter([position(_x(r, key)) for r in good], [r[objective] for r in good], color=color, s=8)  # fmt: skip
+            ax.scatter(
+                [position(_x(r, key)) for r in good], [r[objective] for r in good], color=color, s=8
+            )
             if good:
                 best = min(good, key=lambda r: r[objective])
-                ax.scatter([position(_x(best, key))], [best[objective]], color=color, marker="*", s=140, edgecolors="black", zorder=3)  # fmt: skip
+                ax.scatter(
+                    [position(_x(best, key))],
+                    [best[objective]],
+                    color=color,
+                    marker="*",
+                    s=140,
+                    edgecolors="black",
+                    zorder=3,
+                )
             bad = [position(_x(r, key)) for r in members if r[objective] is None]
             if bad:
                 ax.scatter(bad, [ceiling] * len(bad), color="crimson", marker="x", s=40, zorder=3)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, is_finished, partial_path
+from lmpipe.dataprep.folders import check_output, is_finished, partial_path, removed_on_error
 from lmpipe.train.recipe import Recipe, load_recipe, recipe_source, recipe_yaml
 from lmpipe.train.sweep import PLAN
 from lmpipe.train.sweep_plan import parse_recipe, yaml_value
@@ -173,10 +173,10 @@ def write_recipe_file(
         f"{BEST_MARK}: optimizer.lr, schedule.end_lr, model.mup.sigma_base, "
         "alpha_in, alpha_out.\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(header + recipe_yaml(recipe), encoding="utf-8")
-        os.replace(tmp, path)
+        with removed_on_error(path.with_name(path.name + ".tmp")) as tmp:
+            tmp.write_text(header + recipe_yaml(recipe), encoding="utf-8")
+            os.replace(tmp, path)
     except OSError as e:
         raise LmpipeError(f"{path}: cannot be written ({e.strerror})") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from lmpipe.cli.app import app
+from lmpipe.dataprep.errors import LmpipeError
 
 runner = CliRunner()
 
@@ -126,3 +129,201 @@ def test_train_flag_surface_stays_small():
 def test_train_accepts_the_deepspeed_launchers_local_rank():
     result = runner.invoke(app, ["--local_rank=1", "train", "--recipe", "tiny", "--dry-run"])
     assert result.exit_code == 0, result.output
+    # the flag is read and set aside (the rank comes from LOCAL_RANK): the same plan as without it
+    plain = runner.invoke(app, ["train", "--recipe", "tiny", "--dry-run"])
+    assert "64 steps, 131,072 tokens" in result.output and result.output == plain.output
+
+
+def commands():
+    """Every command, `mup`'s included, as (name, click command)."""
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        subcommands = getattr(command, "commands", {})
+        yield from ((f"{name} {sub}", c) for sub, c in subcommands.items())
+        if not subcommands:
+            yield name, command
+
+
+def test_help_lists_each_command_on_one_line_whose_sentence_ends():
+    """A summary wrapped by hand broke the `lmpipe --help` rows in mid-sentence (eval, export,
+    import, sweep, scaling, plot, mup coord-check)."""
+    listings = {
+        "": runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output,
+        "mup": runner.invoke(app, ["mup", "--help"], env={"COLUMNS": "200"}).output,
+    }
+    for name, command in commands():
+        summary = command.help.split("\n\n")[0]
+        assert "\n" not in summary and len(summary) <= 100 and summary.endswith("."), name
+        group, _, short = name.rpartition(" ")
+        rows = [line for line in listings[group].splitlines() if line.startswith(f"│ {short} ")]
+        assert len(rows) == 1 and summary in rows[0], (name, rows)
+
+
+def test_usage_lines_name_arguments_as_the_help_texts_do():
+    names = {
+        name: [p.metavar for p in command.params if p.param_type_name == "argument"]
+        for name, command in commands()
+    }
+    assert {name: metavars for name, metavars in names.items() if metavars} == {
+        "dedup": ["INPUT"],
+        "tokenize": ["INPUT"],
+        "inspect": ["FOLDER"],
+        "eval": ["MODEL"],
+        "generate": ["MODEL"],
+        "export": ["RUN_DIR"],
+        "import": ["HF_DIR"],
+        "sweep": ["FOLDER"],
+        "scaling": ["RUN_DIR"],
+        "plot": ["RUN_DIR"],
+    }
+
+
+def option(command_name: str, flag: str):
+    """A command's option by a flag, or its argument by name."""
+    command = dict(commands())[command_name]
+    return next(p for p in command.params if flag in (p.name, *p.opts, *p.secondary_opts))
+
+
+def test_shared_options_are_described_once():
+    from lmpipe.cli.stage import RECIPE_HELP
+    from lmpipe.evals.run import HELDOUT_TASKS
+
+    for name in ("train", "mup coord-check", "sweep", "scaling"):
+        assert option(name, "--recipe").help.endswith(RECIPE_HELP), name
+        assert option(name, "--set").help == option("train", "--set").help, name
+    assert option("generate", "model").help in option("eval", "model").help
+    assert all(task in option("eval", "--data").help for task in HELDOUT_TASKS)
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Replace a stage function with one that records its arguments and stops the command."""
+
+    def replace(module: str, name: str) -> list:
+        calls = []
+
+        def record(*args, **kwargs):
+            calls.append((args, kwargs))
+            raise LmpipeError("recorded")
+
+        monkeypatch.setattr(importlib.import_module(module), name, record)
+        return calls
+
+    return replace
+
+
+def invoke_recorded(args: list[str], calls: list):
+    result = runner.invoke(app, args)
+    assert (result.exit_code, result.output) == (2, "error: recorded\n"), (args, result.output)
+    return calls.pop()
+
+
+def test_renamed_flags_keep_their_first_spelling(stage_calls, tmp_path):
+    """One name per concept across commands; the old spelling stays an alias for scripts."""
+    tokenize = stage_calls("lmpipe.dataprep.tokenize", "tokenize")
+    for flag in ("--holdout-seed", "--seed"):  # as dedup's --holdout-seed
+        _, kwargs = invoke_recorded(["tokenize", "in.jsonl", "-o", "out", flag, "7"], tokenize)
+        assert kwargs["seed"] == 7
+    inspect = stage_calls("lmpipe.dataprep.inspection", "inspect_shards")
+    assert invoke_recorded(["inspect", "tokens"], inspect)[1]["verify"] is True
+    for flag in ("--no-verify-data", "--no-verify"):  # as train's --verify-data
+        assert invoke_recorded(["inspect", "tokens", flag], inspect)[1]["verify"] is False
+    sweep = stage_calls("lmpipe.train.sweep", "sweep")
+    base = ["sweep", "--recipe", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "o")]
+    for flag in ("-j", "--jobs", "--workers"):  # as dedup's and tokenize's -j/--workers
+        (settings, *_), _ = invoke_recorded([*base, flag, "3"], sweep)
+        assert settings.jobs == 3
+    generate = stage_calls("lmpipe.train.generate", "generate")
+    for flag in ("--alibi-scale", "--alibi-scaling"):  # as eval's --alibi-scale
+        (settings,), _ = invoke_recorded(["generate", "run", "--prompt", "x", flag, "4"], generate)
+        assert settings.alibi_scaling == "4"
+
+
+def test_param_has_one_grammar_in_coord_check_and_sweep(stage_calls, tmp_path):
+    check = stage_calls("lmpipe.train.coord_check", "coord_check")
+    sweep = stage_calls("lmpipe.train.sweep", "sweep")
+    cc = ["mup", "coord-check", "--recipe", "tiny", "-o", str(tmp_path / "cc")]
+    sw = ["sweep", "--recipe", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "sw")]
+    expected = {
+        "both": ("mup", "sp"),
+        "mup,sp": ("mup", "sp"),
+        "sp": ("sp",),
+        "mup-uncorrected,sp": ("mup-uncorrected", "sp"),
+        "mup,both": ("mup", "sp"),  # each once: a repeat would train the same points twice
+        "sp,mup,sp": ("sp", "mup"),
+    }
+    for text, params in expected.items():
+        assert invoke_recorded([*cc, "--param", text], check)[0][0].params == params, text
+        assert invoke_recorded([*sw, "--param", text], sweep)[0][0].params == params, text
+    assert invoke_recorded(cc, check)[0][0].params == ("mup", "sp")  # coord-check's default: both
+
+
+def test_param_and_list_errors_read_alike_in_both_commands(tmp_path):
+    cc = ["mup", "coord-check", "--recipe", "tiny", "-o", str(tmp_path / "cc")]
+    sw = ["sweep", "--recipe", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "sw")]
+    for base in (cc, sw):
+        result = runner.invoke(app, [*base, "--param", "mup,xp"])
+        assert (result.exit_code, result.output) == (2, "error: --param: mup, mup-uncorrected, sp (got xp)\n")  # fmt: skip
+        result = runner.invoke(app, [*base, "--widths", "64,x"])
+        assert (result.exit_code, result.output) == (2, "error: --widths '64,x': comma-separated integers\n")  # fmt: skip
+    assert not (tmp_path / "cc").exists() and not (tmp_path / "sw").exists()
+
+
+def test_tokenize_names_its_flags_in_errors(tmp_path):
+    base = ["tokenize", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out")]
+    cases = {
+        "--shard-tokens 0: at least 1": ["--shard-tokens", "0"],
+        "-j 0: at least 1": ["-j", "0"],
+        "--holdout 1.5: between 0 and 1": ["--holdout", "1.5"],
+        "--holdout-seed -1: 0 or more": ["--holdout-seed", "-1"],
+    }
+    for message, args in cases.items():
+        result = runner.invoke(app, [*base, *args])
+        assert (result.exit_code, result.output) == (2, f"error: {message}\n"), args
+
+
+def test_scaling_out_is_required_by_the_parser():
+    assert option("scaling", "-o").required
+    result = runner.invoke(app, ["scaling", "--family", "--recipe", "tiny", "--sizes", "64"])
+    assert result.exit_code == 2 and "Missing option '-o'" in result.output
+
+
+def test_cli_defaults_are_the_stages_defaults():
+    """The CLI writes its defaults as literals (importing the stages' modules would load numpy,
+    pydantic or torch for `lmpipe --help`); this keeps the two from drifting apart."""
+    import dataclasses
+    import inspect
+
+    missing = (dataclasses.MISSING, inspect.Parameter.empty)
+
+    from lmpipe.dataprep.tokenize import tokenize
+    from lmpipe.train.coord_check import CoordCheck
+    from lmpipe.train.generate import GenerateSettings
+    from lmpipe.train.sweep_plan import SweepSettings
+
+    def fields(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default not in missing}
+
+    stages = {
+        "tokenize": {
+            n: p.default
+            for n, p in inspect.signature(tokenize).parameters.items()
+            if p.default not in missing
+        },
+        "generate": {**fields(GenerateSettings), "alibi_scale": None, "prompts": None},
+        "mup coord-check": fields(CoordCheck),
+        "sweep": fields(SweepSettings),
+    }
+    for name, defaults in stages.items():
+        compared = 0
+        for param in dict(commands())[name].params:
+            if param.name in defaults:
+                # a list option's None is the stage's empty tuple
+                expected = defaults[param.name]
+                assert param.default == expected or (param.default is None and expected == ()), (
+                    name,
+                    param.name,
+                )
+                compared += 1
+        assert compared >= 4, name

@@ -17,8 +17,9 @@ from lmpipe.dataprep.corpus import (
     jaccard,
     write_demo_corpus,
 )
-from lmpipe.dataprep.dedup import dedup, normalise
+from lmpipe.dataprep.dedup import dedup
 from lmpipe.dataprep.documents import find_inputs, read_documents
+from lmpipe.dataprep.minhash import normalise
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,12 @@ import numpy as np
 import pytest
 import zstandard
 
-from lmpipe.dataprep.dedup import (
-    KEPT,
-    NEAR,
-    SHORT,
-    MinHasher,
-    decide,
-    dedup,
-    normalise,
-    optimal_bands,
-    shingle_hashes,
-    union_find,
-)
+from lmpipe.dataprep.clusters import KEPT, NEAR, SHORT, decide, union_find
+from lmpipe.dataprep.dedup import dedup
 from lmpipe.dataprep.documents import find_inputs
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import partial_path
+from lmpipe.dataprep.minhash import MinHasher, normalise, optimal_bands, shingle_hashes
 
 WORDS = (
     "river stone light paper window garden silver market engine winter candle forest letter "

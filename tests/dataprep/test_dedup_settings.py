@@ -8,10 +8,11 @@ import json
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 from lmpipe.cli.app import app
 from lmpipe.dataprep.dedup import dedup
-from lmpipe.dataprep.dedup_settings import DedupSettings
+from lmpipe.dataprep.dedup_settings import HASH_NAMES, DedupSettings
 from lmpipe.dataprep.errors import LmpipeError
 
 # CLI option -> settings field, where the names differ.
@@ -53,21 +54,46 @@ def test_manifest_form_is_unchanged():
 
 
 @pytest.mark.parametrize(
-    "bad, named",
+    "bad, message",
     [
-        ({"threshold": 1.0}, "0 < threshold < 1"),
-        ({"min_chars": -1}, "min_chars >= 0"),
-        ({"keep": "last"}, "keep first or longest"),
-        ({"hash_scheme": "md5"}, "hash scheme one of"),
-        ({"engine": "spark"}, "engine one of local, ray"),
-        ({"fixer": "fast"}, "fixer one of lmpipe, ftfy"),
-        ({"workers": 0, "ngram": 0}, "ngram >= 1; workers >= 1"),
+        ({"threshold": 1.0}, "--threshold 1.0: between 0 and 1"),
+        ({"lsh_threshold": 2.0}, "--lsh-threshold 2.0: between 0 and 1"),
+        ({"min_chars": -1}, "--min-chars -1: 0 or more"),
+        ({"keep": "last"}, "--keep 'last': first or longest"),
+        ({"hash_scheme": "md5"}, "--hash 'md5': oph, sha1 or affine32"),
+        ({"engine": "spark"}, "--engine 'spark': local or ray"),
+        ({"fixer": "fast"}, "--fixer 'fast': lmpipe or ftfy"),
+        ({"source_field": ""}, "--source-field '': a field name"),
+        ({"workers": 0, "ngram": 0}, "--ngram 0: at least 1; -j 0: at least 1"),
     ],
 )
-def test_bad_settings_are_one_line_naming_the_setting(bad, named):
-    with pytest.raises(LmpipeError, match=named) as e:
+def test_bad_settings_are_one_line_naming_the_flag(bad, message):
+    """In the words of `lmpipe dedup`'s flags, which is where a user's values come from."""
+    with pytest.raises(LmpipeError) as e:
         DedupSettings(**bad)
-    assert "\n" not in str(e.value)
+    assert str(e.value) == message
+
+
+def test_hash_names_are_the_clis_and_minhashs():
+    """--hash sha1 is minhash.py's legacy scheme, from the CLI and from Python alike."""
+    from lmpipe.dataprep.minhash import SCHEMES
+
+    assert sorted(HASH_NAMES.values()) == sorted(SCHEMES)
+    assert DedupSettings(hash_scheme="sha1") == DedupSettings(hash_scheme="legacy")
+    assert DedupSettings(hash_scheme="sha1").manifest()["hash_scheme"] == "legacy"
+
+
+def test_the_command_reports_bad_values_by_flag(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    args = ["dedup", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(
+        app, [*args, "--hash", "foo", "--keep", "y", "--lsh-threshold", "2"]
+    )
+    assert result.exit_code == 2
+    assert result.output == (
+        "error: --lsh-threshold 2.0: between 0 and 1; --hash 'foo': oph, sha1 or affine32; "
+        "--keep 'y': first or longest\n"
+    )
 
 
 def test_settings_are_frozen_and_unknown_options_refused(tmp_path):

@@ -343,3 +343,16 @@ def test_a_model_folders_default_output_lies_beside_it(run_dir, task_data, tmp_p
     monkeypatch.chdir(model)
     assert model_source(".").default_output() == beside
     assert model_source(run_dir).default_output() == run_dir / "eval"
+
+
+def test_the_held_out_split_is_read_whole_and_an_empty_one_is_refused(
+    make_shards, heldout_texts, tmp_path
+):
+    from lmpipe.evals.run import heldout_split
+
+    split = heldout_split(make_shards(tmp_path / "tokens", heldout_texts))
+    assert split.split == "heldout" and split.n_documents == len(heldout_texts) == 12
+    empty = make_shards(tmp_path / "none", [])
+    message = r"none: the held-out split is empty; tokenize with a larger --holdout$"
+    with pytest.raises(LmpipeError, match=message):
+        heldout_split(empty)

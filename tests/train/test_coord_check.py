@@ -58,6 +58,10 @@ def test_widths_keep_the_head_size_ffn_ratio_and_base_shapes():
     assert (wide.n_heads, wide.d_head, wide.d_ff, wide.mup) == (16, 64, 2728, model.mup)  # 4 x 682
     sp = width_config(model, 1024, "sp")
     assert sp.mup is None and sp.init_std == model.mup.sigma_base
+    # mup-uncorrected (as a sweep's --param): muP with SμPar's density correction off, else the same
+    uncorrected = width_config(model, 1024, "mup-uncorrected")
+    assert model.mup.sparse_correction and not uncorrected.mup.sparse_correction
+    assert uncorrected.model_copy(update={"mup": model.mup}) == wide
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
@@ -66,7 +70,14 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         (CoordCheck(proxy, (256,)), "at least two widths"),
         (CoordCheck(proxy, (128, 100)), "100 is not a multiple of the head size 64"),
         (CoordCheck(load_recipe("cerebras-gpt-111m"), (128, 256)), "has no muP base shapes"),
-        (CoordCheck(proxy, (128, 256), params=("xp",)), "--param"),
+        (
+            CoordCheck(proxy, (128, 256), params=("mup", "xp")),
+            r"--param: mup, mup-uncorrected, sp \(got xp\)$",
+        ),
+        (
+            CoordCheck(load_recipe("cerebras-gpt-111m"), (128, 256), params=("mup-uncorrected",)),
+            "has no muP base shapes",
+        ),
     ]
     for check, message in cases:
         with pytest.raises(LmpipeError, match=message):

@@ -321,9 +321,10 @@ def test_bad_inputs_are_one_line_errors(alibi_run, learned_run, tmp_path):
     one_line_error([a, "--prompt", "x", "--top-p", "1.5"], "--top-p", "1.5")
     one_line_error([a, "--prompt", "x", "--top-k", "-1"], "--top-k", "-1")
     one_line_error([a, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens")
-    one_line_error([a, "--prompt", "x", "--alibi-scaling", "0.5"], "--alibi-scaling", "0.5")
-    one_line_error([a, "--prompt", "x", "--alibi-scaling", "fast"], "--alibi-scaling", "fast")
-    one_line_error([learned, "--prompt", "x", "--alibi-scaling", "dynamic"], "learned positions")
+    one_line_error([a, "--prompt", "x", "--alibi-scale", "0.5"], "--alibi-scale '0.5'")
+    # --alibi-scaling, generate's first name for eval's --alibi-scale, still reads the same
+    one_line_error([a, "--prompt", "x", "--alibi-scaling", "fast"], "--alibi-scale 'fast'")
+    one_line_error([learned, "--prompt", "x", "--alibi-scale", "dynamic"], "learned positions")
     long = " ".join(["word"] * 40)  # 40 tokens + 30 new > 64 learned positions
     one_line_error(
         [learned, "--prompt", long, "--max-new-tokens", "30"],

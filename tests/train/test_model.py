@@ -68,6 +68,23 @@ def test_forward_shapes_and_loss_near_uniform_at_init():
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
 
 
+def test_unembed_takes_any_leading_dimensions():
+    """[B, T, D] (forward), [N, D] (evals' scored positions) and [D] (generation's last token)
+    give the same logits for the same hidden state."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = GPT(cfg)
+    x_BTD = torch.randn(2, 3, cfg.d_model)
+    logits_BTV = model.unembed(x_BTD)
+    assert logits_BTV.shape == (2, 3, cfg.vocab_size) and logits_BTV.dtype == torch.float32
+    # Equal up to float rounding: a vector and a matrix product take different kernels.
+    same = dict(rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.unembed(x_BTD.flatten(0, 1)), logits_BTV.flatten(0, 1), **same)
+    torch.testing.assert_close(model.unembed(x_BTD[1, 2]), logits_BTV[1, 2], **same)
+    # the tied embedding, unscaled (muP's output multiplier is in the hidden states)
+    torch.testing.assert_close(logits_BTV, x_BTD @ model.wte.weight.T, **same)
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     torch.manual_seed(0)
     model = GPT(tiny_config())
@@ -120,8 +137,11 @@ def test_alibi_scale_changes_long_range_attention():
     with torch.no_grad():
         a, _ = model(idx)
         b, _ = model(idx, alibi_scale=2.0)
+        model.slopes /= 2  # interpolation by 2 is every slope halved (seeds-spec 2)
+        halved, _ = model(idx)
     assert torch.allclose(a[0, 0], b[0, 0], atol=1e-5)  # the first token sees only itself
     assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-4)
+    assert torch.allclose(b, halved, atol=1e-6)
 
 
 def test_mup_init_stds_and_lr_groups_follow_cerebras_rules():
@@ -192,7 +212,15 @@ def test_output_multiplier_scales_logits_by_alpha_out_over_m_d():
         )
         doubled.load_state_dict(model.state_dict())
         logits2, _ = doubled(idx)
+        # the final LayerNorm's output, before any multiplier
+        seen = []
+        handle = model.ln_f.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        model(idx)
+        handle.remove()
     assert torch.allclose(logits2, 2 * logits, atol=1e-5)
+    # d_model 32 over the base 16: m_d = 2, so the logits are alpha_out / 2 times ln_f(h) W_e^T
+    by_hand = (cfg.mup.alpha_out / 2) * seen[0] @ model.wte.weight.T
+    assert torch.allclose(logits, by_hand, atol=1e-5)
 
 
 def test_parameter_count_matches_the_module_and_btlm():

@@ -195,6 +195,12 @@ def test_bad_values_seeds_and_counts_are_one_line_errors_before_anything_is_writ
         f"--grid schedule.warmup_tokens: True {number} schedule.warmup_tokens is 8192": ["--grid", "schedule.warmup_tokens=true"],
         "--seed: -1 is not a seed (0 or more)": ["--random", "2", *space, "--seed", "-1"],
         "--random: -3 is not a number of points": ["--random", "-3", *space],
+        # 0 was read as "not given" (65,536 tokens); -5 reached the recipe's check
+        "--val-tokens 0: at least 1": ["--val-tokens", "0"],
+        "--val-tokens -5: at least 1": ["--val-tokens", "-5"],
+        "--param: mup, mup-uncorrected, sp (got xp)": ["--param", "both,xp"],
+        "--widths '64,x': comma-separated integers": ["--widths", "64,x"],
+        "--densities '1,x': comma-separated numbers": ["--densities", "1,x"],
     }  # fmt: skip
     for message, args in cases.items():
         result = CliRunner().invoke(app, [*base, *args])
