@@ -47,9 +47,13 @@ test: install
 	$(BIN)/python -m pytest
 
 # Lint reads the tree, so it needs the tools but not the package (nor reinstalls over an
-# editable install a developer made).
+# editable install a developer made). mypy reads the tree through links named as the package
+# installs it (pyproject.toml's [tool.mypy]).
 lint: $(VENV)/.deps
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	mkdir -p .cache/mypy-src/lmpipe
+	for p in cli dataprep train evals recipes; do ln -sfn $(CURDIR)/$$p .cache/mypy-src/lmpipe/$$p; done
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build demo .cache *.egg-info

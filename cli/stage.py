@@ -64,7 +64,7 @@ def parse_list(option: str, text: str | None, kind: Callable[[str], T]) -> tuple
     try:
         return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
-        words = {int: "integers", float: "numbers"}
+        words: dict[Callable[[str], object], str] = {int: "integers", float: "numbers"}
         raise LmpipeError(f"{option} {text!r}: comma-separated {words[kind]}") from None
 
 

@@ -47,7 +47,9 @@ def write_cluster_png(sizes: dict[str, int], path: Path) -> bool:
         else:
             edges = np.unique(np.geomspace(1.5, top + 0.5, 40))
             ax.set_xscale("log")
-        ax.hist(size, bins=edges, weights=count, log=True, color="#4c72b0", edgecolor="white")
+        ax.hist(
+            size, bins=edges.tolist(), weights=count, log=True, color="#4c72b0", edgecolor="white"
+        )
         ax.set_xlabel("documents in the cluster (kept + removed as duplicates)")
         ax.set_ylabel("clusters (log scale)")
         total = int(count.sum())

@@ -163,15 +163,15 @@ def build_demo_corpus(seed: int = 0) -> tuple[dict[str, list[dict[str, Any]]], d
             source, i = pool.pop()
             original = base[source][i]
             make = _near_variant if kind == "near_duplicate" else _surface_variant
-            text = make(rng, original["text"])
-            if text is None:
+            variant = make(rng, original["text"])
+            if variant is None:
                 continue
             to, first = source, i + 1
             if source == TOPICS and rng.random() < CROSS_SHARE:
                 to, first = DOCSTRINGS, 0
                 cross += 1
             id_ = f"{original['id']}~{kind}"
-            inserts.append((to, first, _record(to, original["meta"]["name"], text, id_)))
+            inserts.append((to, first, _record(to, original["meta"]["name"], variant, id_)))
             injected[kind].append(id_)
             made += 1
     for r in rng.sample(shorts, min(N_SHORT, len(shorts))):

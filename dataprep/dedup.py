@@ -314,7 +314,8 @@ def _steps(
             [(state, p, parts, listed) for p in range(parts)],
             [steps.marker(state, "exact", p) for p in range(parts)],
         )  # fmt: skip
-    sizes, units = [], []
+    sizes: list[int] = []
+    units: list[tuple[int, int, int]] = []
     if s.near:
         sizes, units = _near_steps(runner, bar, state, s, listed, docs * s.bands_rows[0])
     names = [str(f) for f in files]

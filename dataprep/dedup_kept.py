@@ -210,8 +210,8 @@ def filter_file(
             # A file name that is not UTF-8 reaches here as surrogate escapes (os.fsdecode);
             # backslashreplace writes each as its JSON escape (`\udce9`), which reads back as the
             # same name, where plain UTF-8 would stop the stage at its very end.
-            line = json.dumps(entry, ensure_ascii=False) + "\n"
-            out.write(line.encode("utf-8", "backslashreplace"))
+            text = json.dumps(entry, ensure_ascii=False) + "\n"
+            out.write(text.encode("utf-8", "backslashreplace"))
     return finish_unit(
         marker(state, "filter", f),
         {"kept": kept, "held_out": held, "counts": _counts(meta, info, reason, source)},

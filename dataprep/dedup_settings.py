@@ -135,7 +135,7 @@ class DedupSettings:
         """The manifest's `settings`: what the output depends on, as earlier releases wrote it
         (a run without the near step names none of its settings)."""
         bands, rows = self.bands_rows
-        near = {
+        near: dict[str, float | str | None] = {
             "threshold": self.threshold, "num_perm": self.num_perm, "ngram": self.ngram,
             "bands": bands, "rows": rows, "lsh_threshold": self.lsh, "verify": self.verify,
             "hash": "fnv1a64+fmix64" if self.hash_scheme == "oph" else "sha1_hash32",

@@ -141,7 +141,9 @@ class ZstdLines:
 
 def zstd_lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as raw:
-        yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        # zstandard's stub types its reader as its own class, though it implements io.RawIOBase
+        reader = zstandard.ZstdDecompressor().stream_reader(raw)
+        yield from io.BufferedReader(reader)  # type: ignore[arg-type]
 
 
 # --- scan: one input file ------------------------------------------------------------------------

@@ -349,8 +349,8 @@ def surrogate_problem(value: Any, path: tuple[str, ...] = (), key: bool = False)
         items = [(str(i), sub) for i, sub in enumerate(value)]
     else:
         return ""
-    for key, sub in items:
-        problem = surrogate_problem(key, path, key=True) or surrogate_problem(sub, (*path, key))
+    for name, sub in items:
+        problem = surrogate_problem(name, path, key=True) or surrogate_problem(sub, (*path, name))
         if problem:
             return problem
     return ""

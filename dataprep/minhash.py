@@ -21,6 +21,7 @@ candidate pairs and their components are `clusters.py`'s.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -305,11 +306,10 @@ def long_signature(
 ) -> np.ndarray:
     """`hasher.signatures([hasher.shingles(text, ngram)])`, value for value, one piece of the
     text at a time (`text_pieces`)."""
-    minima = None
-    for part in text_pieces(text, ngram, piece):
-        found = hasher.minima([hasher.shingles(part, ngram)])
-        minima = found if minima is None else np.minimum(minima, found)
-    return hasher.finish(minima)
+    pieces = (
+        hasher.minima([hasher.shingles(part, ngram)]) for part in text_pieces(text, ngram, piece)
+    )
+    return hasher.finish(functools.reduce(np.minimum, pieces))
 
 
 def distinct_shingles(text: str, ngram: int, piece: int | None = None) -> np.ndarray:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -51,6 +52,10 @@ def quotas(weights: Sequence[float]) -> list[int]:
     return [*out, ONE] if weights else []
 
 
+@overload
+def _taken(n: int, quota: int) -> int: ...
+@overload
+def _taken(n: np.ndarray, quota: int) -> np.ndarray: ...
 def _taken(n: np.ndarray | int, quota: int) -> np.ndarray | int:
     """How many of the first n slots a source with this quota takes: floor(p n + 1/2), p =
     quota / 2^40, exactly (integers: the same on every machine)."""

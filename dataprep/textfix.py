@@ -88,7 +88,7 @@ def _alternatives(pattern: re.Pattern[str]) -> list[str]:
             i += 2
             continue
         if in_class:
-            in_class = c != "]" or (current and current[-1] == "[")
+            in_class = c != "]" or (bool(current) and current[-1] == "[")
         elif c == "[":
             in_class = True
         elif c == "#" and pattern.flags & re.VERBOSE:
@@ -156,7 +156,10 @@ def _tables() -> _Tables:
     from ftfy import badness, chardata, fixes
 
     def matched(pattern: re.Pattern[str]) -> set[str]:  # a one-class pattern: all it matches
-        return _guard(list(sre_parser.parse(pattern.pattern, pattern.flags)))
+        guard = _guard(list(sre_parser.parse(pattern.pattern, pattern.flags)))
+        if guard is None:  # a newer ftfy's pattern: fail here, not later as a None in a union
+            raise RuntimeError(f"ftfy's pattern {pattern.pattern!r} is no longer one class")
+        return guard
 
     # The fixers ftfy.fix_and_explain runs after mojibake repair, in its order, with the
     # characters each acts on.

@@ -92,19 +92,19 @@ def folder_for(value: str) -> str:
 class FieldSplit:
     """`--split-by-field`: the dotted field, and each output folder's value so far."""
 
-    field: str
+    dotted: str
     values: dict[str, str] = field(default_factory=dict)
 
     def folder(self, record: dict[str, Any]) -> str | None:
         """The record's folder; None when it has no string value there."""
-        value = field_value(record, self.field)
+        value = field_value(record, self.dotted)
         if not isinstance(value, str) or not value:
             return None
         name = folder_for(value)
         first = self.values.setdefault(name, value)
         if first != value:
             raise LmpipeError(
-                f"--split-by-field {self.field}: values {first!r} and {value!r} both make "
+                f"--split-by-field {self.dotted}: values {first!r} and {value!r} both make "
                 f"folder {name!r}"
             )
         return name
@@ -124,13 +124,14 @@ def read_batches(
     for line_no, record in read_documents(path, strict, stats.invalid, on_bytes):
         folder = ""
         if split is not None:
-            folder = split.folder(record)
-            if folder is None:
-                why = f"no string {split.field!r} field (--split-by-field)"
+            found = split.folder(record)
+            if found is None:
+                why = f"no string {split.dotted!r} field (--split-by-field)"
                 if strict:
                     raise LmpipeError(f"{path}:{line_no}: {why}")
                 stats.invalid.add(line_no, why)
                 continue
+            folder = found
         text = record["text"]
         utf8 = text.encode("utf-8")  # valid: read_documents refuses lone surrogates
         held = is_heldout(utf8, key, threshold)
@@ -295,8 +296,8 @@ def tokenize(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        inputs = [input_entry(s, sha) for s, sha in zip(all_stats, input_sha, strict=True)]
-        settings = {
+        entries = [input_entry(s, sha) for s, sha in zip(all_stats, input_sha, strict=True)]
+        settings: dict[str, Any] = {
             "holdout": holdout,
             "seed": seed,
             "shard_tokens": shard_tokens,
@@ -316,14 +317,14 @@ def tokenize(
                     vocab_size=VOCAB_SIZE,
                     eot_id=EOT_ID,
                 ),
-                inputs=inputs,
+                inputs=entries,
                 skipped_inputs=[str(f) for f in skipped],
                 totals=totals(splits, all_stats) if split is None else folder_totals(splits),
                 settings=settings
                 if split is None
                 else {
                     **settings,
-                    "split_by_field": split.field,
+                    "split_by_field": split.dotted,
                     "value": split.values[folder],
                 },  # fmt: skip
             )
@@ -333,12 +334,12 @@ def tokenize(
             manifest = write_manifest(
                 work,
                 "tokenize",
-                split_by_field=split.field,
+                split_by_field=split.dotted,
                 sources={
                     folder: {"value": split.values[folder], **source_totals(m)}
                     for folder, m in made.items()
                 },
-                inputs=inputs,
+                inputs=entries,
                 skipped_inputs=[str(f) for f in skipped],
                 totals=split_totals(made, all_stats),
                 settings=settings,

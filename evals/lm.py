@@ -36,13 +36,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.train.model import GPT
+from lmpipe.train.model import GPT, Block
 
 Progress = Callable[[int, int], None]  # (requests done, requests in total)
 
@@ -228,7 +228,7 @@ def branched_hidden_states(
         mask = see_BTS[:, None]
     x_BTD = x_BTD * model.alpha_in
     B, T, D = x_BTD.shape
-    for block in model.h:
+    for block in cast(list[Block], model.h):  # nn.ModuleList is not generic
         attn = block.attn
         q_BHTd, k_BHTd, v_BHTd = attn.heads(block.ln_1(x_BTD))
         y_BHTd = F.scaled_dot_product_attention(

@@ -196,7 +196,8 @@ def evaluate(
             )
         check_continuations(items, encoding, max_length, task_data)
         for name in names:
-            if base_task(name) == LONG_CONTEXT:  # its window needs the model's training length
+            # its window needs the model's training length (shards: read for any held-out task)
+            if base_task(name) == LONG_CONTEXT and shards is not None:
                 length = long_context_length(name, max_length)
                 if shards.n_tokens - 1 < length:
                     raise LmpipeError(

@@ -84,6 +84,7 @@ def partition_bytes(model: torch.nn.Module) -> int:
     total = 0
     for p in model.parameters():
         total += p.numel() * p.element_size()  # a partitioned parameter's data is empty
-        if getattr(p, "ds_tensor", None) is not None:
-            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        shard = getattr(p, "ds_tensor", None)  # DeepSpeed's ZeRO-3 attribute
+        if shard is not None:
+            total += shard.numel() * shard.element_size()
     return total

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -136,7 +136,7 @@ def measure(check: CoordCheck, param: str, width: int, data: list[np.ndarray]) -
     """Train one width for `steps` steps; per quantity the mean |x| of each step's forward."""
     import torch
 
-    from lmpipe.train.model import GPT
+    from lmpipe.train.model import GPT, Block
 
     cfg = width_config(check.recipe.model, width, param)
     torch.manual_seed(check.seed)
@@ -155,7 +155,7 @@ def measure(check: CoordCheck, param: str, width: int, data: list[np.ndarray]) -
         coords.setdefault(name, []).append(x.detach().abs().mean().item())
 
     hooks = [model.h[0].register_forward_pre_hook(lambda m, args: record("embedding", args[0]))]
-    for i, block in enumerate(model.h):
+    for i, block in enumerate(cast(list[Block], model.h)):  # nn.ModuleList is not generic
         hooks.append(block.attn.register_forward_hook(lambda m, a, y, i=i: record(f"attn.{i}", y)))
         hooks.append(block.mlp.register_forward_hook(lambda m, a, y, i=i: record(f"mlp.{i}", y)))
     hooks.append(model.ln_f.register_forward_pre_hook(lambda m, args: record("hidden", args[0])))

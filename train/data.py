@@ -271,10 +271,10 @@ def print_data_plan(recipe: Recipe, plan: Plan) -> None:
     for stage in plan.stages:
         total = sum(s.windows for s in stage.sources) or 1
         for source in stage.sources:
-            e = epochs.get((stage.index, source.name))
+            drawn = epochs.get((stage.index, source.name))
             table.add_row(
                 str(stage.index), source.name, f"{source.windows / total:.3f}",
-                f"{source.windows * stage.seq_len:,}", "-" if e is None else f"{e:.2f}",
+                f"{source.windows * stage.seq_len:,}", "-" if drawn is None else f"{drawn:.2f}",
             )  # fmt: skip
     print_table(Console(), table)
     if rows:

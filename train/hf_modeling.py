@@ -115,7 +115,9 @@ class BTLMConfig(PretrainedConfig):
         self.mup_scale_qk_dot_by_d = mup_scale_qk_dot_by_d
         self.alibi_scaling = alibi_scaling
         self.use_cache = use_cache
-        super().__init__(
+        # transformers 5 declares only its own fields (these three reach it through **kwargs,
+        # which its wrapped __init__ accepts); 4.x declares them
+        super().__init__(  # type: ignore[call-arg]
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings,
@@ -282,7 +284,9 @@ class BTLMModel(BTLMPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
 
-    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+    # transformers types the argument nn.Module; what it passes back (resize_token_embeddings)
+    # is the nn.Embedding that get_input_embeddings returned, resized
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:  # type: ignore[override]
         self.wte = embeddings
 
     def alibi_scale(self, S: int) -> float:
@@ -319,7 +323,7 @@ class BTLMModel(BTLMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
@@ -363,7 +367,8 @@ class BTLMModel(BTLMPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not return_dict:
             return (x_BTD, cache)
-        return BaseModelOutputWithPast(last_hidden_state=x_BTD, **{_CACHE_FIELD: cache})
+        # the cache field's name depends on the transformers version (_CACHE_FIELD)
+        return BaseModelOutputWithPast(last_hidden_state=x_BTD, **{_CACHE_FIELD: cache})  # type: ignore[arg-type]
 
 
 class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
@@ -380,7 +385,9 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+    # transformers types the argument nn.Module; what it passes back (resize_token_embeddings)
+    # is the nn.Embedding that get_input_embeddings returned, resized
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:  # type: ignore[override]
         self.transformer.wte = embeddings
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -391,7 +398,7 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.Tensor,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
@@ -414,7 +421,7 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -444,4 +451,5 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not return_dict:
             return (logits_BTV, cache) if loss is None else (loss, logits_BTV, cache)
-        return CausalLMOutputWithPast(loss=loss, logits=logits_BTV, **{_CACHE_FIELD: cache})
+        # the cache field's name depends on the transformers version (_CACHE_FIELD)
+        return CausalLMOutputWithPast(loss=loss, logits=logits_BTV, **{_CACHE_FIELD: cache})  # type: ignore[arg-type]

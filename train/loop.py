@@ -229,7 +229,12 @@ def train_run(
     import torch.distributed as dist
 
     if verify_data:
-        on_all_ranks(lambda: [s.verify_checksums(rank, world) for s in sources.values()], world)
+
+        def verify() -> None:
+            for s in sources.values():
+                s.verify_checksums(rank, world)
+
+        on_all_ranks(verify, world)
     dist.barrier()  # every rank has checked the run folder; now rank 0 may create it
 
     def create_run_dir() -> None:
@@ -565,7 +570,7 @@ def run_steps(
             rates = rows[-1].get("lr_groups", {}) if rows else {}
     # The losses are the run's; the speed is this call's (a resume's start-up and another
     # machine would blur a whole-run figure), named so.
-    mfu_known = run.peak_flops and elapsed
+    peak_flops = run.peak_flops
     return {
         "finished": step >= plan.total_steps and stopped != "guard",
         "steps": step,
@@ -578,7 +583,7 @@ def run_steps(
         "lr_hidden": rates.get("hidden"),
         "skipped_steps": engine.skipped_steps,
         "tokens_per_s_this_call": round(trained / elapsed, 1) if elapsed and trained else None,
-        "mfu_this_call": round(flops / elapsed / run.peak_flops, 4) if mfu_known else None,
+        "mfu_this_call": round(flops / elapsed / peak_flops, 4) if peak_flops and elapsed else None,
         "seconds_this_call": round(elapsed, 2),
         "stopped": stopped,  # None, "SIGTERM", "SIGINT" or "guard"
         "stop_reason": stop_reason,

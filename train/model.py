@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -168,7 +169,7 @@ class Attention(nn.Module):
 
 
 _block_masks: dict[tuple[int, str], object] = {}
-_compiled: dict[str, object] = {}
+_compiled: dict[str, Callable[..., Any]] = {}
 
 
 @torch.compiler.disable
@@ -199,7 +200,7 @@ def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch
     key = (T_pad, str(device))
     if key not in _block_masks:  # block masks depend only on the (bucketed) length
         _block_masks[key] = create_block_mask(causal, None, None, T_pad, T_pad, device=device)
-    kernel = flex_attention
+    kernel: Callable[..., Any] = flex_attention
     if device.type == "cuda":  # compiled, FlexAttention fuses the bias into one flash-style kernel
         kernel = _compiled.setdefault("flex", torch.compile(flex_attention, dynamic=False))
     out = kernel(q, k, v, score_mod=alibi, block_mask=_block_masks[key], scale=scale)
@@ -246,6 +247,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    slopes: torch.Tensor  # a buffer (register_buffer): typed here, as nn.Module types it loosely
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -263,7 +266,7 @@ class GPT(nn.Module):
         self.alpha_out = mup.alpha_out if mup else 1.0
         # torch.compile's wrappers of the blocks (`compiled_blocks`), made at the first training
         # pass that uses them: a plain list, so the state dict and `.to()` see only `self.h`.
-        self.compiled_h: list[nn.Module] = []
+        self.compiled_h: list[Callable[..., torch.Tensor]] = []
         self.reset_parameters()
 
     def attention_impl(self, device: torch.device) -> str:
@@ -286,7 +289,7 @@ class GPT(nn.Module):
             return device.type == "cuda" and not hasattr(self.wte.weight, "ds_id")
         return self.cfg.compile == "blocks"
 
-    def compiled_blocks(self) -> list[nn.Module]:
+    def compiled_blocks(self) -> list[Callable[..., torch.Tensor]]:
         """The blocks each compiled on its own, regional compilation: the blocks are alike, so
         Dynamo makes one graph for all of them, and compile time is one block's, whatever
         n_layers. Shapes are static: a run has one or two sequence lengths, each compiled once.
@@ -331,7 +334,9 @@ class GPT(nn.Module):
         impl = self.attention_impl(idx_BT.device)
         training = cache is None and torch.is_grad_enabled()
         compiled = training and self.compiles(idx_BT.device)
-        blocks = self.compiled_blocks() if compiled else self.h
+        blocks: Iterable[Callable[..., torch.Tensor]] = (
+            self.compiled_blocks() if compiled else self.h
+        )
         every = self.cfg.checkpoint_every if training else 0
         for i, block in enumerate(blocks):
             if every and i % every == 0:  # keep the block's input; recompute the rest in backward

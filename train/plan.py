@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.mixture import StageSource, counts, quotas
@@ -295,7 +296,7 @@ def print_recipes() -> list[dict]:
 
     from lmpipe.train.recipe import load_recipe, shipped_recipes
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in shipped_recipes():
         recipe = load_recipe(name)
         plan = make_plan(recipe)

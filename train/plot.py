@@ -144,11 +144,12 @@ def figure(runs: list[RunCurves], size: tuple[int, int]) -> Any:
             where_switch.setdefault(switch, []).append(i)
     for (tokens, seq_len), owners in sorted(where_switch.items()):
         # a switch several runs share is drawn once, in grey
-        color = colors(owners[0] % 10) if len(owners) == 1 else "0.4"
-        ax.axvline(tokens, color=color, ls="--", lw=0.9, alpha=0.8, gid=f"switch:{tokens}")
+        switch_color = colors(owners[0] % 10) if len(owners) == 1 else "0.4"
+        ax.axvline(tokens, color=switch_color, ls="--", lw=0.9, alpha=0.8, gid=f"switch:{tokens}")
         ax.annotate(
             f"seq_len {seq_len:,}", (tokens, 0.98), xycoords=ax.get_xaxis_transform(),
-            xytext=(3, 0), textcoords="offset points", rotation=90, va="top", fontsize=7, color=color,
+            xytext=(3, 0), textcoords="offset points", rotation=90, va="top", fontsize=7,
+            color=switch_color,
         )  # fmt: skip
     for source in sources:
         label = f"held-out: {source}"

@@ -280,7 +280,7 @@ def workers(jobs: int, points: int) -> tuple[int, int]:
 def run_on_ray(jobs: list[PointJob], cpus: int, announce: Any) -> None:
     """Train every job as a Ray task: one GPU each on a cluster with GPUs, else one CPU each."""
     with Runner(cpus, "ray") as runner:
-        resources = {"num_gpus": 1} if runner.cluster_gpus() else {"num_cpus": 1}
+        resources: dict[str, float] = {"num_gpus": 1} if runner.cluster_gpus() else {"num_cpus": 1}
         runner.map(
             _run_in_worker,
             [(job, 1) for job in jobs],
@@ -297,7 +297,8 @@ class _ForwardedStop(StopSignals):
     def _handle(self, signum: int, frame: object) -> None:
         for child in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
+                if child.pid is not None:  # None only before start(); active children started
+                    os.kill(child.pid, signum)
         super()._handle(signum, frame)
 
     def outcome(self, errors: list[BaseException]) -> BaseException:
@@ -351,11 +352,11 @@ def run_points(jobs: list[PointJob], processes: int, gpus: int, announce: Any) -
             # One job a worker, never more: the executor would queue another, and it would
             # start after a stop or an error.
             while len(running) < processes and not (stop.received or errors):
-                job = next(todo, None)
-                if job is None:
+                queued = next(todo, None)
+                if queued is None:
                     break
                 with _stop_signals_held():
-                    running[pool.submit(_run_in_worker, job, threads)] = job
+                    running[pool.submit(_run_in_worker, queued, threads)] = queued
             if not running:
                 break
             done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)

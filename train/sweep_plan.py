@@ -388,7 +388,8 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
     val_tokens = settings.val_tokens
     if val_tokens is None:  # not `or`: --val-tokens 0 is refused, never read as "the default"
         val_tokens = recipe.validation.tokens if recipe.validation else VAL_TOKENS
-    points, recipes = [], []
+    points: list[Point] = []
+    recipes: list[Recipe] = []
     for param, density, width, chosen in itertools.product(params, densities, widths, values):
         name = f"{len(points):04d}-{param}-w{width}" + (f"-rho{density:g}" if density != 1 else "")
         sets = list(shared) + [f"{k}={yaml_value(v)}" for k, v in chosen.items()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,16 @@ def test_every_subpackage_is_listed_in_pyproject():
             )
     for name, folder in config["package-dir"].items():
         assert (ROOT / folder / "__init__.py").is_file(), f"{name} -> {folder} has no __init__.py"
+
+
+def test_mypy_checks_every_package_from_the_tree():
+    # `make lint` links each mapped folder under its package name, and mypy checks the packages
+    # [tool.mypy] lists: a package missing from either would go unchecked, silently.
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    assert sorted(tool["mypy"]["packages"]) == sorted(tool["setuptools"]["packages"])
+    linked = re.search(r"for p in ([\w ]+); do ln -sfn", (ROOT / "Makefile").read_text())
+    assert linked, "Makefile's lint no longer links the folders for mypy"
+    assert sorted(linked.group(1).split()) == sorted(tool["setuptools"]["package-dir"].values())
 
 
 def test_imports_are_absolute_through_the_namespace():
