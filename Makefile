@@ -26,10 +26,11 @@ $(BIN)/python:
 # Dependencies once; the package itself on every call, so tests see the current tree as installed.
 # The `ray` and `plot` extras let the suite test `lmpipe dedup --engine ray` and its clusters.png,
 # the `parquet` extra reading .parquet input, the `hf` extra the Hugging Face export and import,
-# the `tensorboard` extra the event files `lmpipe train` writes.
+# the `tensorboard` extra the event files `lmpipe train` writes, the `lmeval` extra the check that
+# lm-evaluation-harness scores an exported folder as `lmpipe eval` does.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) $(DEEPSPEED)
-	$(BIN)/pip install -q ".[test,ray,plot,parquet,hf,tensorboard]"
+	$(BIN)/pip install -q ".[test,ray,plot,parquet,hf,tensorboard,lmeval]"
 	touch $@
 
 install: $(VENV)/.deps tokenizer-cache

@@ -25,7 +25,8 @@ T = TypeVar("T")
 def os_error_line(e: OSError) -> str:
     """`PATH: cannot be written (File too large)` for an OSError. One without a file name is a
     write to standard output (on a full device) or to a stage's file through an open handle,
-    which the stages name where they can (`writing_into`: the work or run folder)."""
+    which the stages name where they can (`writing_into`: the work or run folder, with "(or
+    standard output)" when standard output is a file too, as the two cannot be told apart)."""
     reason = e.strerror or str(e)  # no strerror: numpy's "N requested and M written"
     written = e.errno in WRITE_ERRNOS or e.errno is None
     if e.filename is None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import TYPE_CHECKING
 
 from lmpipe.dataprep.errors import LmpipeError
+
+if TYPE_CHECKING:  # for annotations only: `get_encoding` imports tiktoken at first use
+    import tiktoken
 
 NAME = "gpt2"
 VOCAB_SIZE = 50257
@@ -18,7 +22,7 @@ EOT_ID = 50256
 
 
 @functools.cache
-def get_encoding(name: str = NAME):  # -> tiktoken.Encoding
+def get_encoding(name: str = NAME) -> tiktoken.Encoding:
     import tiktoken
 
     try:
@@ -40,6 +44,6 @@ def ranks_sha256(name: str = NAME) -> str:
     digest = hashlib.sha256()
     for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
         digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
-    for token, rank in sorted(enc._special_tokens.items()):
-        digest.update(token.encode() + rank.to_bytes(4, "little"))
+    for special, rank in sorted(enc._special_tokens.items()):
+        digest.update(special.encode() + rank.to_bytes(4, "little"))
     return digest.hexdigest()

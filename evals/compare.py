@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.evals.run import RESULTS
+
+if TYPE_CHECKING:  # for annotations only: imported where the table is built
+    from rich.table import Table
 
 MISSING = "-"
 
@@ -116,7 +119,7 @@ def count_mismatches(models: list[ScoredModel]) -> list[str]:
     return notes
 
 
-def comparison_table(models: list[ScoredModel]):  # -> rich.table.Table
+def comparison_table(models: list[ScoredModel]) -> Table:
     from rich.table import Table
 
     notes = count_mismatches(models)

@@ -36,13 +36,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.train.model import GPT, Block
+
+if TYPE_CHECKING:  # for annotations only: the encoding comes from `get_encoding`
+    import tiktoken
 
 Progress = Callable[[int, int], None]  # (requests done, requests in total)
 
@@ -59,13 +62,13 @@ class LM(Protocol):
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]: ...
 
 
-def harness_encode(encoding, text: str) -> list[int]:
+def harness_encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
     """GPT-2 tokens of a task's text. Hugging Face's GPT-2 tokenizer reads "<|endoftext|>" in
     text as the special token; so does this."""
     return encoding.encode(text, allowed_special="all")
 
 
-def continuation_length(encoding, context: str, continuation: str) -> int:
+def continuation_length(encoding: tiktoken.Encoding, context: str, continuation: str) -> int:
     """The tokens of a request's continuation as `GPTLM.loglikelihood` scores it."""
     encode = functools.partial(harness_encode, encoding)
     return len(encode_pair(encode, context, continuation, encoding.eot_token)[1])
@@ -253,7 +256,7 @@ class GPTLM:
     def __init__(
         self,
         model: torch.nn.Module,
-        encoding,  # tiktoken.Encoding
+        encoding: tiktoken.Encoding,
         max_length: int,
         batch_size: int = 8,
         alibi_scale: float = 1.0,

@@ -29,12 +29,19 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, write_json_atomic, write_manifest
 from lmpipe.dataprep.shards import TokenShards
 from lmpipe.train.checkpoint import model_source
+
+if TYPE_CHECKING:  # for annotations only: each is imported where it is used
+    import tiktoken
+    import torch
+    from rich.table import Table
+
+    from lmpipe.evals.lm import Progress
 
 HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
 RESULTS = "results.json"
@@ -295,7 +302,7 @@ def read_inputs(
     task_data: Path | None,
     limit: int | None,
     seed: int,
-    encoding,
+    encoding: tiktoken.Encoding,
 ) -> tuple[TokenShards | None, dict[str, list[Any]]]:
     """The held-out split (None when no task reads it) and the items of every item task
     (`continuation` and the external tasks) by name: each file opened and each row checked
@@ -327,7 +334,10 @@ def read_inputs(
 
 
 def check_continuations(
-    items: dict[str, list[Any]], encoding, max_length: int, task_data: Path | None
+    items: dict[str, list[Any]],
+    encoding: tiktoken.Encoding,
+    max_length: int,
+    task_data: Path | None,
 ) -> None:
     """Every request of the item tasks fits the model: a continuation longer than `max_length`
     cannot be scored (the harness would read past its input; `GPTLM` refuses it), and a model
@@ -362,16 +372,16 @@ def check_continuations(
 def run_task(
     name: str,
     *,
-    model,
-    encoding,
+    model: torch.nn.Module,
+    encoding: tiktoken.Encoding,
     max_length: int,
-    shards,
+    shards: TokenShards | None,
     items: list[Any] | None,
     limit: int | None,
     batch_size: int,
     device: str,
     alibi_scale: float,
-    progress,
+    progress: Progress | None,
 ) -> dict[str, Any]:
     """One task's results: the held-out tasks read `shards`, the item tasks score `items` (from
     `read_inputs`)."""
@@ -387,13 +397,17 @@ def run_task(
         device=device,
         progress=progress,
     )
+    # `read_inputs` opened the held-out split for every task that reads it, and read the items of
+    # every item task (`continuation` and the external ones).
     if name == "perplexity":
         from lmpipe.evals.perplexity import heldout_perplexity
 
+        assert shards is not None
         return heldout_perplexity(lm, shards, limit=limit)
     if base_task(name) == LONG_CONTEXT:
         from lmpipe.evals.perplexity import loss_by_position
 
+        assert shards is not None
         return loss_by_position(
             model,
             shards,
@@ -404,9 +418,10 @@ def run_task(
             device=device,
             progress=progress,
         )
+    assert items is not None
     if name == "continuation":
-        return score_items(lm, items, ("acc", "acc_norm"))  # type: ignore[arg-type]
-    return score_items(lm, items, EXTERNAL_TASKS[name].metrics)  # type: ignore[arg-type]
+        return score_items(lm, items, ("acc", "acc_norm"))
+    return score_items(lm, items, EXTERNAL_TASKS[name].metrics)
 
 
 def finite(obj: Any) -> Any:
@@ -420,7 +435,7 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def results_table(task_results: dict[str, Any]):  # -> rich.table.Table
+def results_table(task_results: dict[str, Any]) -> Table:
     from rich.table import Table
 
     table = Table(title="lmpipe eval")

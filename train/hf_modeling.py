@@ -19,9 +19,10 @@ checkpoints (which are stored as `model_type: btlm`):
   - projection weights in GPT-2's Conv1D orientation, [in, out], as BTLM's files store them.
 It takes transformers' Cache objects (DynamicCache), so `generate` decodes incrementally.
 
-Standalone on purpose: it imports only torch, math and transformers, never lmpipe, because it
-runs inside transformers' remote-code loader on machines that have no lmpipe. It works with the
-`cache` keyword of transformers 5 and the `past_key_values` one of earlier releases.
+Standalone on purpose: it imports only the standard library, torch and transformers, never
+lmpipe, because it runs inside transformers' remote-code loader on machines that have no lmpipe.
+It works with the `cache` keyword of transformers 5 and the `past_key_values` one of earlier
+releases.
 
 Shapes: B batch, T new tokens (queries), S keys (cached plus new), H heads, Dh head size,
 D n_embd, F n_inner, V vocabulary.
@@ -30,6 +31,7 @@ D n_embd, F n_inner, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -76,8 +78,8 @@ class BTLMConfig(PretrainedConfig):
         bos_token_id: int = 50256,
         eos_token_id: int = 50256,
         tie_word_embeddings: bool = True,
-        **kwargs,
-    ):
+        **kwargs: Any,  # a config.json's other fields, as transformers' own config takes them
+    ) -> None:
         # The released BTLM config's first upload named the muP fields without `mup_`, and
         # stored the product alpha_out * width_scale as `output_logits_scale`.
         mup_width_scale = kwargs.pop("width_scale", mup_width_scale)
@@ -328,7 +330,7 @@ class BTLMModel(BTLMPreTrainedModel):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: object,  # what else generate passes (output_attentions, ...): not used
     ) -> BaseModelOutputWithPast | tuple:
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -402,7 +404,7 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: object,  # the rest of generate's model kwargs: only use_cache is read
     ) -> dict:
         """One decoding step's inputs: the tokens the cache has not seen, and the mask over all.
         (Defined here because transformers before 4.46 has no generic one.)"""
@@ -427,7 +429,7 @@ class BTLMLMHeadModel(BTLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: object,  # what else generate passes (output_attentions, ...): not used
     ) -> CausalLMOutputWithPast | tuple:
         """Logits [B, T, V]; with `labels`, the mean next-token cross-entropy (labels are the
         inputs: shifted here, -100 ignored)."""

@@ -11,9 +11,12 @@ Shapes: N rows (batch x sequence), C rows of a chunk, D d_model, V vocabulary, P
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 from lmpipe.train.data import IGNORE  # targets that count for nothing
 
@@ -62,8 +65,14 @@ def softmax_step(
     return loss, grad_CV.mul_(share_C[:, None]).to(dtype)
 
 
+# `softmax_step`'s signature, which its compiled form keeps.
+SoftmaxStep = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype, int], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 @functools.cache
-def compiled_softmax_step():
+def compiled_softmax_step() -> SoftmaxStep:
     """`softmax_step` through torch.compile: its memory-bound work fused, compiled once."""
     return torch.compile(softmax_step, dynamic=False)
 
@@ -86,7 +95,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     the unpadded ones; the model and its checkpoints keep the vocabulary as it is."""
 
     @staticmethod
-    def forward(ctx, x_ND, w_VD, target_N, chunk: int, step=softmax_step):
+    def forward(
+        ctx: FunctionCtx,
+        x_ND: torch.Tensor,
+        w_VD: torch.Tensor,
+        target_N: torch.Tensor,
+        chunk: int,
+        step: SoftmaxStep = softmax_step,
+    ) -> torch.Tensor:
         # The matmuls run in autocast's dtype when autocast is on, as F.linear would there.
         device = x_ND.device.type
         autocast = torch.is_autocast_enabled(device)
@@ -110,7 +126,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_x_ND, grad_w_VD.to(w_VD.dtype))
         return loss
 
+    # ctx is the FunctionCtx that forward filled, but torch's stubs type its `saved_tensors` as a
+    # 1-tuple (tuple[Tensor]) and its own Functions take `ctx: Any`. torch declares
+    # `backward(ctx, *grad_outputs)`, one gradient per output of forward: here the one loss.
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_x_ND, grad_w_VD = ctx.saved_tensors
         return grad_x_ND * grad_loss, grad_w_VD * grad_loss, None, None, None

@@ -173,7 +173,9 @@ _compiled: dict[str, Callable[..., Any]] = {}
 
 
 @torch.compiler.disable
-def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch.Tensor:
+def flex_alibi_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes_H: torch.Tensor, scale: float
+) -> torch.Tensor:
     """FlexAttention with ALiBi as a score_mod and a causal block mask.
 
     The compiled kernel is specialised to the sequence length, so lengths are padded up to a
@@ -191,10 +193,18 @@ def flex_alibi_attention(q, k, v, slopes_H: torch.Tensor, scale: float) -> torch
     if T_pad != T:
         q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
 
-    def alibi(score, b, h, q_idx, kv_idx):
+    def alibi(
+        score: torch.Tensor,
+        b: torch.Tensor,
+        h: torch.Tensor,
+        q_idx: torch.Tensor,
+        kv_idx: torch.Tensor,
+    ) -> torch.Tensor:
         return score - slopes_H[h] * (q_idx - kv_idx)
 
-    def causal(b, h, q_idx, kv_idx):
+    def causal(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
         return q_idx >= kv_idx
 
     key = (T_pad, str(device))

@@ -6,9 +6,9 @@ scores the stock tasks, built from their own YAML with only the data files repla
 the run the folder was exported from and the folder itself (`hf:OUT`). Every request's
 log-likelihood and greedy flag, and every metric, must agree.
 
-lm_eval is not a dependency of lmpipe: this runs where it is installed and skips elsewhere,
-    /tmp/lmeval/bin/python -m pytest -q -p no:cacheprovider tests/evals/test_lmeval_exported.py
-(benchmarks/lmeval_crosscheck.py --exported does the same on the real task data).
+lm_eval is not a dependency of lmpipe: `make test` installs it (the `lmeval` extra, the version
+README's figures come from); a venv without it skips this file. benchmarks/lmeval_crosscheck.py
+--exported does the same on the real task data.
 """
 
 from __future__ import annotations
