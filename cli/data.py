@@ -128,7 +128,8 @@ def dedup(
         typer.Option(
             "-j",
             "--workers",
-            help="Processes (or Ray CPUs) for every step; output is identical for any number.",
+            help="Tasks at a time for every step: processes, or with --engine ray Ray tasks (on "
+            "a cluster too); output is identical for any number.",
         ),
     ] = D.workers,
     engine: Annotated[

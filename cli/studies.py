@@ -131,14 +131,16 @@ def sweep(
             "-j",
             "--jobs",
             "--workers",
-            help="Points at once: processes sharing the CPUs, or one per GPU.",
+            help="Points at once: processes sharing the CPUs, or one per GPU; with --engine ray, "
+            "Ray tasks (on a cluster too).",
         ),
     ] = 1,
     engine: Annotated[
         str,
         typer.Option(
-            help="local (processes here) or ray (Ray tasks: the cluster at RAY_ADDRESS, else a "
-            "local instance of -j CPUs; one GPU a point where the cluster has GPUs)."
+            help="local (processes here) or ray (Ray tasks, -j at a time: on the cluster at "
+            "RAY_ADDRESS, else a local instance of -j CPUs; one GPU a point where the cluster "
+            "has GPUs)."
         ),
     ] = "local",
     set_: Sets = None,

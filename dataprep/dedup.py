@@ -28,15 +28,19 @@ Blank lines are no documents: each input's `blank_lines` counts them.
 The work is the map-reduce of `dedup_steps.py` and `dedup_kept.py` in `<out>.partial/`, which a
 failed or killed run leaves behind: a rerun with the same inputs and settings redoes only the
 units that had not finished (other settings start afresh). Memory does not grow with the
-corpus: a unit holds one file, one partition of keys or one bucket of pairs, and the union-find
-a few int64 per document that has a candidate pair. The output is byte-identical for any
-`workers`, either engine, and after a resume.
+corpus's text: a unit holds one file, one partition of keys, one bucket of pairs or one
+document's shingle set, and the union-find (and verify's tables) a few int64 per document that
+has a candidate pair. The shingle sets are temp disk, 8 bytes a character of those documents.
+The output is byte-identical for any `workers`, either engine, and after a resume. Off a
+terminal (nohup, sbatch) each step says on stderr when it ends (`StepBar`).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,7 +63,11 @@ from lmpipe.dataprep.folders import (
     write_manifest,
 )
 from lmpipe.dataprep.report import print_table
-from lmpipe.dataprep.runner import Runner
+from lmpipe.dataprep.runner import Runner, TaskLost
+
+# Where no bar is shown (stderr not a terminal), a step that is still running says how far it has
+# come at most this often (seconds): a line a minute, not one a unit.
+PLAIN_EVERY = 60.0
 
 # Not `.jsonl.zst`: the output folder is the next stage's input, and `find_inputs` takes every
 # `.jsonl.zst` in it as documents; the listing's records have no `text`.
@@ -122,9 +130,71 @@ def print_summary(counts: dict[str, Any], console: Any) -> None:
     print_table(console, table)
 
 
+class StepBar:
+    """The steps' progress on stderr: on a terminal, rich's bar, one per step, counted in units.
+    Elsewhere (nohup, sbatch, a pipe) rich shows nothing, so a plain line says when each step
+    ends and, at most every PLAIN_EVERY seconds, how far a long one has come."""
+
+    def __init__(self, shown: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        err = Console(stderr=True)
+        self.plain = shown and not err.is_terminal
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=err, transient=True, disable=self.plain or not shown,
+        )  # fmt: skip
+
+    def __enter__(self) -> StepBar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def run(
+        self,
+        runner: Runner,
+        label: str,
+        fn: Callable[..., dict[str, Any]],
+        todo: list[tuple[Any, ...]],
+        total: int,
+    ) -> None:
+        """Run the `todo` jobs of a step of `total` (the others finished before a resume)."""
+        task = self.bar.add_task(label, total=total, completed=total - len(todo))
+        start = last = time.monotonic()
+        done = total - len(todo)
+
+        def tick(index: int, result: dict[str, Any]) -> None:
+            nonlocal done, last
+            self.bar.advance(task)
+            done += 1
+            now = time.monotonic()
+            if self.plain and done < total and now - last >= PLAIN_EVERY:
+                self.say(f"{label}: {done} of {total} units done, {now - start:,.0f} s")
+                last = now
+
+        names = [f"dedup: {label} (unit {i + 1} of {len(todo)} to do)" for i in range(len(todo))]
+        runner.map(fn, todo, tick, names=names)
+        self.bar.remove_task(task)
+        if self.plain and total:
+            took = f"{time.monotonic() - start:,.0f} s" if todo else "before this run"
+            self.say(f"{label} done: {total} unit(s), {took}")
+
+    def say(self, line: str) -> None:
+        print(f"dedup: {line}", file=sys.stderr, flush=True)
+
+
 def _run_step(
     runner: Runner,
-    bar: Any,
+    bar: StepBar,
     label: str,
     fn: Callable[..., dict[str, Any]],
     jobs: list[tuple[Any, ...]],
@@ -132,9 +202,7 @@ def _run_step(
 ) -> list[dict[str, Any]]:
     """Run the jobs whose marker is missing; every job's marker info, in job order."""
     todo = [job for job, m in zip(jobs, markers, strict=True) if not m.is_file()]
-    task = bar.add_task(label, total=len(jobs), completed=len(jobs) - len(todo))
-    runner.map(fn, todo, lambda index, result: bar.advance(task))
-    bar.remove_task(task)
+    bar.run(runner, label, fn, todo, len(jobs))
     return [steps.read_marker(m) for m in markers]
 
 
@@ -188,7 +256,6 @@ def dedup(
     SHA-256 decontamination (and, with `decontaminate_ngrams` N, the removal of kept documents
     that share N consecutive words with an eval text)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
         settings = replace(settings or DedupSettings(), **options)
@@ -220,11 +287,7 @@ def dedup(
         ],
         "evals": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in evals],
     }
-    err = Console(stderr=True)
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=not progress,
-    )  # fmt: skip
+    bar = StepBar(progress)
 
     # The files found too: a link inside an input folder may point anywhere, the output included.
     reads = [*inputs, *map(Path, decontaminate), *files, *evals]
@@ -236,6 +299,8 @@ def dedup(
                 done = _steps(
                     runner, bar, state, files=files, s=settings, sources=sources, evals=evals
                 )
+        except TaskLost:
+            raise  # a worker died, not the input: the finished units stay for the rerun
         except LmpipeError:
             # Bad input or settings: a rerun would fail the same way, so nothing is kept.
             shutil.rmtree(work, ignore_errors=True)
@@ -282,7 +347,7 @@ class StepResults:
 
 def _steps(
     runner: Runner,
-    bar: Any,
+    bar: StepBar,
     state: Path,
     *,
     files: list[Path],
@@ -394,7 +459,7 @@ def _output(work: Path, name: str, kind: str, documents: int) -> dict[str, Any]:
 
 def _near_steps(
     runner: Runner,
-    bar: Any,
+    bar: StepBar,
     state: Path,
     s: DedupSettings,
     listed: list[int],

@@ -17,7 +17,7 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
   pairs   per pair bucket: its pairs from every partition, made unique (a pair found in several
           bands was routed to the same bucket from each)
   sets    per input file (with verify): the distinct 64-bit shingle hashes of its documents that
-          are in a pair, written so that `verify` can memory-map them
+          are in a pair, each document's written as it is made (8 bytes a character on disk)
   verify  per chunk of a pair bucket: each pair's exact n-gram Jaccard >= threshold
   decide  one unit: union-find over the documents that have a pair, the pairs streamed bucket by
           bucket; per input file its removed documents, why, and a reference to the document
@@ -25,16 +25,20 @@ engine, so a resumed run, a `-j 8` run and a Ray run all give byte-identical out
   then, over the documents kept: evals, eval_union, ngrams, holdout, filter (`dedup_kept.py`)
 
 Memory: a scan holds one file's keys; an exact or lsh unit holds its partition (partitions are
-sized after the scan to about `part_entries` keys each); a `pairs` or `verify` unit holds one
-bucket of pairs; `decide` holds the documents that have a pair (a few int64 each) and a batch of
-pairs at a time. Documents are named by gid = file index << 32 | position among the file's valid
-documents, so ordering by gid is input order, and "the first document" of
-a group is its smallest gid. Band keys are 128-bit hashes of the band's values (SlimPajama
-compared the values themselves): two different bands collide with probability ~2^-128.
+sized after the scan to about `part_entries` keys each); a `pairs` unit holds one bucket of pairs;
+a `sets` unit one document's set; a `verify` unit a chunk of pairs, two sets at a time (read from
+the files, not mapped: the page cache holds them, not the process) and the row and offset tables
+(two int64 per pair document) of the files it reads; `decide` holds the documents that have a pair
+(a few int64 each) and a batch of pairs at a time. Documents are named by gid = file index << 32 |
+position among the file's valid documents, so ordering by gid is input order, and "the first
+document" of a group is its smallest gid. Band keys are 128-bit hashes of the band's values
+(SlimPajama compared the values themselves): two different bands collide with probability
+~2^-128.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -80,13 +84,14 @@ REASONS = {
 HOLDOUT = "_holdout"  # the held-out documents' folder in the output (see `find_inputs`)
 STATE = "_work"  # the steps' folder inside the stage's work folder; removed when the stage ends
 # The files' layout in STATE: a work folder of another layout is started afresh, not resumed.
-STATE_LAYOUT = 4
+STATE_LAYOUT = 5
 # Shingles hashed per signature batch: bounds the (num_perm, batch) temporaries of MinHasher.
 _CHUNK_ROWS = 1 << 13
 _KEY_DOCS = 1 << 12  # signatures per band-key batch: 2 MB at 128 permutations
 # Pairs per verify unit: enough to amortise a task's start, few enough to spread over workers.
 VERIFY_CHUNK = 1 << 16
 _ROW_MASK = (1 << 32) - 1
+SET_DTYPE = np.dtype("<u8")  # a shingle hash in the raw `sets/<file>.values` files
 
 # --- markers and names ---------------------------------------------------------------------------
 
@@ -349,31 +354,37 @@ def merge_bucket(state: Path, q: int, parts: int) -> dict[str, Any]:
 
 def shingle_sets_file(state: Path, f: int, ngram: int, buckets: list[int]) -> dict[str, Any]:
     """The sorted distinct shingle hashes of file f's documents that are in a candidate pair,
-    recomputed from the fixed records (one hash per shingle: cheap, and only for these).
-    `buckets`: the pair buckets that hold a document of file f."""
+    recomputed from the fixed records (one hash per shingle: cheap, and only for these), in
+    `sets/<f>.values` (raw SET_DTYPE, each document's set after the last), with the documents'
+    rows and their sets' offsets. `buckets`: the pair buckets that hold a document of file f."""
     mine = []
     for q in buckets:  # one bucket in memory at a time
         docs = np.load(pair_bucket(state, q)).ravel()
         mine.append(np.unique(docs[(docs >> 32) == f] & _ROW_MASK))
     wanted = np.unique(np.concatenate(mine)).tolist()
     meta = load_meta(state, f)
-    sets, found = [], []
+    found, offsets = [], [0]
     nxt = iter(wanted)
     want = next(nxt, None)
     rows = np.flatnonzero(~meta["short"]).tolist()
     fixed = zstd_lines(state / "scan" / f"{f:05d}.fixed.jsonl.zst")
-    for row, line in zip(rows, fixed, strict=False):  # stops early once all are found
-        if want is None:
-            break
-        if row == want:
-            text = normalise(json.loads(line)["text"])
-            sets.append(distinct_shingles(text, ngram))
-            found.append(row)
-            want = next(nxt, None)
     base = state / "sets" / f"{f:05d}"
+    # Each set goes to disk as it is made: holding them all until the end (and then their
+    # concatenation) took 16 bytes per character of the file's pair documents. A unit cut short
+    # leaves a short file and no marker, so a rerun writes it again from the start.
+    with open(f"{base}.values", "wb") as values:
+        for row, line in zip(rows, fixed, strict=False):  # stops early once all are found
+            if want is None:
+                break
+            if row == want:
+                text = normalise(json.loads(line)["text"])
+                shingles = distinct_shingles(text, ngram).astype(SET_DTYPE, copy=False)
+                values.write(shingles.data)
+                offsets.append(offsets[-1] + len(shingles))
+                found.append(row)
+                want = next(nxt, None)
     np.save(f"{base}.rows.npy", np.array(found, dtype=np.int64))
-    np.save(f"{base}.offsets.npy", np.cumsum([0] + [len(s) for s in sets]).astype(np.int64))
-    np.save(f"{base}.values.npy", np.concatenate(sets) if sets else np.empty(0, np.uint64))
+    np.save(f"{base}.offsets.npy", np.array(offsets, dtype=np.int64))
     return finish_unit(marker(state, "sets", f), {"documents": len(found)})
 
 
@@ -381,29 +392,32 @@ def verify_chunk(
     state: Path, q: int, start: int, stop: int, unit: int, threshold: float
 ) -> dict[str, Any]:
     """Whether each pair start..stop of pair bucket q (verify unit `unit`) reaches `threshold` in
-    exact Jaccard (exact but for 64-bit hash collisions, ~2^-64), from the memory-mapped shingle
-    sets."""
+    exact Jaccard (exact but for 64-bit hash collisions, ~2^-64), from the shingle sets."""
     pairs = np.load(pair_bucket(state, q), mmap_mode="r")[start:stop]
-    opened: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    opened: dict[int, tuple[np.ndarray, np.ndarray, io.BufferedReader]] = {}
 
     def shingles(g: int) -> np.ndarray:
         f, row = g >> 32, g & _ROW_MASK
         if f not in opened:
             base = state / "sets" / f"{f:05d}"
-            opened[f] = (
-                np.load(f"{base}.rows.npy"),
-                np.load(f"{base}.offsets.npy"),
-                np.load(f"{base}.values.npy", mmap_mode="r"),
-            )
+            values = files.enter_context(open(f"{base}.values", "rb"))
+            opened[f] = (np.load(f"{base}.rows.npy"), np.load(f"{base}.offsets.npy"), values)
         rows, offsets, values = opened[f]
         k = int(np.searchsorted(rows, row))
-        return np.asarray(values[offsets[k] : offsets[k + 1]])
+        # Read, not memory-mapped: a map keeps every page it touched in the process's RSS, and
+        # the pairs touch the sets of the whole corpus at random (8 bytes a character).
+        found = np.empty(int(offsets[k + 1] - offsets[k]), dtype=SET_DTYPE)
+        values.seek(int(offsets[k]) * SET_DTYPE.itemsize)
+        if values.readinto(found.data) != found.nbytes:  # (a buffered readinto reads until full)
+            raise LmpipeError(f"{values.name}: shorter than its offsets (a damaged work folder)")
+        return found
 
     ok = np.empty(len(pairs), dtype=bool)
-    for k, (a, b) in enumerate(np.asarray(pairs).tolist()):
-        x, y = shingles(a), shingles(b)
-        inter = len(np.intersect1d(x, y, assume_unique=True))
-        ok[k] = inter / (len(x) + len(y) - inter) >= threshold
+    with contextlib.ExitStack() as files:
+        for k, (a, b) in enumerate(np.asarray(pairs).tolist()):
+            x, y = shingles(a), shingles(b)
+            inter = len(np.intersect1d(x, y, assume_unique=True))
+            ok[k] = inter / (len(x) + len(y) - inter) >= threshold
     np.save(state / "verify" / f"{unit:05d}.npy", ok)
     return finish_unit(marker(state, "verify", unit), {"pairs": len(ok), "kept": int(ok.sum())})
 

@@ -72,15 +72,24 @@ def removed_on_error(tmp: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` so that a reader sees the old file or the new one, never half of one. The
+    temporary file is made new (a leftover one, or a symbolic link planted at its name in a
+    folder someone else made, is removed first, never written through), and the rename replaces
+    a link at `path` itself, not the file it points to."""
     with removed_on_error(path.with_name(path.name + ".tmp")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON whole, as `write_text_atomic` writes text."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_manifest(folder: Path, stage: str, **fields: Any) -> dict[str, Any]:
@@ -103,12 +112,7 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise LmpipeError(f"{folder}: no {MANIFEST}, so it is unfinished or not an lmpipe output")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmpipeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError as e:
-        raise LmpipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise LmpipeError(f"{path}: not a manifest (a JSON object)")
     if stage is not None and manifest.get("stage") != stage:
@@ -116,6 +120,21 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
             f"{folder}: is the output of `lmpipe {manifest.get('stage')}`, expected `lmpipe {stage}`"
         )
     return manifest
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value (NaN and Infinity read as floats). What Python's json cannot read is one
+    line naming the file, as are OSErrors' own (a missing file, a folder)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmpipeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise LmpipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError:  # Python's json reads an integer of at most 4,300 digits
+        raise LmpipeError(f"{path}: not valid JSON (a number too long to read)") from None
+    except RecursionError:
+        raise LmpipeError(f"{path}: not valid JSON (nested too deeply to read)") from None
 
 
 def is_finished(folder: Path) -> bool:

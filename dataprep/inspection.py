@@ -5,22 +5,31 @@ with `verify`, sha256 checked), prints the tokenizer, per-split counts and docum
 statistics, and returns them. With `decode`, it also writes every document of every split, in
 shard order (train, then heldout), as JSON lines `{"text": ..., "split": ...}`, so anyone can read
 exactly what training will see. The file must be new and outside the folder; it is written as
-`<file>.partial` and renamed when complete.
+`<file>.partial` and renamed when complete. A document is decoded and written a slice of
+`DECODE_TOKENS` tokens at a time, so memory does not grow with its length.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output, partial_path, writing_into
 from lmpipe.dataprep.shards import SPLITS, TokenShards
+
+if TYPE_CHECKING:  # for annotations only: tiktoken is imported when --decode asks for it
+    import tiktoken
+
+# Tokens decoded at a time: a whole document as one Python list of ints took ~36 bytes a token
+# (4.6 GB for a 140M-token document), and its text, JSON and line each a copy of it.
+DECODE_TOKENS = 1 << 16
 
 
 def split_summary(data: TokenShards) -> dict[str, Any]:
@@ -102,18 +111,32 @@ def inspect_shards(
             for split, data in splits.items():
                 for i, doc in enumerate(data.documents()):
                     try:
-                        text = enc.decode(doc.tolist(), errors="strict")
+                        write_document(f, enc, doc, split)
                     except UnicodeDecodeError:
                         # tokenize only writes tokens of valid text, so this is a damaged shard
                         raise LmpipeError(
                             f"{folder}: {split} document {i} does not decode to UTF-8 (corrupted?)"
                         ) from None
-                    f.write(json.dumps({"text": text, "split": split}, ensure_ascii=False) + "\n")
                     n += 1
         partial.replace(decode)
         console.print(f"  decoded {n:,} documents -> {decode}")
         summary["decoded"] = n
     return summary
+
+
+def write_document(out: TextIO, enc: tiktoken.Encoding, doc: np.ndarray, split: str) -> None:
+    """The JSON line `{"text": ..., "split": ...}` of `doc` (tokens), as json.dumps writes it,
+    decoded and written a slice of tokens at a time; UnicodeDecodeError if it is not UTF-8."""
+    # Incremental: a character whose bytes span two slices is decoded whole, and bytes that are
+    # not UTF-8 raise wherever they fall (at the end of the document too, with final=True).
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    out.write('{"text": "')
+    for start in range(0, len(doc), DECODE_TOKENS):
+        piece = utf8.decode(enc.decode_bytes(doc[start : start + DECODE_TOKENS].tolist()))
+        # json escapes character by character: the pieces' escapes make the whole text's
+        out.write(json.dumps(piece, ensure_ascii=False)[1:-1])
+    utf8.decode(b"", final=True)
+    out.write(f'", "split": {json.dumps(split, ensure_ascii=False)}}}\n')
 
 
 @contextlib.contextmanager

@@ -8,22 +8,59 @@ with Ray every node must see the same file system (the input and output folders 
 storage).
 
 engine "local": `workers` processes (1: this process, no pool), each ended with the stage's
-process if that is killed (`die_with_parent`). engine "ray": plain `ray.remote`
-tasks on the cluster at `RAY_ADDRESS` if set, else on a local Ray instance with `workers` CPUs
-started (and stopped) here. Ray is an optional extra: `pip install 'lmpipe[ray]'`.
+process if that is killed (`die_with_parent`). engine "ray": plain `ray.remote` tasks, `workers`
+of them at a time (so -j means the same on a cluster), on the cluster at `RAY_ADDRESS` if set,
+else on a local Ray instance with `workers` CPUs started (and stopped) here. A task must be safe
+to run again: Ray reruns one whose worker died (`RETRIES` times), and a stage's rerun redoes the
+tasks that had not finished. A task's error is raised as the local engines raise it; a worker
+that died each time is `TaskLost`; on any error or interrupt the tasks still running are
+cancelled, so none writes after `map` returns. SIGTERM interrupts as Ctrl-C does. Ray is an
+optional extra: `pip install 'lmpipe[ray]'`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 
 ENGINES = ("local", "ray")
+# Ray reruns a task whose worker died (killed, out of memory, its node lost) this many times.
+# Safe: a dedup unit writes its own files whole (truncating them first) and then its marker, and
+# a sweep point resumes its run folder, so a rerun of either is what a rerun of the command does.
+RETRIES = 2
+CANCEL_WAIT_S = 10  # for the cancelled tasks' workers to be gone
+
+
+class TaskLost(LmpipeError):
+    """A task's Ray worker died each time it ran: the stage stops, and what its finished tasks
+    wrote stays for a rerun of the command to resume from."""
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at RAY_ADDRESS's host:port; Ray's own connect
+    retries for about 13 minutes. An address without a port ("auto") is left to Ray."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise LmpipeError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address}: nothing answers at "
+            f"{host}:{port} ({e.strerror or e})"
+        ) from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def die_with_parent() -> None:
@@ -62,6 +99,7 @@ class Runner:
         self._pool: Any = None
         self._ray: Any = None
         self._started_ray = False
+        self._sigterm: tuple[Any] | None = None  # SIGTERM's handler before ours
 
     def __enter__(self) -> Runner:
         if self.engine == "ray":
@@ -74,10 +112,33 @@ class Runner:
             self._ray = ray
             if not ray.is_initialized():
                 options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-                if not os.environ.get("RAY_ADDRESS"):
+                address = os.environ.get("RAY_ADDRESS")
+                if address:
+                    check_reachable(address)
+                else:
                     options["num_cpus"] = self.workers
-                ray.init(**options)
+                try:
+                    ray.init(**options)
+                except (ConnectionError, RuntimeError) as e:
+                    # Ray's ConnectionError is an OSError without a file: it would be reported
+                    # as a write failure of the output folder.
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    where = (
+                        f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({reason}); a "
+                        "cluster with token authentication needs RAY_AUTH_MODE=token here too"
+                        if address
+                        else f"cannot start a local Ray instance ({reason})"
+                    )
+                    raise LmpipeError(where) from None
                 self._started_ray = True
+            if threading.current_thread() is threading.main_thread():
+                # ray.init installed Ray's fatal-signal handler: SIGTERM would end this process
+                # with a stack dump (exit 134 from a sweep). As Ctrl-C instead: the tasks are
+                # cancelled, the stage prints one "interrupted" line, its work stays to resume.
+                self._sigterm = (signal.signal(signal.SIGTERM, _interrupt),)
+            note = self.cluster_note()
+            if note:
+                print(note, file=sys.stderr)
         elif self.workers > 1:
             import concurrent.futures as cf
             import multiprocessing
@@ -99,6 +160,25 @@ class Runner:
         if self._started_ray:
             self._ray.shutdown()
             self._started_ray = False
+        if self._sigterm is not None:
+            # None: a handler set outside Python, before it started
+            signal.signal(signal.SIGTERM, self._sigterm[0] or signal.SIG_DFL)
+            self._sigterm = None
+
+    def cluster_note(self) -> str | None:
+        """A line for a Ray cluster with more CPUs than `workers`: -j tasks run at a time there
+        too (before 2026-12-07 Ray scheduled every task at once, so -j 1 is worth a word)."""
+        if self._ray is None or (self._started_ray and not os.environ.get("RAY_ADDRESS")):
+            return None  # the local engine, or a local instance of `workers` CPUs
+        resources = self._ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if cpus <= self.workers:
+            return None
+        has = f"{cpus} CPUs" + (f", {gpus} GPUs" if gpus else "")
+        return (
+            f"ray: -j {self.workers} runs {self.workers} task(s) at a time on the cluster "
+            f"({has}); -j sets how many"
+        )
 
     def cluster_gpus(self) -> int:
         """GPUs of the Ray cluster (0 for the local engine)."""
@@ -110,31 +190,17 @@ class Runner:
         jobs: Sequence[tuple[Any, ...]],
         on_done: Callable[[int, Any], None] | None = None,
         resources: dict[str, float] | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[Any]:
         """`fn(*job)` for every job; results in job order. `on_done(index, result)` is called as
         each ends. `resources`: what one Ray task takes (default one CPU; `{"num_gpus": 1}` for
-        a task that trains on a GPU); the local engines ignore it."""
+        a task that trains on a GPU); the local engines ignore it. `names`: what each job is,
+        for `TaskLost` (default: the function and the job's number)."""
         tick = on_done or (lambda index, result: None)
         if not jobs:
             return []
         if self._ray is not None:
-            ray = self._ray
-            task = ray.remote(max_retries=0, **(resources or {"num_cpus": 1}))(fn)
-            refs = [task.remote(*job) for job in jobs]
-            index = {ref: i for i, ref in enumerate(refs)}
-            waiting = list(refs)
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=1)
-                try:
-                    result = ray.get(ready[0])
-                except ray.exceptions.RayTaskError as e:
-                    # The task's own error, as the local engines raise it: a bad line is one
-                    # line, not the worker's traceback that Ray's wrapper prints around it.
-                    if isinstance(e.cause, LmpipeError):
-                        raise e.cause from None
-                    raise
-                tick(index[ready[0]], result)
-            return ray.get(refs)
+            return self._map_ray(fn, jobs, tick, resources or {"num_cpus": 1}, names)
         if self._pool is None:
             results = []
             for i, job in enumerate(jobs):
@@ -147,3 +213,57 @@ class Runner:
         for future in cf.as_completed(futures):
             tick(futures[future], future.result())
         return [f.result() for f in futures]
+
+    def _map_ray(
+        self,
+        fn: Callable[..., Any],
+        jobs: Sequence[tuple[Any, ...]],
+        tick: Callable[[int, Any], None],
+        resources: dict[str, float],
+        names: Sequence[str] | None,
+    ) -> list[Any]:
+        ray = self._ray
+        task = ray.remote(max_retries=RETRIES, **resources)(fn)
+        results: list[Any] = [None] * len(jobs)
+        todo = iter(range(len(jobs)))
+        running: dict[Any, int] = {}
+        try:
+            while True:
+                # `workers` tasks in flight, never more: -j is the same on a cluster as on a
+                # local instance, and a stop leaves no queue of tasks to cancel.
+                while len(running) < self.workers and (i := next(todo, None)) is not None:
+                    running[task.remote(*jobs[i])] = i
+                if not running:
+                    return results
+                ready, _ = ray.wait(list(running), num_returns=1)
+                i = running.pop(ready[0])
+                try:
+                    results[i] = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    # The task's own error, as the local engines raise it: a bad line, or an
+                    # OSError with its file and reason, is one line, not the worker's traceback
+                    # that Ray's wrapper prints around it.
+                    if isinstance(e.cause, LmpipeError | OSError):
+                        raise e.cause from None
+                    raise
+                except ray.exceptions.RayError as e:  # its worker died, each time it ran
+                    what = names[i] if names else f"{fn.__name__} (task {i + 1} of {len(jobs)})"
+                    lines = str(e).strip().splitlines() or [""]
+                    raise TaskLost(
+                        f"{what}: its Ray worker died ({type(e).__name__}: {lines[0]}); rerun "
+                        "the same command to resume"
+                    ) from None
+                tick(i, results[i])
+        except BaseException:
+            self._cancel(list(running))
+            raise
+
+    def _cancel(self, refs: list[Any]) -> None:
+        """End the tasks still running (force: their workers are killed) and wait for them, so
+        none writes after `map`, into a folder its caller removes or a rerun writes."""
+        ray = self._ray
+        for ref in refs:
+            with contextlib.suppress(Exception):  # must not hide the error that stopped `map`
+                ray.cancel(ref, force=True)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)

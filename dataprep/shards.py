@@ -24,7 +24,9 @@ A user's own tool reads a split with `numpy.fromfile(bin, "<u2")` and `numpy.fro
 
 `ShardWriter` writes one split from token arrays (tokenize is: encode, then `ShardWriter`);
 `TokenShards` reads one split through `numpy.memmap`, never loading a shard whole, and refuses a
-folder whose tokenizer fingerprint, file sizes or (with `verify`) sha256 disagree with its manifest.
+folder whose manifest lacks a field or holds one of the wrong type, names a shard otherwise than
+`ShardWriter` does (so nothing outside the folder, of another split or twice is read), or whose
+tokenizer fingerprint, file sizes or (with `verify`) sha256 disagree with its manifest.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import collections
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -189,13 +191,87 @@ def format_fields(
     }
 
 
+# What a manifest's fields hold, in words for check_manifest's errors.
+KINDS = {int: "an integer >= 0", str: "a string", dict: "a JSON object", list: "a list"}
+SHARD_FIELDS = {"n_tokens": int, "n_documents": int, "bin_sha256": str, "idx_sha256": str}
+
+
+def shown(value: Any) -> str:
+    """A manifest value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Refuse, in one line naming `where` (the manifest.json) and the key, a manifest whose
+    fields the reader uses are missing or of the wrong type: counts integers >= 0 (not bools, not
+    NaN, which Python's json reads), names and digests strings, `vocab_size` one that token ids
+    of `TOKEN_DTYPE` can reach, and every shard named exactly as `ShardWriter` names it (every
+    lmpipe has: `shard_names`), so that no name reaches outside the folder or into another split
+    and no shard is listed twice."""
+
+    def fail(key: str, why: str) -> NoReturn:
+        raise LmpipeError(f"{where}: {key} {why}")
+
+    def get(entry: dict[str, Any], name: str, key: str, kind: type) -> Any:
+        """entry[name], of type `kind` (an int >= 0); `key` is entry's own key, "" at the top."""
+        full = f"{key}.{name}" if key else name
+        if name not in entry:
+            fail(full, "is missing")
+        value = entry[name]
+        wrong = not isinstance(value, kind) or isinstance(value, bool)
+        if wrong or isinstance(value, int) and value < 0:
+            fail(full, f"is {shown(value)}, not {KINDS[kind]}")
+        return value
+
+    tok = get(manifest, "tokenizer", "", dict)
+    get(tok, "name", "tokenizer", str)
+    get(tok, "ranks_sha256", "tokenizer", str)
+    vocab_size, most = get(tok, "vocab_size", "tokenizer", int), np.iinfo(TOKEN_DTYPE).max + 1
+    if not 1 <= vocab_size <= most:
+        fail(
+            "tokenizer.vocab_size",
+            f"is {shown(vocab_size)}, outside [1, {most}] ({TOKEN_DTYPE} ids)",
+        )
+    eot_id = get(tok, "eot_id", "tokenizer", int)
+    if eot_id >= vocab_size:
+        fail("tokenizer.eot_id", f"is {eot_id}, outside the vocabulary ({vocab_size} ids)")
+    for split in get(manifest, "splits", "", dict):
+        key = f"splits.{split}"
+        if "/" in split or "\0" in split:  # a path, or a name no file can have
+            fail(key, "is not a plain name (shard files are named after their split)")
+        entry = get(manifest["splits"], split, "splits", dict)
+        get(entry, "n_tokens", key, int)
+        get(entry, "n_documents", key, int)
+        for i, shard in enumerate(get(entry, "shards", key, list)):
+            if not isinstance(shard, dict):
+                fail(f"{key}.shards[{i}]", f"is {shown(shard)}, not {KINDS[dict]}")
+            for field, name in zip(("bin", "idx"), shard_names(split, i), strict=True):
+                if get(shard, field, f"{key}.shards[{i}]", str) != name:
+                    fail(
+                        f"{key}.shards[{i}].{field}",
+                        f"is {shown(shard[field])}, not {name!r}: shard files are read only "
+                        "under the names lmpipe writes, in the folder and their split",
+                    )
+            for field, kind in SHARD_FIELDS.items():
+                get(shard, field, f"{key}.shards[{i}]", kind)
+            # ShardWriter closes a shard only after a document (numpy cannot map an empty file)
+            if shard["n_documents"] < 1 or shard["n_tokens"] < shard["n_documents"]:
+                fail(
+                    f"{key}.shards[{i}]",
+                    f"holds {shard['n_documents']} documents in {shard['n_tokens']} tokens; lmpipe "
+                    "writes at least one document to a shard, each ending with end-of-text",
+                )
+
+
 class TokenShards:
     """One split of a shard folder as a single token stream, read through `numpy.memmap`.
 
-    Opening checks the manifest (format, tokenizer fingerprint), every shard file's size and, with
-    `verify`, its sha256; any mismatch is an `LmpipeError` naming the file. `tokenizer_sha256` is
-    the fingerprint of the tokenizer in use; by default it is `ranks_sha256()` of the manifest's
-    tokenizer (which loads its files); pass it to read shards without the tokenizer files.
+    Opening checks the manifest (format, `check_manifest`, tokenizer fingerprint), every shard
+    file's size and, with `verify`, its sha256; any mismatch is an `LmpipeError` naming the file.
+    `tokenizer_sha256` is the fingerprint of the tokenizer in use; by default it is
+    `ranks_sha256()` of the manifest's tokenizer (which loads its files); pass it to read shards
+    without the tokenizer files.
     `mixture`: the caller reads `--data NAME=PATH:WEIGHT` sources, so the error for a folder of
     `--split-by-field` folders suggests that form (otherwise a path, PATH/NAME).
     """
@@ -228,6 +304,7 @@ class TokenShards:
                 f"{manifest.get('format_version')!r}; this lmpipe reads {FORMAT!r} "
                 f"version {FORMAT_VERSION}"
             )
+        check_manifest(manifest, where)
         tok = manifest["tokenizer"]
         if tokenizer_sha256 is None:
             from lmpipe.dataprep.tokenizer import ranks_sha256

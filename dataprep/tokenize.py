@@ -20,6 +20,8 @@ import collections
 import contextlib
 import hashlib
 import re
+import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +45,9 @@ from lmpipe.dataprep.tokenizer import EOT_ID, NAME, VOCAB_SIZE, get_encoding, ra
 # About 0.1 s of encoding per task: large enough to amortise the thread hand-off, small enough to
 # keep memory flat and the progress bar moving.
 BATCH_BYTES = 1 << 20
+# Where no bar is shown (stderr not a terminal), how often at most a line says how far the input
+# has been read (seconds): a line a minute, not one a batch.
+PLAIN_EVERY = 60.0
 
 
 def holdout_threshold(holdout: float) -> int:
@@ -178,7 +183,48 @@ def encode_batch(batch: Batch) -> Packed:
     return packed
 
 
+class PlainProgress:
+    """What `tokenize` uses of rich's Progress, for a stderr that is not a terminal (nohup,
+    sbatch, a pipe), where rich's bar shows nothing: at most every PLAIN_EVERY seconds, a line
+    with the input read so far, the file being read and the tokens written."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.total = self.read = 0
+        self.fields: dict[str, Any] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, description: str, total: int, **fields: Any) -> int:
+        self.total, self.fields = total, {"description": description, **fields}
+        return 0
+
+    def update(self, task: int, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def advance(self, task: int, n: int) -> None:
+        self.read += n
+        now = time.monotonic()
+        if now - self.last < PLAIN_EVERY:
+            return
+        self.last = now
+        share = self.read / self.total if self.total else 1.0
+        print(
+            f"tokenize: {self.read / 1e6:,.1f} of {self.total / 1e6:,.1f} MB read ({share:.0%}), "
+            f"{self.fields['description']}, {self.fields['tokens']:,} tokens, "
+            f"{now - self.start:,.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def make_progress() -> Any:
+    """The bar on stderr (stdout is the summary's), or plain lines where it is not a terminal."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -188,6 +234,9 @@ def make_progress() -> Any:
         TransferSpeedColumn,
     )
 
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        return PlainProgress()
     return Progress(
         TextColumn("tokenize {task.description}"),
         BarColumn(),
@@ -195,6 +244,7 @@ def make_progress() -> Any:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[tokens]:,} tokens"),
+        console=err,
     )
 
 

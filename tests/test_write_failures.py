@@ -318,7 +318,9 @@ def test_a_failed_decode_names_its_file(tmp_path, pattern_tokens, monkeypatch):
 
     monkeypatch.setattr("lmpipe.dataprep.inspection.json.dumps", full)
     # the pattern tokens are not text; any decoding will do for a write that fails
-    text = SimpleNamespace(decode=lambda tokens, errors: "text")
+    text = SimpleNamespace(
+        decode=lambda tokens, errors: "text", decode_bytes=lambda tokens: b"text"
+    )
     monkeypatch.setattr("lmpipe.dataprep.tokenizer.get_encoding", lambda name: text)
     out = tmp_path / "docs.jsonl"
     result = CliRunner().invoke(app, ["inspect", str(pattern_tokens), "--decode", str(out)])

@@ -10,7 +10,8 @@
       model/model.pt, model/recipe.yaml        the final weights as a plain fp32 state dict
       manifest.json                            written last: the run finished
 
-`load_model` reads `model/` (or a checkpoint folder's exported weights) without DeepSpeed.
+`load_model` reads `model/` (or a checkpoint folder's exported weights) without DeepSpeed; a
+recipe.yaml that claims a larger model than model.pt holds is refused before the model is built.
 
 Nothing read from a run folder can run code. `model.pt` loads with `weights_only=True`. A
 checkpoint's `lmpipe.json` (written last, the mark of a finished checkpoint) lists the sha256 of
@@ -37,7 +38,7 @@ import torch
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, write_json_atomic
 from lmpipe.train.model import GPT
-from lmpipe.train.recipe import Recipe, load_recipe, recipe_yaml
+from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_yaml
 
 if TYPE_CHECKING:  # loop.py imports this module; the Run is only handed in
     from lmpipe.train.loop import Run
@@ -45,6 +46,10 @@ if TYPE_CHECKING:  # loop.py imports this module; the Run is only handed in
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 MARKER = "lmpipe.json"  # a checkpoint's position and checksums; written last
+# a block's tensors, and its MLP's output projection [d_model, d_ff], in lmpipe's names (BTLM's
+# without "transformer.")
+BLOCK = re.compile(r"h\.(\d+)\.")
+MLP_OUT = re.compile(r"h\.\d+\.mlp\.c_proj\.weight")
 
 
 def step_tag(step: int) -> str:
@@ -92,18 +97,68 @@ def model_folder(path: Path) -> Path:
     return folder
 
 
+def oversize(
+    cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], keys: dict[str, str]
+) -> str | None:
+    """The first of the model's sizes that exceeds what weights with these names and shapes
+    (lmpipe's names, nn.Linear's [out, in]) hold, as `KEY VALUE: ...` with `keys` naming each
+    ModelConfig field as its file does; None when none does. It reads names and shapes only, so
+    it runs before a model is built: a recipe or config.json that claims 10^9 layers would
+    otherwise build 10^9 modules, and 10^9 ids allocate a 10^9-row embedding. A model no larger
+    than its file is left to the loading's own checks, which name the tensor. Blocks are counted
+    as distinct indices (not the highest one), so no name makes the model larger than the file's
+    tensors; n_heads divides d_model, which the embedding bounds."""
+    blocks = {int(m.group(1)) for name in shapes if (m := BLOCK.match(name))}
+    mlp = [s[1] for name, s in shapes.items() if MLP_OUT.fullmatch(name) and len(s) == 2]
+    wte, wpe = shapes.get("wte.weight", ()), shapes.get("wpe.weight", ())
+    # (field, the size the weights hold or None where they lack the tensor, that size in words)
+    held: list[tuple[str, int | None, str]] = [
+        ("n_layers", len(blocks), "block" if len(blocks) == 1 else "blocks"),
+        ("vocab_size", wte[0] if len(wte) == 2 else None, "rows of wte.weight"),
+        ("d_model", wte[1] if len(wte) == 2 else None, "columns of wte.weight"),
+        ("d_ff", max(mlp, default=None), "columns of mlp.c_proj.weight"),
+    ]
+    if cfg.position == "learned":
+        held.append(("n_positions", wpe[0] if len(wpe) == 2 else None, "rows of wpe.weight"))
+    for field, size, what in held:
+        claimed = getattr(cfg, field)
+        if size is None:
+            return f"{keys[field]} {claimed}: the weights hold no {what.split(' of ')[-1]}"
+        if claimed > size:
+            return f"{keys[field]} {claimed}: more than the weights hold ({size} {what})"
+    return None
+
+
+UNREADABLE = "unreadable or does not match the recipe"
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Recipe]:
+    """A model folder's state dict, memory-mapped (nothing read until used), and its recipe,
+    whose sizes are checked against the weights' shapes before anything is built."""
+    weights = folder / "model.pt"
+    recipe = load_recipe(str(folder / "recipe.yaml"))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # whatever a damaged or foreign file makes torch raise
+        raise LmpipeError(f"{weights}: {UNREADABLE} ({_why(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise LmpipeError(f"{weights}: {UNREADABLE} (not a state dict: tensors by name)")
+    shapes = {str(name): tuple(t.shape) for name, t in state.items()}
+    too_large = oversize(recipe.model, shapes, {f: f"model.{f}" for f in ModelConfig.model_fields})
+    if too_large is not None:
+        raise LmpipeError(f"{folder / 'recipe.yaml'}: {too_large} in {weights.name}")
+    return state, recipe
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, Recipe]:
     """The model in a run folder (its `model/`) or in a folder that holds model.pt + recipe.yaml."""
     folder = model_folder(path)
-    weights = folder / "model.pt"
-    recipe = load_recipe(str(folder / "recipe.yaml"))
+    state, recipe = read_weights(folder)
     model = GPT(recipe.model)
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as e:  # whatever a damaged or foreign file makes torch raise
-        raise LmpipeError(
-            f"{weights}: unreadable or does not match the recipe ({_why(e)})"
-        ) from None
+        model.load_state_dict(state)
+    except Exception as e:  # names or shapes that differ from the recipe's model
+        raise LmpipeError(f"{folder / 'model.pt'}: {UNREADABLE} ({_why(e)})") from None
     return model.to(device).eval(), recipe
 
 

@@ -21,9 +21,12 @@ this module moves the weights and holds the stages.
 
 What lmpipe cannot run is refused in one line naming the field or tensor: another architecture,
 an activation other than SwiGLU and exact GELU, GPT-2's layer-index scaling or reordered
-attention, untied embeddings, non-standard ALiBi slopes, missing, extra or misshapen tensors, a
-vocabulary or tokenizer that is not GPT-2's. Dropout fields are read and not used: lmpipe trains
-and evaluates without dropout, as BTLM and Cerebras-GPT did (their configs set 0).
+attention, untied embeddings, non-standard ALiBi slopes, missing, extra or misshapen tensors,
+tensors that are not floating point or hold NaN or infinities, a vocabulary or tokenizer that is
+not GPT-2's. A config.json that claims more blocks or wider tensors than the weight files hold is
+refused from the files' names and shapes, before any model is built. Dropout fields are read and
+not used: lmpipe trains and evaluates without dropout, as BTLM and Cerebras-GPT did (their
+configs set 0).
 
 Reading needs only safetensors (the `hf` extra) and json, never transformers; nothing read can
 run code (`pytorch_model.bin` loads weights-only).
@@ -43,11 +46,25 @@ import torch
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import sha256_file, staged_output, umask_mode, write_manifest
 from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
-from lmpipe.train.checkpoint import MODEL_DIR, load_model, model_folder, save_model
-from lmpipe.train.hf_config import MODELING_FILE, hf_config, imported_recipe, read_config
+from lmpipe.train.checkpoint import (
+    MODEL_DIR,
+    UNREADABLE,
+    load_model,
+    model_folder,
+    oversize,
+    read_weights,
+    save_model,
+)
+from lmpipe.train.hf_config import (
+    CONFIG_KEYS,
+    MODELING_FILE,
+    hf_config,
+    imported_recipe,
+    read_config,
+)
 from lmpipe.train.hf_tokenizer import check_tokenizer, gpt2_tokenizer_files, write_tokenizer
 from lmpipe.train.model import GPT, alibi_slopes, fp32_copy
-from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe
+from lmpipe.train.recipe import ModelConfig, Recipe
 
 SLOPES = "transformer.relative_pe.slopes"
 # Weights stored [in, out] (GPT-2's Conv1D) in the HF layout, [out, in] (nn.Linear) in lmpipe's.
@@ -74,17 +91,15 @@ def lmpipe_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Recipe]:
     """A model folder's state dict (memory-mapped) and recipe, checked against each other as
     `checkpoint.load_model` checks them, but without initialising a model whose weights would
     all be overwritten (half a minute of random numbers at 3B)."""
-    recipe = load_recipe(str(folder / "recipe.yaml"))
+    state, recipe = read_weights(folder)  # sizes checked: the model below is that of the file
     with torch.device("meta"):
         model = GPT(recipe.model)
-    weights = folder / "model.pt"
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
         model.load_state_dict(state, strict=True, assign=True)  # names and shapes
-    except Exception as e:  # whatever a damaged or foreign file makes torch raise
+    except Exception as e:  # names or shapes that differ from the recipe's model
         first = next(iter(str(e).strip().splitlines()), "")
         raise LmpipeError(
-            f"{weights}: unreadable or does not match the recipe ({type(e).__name__}: {first})"
+            f"{folder / 'model.pt'}: {UNREADABLE} ({type(e).__name__}: {first})"
         ) from None
     return state, recipe
 
@@ -244,8 +259,11 @@ def open_tensors(folder: Path, stack: contextlib.ExitStack) -> dict[str, tuple[P
                 raise LmpipeError(
                     f"{path}: not a weights-only loadable state dict ({type(e).__name__}: {first})"
                 ) from None
-            if not isinstance(stored, dict):
-                raise LmpipeError(f"{path}: not a state dict")
+            # tensors by name: their shapes are read before anything else
+            if not isinstance(stored, dict) or not all(
+                isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in stored.items()
+            ):
+                raise LmpipeError(f"{path}: not a state dict (tensors by name)")
         for name in sorted(wanted or stored):
             if name not in stored:
                 raise LmpipeError(f"{path}: holds no tensor {name}, which its index maps to it")
@@ -261,14 +279,6 @@ def shape_of(loader: Any) -> tuple[int, ...]:
 
 def tensor_of(loader: Any) -> torch.Tensor:
     return loader[:] if hasattr(loader, "get_shape") else loader
-
-
-def load_state(
-    folder: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
-) -> dict[str, torch.Tensor]:
-    """lmpipe's float32 state dict from a folder's tensors, every name and shape checked first."""
-    with contextlib.ExitStack() as stack:
-        return convert_state(folder, cfg, expected, open_tensors(folder, stack))
 
 
 def convert_state(
@@ -320,8 +330,15 @@ def convert_state(
                 "(lmpipe computes its own)"
             )
     state = {}
-    for key, (_, _, loader) in stored.items():
-        tensor = tensor_of(loader).float()
+    for key, (name, path, loader) in stored.items():
+        tensor = tensor_of(loader)
+        # A weight stored as integers or booleans, or holding NaN or inf, would load and compute
+        # nonsense (generation repeating one token) without a word.
+        if not tensor.is_floating_point():
+            raise LmpipeError(f"{path}: tensor {name} is {tensor.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LmpipeError(f"{path}: tensor {name} holds NaN or infinite values")
+        tensor = tensor.float()
         state[key] = tensor.t().contiguous() if CONV1D.fullmatch(key) else tensor
     if head is not None:
         name, path, loader = head
@@ -342,10 +359,23 @@ def load_hf_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
     imported = read_config(folder)
     check_tokenizer(folder)
     cfg = imported.model
-    with torch.device("meta"):  # shapes only: the loaded tensors become the parameters
-        model = GPT(cfg)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    state = load_state(folder, cfg, expected)
+    with contextlib.ExitStack() as stack:
+        tensors = open_tensors(folder, stack)
+        # The sizes config.json claims, against the stored shapes, before a model is built
+        # (on meta, where only the number of blocks and of ALiBi's heads cost anything).
+        shapes = {
+            name.removeprefix("transformer."): shape_of(loader)
+            for name, (_, loader) in tensors.items()
+        }
+        shapes = {k: shape[::-1] if CONV1D.fullmatch(k) else shape for k, shape in shapes.items()}
+        too_large = oversize(cfg, shapes, CONFIG_KEYS)
+        if too_large is not None:
+            raise LmpipeError(f"{folder / 'config.json'}: {too_large}")
+        with torch.device("meta"):  # shapes only: the loaded tensors become the parameters
+            model = GPT(cfg)
+        expected = {name: t.shape for name, t in model.state_dict().items()}
+        # lmpipe's float32 state dict from the folder's tensors, every name and shape checked first
+        state = convert_state(folder, cfg, expected, tensors)
     model.load_state_dict(state, strict=True, assign=True)
     model.slopes = alibi_slopes(cfg.n_heads)  # a buffer no state dict holds
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]  # fmt: skip

@@ -18,9 +18,12 @@ gives it a recipe.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
@@ -32,6 +35,23 @@ AUTO_MAP = {
     "AutoConfig": "modeling_btlm.BTLMConfig",
     "AutoModel": "modeling_btlm.BTLMModel",
     "AutoModelForCausalLM": "modeling_btlm.BTLMLMHeadModel",
+}
+# config.json's key for each field of lmpipe's ModelConfig and MupConfig (built apart, so its
+# fields come without "mup."), for messages
+CONFIG_KEYS = {
+    "n_layers": "n_layer",
+    "n_heads": "n_head",
+    "d_model": "n_embd",
+    "d_ff": "n_inner",
+    "vocab_size": "vocab_size",
+    "n_positions": "n_positions",
+    "layer_norm_eps": "layer_norm_epsilon",
+    "init_std": "initializer_range",
+    "sigma_base": "initializer_range",
+    "d_model_base": "mup_width_scale",
+    "d_ff_base": "mup_width_scale",
+    "alpha_in": "mup_embeddings_scale",
+    "alpha_out": "mup_output_alpha",
 }
 # lmpipe's own config.json field: a learned-position model's training length (n_positions is
 # the size of its position table).
@@ -101,7 +121,10 @@ class HFConfig:
         value = self.raw[field]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer past float's range, which JSON allows
+                raise self.error(field, value, "too large") from None
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             raise self.error(field, value, f"expected {' or '.join(k.__name__ for k in kinds)}")
         return value
@@ -110,6 +133,12 @@ class HFConfig:
         value = self.get(field, int, default)
         if value <= 0:
             raise self.error(field, value, "must be positive")
+        return value
+
+    def finite_positive(self, field: str, value: float) -> float:
+        # JSON as Python reads it allows NaN and Infinity, which no comparison with 0 refuses.
+        if not (math.isfinite(value) and value > 0):
+            raise self.error(field, value, "must be a finite number above 0")
         return value
 
     def require(self, field: str, wanted: Any, default: Any, why: str) -> None:
@@ -170,22 +199,13 @@ def read_config(folder: Path) -> Imported:
         ("mup_embeddings_scale", alpha_in),
         ("mup_output_alpha", alpha_out),
     ):
-        if not value > 0:
-            raise config.error(field, value, "must be positive")
+        config.finite_positive(field, value)
     sigma = config.get("initializer_range", float, ModelConfig.SP_INIT_STD)
+    config.finite_positive("initializer_range", sigma)
+    eps = config.finite_positive(
+        "layer_norm_epsilon", config.get("layer_norm_epsilon", float, 1e-5)
+    )
     sp = (width, alpha_in, alpha_out, by_d) == (1.0, 1.0, 1.0, False)
-    mup = None
-    if not sp:
-        # muP's base shapes from the width multiplier: d_model_base = d_model / m_d (the FFN
-        # shares the multiplier; lmpipe requires it).
-        mup = MupConfig(
-            d_model_base=round(d_model * width, 6),
-            d_ff_base=round(d_ff * width, 6),
-            sigma_base=sigma,
-            alpha_in=alpha_in,
-            alpha_out=alpha_out,
-            qk_scale="d_head" if by_d else "sqrt_d_head",
-        )
     seq_len, alibi_scale = n_positions, 1.0
     if position == "learned":
         seq_len = config.positive(TRAIN_SEQ_LEN_FIELD, n_positions)
@@ -213,21 +233,44 @@ def read_config(folder: Path) -> Imported:
                 "alibi_scaling", scaling, "factor must be > 1, train_seq_len an integer > 1"
             )
     try:
+        mup = None
+        if not sp:
+            # muP's base shapes from the width multiplier: d_model_base = d_model / m_d (the FFN
+            # shares the multiplier; lmpipe requires it).
+            mup = MupConfig(
+                d_model_base=round(d_model * width, 6),
+                d_ff_base=round(d_ff * width, 6),
+                sigma_base=sigma,
+                alpha_in=alpha_in,
+                alpha_out=alpha_out,
+                qk_scale="d_head" if by_d else "sqrt_d_head",
+            )
         model = ModelConfig(
             n_layers=n_layers,
             n_heads=n_heads,
             d_model=d_model,
             d_ff=d_ff,
             vocab_size=vocab_size,
-            layer_norm_eps=config.get("layer_norm_epsilon", float, 1e-5),
+            layer_norm_eps=eps,
             position=position,
             n_positions=n_positions,
             mlp=mlp,
             mup=mup,
             init_std=sigma if sp else None,
         )
-    except ValueError as e:  # pydantic's, for values no field check above covers
-        raise LmpipeError(f"{config.path}: {str(e).splitlines()[-1].strip()}") from None
+    except ValidationError as e:  # for values no field check above covers
+        # pydantic's message for the first error, under config.json's key: its last line is a
+        # link that names neither. A check across fields (ModelConfig's) has no location.
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        if not where:
+            raise LmpipeError(f"{config.path}: {error['msg']}") from None
+        key = CONFIG_KEYS.get(where.rpartition(".")[2], where)
+        if key in config.raw:  # the file's value; a field derived from it named with its own
+            derived = config.raw[key] != error["input"]
+            why = f"gives {where} {error['input']!r}: {error['msg']}" if derived else error["msg"]
+            raise config.error(key, config.raw[key], why) from None
+        raise LmpipeError(f"{config.path}: {where} {error['input']!r}: {error['msg']}") from None
     return Imported(model, seq_len, alibi_scale)
 
 

@@ -20,8 +20,8 @@ Launch: one process (`lmpipe train`), or several with `torchrun --nproc_per_node
 train ...` / the `deepspeed` launcher / SLURM (`launch.py`, docs/multinode.md); every rank runs
 this same function.
 
-The run folder is new, empty or an earlier run's (with `resume`), and never overlaps the data
-(`run_folder.py`).
+The run folder is new, empty or an earlier run's (with `resume`), never overlaps the data, and
+holds no symbolic link (`run_folder.py`: a resume would write through it).
 A resume verifies the newest checkpoint's checksums on every rank before DeepSpeed loads it
 weights-only (`checkpoint.py`); nothing in a run folder can run code.
 """
@@ -29,7 +29,6 @@ weights-only (`checkpoint.py`); nothing in a run folder can run code.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -39,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import lock_folder, write_json_atomic, write_manifest
+from lmpipe.dataprep.folders import (
+    lock_folder,
+    read_json,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from lmpipe.train.checkpoint import (
     CHECKPOINTS,
     MARKER,
@@ -70,8 +75,10 @@ from lmpipe.train.launch import (
 from lmpipe.train.metrics import (
     MetricsWriter,
     device_memory_row,
+    number,
     print_summary,
     reset_device_peak,
+    val_losses,
     wait_for_device,
     world_peak_flops,
 )
@@ -84,7 +91,7 @@ from lmpipe.train.plan import (
     plan_summary,
 )
 from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
-from lmpipe.train.run_folder import check_run_dir, metrics_rows, trim_metrics
+from lmpipe.train.run_folder import check_run_dir, is_int, metrics_rows, trim_metrics
 
 log = logging.getLogger("lmpipe.train")
 
@@ -258,7 +265,7 @@ def train_run(
             row,
         )
     if rank == 0:
-        (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+        write_text_atomic(run_dir / "recipe.yaml", recipe_yaml(recipe))
         write_json_atomic(
             run_dir / "plan.json",
             {
@@ -348,8 +355,10 @@ def init_source(
     previous = None
     plan = run_dir / "plan.json"
     if resume and plan.is_file():
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            previous = json.loads(plan.read_text(encoding="utf-8")).get("init_from")
+        with contextlib.suppress(LmpipeError, OSError, AttributeError):
+            previous = read_json(plan).get("init_from")
+    if not isinstance(previous, str):  # a plan.json damaged or from another tool: none recorded
+        previous = None
     if resume and list_checkpoints(run_dir):
         if init_from is not None and str(init_from) != previous:
             raise LmpipeError(
@@ -562,12 +571,12 @@ def run_steps(
     checkpoints = list_checkpoints(run.run_dir)
     first_loss = losses[0] if losses else None
     if resumed:  # the run's first loss is an earlier call's: its rows, trimmed to the checkpoint
-        rows = [r for r in metrics_rows(run.run_dir) if r["step"] <= step]
+        rows = run_rows(run.run_dir, step)
         first_loss = rows[0]["loss"] if rows else first_loss
         if not losses:  # resumed at its last checkpoint (killed before the end): no steps ran
             losses = [r["loss"] for r in rows]
-            val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss")), None)
-            rates = rows[-1].get("lr_groups", {}) if rows else {}
+            val_loss = next((r["val_loss"] for r in reversed(rows) if r["val_loss"]), None)
+            rates = rows[-1]["lr_groups"] if rows else {}
     # The losses are the run's; the speed is this call's (a resume's start-up and another
     # machine would blur a whole-run figure), named so.
     peak_flops = run.peak_flops
@@ -589,6 +598,33 @@ def run_steps(
         "stop_reason": stop_reason,
         "checkpoint": str(checkpoints[-1]) if checkpoints else None,
     }
+
+
+def run_rows(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl up to `step` as the loop wrote them, for a resumed run's summary:
+    a row without a numeric loss (damaged, or another tool's) is left out, and a `val_loss` or
+    `lr_groups` that is not a map of numbers (with both groups the summary names) is read as
+    none, so that the run still finishes and writes its model and manifest instead of failing on
+    every retry."""
+    rows = []
+    for row in metrics_rows(run_dir):
+        loss = number(row.get("loss"))
+        if not is_int(row.get("step")) or row["step"] > step or loss is None:
+            continue
+        groups = row.get("lr_groups")
+        # the summary's lr and lr_hidden are the rates of these two groups
+        if not (
+            isinstance(groups, dict)
+            and {"embedding", "hidden"} <= groups.keys()
+            and all(number(v) is not None for v in groups.values())
+        ):
+            groups = {}
+        try:
+            val_loss = val_losses(row, str(run_dir))
+        except LmpipeError:
+            val_loss = {}
+        rows.append({**row, "loss": loss, "lr_groups": groups, "val_loss": val_loss})
+    return rows
 
 
 def group_rates(engine: Any) -> dict[str, float]:

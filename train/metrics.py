@@ -76,6 +76,17 @@ def world_peak_flops(world: int, peak_tflops: float | None) -> tuple[float | Non
     return per_device * 1e12 * world, name
 
 
+def number(value: Any) -> float | None:
+    """A row's value as a float; None for anything but a JSON number a float holds (a bool, a
+    string, a list, an integer beyond 1e308: none of them a value the loop writes)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def val_losses(row: dict[str, Any], where: str) -> dict[str, float]:
     """A row's held-out losses ({} where it has none). The loop writes a map of numbers (NaN for a
     diverged source; a split too short to score left out), so anything else is another tool's
@@ -83,14 +94,14 @@ def val_losses(row: dict[str, Any], where: str) -> dict[str, float]:
     value = row.get("val_loss")
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
-    ):
-        raise LmpipeError(
-            f"{where}: step {row.get('step')!r} has a 'val_loss' that is not a {{source: loss}} "
-            "map of numbers; not lmpipe training metrics"
-        )
-    return value
+    if isinstance(value, dict):
+        losses = {source: x for source, v in value.items() if (x := number(v)) is not None}
+        if len(losses) == len(value):
+            return losses
+    raise LmpipeError(
+        f"{where}: step {row.get('step')!r} has a 'val_loss' that is not a {{source: loss}} "
+        "map of numbers; not lmpipe training metrics"
+    )
 
 
 def device_memory_row(device: Any) -> dict[str, float]:

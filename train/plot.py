@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import check_output, removed_on_error
-from lmpipe.train.metrics import val_losses
+from lmpipe.train.metrics import number, val_losses
 from lmpipe.train.run_folder import metrics_rows
 
 PNG = "loss.png"
@@ -61,22 +62,30 @@ def curves_from_rows(name: str, rows: list[dict[str, Any]], where: str = "") -> 
     switches = []
     previous: dict[str, Any] | None = None
     for row in rows:
-        if not isinstance(row.get("tokens"), int) or not isinstance(row.get("loss"), int | float):
+        t, step_loss = row.get("tokens"), number(row.get("loss"))
+        rate = number(row.get("lr") or 0.0)
+        if not isinstance(t, int) or step_loss is None:
             raise LmpipeError(
                 f"{where or name}: a row without integer 'tokens' and numeric 'loss' "
                 f"(step {row.get('step')!r}); not lmpipe training metrics"
             )
-        t = row["tokens"]
+        seq_len = row.get("seq_len") or 0
+        if rate is None or not isinstance(seq_len, int):
+            key, what = ("lr", "a number") if rate is None else ("seq_len", "an integer")
+            raise LmpipeError(
+                f"{where or name}: step {row.get('step')!r}: {key!r} is {reprlib.repr(row[key])}, "
+                f"not {what}; not lmpipe training metrics"
+            )
         tokens.append(t)
-        loss.append(float(row["loss"]) if math.isfinite(row["loss"]) else math.nan)
-        lr.append(float(row.get("lr") or 0.0))
-        if row.get("skipped") or not math.isfinite(row["loss"]):
+        loss.append(step_loss if math.isfinite(step_loss) else math.nan)
+        lr.append(rate)
+        if row.get("skipped") or not math.isfinite(step_loss):
             skipped.append(t)
         for source, value in val_losses(row, where or name).items():
             if math.isfinite(value):  # a diverged source's NaN: no marker
                 val.setdefault(source, []).append((t, float(value)))
         if previous is not None and row.get("stage") != previous.get("stage"):
-            switches.append((previous["tokens"], int(row.get("seq_len") or 0)))
+            switches.append((previous["tokens"], seq_len))
         previous = row
     return RunCurves(
         name, tuple(tokens), tuple(loss), tuple(lr),

@@ -1,18 +1,19 @@
 """What may be a run folder, and what a resume may change: checked on every rank before any rank
 writes (`loop.py`). A run folder is new, empty, or an earlier run's (with `--resume`, and then
-the recipe must be the checkpoint's but for `RESUMABLE_CHANGES`); it never overlaps the data.
+the recipe must be the checkpoint's but for `RESUMABLE_CHANGES`); it never overlaps the data,
+and nothing under it is a symbolic link (the folder itself may be one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import LOCK, check_output, is_finished
+from lmpipe.dataprep.folders import LOCK, check_output, is_finished, write_text_atomic
 from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
 from lmpipe.train.metrics import TENSORBOARD
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
@@ -63,11 +64,34 @@ def check_run_dir(
         raise LmpipeError(
             f"{run_dir}: holds {what} of an earlier run; pass --resume to continue it, or choose another --run-dir"
         )
+    if entries:
+        check_no_links(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if resume and checkpoints:
         check_same_recipe(recipe, checkpoints[-1])
         check_same_data(recipe, checkpoints[-1], identity)
         check_same_world(checkpoints[-1], world)
+
+
+def check_no_links(run_dir: Path) -> None:
+    """Refuse a run folder with a symbolic link anywhere under it. A run writes into its folder
+    (recipe.yaml, metrics.jsonl, logs/, checkpoints/, DeepSpeed's `latest`, model/), and a write
+    through a link lands wherever it points: resuming a run folder someone else made would
+    overwrite files anywhere the user may write. The folder itself may be a link (a run folder
+    kept on scratch storage). A walk with its own stack: any depth, and no link followed."""
+    folders = [str(run_dir)]
+    while folders:
+        with os.scandir(folders.pop()) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            if entry.is_symlink():
+                raise LmpipeError(
+                    f"{entry.path}: a symbolic link (to {os.readlink(entry.path)}) inside the run "
+                    "folder, which a run would write through; remove it (a run folder kept "
+                    "elsewhere is linked whole: --run-dir may be a link)"
+                )
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
 
 
 def check_same_data(recipe: Recipe, checkpoint: Path, identity: dict[str, str] | None) -> None:
@@ -144,15 +168,23 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
         )
 
 
+def parse_row(line: str) -> Any:
+    """A metrics.jsonl line as JSON (NaN and Infinity read as floats); None for a line that does
+    not parse: a torn last line, or a damaged one (an integer past Python's 4,300 digits is a
+    ValueError, deep nesting a RecursionError, neither a JSONDecodeError)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows (NaN and Infinity read as floats); a torn last line is skipped."""
+    """metrics.jsonl's rows; a line that does not parse (a torn last line) is skipped."""
     path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict)]
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [row for row in map(parse_row, lines) if isinstance(row, dict)]
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
@@ -163,12 +195,11 @@ def trim_metrics(run_dir: Path, step: int) -> None:
         return
     kept = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        row = parse_row(line)
+        if isinstance(row, dict) and is_int(row.get("step")) and row["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

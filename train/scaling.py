@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,14 @@ from typing import Any
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import read_manifest, staged_output, write_json_atomic, write_manifest
-from lmpipe.train.metrics import val_losses
+from lmpipe.dataprep.folders import (
+    MANIFEST,
+    read_manifest,
+    staged_output,
+    write_json_atomic,
+    write_manifest,
+)
+from lmpipe.train.metrics import number, val_losses
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_file, recipe_yaml
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import heads_for
@@ -115,7 +122,15 @@ def read_run(run_dir: Path, loss: str = "heldout") -> RunPoint:
     manifest = read_manifest(run_dir, "train")
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     plan = make_plan(recipe)
-    tokens = int(manifest.get("summary", {}).get("tokens") or plan.total_tokens)
+    summary = manifest.get("summary", {})
+    if not isinstance(summary, dict):
+        raise LmpipeError(f"{run_dir / MANIFEST}: 'summary' is not a JSON object")
+    tokens = summary.get("tokens") or plan.total_tokens  # none recorded: the recipe's
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise LmpipeError(
+            f"{run_dir / MANIFEST}: 'summary.tokens' is {reprlib.repr(tokens)}, not a whole "
+            "number of tokens"
+        )
     rows = metrics_rows(run_dir)
     if loss == "heldout":
         scored = [v for r in rows if (v := val_losses(r, str(run_dir / "metrics.jsonl")))]
@@ -126,7 +141,7 @@ def read_run(run_dir: Path, loss: str = "heldout") -> RunPoint:
             )
         value = float(np.mean(list(scored[-1].values())))
     elif loss == "train":
-        losses = [r["loss"] for r in rows if isinstance(r.get("loss"), int | float)]
+        losses = [x for r in rows if (x := number(r.get("loss"))) is not None]
         if not losses:
             raise LmpipeError(f"{run_dir}: no training loss in metrics.jsonl")
         value = float(np.mean(losses[-max(1, len(losses) // 10) :]))

@@ -21,9 +21,10 @@ processes: on a GPU machine one point per GPU (CUDA_VISIBLE_DEVICES, at most one
 on CPUs with the cores shared among them; each worker's output goes to `logs/<point>.log`.
 SIGTERM / SIGINT stop the points in training with a checkpoint and start no other; a worker
 never outlives the sweep's process.
-With engine "ray" the points are Ray tasks (`dataprep/runner.py`: the cluster at RAY_ADDRESS, else
-a local instance of `jobs` CPUs), one GPU each where the cluster has GPUs, else one CPU each;
-every node must see the sweep folder and the data at the same paths (shared storage).
+With engine "ray" the points are Ray tasks, `jobs` at a time (`dataprep/runner.py`: the cluster
+at RAY_ADDRESS, else a local instance of `jobs` CPUs), one GPU each where the cluster has GPUs,
+else one CPU each; every node must see the sweep folder and the data at the same paths (shared
+storage), which the tasks get as absolute paths.
 """
 
 from __future__ import annotations
@@ -278,7 +279,8 @@ def workers(jobs: int, points: int) -> tuple[int, int]:
 
 
 def run_on_ray(jobs: list[PointJob], cpus: int, announce: Any) -> None:
-    """Train every job as a Ray task: one GPU each on a cluster with GPUs, else one CPU each."""
+    """Train every job as a Ray task, `cpus` at a time: one GPU each on a cluster with GPUs,
+    else one CPU each."""
     with Runner(cpus, "ray") as runner:
         resources: dict[str, float] = {"num_gpus": 1} if runner.cluster_gpus() else {"num_cpus": 1}
         runner.map(
@@ -286,6 +288,7 @@ def run_on_ray(jobs: list[PointJob], cpus: int, announce: Any) -> None:
             [(job, 1) for job in jobs],
             on_done=lambda index, record: announce(jobs[index], record),
             resources=resources,
+            names=[f"sweep: point {job.name}" for job in jobs],
         )
 
 
@@ -514,14 +517,16 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
         shards.verify_checksums()
     with staged_output(out, stage="sweep", reads=reads, overwrite=overwrite, resume=True) as work:
         prepare_work(work, plan, overwrite)
+        # Absolute: a Ray task on a cluster runs in its node's working folder, not in this one.
+        folder = work.resolve()
         todo = [
-            PointJob(p.name, r, work / RUNS / p.name, work / POINTS / f"{p.name}.json",
-                     work / LOGS / f"{p.name}.log")
+            PointJob(p.name, r, folder / RUNS / p.name, folder / POINTS / f"{p.name}.json",
+                     folder / LOGS / f"{p.name}.log")
             for p, r in zip(points, recipes, strict=True) if not point_done(work, p.name)
         ]  # fmt: skip
         processes, gpus = workers(settings.jobs, len(todo))
         where = (
-            "as Ray tasks"
+            f"as Ray tasks, {settings.jobs} at a time"
             if settings.engine == "ray"
             else f"{processes} at a time" + (f" on {gpus} GPUs" if gpus else "")
         )

@@ -16,13 +16,12 @@ else the final training loss. A group is the points of one parametrisation, widt
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import is_finished, read_manifest, write_json_atomic
+from lmpipe.dataprep.folders import is_finished, read_json, read_manifest, write_json_atomic
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep import POINTS, RUNS, diverged
 from lmpipe.train.sweep_plan import Point
@@ -41,8 +40,8 @@ def point_row(work: Path, point: Point) -> dict[str, Any]:
     summary = read_manifest(run_dir, "train")["summary"] if is_finished(run_dir) else {}
     rows = metrics_rows(run_dir)
     record_path = work / POINTS / f"{point.name}.json"
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
-    plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
+    record = read_json(record_path) if record_path.is_file() else {}
+    plan = read_json(run_dir / "plan.json")
     validated = [r["val_loss"] for r in rows if r.get("val_loss")]
     val_loss = {k: _finite(v) for k, v in (validated[-1] if validated else {}).items()}
     heldout = None
@@ -134,9 +133,9 @@ def read_report(folder: Path) -> dict[str, Any]:
     """sweep.json of a finished sweep folder; a one-line error for anything else."""
     read_manifest(folder, "sweep")
     try:
-        report = json.loads((Path(folder) / JSON).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmpipeError(f"{Path(folder) / JSON}: unreadable ({e})") from None
+        report = read_json(Path(folder) / JSON)
+    except OSError as e:
+        raise LmpipeError(f"{Path(folder) / JSON}: unreadable ({e.strerror or e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("points"), list):
         raise LmpipeError(f"{Path(folder) / JSON}: not a sweep's results")
     return report

@@ -9,6 +9,8 @@ schedule's length, the batch and the data stay the target's.
 
 The best point is the lowest objective (held-out loss, else final training loss) among the muP
 points that finished without diverging; SP points are left out, their values do not transfer.
+sweep.json is checked first (`check_report`): a key missing or of another type is one line, and
+a point's recipe is read only from `runs/<point>/`, a real folder inside the sweep.
 The target must be a muP recipe with the sweep's base width (`mup.d_model_base`): the values are
 relative to it. The default target is the recipe the sweep trained, as its plan recorded it (its
 text: the file may have been edited since, and a relative path would be read from another
@@ -18,17 +20,25 @@ takes as it is, or the same values as `--set` options (`--print-set`).
 
 from __future__ import annotations
 
-import json
-import os
+import math
+import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_output, is_finished, partial_path, removed_on_error
+from lmpipe.dataprep.folders import (
+    check_output,
+    is_finished,
+    partial_path,
+    read_json,
+    write_text_atomic,
+)
+from lmpipe.train.metrics import number
 from lmpipe.train.recipe import Recipe, load_recipe, recipe_source, recipe_yaml
-from lmpipe.train.sweep import PLAN
+from lmpipe.train.sweep import PLAN, RUNS
 from lmpipe.train.sweep_plan import parse_recipe, yaml_value
-from lmpipe.train.sweep_report import read_report
+from lmpipe.train.sweep_report import JSON, read_report
 
 # The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
 BASE_VALUES = ("optimizer.lr", "model.mup.sigma_base", "model.mup.alpha_in", "model.mup.alpha_out")
@@ -36,8 +46,58 @@ BASE_VALUES = ("optimizer.lr", "model.mup.sigma_base", "model.mup.alpha_in", "mo
 BEST_MARK = "# (lmpipe sweep --best)"
 
 
+# What `best_point` and `sweep_best` read of each point of sweep.json, as `sweep_report.point_row`
+# writes it (the objective's key too: a finite number, or null for no score).
+POINT_KEYS = {
+    "point": ("a name", lambda v: isinstance(v, str)),
+    "param": ("a name", lambda v: isinstance(v, str)),
+    "width": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "density": ("a number", lambda v: number(v) is not None),
+    "finished": ("true or false", lambda v: isinstance(v, bool)),
+    "diverged": ("true or false", lambda v: isinstance(v, bool)),
+    "run_dir": ("a path", lambda v: isinstance(v, str)),
+}
+OBJECTIVES = ("heldout_loss", "train_loss")
+
+
+def check_report(path: Path, report: dict[str, Any]) -> None:
+    """A one-line error naming sweep.json (`path`) and the key, for a report `sweep_best` would
+    trip on. A point's `run_dir` must be `runs/<point>`, where the sweep trained it: nothing
+    outside the sweep folder is read."""
+    objective = report.get("objective")
+    if objective not in OBJECTIVES:
+        raise LmpipeError(
+            f"{path}: 'objective' is {reprlib.repr(objective)}, not {' or '.join(OBJECTIVES)}"
+        )
+    for i, row in enumerate(report["points"]):
+        where = f"{path}: points[{i}]"
+        if not isinstance(row, dict):
+            raise LmpipeError(f"{where} is not a point (a JSON object)")
+        if objective not in row:
+            raise LmpipeError(f"{where}: {objective!r} is missing")
+        score = row[objective]
+        value = number(score)
+        if score is not None and (value is None or not math.isfinite(value)):
+            raise LmpipeError(
+                f"{where}: {objective!r} is {reprlib.repr(score)}, not a finite number or null"
+            )
+        for key, (what, valid) in POINT_KEYS.items():
+            if not valid(row.get(key)):
+                raise LmpipeError(f"{where}: {key!r} is {reprlib.repr(row.get(key))}, not {what}")
+        point = row["point"]
+        if point in (".", "..") or not re.fullmatch(r"[\w.+-]+", point):
+            raise LmpipeError(
+                f"{where}: 'point' is {reprlib.repr(point)}, not a sweep point's name"
+            )
+        if row["run_dir"] != f"{RUNS}/{point}":
+            raise LmpipeError(
+                f"{where}: 'run_dir' is {reprlib.repr(row['run_dir'])}, not {RUNS}/{point}: a "
+                "sweep trains each point inside its folder, and --best reads nothing elsewhere"
+            )
+
+
 def best_point(report: dict[str, Any]) -> dict[str, Any]:
-    """The row of the best transferable point of a sweep's results."""
+    """The row of the best transferable point of a sweep's results (checked by `check_report`)."""
     objective = report["objective"]
     rows = [
         r
@@ -47,7 +107,7 @@ def best_point(report: dict[str, Any]) -> dict[str, Any]:
     if not rows:
         n = len(report["points"])
         raise LmpipeError(
-            f"sweep of {report['recipe']}: none of its {n} points is a finished muP point "
+            f"sweep of {report.get('recipe')}: none of its {n} points is a finished muP point "
             "without divergence, so there are no base values to transfer"
         )
     return min(rows, key=lambda r: r[objective])
@@ -58,8 +118,8 @@ def swept_recipe(folder: Path, report: dict[str, Any]) -> tuple[str, str]:
     sweep of an lmpipe from before 2026-12-07 recorded only its name or path (sweep.json's
     `recipe`), read again as that lmpipe read it."""
     try:
-        plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        plan = read_json(folder / PLAN)
+    except (OSError, LmpipeError):
         plan = None
     if isinstance(plan, dict) and isinstance(plan.get("recipe_text"), str):
         return str(plan.get("recipe_path") or plan.get("recipe")), plan["recipe_text"]
@@ -105,8 +165,16 @@ def sweep_best(
             "rerun the sweep command to finish it"
         )
     report = read_report(folder)
+    check_report(folder / JSON, report)
     best = best_point(report)
-    best_recipe = load_recipe(str(folder / best["run_dir"] / "recipe.yaml"))
+    run_dir = folder / best["run_dir"]
+    for path in (folder / RUNS, run_dir, run_dir / "recipe.yaml"):
+        if path.is_symlink():
+            raise LmpipeError(
+                f"{path}: a symbolic link; a sweep trains its points in real folders inside it, "
+                "and --best reads nothing elsewhere"
+            )
+    best_recipe = load_recipe(str(run_dir / "recipe.yaml"))
     label, text = recipe_source(target) if target else swept_recipe(folder, report)
     target_recipe = parse_recipe(label, text)[1]
     sets = transfer_sets(best_recipe, target_recipe)
@@ -175,8 +243,6 @@ def write_recipe_file(
     )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with removed_on_error(path.with_name(path.name + ".tmp")) as tmp:
-            tmp.write_text(header + recipe_yaml(recipe), encoding="utf-8")
-            os.replace(tmp, path)
+        write_text_atomic(path, header + recipe_yaml(recipe))
     except OSError as e:
         raise LmpipeError(f"{path}: cannot be written ({e.strerror})") from None

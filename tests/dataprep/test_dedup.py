@@ -650,3 +650,43 @@ def test_a_resume_that_names_the_files_another_way_gives_its_own_output(tmp_path
     dedup([corpus], tmp_path / "ref", progress=False)
     assert sorted(resumed["counts"]["sources"]) == ["a", "b"]
     assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
+
+
+def test_off_a_terminal_each_step_says_when_it_ends(corpus, tmp_path, capsys, monkeypatch):
+    """Under nohup or sbatch rich's bar shows nothing: a plain line on stderr as each step ends
+    (and, at most every PLAIN_EVERY seconds, how far a long step has come); stdout is the
+    summary's. A resumed run says which steps had finished before it."""
+    import lmpipe.dataprep.dedup as dedup_module
+    import lmpipe.dataprep.dedup_steps as steps
+
+    def lines(err: str) -> list[str]:
+        return [re.sub(r"\d+ s$", "N s", line) for line in err.splitlines()]
+
+    decide_all = steps.decide_all
+    monkeypatch.setattr(steps, "decide_all", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        dedup([corpus], tmp_path / "out", part_entries=20)
+    assert lines(capsys.readouterr().err) == [
+        "dedup: fix, normalise, MinHash done: 2 unit(s), N s",
+        "dedup: exact duplicates done: 1 unit(s), N s",
+        "dedup: LSH buckets done: 10 unit(s), N s",
+        "dedup: candidate pairs done: 10 unit(s), N s",
+        "dedup: shingle sets done: 2 unit(s), N s",
+        "dedup: verify pairs done: 4 unit(s), N s",
+    ]
+    monkeypatch.setattr(steps, "decide_all", decide_all)
+    monkeypatch.setattr(dedup_module, "PLAIN_EVERY", 0.0)  # a line as each unit ends
+    dedup([corpus], tmp_path / "out", part_entries=20)
+    out, err = capsys.readouterr()
+    assert lines(err) == [
+        "dedup: fix, normalise, MinHash done: 2 unit(s), before this run",
+        "dedup: exact duplicates done: 1 unit(s), before this run",
+        "dedup: LSH buckets done: 10 unit(s), before this run",
+        "dedup: candidate pairs done: 10 unit(s), before this run",
+        "dedup: shingle sets done: 2 unit(s), before this run",
+        "dedup: verify pairs done: 4 unit(s), before this run",
+        "dedup: components done: 1 unit(s), N s",
+        "dedup: write kept documents: 1 of 2 units done, N s",
+        "dedup: write kept documents done: 2 unit(s), N s",
+    ]
+    assert "unit(s)" not in out and "all sources" in out

@@ -78,6 +78,32 @@ def test_torn_last_line_is_left_out(tmp_path):
     assert len(curves.tokens) == 12 and curves.tokens[-1] == 512 * 12
 
 
+def test_lines_python_cannot_parse_are_left_out_as_a_torn_line_is(tmp_path):
+    """A damaged line: an integer past Python's 4,300 digits (ValueError), deep nesting
+    (RecursionError); neither is a JSONDecodeError."""
+    huge, deep = '{"step": 13, "tokens": 1' + "0" * 5000 + "}", "[" * 100_000
+    run = write_run(tmp_path / "run", synthetic_rows(), torn=f"{huge}\n{deep}\n")
+    assert read_curves(run, "run").tokens == tuple(512 * s for s in range(1, 13))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": "abc"}, "step 3: 'lr' is 'abc', not a number"),
+        ({"lr": [1]}, "step 3: 'lr' is [1], not a number"),
+        ({"seq_len": "x", "stage": 9}, "step 3: 'seq_len' is 'x', not an integer"),
+        ({"loss": 10**400}, "a row without integer 'tokens' and numeric 'loss' (step 3)"),
+    ],
+)
+def test_a_row_with_a_foreign_value_is_one_line(tmp_path, change, message):
+    rows = synthetic_rows()
+    rows[2] = {**rows[2], **change}
+    run = write_run(tmp_path / "run", rows)
+    with pytest.raises(LmpipeError) as e:
+        plot([run], tmp_path / "loss.png")
+    assert str(e.value) == f"{run / 'metrics.jsonl'}: {message}; not lmpipe training metrics"
+
+
 def test_figure_draws_each_runs_rows():
     pytest.importorskip("matplotlib")
     a = curves_from_rows("a", synthetic_rows())

@@ -222,3 +222,32 @@ def test_a_signal_before_the_loop_starts_reaches_it(monkeypatch):
             time.sleep(0.01)
         with StopSignals(announce=False) as inner:
             assert inner.received == "SIGTERM"
+
+
+def test_ray_points_get_absolute_folders_from_a_relative_out(monkeypatch, pattern_tokens, tmp_path):
+    """A Ray task on a cluster runs in its node's working folder: a point's run, record and log
+    folders relative to this one would not be found there."""
+    from pathlib import Path
+
+    from lmpipe.train.sweep_plan import SweepSettings, parse_grid
+
+    given = []
+
+    def run_on_ray(jobs, cpus, announce):
+        given.extend(jobs)
+        raise LmpipeError("stopped before training")
+
+    monkeypatch.setattr(sweep_module, "run_on_ray", run_on_ray)
+    monkeypatch.chdir(tmp_path)
+    settings = SweepSettings(
+        recipe="tiny", data=pattern_tokens, overrides=tuple(LONG_POINTS),
+        grid=(parse_grid("optimizer.lr=2^-8,2^-4"),), widths=(32,), val_tokens=256,
+        engine="ray", jobs=2,
+    )  # fmt: skip
+    with pytest.raises(LmpipeError, match="^stopped before training$"):
+        sweep_module.sweep(settings, Path("sw"))
+    work = tmp_path / "sw.partial"
+    assert [(j.run_dir, j.record, j.log) for j in given] == [
+        (work / "runs" / name, work / "points" / f"{name}.json", work / "logs" / f"{name}.log")
+        for name in TRAINING
+    ]
