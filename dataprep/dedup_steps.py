@@ -146,9 +146,8 @@ class ZstdLines:
 
 def zstd_lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as raw:
-        # zstandard's stub types its reader as its own class, though it implements io.RawIOBase
         reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        yield from io.BufferedReader(reader)  # type: ignore[arg-type]
+        yield from io.BufferedReader(reader)
 
 
 # --- scan: one input file ------------------------------------------------------------------------

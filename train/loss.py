@@ -127,10 +127,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return loss
 
     # ctx is the FunctionCtx that forward filled, but torch's stubs type its `saved_tensors` as a
-    # 1-tuple (tuple[Tensor]) and its own Functions take `ctx: Any`. torch declares
-    # `backward(ctx, *grad_outputs)`, one gradient per output of forward: here the one loss.
+    # 1-tuple (tuple[Tensor]) and its own Functions take `ctx: Any`. One gradient per output of
+    # forward: here the one loss.
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_x_ND, grad_w_VD = ctx.saved_tensors
