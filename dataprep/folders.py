@@ -137,6 +137,17 @@ def read_json(path: Path) -> Any:
         raise LmpipeError(f"{path}: not valid JSON (nested too deeply to read)") from None
 
 
+def is_int(value: Any) -> bool:
+    """A JSON integer: Python's bool is an int, and a file saying `true` where a count belongs is
+    another tool's file, not the count 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (an integer or a float, never a bool: see `is_int`)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def is_finished(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import reprlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -196,12 +197,6 @@ KINDS = {int: "an integer >= 0", str: "a string", dict: "a JSON object", list: "
 SHARD_FIELDS = {"n_tokens": int, "n_documents": int, "bin_sha256": str, "idx_sha256": str}
 
 
-def shown(value: Any) -> str:
-    """A manifest value for a one-line message: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_manifest(manifest: dict[str, Any], where: Path) -> None:
     """Refuse, in one line naming `where` (the manifest.json) and the key, a manifest whose
     fields the reader uses are missing or of the wrong type: counts integers >= 0 (not bools, not
@@ -221,7 +216,7 @@ def check_manifest(manifest: dict[str, Any], where: Path) -> None:
         value = entry[name]
         wrong = not isinstance(value, kind) or isinstance(value, bool)
         if wrong or isinstance(value, int) and value < 0:
-            fail(full, f"is {shown(value)}, not {KINDS[kind]}")
+            fail(full, f"is {reprlib.repr(value)}, not {KINDS[kind]}")
         return value
 
     tok = get(manifest, "tokenizer", "", dict)
@@ -231,7 +226,7 @@ def check_manifest(manifest: dict[str, Any], where: Path) -> None:
     if not 1 <= vocab_size <= most:
         fail(
             "tokenizer.vocab_size",
-            f"is {shown(vocab_size)}, outside [1, {most}] ({TOKEN_DTYPE} ids)",
+            f"is {reprlib.repr(vocab_size)}, outside [1, {most}] ({TOKEN_DTYPE} ids)",
         )
     eot_id = get(tok, "eot_id", "tokenizer", int)
     if eot_id >= vocab_size:
@@ -245,12 +240,12 @@ def check_manifest(manifest: dict[str, Any], where: Path) -> None:
         get(entry, "n_documents", key, int)
         for i, shard in enumerate(get(entry, "shards", key, list)):
             if not isinstance(shard, dict):
-                fail(f"{key}.shards[{i}]", f"is {shown(shard)}, not {KINDS[dict]}")
+                fail(f"{key}.shards[{i}]", f"is {reprlib.repr(shard)}, not {KINDS[dict]}")
             for field, name in zip(("bin", "idx"), shard_names(split, i), strict=True):
                 if get(shard, field, f"{key}.shards[{i}]", str) != name:
                     fail(
                         f"{key}.shards[{i}].{field}",
-                        f"is {shown(shard[field])}, not {name!r}: shard files are read only "
+                        f"is {reprlib.repr(shard[field])}, not {name!r}: shard files are read only "
                         "under the names lmpipe writes, in the folder and their split",
                     )
             for field, kind in SHARD_FIELDS.items():

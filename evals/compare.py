@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_number
 from lmpipe.evals.run import RESULTS
 
 if TYPE_CHECKING:  # for annotations only: imported where the table is built
@@ -60,10 +61,8 @@ def read_results(path: Path) -> ScoredModel:
                 continue
             for field in ("value", "stderr"):
                 number = metric.get(field)
-                # bool is an int to Python; a cell would print true as 1.0000.
-                if number is not None and (
-                    isinstance(number, bool) or not isinstance(number, int | float)
-                ):
+                # A cell would print true as 1.0000 (`is_number`).
+                if number is not None and not is_number(number):
                     raise LmpipeError(
                         f"{path}: tasks.{task}.{name}.{field} is {json.dumps(number)}, "
                         "not a number or null"

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_int
 from lmpipe.evals.lm import LM
 
 
@@ -72,7 +73,7 @@ def gold_index(value: Any, n_choices: int, field: str, first: int = 0) -> int:
     """The gold choice's 0-based index from a label numbered from `first`: an integer or a string
     of digits, and one of the choices. Anything else (true, 1.7, 5, -1) is refused: the harness
     would score such a row as a wrong answer, or as choice 1, without a word."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         number = value
     elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
         number = int(value.strip())

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_int, is_number
 from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
 from lmpipe.train.recipe import ModelConfig, MupConfig, Recipe, load_recipe, validate_recipe
 
@@ -120,7 +121,7 @@ class HFConfig:
             return default
         value = self.raw[field]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        if float in kinds and is_int(value):
             try:
                 value = float(value)
             except OverflowError:  # an integer past float's range, which JSON allows
@@ -222,9 +223,9 @@ def read_config(folder: Path) -> Imported:
             raise config.error(
                 "alibi_scaling", scaling, "expected type linear with factor or train_seq_len"
             )
-        if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 1:
+        if is_number(factor) and factor > 1:
             alibi_scale = float(factor)  # a fixed interpolation the model was fine-tuned with
-        elif isinstance(train_seq_len, int) and not isinstance(train_seq_len, bool) and train_seq_len > 1:  # fmt: skip
+        elif is_int(train_seq_len) and train_seq_len > 1:
             # Dynamic interpolation is an inference-time rule on top of a model trained at
             # train_seq_len: lmpipe's eval applies it by length (long_context, --alibi-scale).
             seq_len = train_seq_len

@@ -39,6 +39,7 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
+    is_int,
     lock_folder,
     read_json,
     write_json_atomic,
@@ -91,7 +92,7 @@ from lmpipe.train.plan import (
     plan_summary,
 )
 from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
-from lmpipe.train.run_folder import check_run_dir, is_int, metrics_rows, trim_metrics
+from lmpipe.train.run_folder import check_run_dir, metrics_rows, trim_metrics
 
 log = logging.getLogger("lmpipe.train")
 

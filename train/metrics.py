@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_number
 from lmpipe.train.checkpoint import MODEL_DIR
 
 TENSORBOARD = "tensorboard"  # the run folder's event-file folder
@@ -79,7 +80,7 @@ def world_peak_flops(world: int, peak_tflops: float | None) -> tuple[float | Non
 def number(value: Any) -> float | None:
     """A row's value as a float; None for anything but a JSON number a float holds (a bool, a
     string, a list, an integer beyond 1e308: none of them a value the loop writes)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not is_number(value):
         return None
     try:
         return float(value)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import LOCK, check_output, is_finished, write_text_atomic
+from lmpipe.dataprep.folders import LOCK, check_output, is_finished, is_int, write_text_atomic
 from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
 from lmpipe.train.metrics import TENSORBOARD
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
@@ -199,7 +199,3 @@ def trim_metrics(run_dir: Path, step: int) -> None:
         if isinstance(row, dict) and is_int(row.get("step")) and row["step"] <= step:
             kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -40,6 +40,7 @@ import numpy as np
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
     MANIFEST,
+    is_int,
     read_manifest,
     staged_output,
     write_json_atomic,
@@ -126,7 +127,7 @@ def read_run(run_dir: Path, loss: str = "heldout") -> RunPoint:
     if not isinstance(summary, dict):
         raise LmpipeError(f"{run_dir / MANIFEST}: 'summary' is not a JSON object")
     tokens = summary.get("tokens") or plan.total_tokens  # none recorded: the recipe's
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+    if not is_int(tokens) or tokens < 0:
         raise LmpipeError(
             f"{run_dir / MANIFEST}: 'summary.tokens' is {reprlib.repr(tokens)}, not a whole "
             "number of tokens"

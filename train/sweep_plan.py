@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.folders import is_int, is_number
 from lmpipe.dataprep.runner import ENGINES
 from lmpipe.train.data import data_identity, open_sources
 from lmpipe.train.recipe import (
@@ -271,10 +272,10 @@ def check_keys(settings: SweepSettings, recipe: Recipe) -> None:
                 f"{option} {key}: has no effect on the --param sp points (SP drops model.mup and "
                 "takes its init std from model.mup.sigma_base); sweep sigma_base, or leave out sp"
             )
-        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        numeric = is_number(value)
         for v in next((a.values for a in settings.grid if a.key == key), ()):
             # A power past float's range (2^2000) reads back as the text it was.
-            if numeric and (isinstance(v, bool) or not isinstance(v, int | float)):
+            if numeric and not is_number(v):
                 raise LmpipeError(
                     f"--grid {key}: {v!r} is not a number (or is past float's range); the "
                     f"recipe's {key} is {value}"
@@ -318,8 +319,8 @@ def value_sets(settings: SweepSettings, recipe: Recipe) -> list[dict[str, Any]]:
     dump = recipe.model_dump(mode="json")
 
     def typed(key: str, value: Any) -> Any:  # 2^10 for an integer key is 1024, not 1024.0
-        is_int = isinstance(lookup(dump, key), int) and not isinstance(lookup(dump, key), bool)
-        return int(value) if is_int and isinstance(value, float) and value.is_integer() else value
+        whole = is_int(lookup(dump, key)) and isinstance(value, float) and value.is_integer()
+        return int(value) if whole else value
 
     grid = [dict(zip([a.key for a in settings.grid], combo, strict=True))
             for combo in itertools.product(*(a.values for a in settings.grid))]  # fmt: skip

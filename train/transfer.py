@@ -30,6 +30,7 @@ from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
     check_output,
     is_finished,
+    is_int,
     partial_path,
     read_json,
     write_text_atomic,
@@ -51,7 +52,7 @@ BEST_MARK = "# (lmpipe sweep --best)"
 POINT_KEYS = {
     "point": ("a name", lambda v: isinstance(v, str)),
     "param": ("a name", lambda v: isinstance(v, str)),
-    "width": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "width": ("an integer", is_int),
     "density": ("a number", lambda v: number(v) is not None),
     "finished": ("true or false", lambda v: isinstance(v, bool)),
     "diverged": ("true or false", lambda v: isinstance(v, bool)),
