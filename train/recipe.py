@@ -410,15 +410,21 @@ def validate_recipe(raw: Any, label: str) -> Recipe:
         raise LmpipeError(f"{label}: " + "; ".join(problems)) from None
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    label, text = recipe_source(name_or_path)
+def parse_recipe(
+    label: str, text: str, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, Any], Recipe]:
+    """A recipe's text with `--set` options applied: (raw YAML mapping, validated)."""
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as e:
         raise LmpipeError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate_recipe(raw, label)
+    return raw, validate_recipe(raw, label)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    return parse_recipe(*recipe_source(name_or_path), overrides)[1]
 
 
 def recipe_yaml(recipe: Recipe) -> str:

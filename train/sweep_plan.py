@@ -44,6 +44,7 @@ from lmpipe.train.recipe import (
     ModelConfig,
     Recipe,
     apply_override,
+    parse_recipe,
     parse_yaml,
     recipe_file,
     recipe_source,
@@ -203,19 +204,6 @@ def yaml_value(value: Any) -> str:
 
 
 # --- the plan: base recipe and points --------------------------------------------------------
-
-
-def parse_recipe(
-    label: str, text: str, overrides: tuple[str, ...] | list[str] = ()
-) -> tuple[dict[str, Any], Recipe]:
-    """A recipe's text with `--set` options applied: (raw YAML mapping, validated)."""
-    try:
-        raw = parse_yaml(text)
-    except yaml.YAMLError as e:
-        raise LmpipeError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return raw, validate_recipe(raw, label)
 
 
 def resolve_data(recipe: Recipe, data: Path | tuple[DataSource, ...] | None) -> list[DataSource]:

@@ -36,9 +36,9 @@ from lmpipe.dataprep.folders import (
     write_text_atomic,
 )
 from lmpipe.train.metrics import number
-from lmpipe.train.recipe import Recipe, load_recipe, recipe_source, recipe_yaml
+from lmpipe.train.recipe import Recipe, load_recipe, parse_recipe, recipe_source, recipe_yaml
 from lmpipe.train.sweep import PLAN, RUNS
-from lmpipe.train.sweep_plan import parse_recipe, yaml_value
+from lmpipe.train.sweep_plan import yaml_value
 from lmpipe.train.sweep_report import JSON, read_report
 
 # The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
