@@ -217,6 +217,12 @@ def train_run(
     # Input errors surface before the process group starts and DeepSpeed builds its op (a minute
     # cold); the launcher's environment already says how many ranks there are.
     launch_world = launch_world_size()
+    if recipe.model.attn_impl == "flex" and not torch.cuda.is_available():
+        # Caught here, not at the first backward: by then the run folder exists.
+        raise LmpipeError(
+            "model.attn_impl flex: FlexAttention has no backward on the CPU; use sdpa, or auto "
+            "(flex on a GPU, sdpa elsewhere)"
+        )
     sources = open_sources(recipe)  # sizes now, checksums once ranks can share them
     heldout = heldout_splits(recipe, sources)
     plan = make_plan(recipe, launch_world)
@@ -498,7 +504,7 @@ def run_steps(
                         loss = skip_unless_finite(loss, agreed[0])  # a step of any bad loss: none
                     engine.backward(loss)
                     if recipe.zero_stage == 0 and last:
-                        grad_norm = plain_step(engine)
+                        grad_norm = plain_step(engine, recipe.optimizer.grad_clip)
                     else:
                         engine.step()
                 wait_for_device(device)

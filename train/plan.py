@@ -148,7 +148,8 @@ def deepspeed_config(recipe: Recipe, plan: Plan) -> dict:
     return {
         "train_micro_batch_size_per_gpu": plan.stages[0].micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": recipe.optimizer.grad_clip,
+        # Without ZeRO the clip is lmpipe's, by a norm summed in float64 (guard.plain_step).
+        "gradient_clipping": recipe.optimizer.grad_clip if recipe.zero_stage else 0.0,
         # The guard (guard.py) relies on DeepSpeed skipping a bf16 step whose gradient norm is not
         # finite: said here, since releases before 0.19.8 did not check by default.
         "bf16": {"enabled": recipe.precision == "bf16", "check_grad_overflow": True},

@@ -175,6 +175,57 @@ def test_bf16_sparse_run_exports_the_fp32_master_weights(data, tmp_path, zero_st
     assert model.h[0].attn.c_attn.weight.shape == (96, 32)
 
 
+def test_zero0_logs_and_clips_by_the_norm_zero1_does(data, tmp_path):
+    """ZeRO-0 clips by lmpipe's own norm (guard.plain_step), ZeRO-1 by DeepSpeed's. With a clip
+    acting at every step, the two runs stay equal only if both norms are exact: an fp32 sum on
+    the CPU comes out ~1e-4 low for the embedding's 1.6M-element gradient."""
+    runs = []
+    for stage in (0, 1):
+        run_dir = tmp_path / f"zero{stage}"
+        recipe = load_recipe("tiny", [*SMALL, f"zero_stage={stage}", "optimizer.grad_clip=0.1"])
+        train(recipe, data, run_dir)
+        runs.append((metrics(run_dir), torch.load(run_dir / "model" / "model.pt")))
+    (rows0, state0), (rows1, state1) = runs
+    assert all(r["grad_norm"] > 0.1 for r in rows1)  # clipped at every step
+    for r0, r1 in zip(rows0, rows1, strict=True):
+        assert r0["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5, abs=0), r0["step"]
+        assert r0["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=0), r0["step"]
+    # fp32 noise between two exact runs is ~5e-6 here; a clip by the fp32 norm gave 2.6e-5.
+    assert max((state0[k] - state1[k]).abs().max().item() for k in state0) < 1e-5
+
+
+def test_plain_step_sums_the_norm_in_float64_and_clips_by_it():
+    """A 4M-element gradient, whose fp32 norm on the CPU is off by ~1e-4 relative."""
+    from lmpipe.train.guard import plain_step
+
+    class Engine:
+        def __init__(self) -> None:
+            self.module = torch.nn.Linear(2048, 2048, bias=False)
+            self.module.weight.grad = torch.randn(
+                2048, 2048, generator=torch.Generator().manual_seed(0)
+            )
+            self.stepped = 0
+
+        def step(self) -> None:
+            self.stepped += 1
+
+    engine = Engine()
+    exact = engine.module.weight.grad.double().square().sum().sqrt().item()
+    assert plain_step(engine, grad_clip=0.0) == pytest.approx(exact, rel=1e-12, abs=0)
+    assert engine.stepped == 1
+    assert plain_step(engine, grad_clip=3.0) == pytest.approx(exact, rel=1e-12, abs=0)
+    clipped = engine.module.weight.grad.double().square().sum().sqrt().item()
+    assert clipped == pytest.approx(3.0 * exact / (exact + 1e-6), rel=1e-6) and engine.stepped == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FlexAttention trains on a GPU")
+def test_flex_attention_on_the_cpu_is_refused_before_the_run_folder_is_made(data, tmp_path):
+    recipe = load_recipe("tiny", [*SMALL, "model.attn_impl=flex"])
+    with pytest.raises(LmpipeError, match=r"model\.attn_impl flex: .* no backward on the CPU"):
+        train(recipe, data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_with_another_recipe_is_refused_and_metrics_are_not_duplicated(data, tmp_path):
     recipe = load_recipe("tiny", [*SMALL, "zero_stage=0"])
     run_dir = tmp_path / "run"
