@@ -9,6 +9,7 @@ that torch is not imported by it.
 from __future__ import annotations
 
 import io
+import os
 import sys
 from typing import Annotated
 
@@ -59,7 +60,26 @@ mup_app.command("coord-check")(coord_check)
 app.add_typer(mup_app)
 
 
+def fill_closed_streams() -> None:
+    """/dev/null in place of a standard stream the process was started without (`>&-`, some
+    daemons): Python makes such a stream None, so a stage's report would fail after its output
+    was published, and the next file opened would take the free descriptor, where a child's
+    writes to its stdout (DeepSpeed's op build) would land in it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main() -> None:
+    fill_closed_streams()
     # A path that is not UTF-8 (a surrogate escape, as Python decodes it) is printed escaped, as
     # stderr does, where a strict UTF-8 locale would stop the stage at its report.
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":

@@ -126,7 +126,10 @@ def generate(
         typer.Option(help="Then from the smallest set holding probability P (nucleus; 1: all)."),
     ] = 1.0,
     seed: Annotated[
-        int, typer.Option(help="Seed of the sampling: the same seed, the same text.")
+        int,
+        typer.Option(
+            help="Seed of the sampling, afresh for each prompt: the same seed, the same text."
+        ),
     ] = 0,
     alibi_scale: Annotated[
         str | None,

@@ -68,10 +68,13 @@ def harness_encode(encoding: tiktoken.Encoding, text: str) -> list[int]:
     return encoding.encode(text, allowed_special="all")
 
 
-def continuation_length(encoding: tiktoken.Encoding, context: str, continuation: str) -> int:
-    """The tokens of a request's continuation as `GPTLM.loglikelihood` scores it."""
+def request_lengths(
+    encoding: tiktoken.Encoding, context: str, continuation: str
+) -> tuple[int, int]:
+    """(context tokens, continuation tokens) of a request as `GPTLM.loglikelihood` scores it."""
     encode = functools.partial(harness_encode, encoding)
-    return len(encode_pair(encode, context, continuation, encoding.eot_token)[1])
+    context_enc, continuation_enc = encode_pair(encode, context, continuation, encoding.eot_token)
+    return len(context_enc), len(continuation_enc)
 
 
 def encode_pair(
@@ -80,7 +83,9 @@ def encode_pair(
     """(context tokens, continuation tokens) by the harness's rule (module docstring).
 
     Encoding the whole string and cutting it at the context's length, rather than encoding the two
-    parts apart, keeps the BPE merges a real text would have across the boundary."""
+    parts apart, keeps the BPE merges a real text would have across the boundary. A context of
+    only whitespace moves whole into the continuation and leaves no context token, as in the
+    harness, which then refuses the request (`GPTLM.loglikelihood_tokens` does too)."""
     if context == "":
         continuation_enc = encode(continuation)
         # TemplateLM.loglikelihood: a continuation that itself starts with the prefix token
@@ -309,9 +314,12 @@ class GPTLM:
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[tuple[float, bool]]:
         """(sum log p, greedy) of each continuation given its context, both as token lists."""
-        for _, continuation in requests:
+        for context, continuation in requests:
             if not continuation:
                 raise ValueError("a request has an empty continuation (nothing to score)")
+            if not context:
+                # Its first token would be predicted at position -1: another row's padding.
+                raise ValueError("a request has no context token to predict its continuation from")
             if len(continuation) > self.max_length:
                 # The harness would score garbage here (its slice runs past the input); refuse.
                 raise LmpipeError(

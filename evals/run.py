@@ -17,15 +17,20 @@ checked before the first task runs (the held-out split, each task file and its r
 long-context window against the held-out tokens), so no error comes after hours of scoring.
 The model reads at most its training sequence length (the recipe's last stage) per forward pass.
 The output folder may not be, contain or lie inside what eval reads (the model's folder, the
-token data, the task files); the default, `RUN_DIR/eval` for a run, `NAME-eval` beside a model
-folder NAME (model.pt + recipe.yaml) and `./NAME-eval` for a Hugging Face folder, never does.
-A task row whose gold label is not one of its choices is an error naming the file and line
-(`tasks.py`).
+token data, the task files); the default is `RUN_DIR/eval` for a run, `NAME-eval` beside a model
+folder NAME (model.pt + recipe.yaml) and `./NAME-eval` for a Hugging Face folder, which lies
+inside what eval reads only when the working directory is inside that folder: then it is refused
+like such an `-o`. `data` and `task_data` are read, and recorded in results.json, only when an
+asked task reads them.
+A task row whose gold label is not one of its choices, or whose prompt field or choice is not a
+string, is an error naming the file, the line and the field (`tasks.py`); a request whose
+context is only whitespace (no context token: the harness fails on it) names the task and item.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from pathlib import Path
@@ -46,7 +51,8 @@ if TYPE_CHECKING:  # for annotations only: each is imported where it is used
 HELDOUT_TASKS = ("perplexity", "continuation", "long_context")
 RESULTS = "results.json"
 
-# `continuation` without --limit scores this many items, from at most 4 documents per item.
+# `continuation` is at most this many items, made from the first DOCS_PER_ITEM x ITEMS held-out
+# documents (distractors are drawn from all of them); --limit N scores the first N of its items.
 CONTINUATION_ITEMS = 1000
 CONTINUATION_DOCS_PER_ITEM = 4
 
@@ -165,6 +171,12 @@ def evaluate(
     `alibi_scale`: ALiBi interpolation of every forward pass; by default the one the model was
     last trained with (its recipe's last stage: 1, or a long fine-tune's fixed factor)."""
     names = check_tasks(tasks, data, task_data)
+    # A folder no asked task reads is not recorded as an input (results.json, the manifest), nor
+    # refused: --task-data may come from LMPIPE_EVAL_DATA, set for every eval.
+    if not any(base_task(t) in HELDOUT_TASKS for t in names):
+        data = None
+    if all(base_task(t) in HELDOUT_TASKS for t in names):
+        task_data = None
     source = model_source(model)
     out = Path(out) if out is not None else source.default_output()
     if limit is not None and limit < 1:
@@ -315,10 +327,13 @@ def read_inputs(
     for name in names:
         if name == "continuation":
             # Held-out documents are a hash-chosen sample already: the first ones serve, and a
-            # billion-token held-out split is never decoded whole.
-            n_items = limit or CONTINUATION_ITEMS
-            docs = itertools.islice(shards.documents(), CONTINUATION_DOCS_PER_ITEM * n_items)  # type: ignore[union-attr]
+            # billion-token held-out split is never decoded whole. The distractor pool and the
+            # seeded draws depend on this window, so it does not depend on --limit: --limit N
+            # takes the first N items of the whole task, as the harness's --limit does.
+            window = CONTINUATION_DOCS_PER_ITEM * CONTINUATION_ITEMS
+            docs = itertools.islice(shards.documents(), window)  # type: ignore[union-attr]
             texts = [encoding.decode(doc.tolist()) for doc in docs]
+            n_items = min(limit or CONTINUATION_ITEMS, CONTINUATION_ITEMS)
             items[name] = continuation_items(texts, seed=seed, limit=n_items)
             if not items[name]:
                 raise LmpipeError(
@@ -339,14 +354,21 @@ def check_continuations(
     max_length: int,
     task_data: Path | None,
 ) -> None:
-    """Every request of the item tasks fits the model: a continuation longer than `max_length`
-    cannot be scored (the harness would read past its input; `GPTLM` refuses it), and a model
-    trained at a short length meets one. Checked here, before the first task runs, not after
-    hours of scoring the others."""
-    from lmpipe.evals.lm import continuation_length
+    """Every request of the item tasks can be scored: a continuation longer than `max_length`
+    cannot (the harness would read past its input; `GPTLM` refuses it), and a model trained at a
+    short length meets one; nor can a context of only whitespace (an openbookqa stem of spaces,
+    a lambada text starting "  Paris"), which leaves no context token (`encode_pair`): the
+    harness fails on it with an AssertionError. Checked here, before the first task runs, not
+    after hours of scoring the others."""
+    from lmpipe.evals.lm import request_lengths
     from lmpipe.evals.tasks import EXTERNAL_TASKS, Choice, Cloze
 
     for name, task_items in items.items():
+        source = (
+            f"{Path(task_data) / EXTERNAL_TASKS[name].path}, "  # type: ignore[arg-type]
+            if name in EXTERNAL_TASKS
+            else ""
+        )
         for number, item in enumerate(task_items, 1):
             if isinstance(item, Choice):
                 requests = item.requests
@@ -355,13 +377,14 @@ def check_continuations(
             else:  # rolling texts are cut into windows of the model's length
                 continue
             for context, continuation in requests:
-                n = continuation_length(encoding, context, continuation)
-                if n > max_length:
-                    source = (
-                        f"{Path(task_data) / EXTERNAL_TASKS[name].path}, "  # type: ignore[arg-type]
-                        if name in EXTERNAL_TASKS
-                        else ""
+                n_context, n = request_lengths(encoding, context, continuation)
+                if n_context == 0:
+                    raise LmpipeError(
+                        f"{name} ({source}item {number}): the context {json.dumps(context)} is "
+                        "only whitespace, which leaves no token to predict the continuation from "
+                        "(the harness refuses it too); fix or remove the row"
                     )
+                if n > max_length:
                     raise LmpipeError(
                         f"{name} ({source}item {number}): a continuation of {n} tokens is longer "
                         f"than the model's max_length ({max_length}, its last stage's seq_len); "

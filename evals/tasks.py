@@ -98,6 +98,28 @@ def key_index(labels: Sequence[str], key: Any, n_choices: int, field: str) -> in
     return index
 
 
+def text_field(row: dict[str, Any], field: str) -> str:
+    """A row's text field, which its task pastes into a prompt or a choice: a string. A number, a
+    list or null is refused here, as the file is read: the harness would paste a number into the
+    prompt as text, and a non-string choice fails only while scoring (`len(choice)`)."""
+    value = row[field]
+    if not isinstance(value, str):
+        raise BadRow(f"{field} is {json.dumps(value)}, not a string")
+    return value
+
+
+def text_list(row: dict[str, Any], field: str, subfield: str) -> list[str]:
+    """A row's list of strings (ARC's and OpenBookQA's `choices.text`), each checked as
+    `text_field` checks one."""
+    values = row[field][subfield]
+    if not isinstance(values, list):
+        raise BadRow(f"{field}.{subfield} is {json.dumps(values)}, not a list of strings")
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise BadRow(f"{field}.{subfield}[{i}] is {json.dumps(value)}, not a string")
+    return values
+
+
 def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> Choice:
     """The harness's default multiple-choice requests: (context, delimiter + choice) per choice."""
     return Choice(tuple((context, f"{delimiter}{c}") for c in choices), tuple(choices), gold)
@@ -108,32 +130,32 @@ def choice_item(context: str, choices: Sequence[str], gold: int, delimiter: str 
 
 def arc(row: dict[str, Any]) -> Choice:
     # arc_easy.yaml / arc_challenge.yaml: "Question: {{question}}\nAnswer:", choices.text
-    text = row["choices"]["text"]
+    choices = text_list(row, "choices", "text")
     return choice_item(
-        f"Question: {row['question']}\nAnswer:",
-        text,
-        key_index(row["choices"]["label"], row["answerKey"], len(text), "answerKey"),
+        f"Question: {text_field(row, 'question')}\nAnswer:",
+        choices,
+        key_index(row["choices"]["label"], row["answerKey"], len(choices), "answerKey"),
     )
 
 
 def piqa(row: dict[str, Any]) -> Choice:
     return choice_item(
-        f"Question: {row['goal']}\nAnswer:",
-        [row["sol1"], row["sol2"]],
+        f"Question: {text_field(row, 'goal')}\nAnswer:",
+        [text_field(row, "sol1"), text_field(row, "sol2")],
         gold_index(row["label"], 2, "label"),
     )
 
 
 def openbookqa(row: dict[str, Any]) -> Choice:
     # The question stem alone is the context; the answer continues the sentence.
-    text = row["choices"]["text"]
-    gold = key_index(row["choices"]["label"], row["answerKey"], len(text), "answerKey")
-    return choice_item(row["question_stem"], text, gold)
+    choices = text_list(row, "choices", "text")
+    gold = key_index(row["choices"]["label"], row["answerKey"], len(choices), "answerKey")
+    return choice_item(text_field(row, "question_stem"), choices, gold)
 
 
 def boolq(row: dict[str, Any]) -> Choice:
     return choice_item(
-        f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
+        f"{text_field(row, 'passage')}\nQuestion: {text_field(row, 'question')}?\nAnswer:",
         ["no", "yes"],
         gold_index(row["label"], 2, "label"),
     )
@@ -141,18 +163,23 @@ def boolq(row: dict[str, Any]) -> Choice:
 
 def social_iqa(row: dict[str, Any]) -> Choice:
     # siqa.yaml: "Q: {{context}} {{question}}\nA:", label "1".."3"
-    answers = [row["answerA"], row["answerB"], row["answerC"]]
+    answers = [text_field(row, "answerA"), text_field(row, "answerB"), text_field(row, "answerC")]
     gold = gold_index(row["label"], 3, "label", first=1)
-    return choice_item(f"Q: {row['context']} {row['question']}\nA:", answers, gold)
+    return choice_item(
+        f"Q: {text_field(row, 'context')} {text_field(row, 'question')}\nA:", answers, gold
+    )
 
 
 def winogrande(row: dict[str, Any]) -> Choice:
     """Partial scoring (preprocess_winogrande.py): each option fills the blank inside the
     context, and the model scores the same rest of the sentence after each. Only acc is stock."""
-    sentence = row["sentence"]
+    sentence = text_field(row, "sentence")
     blank = sentence.index("_")
     rest = sentence[blank + 1 :].strip()
-    contexts = [sentence[:blank] + row["option1"], sentence[:blank] + row["option2"]]
+    contexts = [
+        sentence[:blank] + text_field(row, "option1"),
+        sentence[:blank] + text_field(row, "option2"),
+    ]
     # multiple_input: requests are (context + choice, " " + target) with an empty 0-shot context.
     gold = gold_index(row["answer"], 2, "answer", first=1)
     return Choice(tuple((c, f" {rest}") for c in contexts), tuple(contexts), gold)
@@ -196,7 +223,7 @@ def hellaswag(lines: Sequence[str]) -> Choice:
 def lambada(row: dict[str, Any]) -> Cloze:
     # lambada_openai.yaml: context = all but the last space-separated word, target " " + last word
     # (output_type loglikelihood: no target delimiter is added).
-    words = row["text"].split(" ")
+    words = text_field(row, "text").split(" ")
     return Cloze(" ".join(words[:-1]), " " + words[-1])
 
 
@@ -237,7 +264,8 @@ def wikitext_detokenize(text: str) -> str:
 
 
 def wikitext(row: dict[str, Any]) -> Rolling:
-    return Rolling(text=wikitext_detokenize(row["page"]), source=row["page"])
+    page = text_field(row, "page")
+    return Rolling(text=wikitext_detokenize(page), source=page)
 
 
 @dataclass(frozen=True)
@@ -418,7 +446,12 @@ def score_choice(lm: LM, items: Sequence[Choice]) -> dict[str, Any]:
         pos += len(item.requests)
         lengths = np.array([float(len(c)) for c in item.choices])
         acc.append(1.0 if int(np.argmax(lls)) == item.gold else 0.0)
-        acc_norm.append(1.0 if int(np.argmax(lls / lengths)) == item.gold else 0.0)
+        # An empty choice ("" in a row) has length 0: the harness 0.4.13 scores it too, as ll / 0
+        # (-inf, so never picked unless all are), with numpy's divide-by-zero warning; the same
+        # numbers here, without the warning in the middle of the progress bars.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            normed = lls / lengths
+        acc_norm.append(1.0 if int(np.argmax(normed)) == item.gold else 0.0)
     return {
         "acc": metric(float(np.mean(acc)) if acc else float("nan"), mean_stderr(acc)),
         "acc_norm": metric(

@@ -13,8 +13,9 @@ trailing "\r" dropped): form feeds and other Unicode line breaks stay inside the
 
 Sampling: temperature 0 is greedy (argmax); otherwise the next token is drawn from
 softmax(logits / temperature), kept to the `top_k` most likely tokens (0: all) and then to the
-smallest set of them whose probability reaches `top_p` (1: all), by a torch.Generator seeded once
-per call, so the same settings give the same text. A temperature so small that logits /
+smallest set of them whose probability reaches `top_p` (1: all), by a torch.Generator seeded
+with `seed` afresh for each prompt: a prompt's text is the same alone or on any line of a file,
+and the same settings give the same text. A temperature so small that logits /
 temperature overflow float32 (1e-40, say) picks the argmax: the limit the tempered distribution
 tends to. A completion ends after `max_new_tokens` or at the end-of-text token (50256, left out
 of the text).
@@ -120,10 +121,12 @@ def generate(settings: GenerateSettings) -> GenerateResult:
     scaling = resolve_alibi_scaling(settings.alibi_scaling, recipe)
     check_lengths(prompt_ids, settings.max_new_tokens, recipe)
 
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
     completions = []
     start = time.perf_counter()
     for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        # One generator per prompt, from the seed alone: sharing one would make a prompt's
+        # text depend on the draws of the prompts before it in the file.
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
         new = generate_tokens(model, ids, settings, scaling, generator)
         ended = new[-1] == EOT_ID
         text = enc.decode(new[:-1] if ended else new)
@@ -215,6 +218,14 @@ def check_sampling(settings: GenerateSettings) -> None:
         raise LmpipeError(f"--top-k must be >= 0 (0: no top-k cut), got {settings.top_k}")
     if not 0 < settings.top_p <= 1:
         raise LmpipeError(f"--top-p must be in (0, 1] (1: no nucleus cut), got {settings.top_p:g}")
+    if not SEED_MIN <= settings.seed <= SEED_MAX:
+        raise LmpipeError(
+            f"--seed must be from -2**63 to 2**64 - 1 (a torch generator's seed), got {settings.seed}"
+        )
+
+
+# The seeds torch.Generator.manual_seed takes (int64 or uint64); others overflow in torch.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def read_prompts(settings: GenerateSettings) -> list[str]:
@@ -225,6 +236,13 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
             raise LmpipeError("no prompt: give --prompt TEXT or --prompts FILE")
         if not settings.prompt:
             raise LmpipeError("--prompt is empty: the model needs at least one token to continue")
+        try:
+            settings.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # argv's bytes that are not UTF-8 arrive as lone surrogates, which the encoder would
+            # turn into U+FFFD unseen; refused as the same bytes in a prompts file are.
+            byte = len(settings.prompt[: e.start].encode("utf-8"))
+            raise LmpipeError(f"--prompt: not UTF-8 text (byte {byte})") from None
         return [settings.prompt]
     if settings.prompt is not None:
         raise LmpipeError("give one of --prompt TEXT and --prompts FILE, not both")

@@ -16,7 +16,8 @@ this module moves the weights and holds the stages.
   load_hf_model  such a folder, the released BTLM or Cerebras-GPT-muP (`model_type: btlm`, new or
                  old field names) or a GPT-2-layout one (Cerebras-GPT SP) -> lmpipe's GPT + recipe
   import_model   load_hf_model, written as a folder laid out like a finished run's (model/),
-                 which `lmpipe eval` and `train --init-from` read
+                 which `lmpipe eval` and `train --init-from` read; a dynamic alibi_scaling,
+                 which no recipe holds, is noted on stderr as not kept
   initial_model  the weights `lmpipe train --init-from` starts from, checked against the recipe
 
 What lmpipe cannot run is refused in one line naming the field or tensor: another architecture,
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -211,8 +213,9 @@ def weight_files(folder: Path) -> tuple[dict[str, Path], str]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+                if not isinstance(weight_map, dict):
+                    raise TypeError  # a check, not an assert: `python -O` keeps it
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise LmpipeError(
                     f"{index}: not an index (a JSON object with a weight_map)"
                 ) from None
@@ -401,7 +404,23 @@ def import_model(hf: Path, out: Path, overwrite: bool = False) -> Path:
             parameters=sum(p.numel() for p in model.parameters()),
             files={name: sha256_file(work / name) for name in files},
         )
+    if read_config(hf).dynamic_alibi:  # load_hf_model has read and checked this config
+        note_dynamic_alibi(hf / "config.json", recipe.stages[-1].seq_len, Path(out))
     return Path(out)
+
+
+def note_dynamic_alibi(config: Path, train_seq_len: int, out: Path) -> None:
+    """One line on stderr: a dynamic alibi_scaling is an inference-time rule that a recipe
+    cannot hold (a stage holds a fixed alibi_scale), so a re-export would drop it unsaid and
+    transformers would then score inputs past train_seq_len without interpolation."""
+    print(
+        f"note: {config}: alibi_scaling's dynamic rule (train_seq_len {train_seq_len}) is not "
+        f"kept: the model is imported as trained at {train_seq_len} tokens; past them `lmpipe "
+        "generate` applies the rule by default, `lmpipe eval` in long_context (loss_alibi_pi) or "
+        f"at a fixed --alibi-scale; `lmpipe export` of {out} writes alibi_scaling null (set the "
+        "rule again in the export's config.json for transformers to apply it)",
+        file=sys.stderr,
+    )
 
 
 # --- lmpipe train --init-from ------------------------------------------------------------------

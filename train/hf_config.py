@@ -151,11 +151,14 @@ class HFConfig:
 @dataclass(frozen=True)
 class Imported:
     """What a config.json says in lmpipe's terms: the model, and the length and ALiBi scale of
-    the stage it last trained at."""
+    the stage it last trained at. `dynamic_alibi`: its alibi_scaling was the dynamic rule, whose
+    train_seq_len is `seq_len`; no recipe field holds the rule, so an export of the import
+    writes alibi_scaling null (`lmpipe import` says so)."""
 
     model: ModelConfig
     seq_len: int
     alibi_scale: float
+    dynamic_alibi: bool
 
 
 def read_config(folder: Path) -> Imported:
@@ -207,7 +210,7 @@ def read_config(folder: Path) -> Imported:
         "layer_norm_epsilon", config.get("layer_norm_epsilon", float, 1e-5)
     )
     sp = (width, alpha_in, alpha_out, by_d) == (1.0, 1.0, 1.0, False)
-    seq_len, alibi_scale = n_positions, 1.0
+    seq_len, alibi_scale, dynamic_alibi = n_positions, 1.0, False
     if position == "learned":
         seq_len = config.positive(TRAIN_SEQ_LEN_FIELD, n_positions)
         if seq_len > n_positions:
@@ -228,7 +231,7 @@ def read_config(folder: Path) -> Imported:
         elif is_int(train_seq_len) and train_seq_len > 1:
             # Dynamic interpolation is an inference-time rule on top of a model trained at
             # train_seq_len: lmpipe's eval applies it by length (long_context, --alibi-scale).
-            seq_len = train_seq_len
+            seq_len, dynamic_alibi = train_seq_len, True
         else:
             raise config.error(
                 "alibi_scaling", scaling, "factor must be > 1, train_seq_len an integer > 1"
@@ -272,7 +275,7 @@ def read_config(folder: Path) -> Imported:
             why = f"gives {where} {error['input']!r}: {error['msg']}" if derived else error["msg"]
             raise config.error(key, config.raw[key], why) from None
         raise LmpipeError(f"{config.path}: {where} {error['input']!r}: {error['msg']}") from None
-    return Imported(model, seq_len, alibi_scale)
+    return Imported(model, seq_len, alibi_scale, dynamic_alibi)
 
 
 def imported_recipe(name: str, imported: Imported) -> Recipe:

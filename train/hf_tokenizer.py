@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.tokenizer import EOT_ID
+from lmpipe.dataprep.tokenizer import EOT_ID, GPT2_FILES, fetch_files
 
-# tiktoken's own addresses for GPT-2's files, so its cache (TIKTOKEN_CACHE_DIR) serves them.
-GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 EOT = "<|endoftext|>"
 
 
@@ -23,10 +21,13 @@ def gpt2_tokenizer_files() -> tuple[bytes, bytes]:
     from tiktoken.load import read_file_cached
 
     try:
+        fetch_files()  # a download announced on stderr, with a time limit (tiktoken's has none)
         return (
             read_file_cached(GPT2_FILES + "encoder.json"),
             read_file_cached(GPT2_FILES + "vocab.bpe"),
         )
+    except LmpipeError:
+        raise
     except Exception as e:  # network errors come in many types; all mean "files unavailable"
         raise LmpipeError(
             f"GPT-2 tokenizer files (encoder.json, vocab.bpe) could not be loaded "

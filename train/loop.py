@@ -168,6 +168,7 @@ def train(
     verify_data: bool = True,
     init_from: Path | None = None,
     peak_tflops: float | None = None,
+    published_as: Path | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` on `data` (one shard folder, named sources with weights, or None for the
     recipe's own `data` section), writing everything into `run_dir`.
@@ -179,6 +180,9 @@ def train(
     `init_from` starts from the weights of a run, model or Hugging Face folder instead of a fresh
     initialisation (the recipe's model must be theirs: `lmpipe.train.hf.initial_model`).
     `peak_tflops`: one GPU's dense bf16 peak for MFU, where `metrics.PEAK_TFLOPS` lacks it.
+    `published_as`: the path the caller publishes `run_dir` as, without its checkpoints (a sweep
+    point, trained in OUT.partial): the last line and the guard's stop name the run there, and
+    the manifest names no checkpoint.
     A SIGTERM or SIGINT stops the run after the current step with a checkpoint (the summary's
     `stopped`); the guard's stop raises `RunStopped`.
     """
@@ -192,6 +196,7 @@ def train(
             verify_data=verify_data,
             init_from=init_from,
             peak_tflops=peak_tflops,
+            published_as=published_as,
             held=held,
         )
 
@@ -205,6 +210,7 @@ def train_run(
     verify_data: bool,
     init_from: Path | None,
     peak_tflops: float | None,
+    published_as: Path | None,
     held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """`train` inside its launch environment; `held` keeps the run folder's lock until the
@@ -333,15 +339,19 @@ def train_run(
                 data={source.name: str(source.path) for source in recipe.data or []},
                 world_size=world,
                 init_from=started_from,
-                summary=summary,
+                # published without its checkpoints: a path to one would name nothing
+                summary=summary if published_as is None else {**summary, "checkpoint": None},
             )
     if rank == 0:
-        print_summary(summary, run_dir)
+        print_summary(summary, published_as or run_dir)
     dist.barrier()
     if summary["stopped"] == "guard":
+        stop = f"stopped at step {summary['steps']:,}: {summary['stop_reason']}"
+        if published_as is not None:  # its checkpoints are dropped: there is no resume to offer
+            raise RunStopped(f"{published_as}: {stop}")
         checkpoint = summary["checkpoint"]
         raise RunStopped(
-            f"{run_dir}: stopped at step {summary['steps']:,}: {summary['stop_reason']}; "
+            f"{run_dir}: {stop}; "
             + (
                 f"last good checkpoint {checkpoint} (lmpipe train --resume continues from it)"
                 if checkpoint

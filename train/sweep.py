@@ -81,6 +81,13 @@ class PointJob:
     record: Path  # points/<name>.json, written when the point is done
     log: Path  # a worker's output goes here (points in parallel)
 
+    @property
+    def published(self) -> Path:
+        """`run_dir` once the sweep is published: OUT.partial/runs/<name> as OUT/runs/<name>
+        (`partial_path`)."""
+        work = self.run_dir.parent.parent
+        return work.with_name(work.name.removesuffix(".partial")) / RUNS / self.name
+
 
 def point_done(work: Path, name: str) -> bool:
     """A point is done when its run has finished (manifest) or stopped on a non-finite loss."""
@@ -117,8 +124,15 @@ def run_point(job: PointJob) -> dict[str, Any]:
     started = time.perf_counter()
     stopped = signal_stop = None
     try:
+        # Its manifest names no checkpoint (they are dropped below), and its last line and a
+        # guard stop name the run where it will be once published, not in OUT.partial.
         summary = train(
-            job.recipe, None, job.run_dir, resume=job.run_dir.exists(), verify_data=False
+            job.recipe,
+            None,
+            job.run_dir,
+            resume=job.run_dir.exists(),
+            verify_data=False,
+            published_as=job.published,
         )
         if summary.get("stopped") in ("SIGTERM", "SIGINT"):
             signal_stop = summary["stopped"]

@@ -327,3 +327,22 @@ def test_cli_defaults_are_the_stages_defaults():
                 )
                 compared += 1
         assert compared >= 4, name
+
+
+def test_a_stage_started_with_stdout_closed_succeeds_and_says_nothing(tmp_path):
+    """`>&-` (Python's stdout None): the stage published its output, then the report's flush
+    failed with a traceback and exit 1. Now the report goes to /dev/null."""
+    import json
+    import os
+
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(5))
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "lmpipe.cli", "tokenize", "in.jsonl", "-o", "tok"],
+        cwd=tmp_path, stdout=None, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert (out.returncode, out.stderr) == (0, "")
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["stage"] == "tokenize" and manifest["totals"]["documents"] == 5

@@ -81,6 +81,16 @@ def test_empty_context_before_an_end_of_text_continuation_is_not_doubled(gpt2):
     assert cont == gpt2.encode("Hello there")
 
 
+def test_a_context_of_only_whitespace_leaves_no_context_token_and_is_refused(tiny_gpt, gpt2):
+    # The whitespace moves whole into the continuation (the harness's rule); its first token would
+    # be predicted at position -1, another row's padding, so the score would depend on the batch.
+    # The harness fails on such a request (an AssertionError); GPTLM refuses it by name.
+    lm = GPTLM(tiny_gpt, gpt2, max_length=24, batch_size=3)
+    assert lm.encode_pair("   ", " x") == ([], gpt2.encode("    x"))
+    with pytest.raises(ValueError, match="^a request has no context token to predict its continuation from$"):  # fmt: skip
+        lm.loglikelihood([("Question: a\nAnswer:", " b"), ("   ", " x")])
+
+
 # --- loglikelihood ----------------------------------------------------------------------
 
 

@@ -322,6 +322,71 @@ def test_every_input_is_checked_before_the_first_task_runs(run_dir, task_data, m
     assert report["tasks"]["arc_easy"]["n"] == 2 and report["tasks"]["continuation"]["n"] == 2
 
 
+def test_a_non_string_choice_and_a_blank_context_are_refused_before_the_first_task(run_dir, task_data, tmp_path, monkeypatch):  # fmt: skip
+    """An ARC choice that is a number (scoring would fail on it, after the tasks before it) and a
+    lambada context of only whitespace (its continuation's first token would be read at
+    position -1: the harness refuses it) are one-line errors before the first task runs."""
+    from lmpipe.evals import run as run_module
+
+    ran: list[str] = []
+
+    def spy(name, **kw):
+        ran.append(name)
+        return {}
+
+    monkeypatch.setattr(run_module, "run_task", spy)
+    arc = task_data / "arc_easy" / "test.jsonl"
+    rows = arc.read_text().splitlines()
+    rows[2] = json.dumps({**json.loads(rows[2]), "choices": {"text": [1, 2, 3, 4], "label": list("ABCD")}})  # fmt: skip
+    arc.write_text("\n".join(rows) + "\n")
+    (task_data / "lambada_openai").mkdir()
+    lambada = task_data / "lambada_openai" / "lambada_test.jsonl"
+    lambada.write_text('{"text": "a b"}\n{"text": "  Paris"}\n')
+    kw = dict(data=None, task_data=task_data, limit=None)
+    with pytest.raises(LmpipeError, match=r"^.*arc_easy/test\.jsonl:3: choices\.text\[0\] is 1, not a string$"):  # fmt: skip
+        evaluate(run_dir, tmp_path / "e", tasks=["lambada_openai", "arc_easy"], **kw)
+    blank = rf'^lambada_openai \({lambada}, item 2\): the context " " is only whitespace, which leaves no token to predict the continuation from \(the harness refuses it too\); fix or remove the row$'  # fmt: skip
+    with pytest.raises(LmpipeError, match=blank):
+        evaluate(run_dir, tmp_path / "e", tasks=["lambada_openai"], **kw)
+    assert ran == [] and not (tmp_path / "e").exists()
+
+
+def test_continuation_with_a_limit_is_the_first_items_of_the_whole_task(make_shards, gpt2, random_text, tmp_path):  # fmt: skip
+    """The distractors are drawn from a window of held-out documents that does not depend on
+    --limit, so --limit N scores the first N items of the task without it (as the harness's
+    --limit does), and a limit past the task's size scores the whole task."""
+    import random
+
+    from lmpipe.evals.run import read_inputs
+
+    rng = random.Random(11)
+    data = make_shards(tmp_path / "tokens", [random_text(rng, rng.randint(40, 160)) for _ in range(40)])  # fmt: skip
+
+    def items(limit):
+        _, by_task = read_inputs(["continuation"], data=data, task_data=None, limit=limit, seed=0, encoding=gpt2)  # fmt: skip
+        return by_task["continuation"]
+
+    whole = items(None)
+    assert len(whole) == 40
+    for limit in (1, 3, 7):
+        assert items(limit) == whole[:limit]
+    assert items(5000) == whole
+
+
+def test_a_folder_no_task_reads_is_not_recorded(run_dir, task_data, make_shards, heldout_texts, tmp_path):  # fmt: skip
+    """--data with only external tasks (even a folder that does not exist) and --task-data with
+    only held-out tasks are neither read nor named as inputs in results.json or the manifest."""
+    report = evaluate(run_dir, tmp_path / "e", tasks=["arc_easy"], data=tmp_path / "nowhere", task_data=task_data, limit=1)  # fmt: skip
+    assert report["settings"]["data"] is None and report["settings"]["task_data"] == str(task_data)
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["inputs"]["data"] is None
+    data = make_shards(tmp_path / "tokens", heldout_texts)
+    report = evaluate(run_dir, tmp_path / "f", tasks=["perplexity"], data=data, task_data=task_data, limit=1)  # fmt: skip
+    assert report["settings"]["data"] == str(data) and report["settings"]["task_data"] is None
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["inputs"]["task_data"] is None
+
+
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
 def test_alibi_scale_must_be_finite_and_positive(run_dir, task_data, tmp_path, scale):
     with pytest.raises(LmpipeError, match=f"--alibi-scale must be finite and > 0, got {scale:g}"):

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+import warnings
 
 import pytest
 
@@ -50,6 +51,19 @@ def test_acc_and_acc_norm_choose_differently():
     assert scores["acc_norm"]["value"] == 1.0
     assert scores["n"] == 1
     assert lm.seen == [("Q:", " a"), ("Q:", " abc")]
+
+
+def test_an_empty_choice_is_scored_as_the_harness_scores_it_without_a_warning():
+    # lm-eval 0.4.13 keeps a row with an empty choice: acc_norm divides its log-likelihood by a
+    # length of 0 (-inf: never the pick) and numpy warns of the division; here the same pick,
+    # and no warning in the middle of the progress bars.
+    item = choice_item("Q:", ["", "abc"], gold=1)
+    lm = StubLM({("Q:", " "): (-0.5, False), ("Q:", " abc"): (-3.0, False)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = score_items(lm, [item])
+    assert scores["acc"]["value"] == 0.0  # -0.5 > -3.0: the empty choice
+    assert scores["acc_norm"]["value"] == 1.0  # -0.5 / 0 = -inf < -3.0 / 3
 
 
 def test_ties_go_to_the_first_choice_and_stderr_is_the_harness_mean_stderr():
@@ -216,6 +230,48 @@ def test_a_bad_row_names_file_and_line(tmp_path):
         load_items(EXTERNAL_TASKS["piqa"], tmp_path)
     with pytest.raises(LmpipeError, match="no such file"):
         load_items(EXTERNAL_TASKS["arc_easy"], tmp_path)
+
+
+# One valid row per task, and a field of it made something other than a string: the harness would
+# paste a number into the prompt, and fail on a non-string choice only while scoring it.
+VALID_ROWS = {
+    "arc_easy": {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"},
+    "openbookqa": {"question_stem": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"},
+    "piqa": {"goal": "g", "sol1": "a", "sol2": "b", "label": 0},
+    "boolq": {"passage": "p", "question": "q", "label": 0},
+    "social_iqa": {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "1"},
+    "winogrande": {"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"},
+    "lambada_openai": {"text": "a b"},
+    "wikitext": {"page": "p"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("task", "change", "message"),
+    [
+        ("arc_easy", {"choices": {"text": [1, 2], "label": ["A", "B"]}}, "choices.text[0] is 1"),
+        ("arc_easy", {"question": 5}, "question is 5"),
+        ("openbookqa", {"choices": {"text": "ab", "label": ["A", "B"]}}, 'choices.text is "ab"'),
+        ("openbookqa", {"question_stem": None}, "question_stem is null"),
+        ("piqa", {"sol2": 7}, "sol2 is 7"),
+        ("boolq", {"passage": ["p"]}, 'passage is ["p"]'),
+        ("social_iqa", {"answerB": None}, "answerB is null"),
+        ("winogrande", {"option1": 1}, "option1 is 1"),
+        ("lambada_openai", {"text": 3}, "text is 3"),
+        ("wikitext", {"page": 3}, "page is 3"),
+    ],
+)
+def test_a_field_that_is_not_a_string_names_file_line_and_field(tmp_path, task, change, message):
+    from lmpipe.dataprep.errors import LmpipeError
+
+    spec = EXTERNAL_TASKS[task]
+    path = tmp_path / spec.path
+    path.parent.mkdir()
+    rows = [VALID_ROWS[task], {**VALID_ROWS[task], **change}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_items(spec, tmp_path, limit=1)) == 1  # the first row is a valid one
+    with pytest.raises(LmpipeError, match=f"^{re.escape(f'{path}:2: {message}, not a')}"):
+        load_items(spec, tmp_path)
 
 
 # --- the held-out continuation task ------------------------------------------------------

@@ -297,6 +297,29 @@ def test_a_prompts_file_runs_each_prompt_alone(alibi_run, tmp_path):
     assert both.new_tokens == 16
 
 
+def test_a_sampled_prompt_gets_the_same_text_alone_or_after_others(run, tmp_path):
+    """Each prompt draws from its own generator seeded with --seed: a prompt's sampled text does
+    not depend on the prompts before it, so --prompt X gives line X's text."""
+    sampled = dict(temperature=2.0, top_k=0, max_new_tokens=12, seed=3)
+    (tmp_path / "prompts.txt").write_text(f"Hello world\n{PROMPT}\n", encoding="utf-8")
+    both = generate(settings(run, prompt=None, prompts_file=tmp_path / "prompts.txt", **sampled))
+    alone = [
+        generate(settings(run, prompt=p, **sampled)).completions[0].tokens
+        for p in ("Hello world", PROMPT)
+    ]
+    assert [c.tokens for c in both.completions] == alone
+    # the seed does decide the text: another seed, other tokens
+    assert generate(settings(run, **{**sampled, "seed": 4})).completions[0].tokens != alone[1]
+
+
+def test_every_seed_torch_takes_generates(alibi_run):
+    """-2**63 and 2**64 - 1 are the ends of the seeds torch takes (the next ones beyond are one
+    line each, in test_bad_inputs_are_one_line_errors)."""
+    for seed in (-(2**63), 2**64 - 1):
+        s = settings(alibi_run, max_new_tokens=3, temperature=1.0, seed=seed)
+        assert len(generate(s).completions[0].tokens) == 3
+
+
 runner = CliRunner()
 
 
@@ -321,6 +344,14 @@ def test_bad_inputs_are_one_line_errors(alibi_run, learned_run, tmp_path):
     one_line_error([a, "--prompt", "x", "--top-p", "1.5"], "--top-p", "1.5")
     one_line_error([a, "--prompt", "x", "--top-k", "-1"], "--top-k", "-1")
     one_line_error([a, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens")
+    one_line_error([a, "--prompt", "x", "--seed", str(2**64)], "--seed", str(2**64))
+    one_line_error([a, "--prompt", "x", "--seed", str(-(2**63) - 1)], "--seed", str(-(2**63) - 1))
+    # argv's bytes that are not UTF-8 come as lone surrogates ("caf\xff" -> "caf\udcff"),
+    # refused as the same bytes in a prompts file are, not turned into U+FFFD
+    one_line_error([a, "--prompt", "caf\udcff"], "--prompt: not UTF-8 text (byte 3)")
+    one_line_error([a, "--prompt", "caf\u00e9\udcffx"], "--prompt: not UTF-8 text (byte 5)")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xff\n")
+    one_line_error([a, "--prompts", str(tmp_path / "bad.txt")], "bad.txt: not UTF-8 text (byte 3)")
     one_line_error([a, "--prompt", "x", "--alibi-scale", "0.5"], "--alibi-scale '0.5'")
     # --alibi-scaling, generate's first name for eval's --alibi-scale, still reads the same
     one_line_error([a, "--prompt", "x", "--alibi-scaling", "fast"], "--alibi-scale 'fast'")

@@ -285,6 +285,28 @@ def test_dynamic_alibi_scaling_divides_slopes_by_key_length_over_train_length(tm
     assert recipe.stages[-1].seq_len == 8 and recipe.stages[-1].alibi_scale == 1.0
 
 
+def test_import_notes_that_a_dynamic_alibi_scaling_is_not_kept(tmp_path, capsys):
+    """No recipe field holds the dynamic rule, so an export of the import writes alibi_scaling
+    null: the import says so in one line (and says nothing for a config without the rule)."""
+    make_model_folder(tmp_path / "model", ALIBI)
+    export_model(tmp_path / "model", tmp_path / "hf")
+    capsys.readouterr()
+    import_model(tmp_path / "hf", tmp_path / "plain")
+    assert capsys.readouterr().err == ""
+    edit_config(tmp_path / "hf", alibi_scaling={"type": "linear", "train_seq_len": 8})
+    import_model(tmp_path / "hf", tmp_path / "lm")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"note: {tmp_path / 'hf' / 'config.json'}: alibi_scaling's dynamic rule "
+        "(train_seq_len 8) is not kept: the model is imported as trained at 8 tokens;"
+    ), err
+    assert f"`lmpipe export` of {tmp_path / 'lm'} writes alibi_scaling null" in err
+    export_model(tmp_path / "lm", tmp_path / "hf2")
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert (config["alibi_scaling"], config["n_positions"]) == (None, 8)
+
+
 def test_btlms_first_upload_field_names_are_read(alibi, tmp_path):
     """The released BTLM config's first version: width_scale, embeddings_scale,
     output_logits_scale (= alpha_out * width_scale) and scale_qk_dot_by_d."""

@@ -215,3 +215,25 @@ def test_a_pytorch_model_bin_holding_a_non_tensor_is_one_line(made, tmp_path):
     with pytest.raises(LmpipeError) as error:
         load_hf_model(folder)
     one_line(error, f"{folder / 'pytorch_model.bin'}: not a state dict (tensors by name)")
+
+
+def test_an_index_without_a_weight_map_object_is_one_line_under_python_O(tmp_path):
+    """The check is an `if`, not an assert that `python -O` strips (it gave an AttributeError
+    traceback there)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ["x"]}')
+    code = (
+        "import sys; from pathlib import Path; from lmpipe.dataprep.errors import LmpipeError\n"
+        "from lmpipe.train.hf import weight_files\n"
+        "try: weight_files(Path(sys.argv[1]))\n"
+        "except LmpipeError as e: print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code, str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(
+        "model.safetensors.index.json: not an index (a JSON object with a weight_map)"
+    )

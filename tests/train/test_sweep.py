@@ -70,6 +70,8 @@ def test_every_point_is_a_run_and_a_diverged_point_is_recorded(swept):
         assert row["heldout_loss"] == metrics[-1]["val_loss"]["data"]  # scored at the end only
         assert "val_loss" not in metrics[0] and row["tokens"] == 512
         assert not (run / "checkpoints").exists() and (run / "model" / "model.pt").is_file()
+        # dropped with the checkpoints: no path into lr.partial, which is gone once published
+        assert json.loads((run / "manifest.json").read_text())["summary"]["checkpoint"] is None
         # the point is `lmpipe train --recipe tiny --set ...` with the sweep's --set list
         trained = load_recipe(str(run / "recipe.yaml"))
         assert trained.model_copy(update={"data": None}) == load_recipe("tiny", row["set"])
@@ -90,6 +92,7 @@ def test_every_point_is_a_run_and_a_diverged_point_is_recorded(swept):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "sweep" and manifest["points"] == 3 and manifest["diverged"] == 1
+    assert not [p for p in out.rglob("*") if p.is_file() and b"lr.partial" in p.read_bytes()]
 
 
 @pytest.mark.slow
@@ -100,6 +103,22 @@ def test_the_same_command_twice_does_no_work(swept, pattern_tokens, monkeypatch)
     monkeypatch.setattr(sweep_module, "run_point", lambda job: calls.append(job))
     assert sweep(settings_for(pattern_tokens), out) == report
     assert calls == [] and mtimes(out) == before
+
+
+@pytest.mark.slow
+def test_a_point_the_guard_stops_is_recorded_by_its_published_path(pattern_tokens, tmp_path):
+    out = tmp_path / "g"
+    # lr 1e4: the third step's loss is not finite, and the guard stops at the first
+    guarded = (*TWO_STEPS, "stages=[{seq_len: 64, tokens: 768}]", "guard.max_bad_steps=1")
+    report = sweep(settings_for(pattern_tokens, grid="optimizer.lr=1e4", overrides=guarded), out)
+    run = out.resolve() / "runs" / "0000-mup-w32"
+    # no checkpoint or `lmpipe train --resume` to offer: the sweep drops the point's checkpoints
+    assert report["points"][0]["stopped"] == (
+        f"{run}: stopped at step 3: the loss or gradient norm was not finite in 1 steps in a row "
+        "(3-3; guard.max_bad_steps = 1)"
+    )
+    assert run.is_dir() and not (run / "checkpoints").exists()
+    assert not [p for p in out.rglob("*") if p.is_file() and b"g.partial" in p.read_bytes()]
 
 
 @pytest.mark.slow
@@ -161,6 +180,10 @@ def test_parallel_points_run_in_worker_processes(swept, pattern_tokens, tmp_path
         assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-4)
         log = (out / "logs" / f"{a['point']}.log").read_text()
         assert "train: 2 steps" in log  # each worker's output went to its point's log
+        # the model where it is once the sweep is published (the line is wrapped to 80 columns)
+        model = out.resolve() / "runs" / a["point"] / "model"
+        assert f"finished;modelin{model}" in "".join(log.split()) and model.is_dir()
+    assert not [p for p in out.rglob("*") if p.is_file() and b"par.partial" in p.read_bytes()]
 
 
 @pytest.mark.slow
