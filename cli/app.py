@@ -72,8 +72,10 @@ def fill_closed_streams() -> None:
         except OSError:
             null = os.open(os.devnull, os.O_RDWR)
         if null != fd:
-            os.dup2(null, fd)
+            os.dup2(null, fd)  # inheritable, as a standard stream is
             os.close(null)
+        else:
+            os.set_inheritable(fd, True)  # os.open's are not: children would start without it
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))
 

@@ -85,6 +85,7 @@ def build_comm_op() -> None:
     or fails, or when a killed build's `lock` is in the way."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
 
     # torch's own choice of folder (TORCH_EXTENSIONS_DIR, or the per-Python, per-accelerator
     # default), which it creates; private, but the folder must be the one torch builds in.
@@ -93,6 +94,8 @@ def build_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # DeepSpeed will not build it either (CUDA, or a CPU without the op's support)
+    if installed_ops.get(builder.NAME, False) and accelerator_name == get_accelerator()._name:
+        return  # prebuilt into DeepSpeed's install (DS_BUILD_OPS=1): imported, no folder needed
     try:
         folder = _get_build_directory(builder.NAME, verbose=False)
     except OSError as e:

@@ -346,3 +346,22 @@ def test_a_stage_started_with_stdout_closed_succeeds_and_says_nothing(tmp_path):
     assert (out.returncode, out.stderr) == (0, "")
     manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert manifest["stage"] == "tokenize" and manifest["totals"]["documents"] == 5
+
+
+def test_a_closed_stdout_is_filled_for_child_processes_too(tmp_path):
+    """A sweep's workers are children: they too must start with a stdout (their own flush failed
+    under `lmpipe sweep -j 2 >&-`), so the /dev/null in its place is inheritable."""
+    import os
+
+    code = (
+        "import subprocess, sys\n"
+        "from lmpipe.cli.app import fill_closed_streams\n"
+        "fill_closed_streams()\n"
+        "child = 'import sys; sys.stderr.write(str(sys.stdout is None))'\n"
+        "subprocess.run([sys.executable, '-c', child], check=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], stdout=None, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert (out.returncode, out.stderr) == (0, "False")

@@ -175,3 +175,28 @@ def test_without_flock_a_long_wait_names_the_lock(built_op, tmp_path):
         f"warning: waited 1 s on {lock}; if no process is building DeepSpeed's {OP} op there, "
         "a killed build left it: delete it"
     ]
+
+
+def test_an_op_prebuilt_into_deepspeed_needs_no_extensions_folder(tmp_path):
+    """A DeepSpeed installed with the op built in (DS_BUILD_SHM_COMM=1) imports it: the
+    extensions folder is never made, so one that cannot be made is no error (simulated: the
+    install's record says so and the op's module is importable)."""
+    script = (
+        "import sys, types, torch\n"
+        "import deepspeed.git_version_info as v\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "v.installed_ops['deepspeed_shm_comm'] = True\n"
+        "v.accelerator_name = get_accelerator()._name\n"
+        "sys.modules['deepspeed.ops.comm.deepspeed_shm_comm_op'] = types.ModuleType('op')\n"
+        "from lmpipe.train.launch import build_comm_op\n"
+        "build_comm_op()\n"
+        "print('loaded')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env_for(Path("/proc/nope/ext")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (run.returncode, run.stdout) == (0, "loaded\n"), run.stderr
