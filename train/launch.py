@@ -22,7 +22,6 @@ import fcntl
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -43,11 +42,10 @@ def launch_environment() -> Iterator[None]:
     child processes do not inherit a port this process already listens on."""
     own: dict[str, str] = {}
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # Port 0: the one rank's store binds a free port itself. A port picked here and bound
+        # later could be taken in between (sweep workers starting side by side).
         own = dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"
         )
         os.environ.update(own)
     try:

@@ -80,13 +80,7 @@ class PointJob:
     run_dir: Path
     record: Path  # points/<name>.json, written when the point is done
     log: Path  # a worker's output goes here (points in parallel)
-
-    @property
-    def published(self) -> Path:
-        """`run_dir` once the sweep is published: OUT.partial/runs/<name> as OUT/runs/<name>
-        (`partial_path`)."""
-        work = self.run_dir.parent.parent
-        return work.with_name(work.name.removesuffix(".partial")) / RUNS / self.name
+    published: Path  # run_dir once the sweep is published: OUT/runs/<name>
 
 
 def point_done(work: Path, name: str) -> bool:
@@ -535,7 +529,7 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
         folder = work.resolve()
         todo = [
             PointJob(p.name, r, folder / RUNS / p.name, folder / POINTS / f"{p.name}.json",
-                     folder / LOGS / f"{p.name}.log")
+                     folder / LOGS / f"{p.name}.log", out.resolve() / RUNS / p.name)
             for p, r in zip(points, recipes, strict=True) if not point_done(work, p.name)
         ]  # fmt: skip
         processes, gpus = workers(settings.jobs, len(todo))

@@ -387,7 +387,7 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
     (work / "points").mkdir()
     recipe = load_recipe("tiny")
     job = sweep_module.PointJob("0000-mup-w64", recipe, work / "runs" / "0000-mup-w64",
-                                work / "points" / "0000-mup-w64.json", work / "logs" / "x.log")  # fmt: skip
+                                work / "points" / "0000-mup-w64.json", work / "logs" / "x.log", work / "runs" / "0000-mup-w64")  # fmt: skip
 
     def stops(recipe, data, run_dir, **kw):  # a loop that gives up after a NaN step
         run_dir.mkdir()
@@ -409,7 +409,7 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
 
     monkeypatch.setattr(loop, "train", spikes)
     spiked = sweep_module.PointJob("0002-mup-w64", recipe, work / "runs" / "0002-mup-w64",
-                                   work / "points" / "0002-mup-w64.json", work / "logs" / "z.log")  # fmt: skip
+                                   work / "points" / "0002-mup-w64.json", work / "logs" / "z.log", work / "runs" / "0002-mup-w64")  # fmt: skip
     assert sweep_module.run_point(spiked)["stopped"] == "step 2: loss spike"
     assert sweep_module.point_done(work, spiked.name)
     from lmpipe.train import sweep_report
@@ -424,7 +424,7 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
 
     monkeypatch.setattr(loop, "train", preempted)
     cut = sweep_module.PointJob("0003-mup-w64", recipe, work / "runs" / "0003-mup-w64",
-                                work / "points" / "0003-mup-w64.json", work / "logs" / "w.log")  # fmt: skip
+                                work / "points" / "0003-mup-w64.json", work / "logs" / "w.log", work / "runs" / "0003-mup-w64")  # fmt: skip
     with pytest.raises(sweep_module.SweepInterrupted, match="0003-mup-w64 stopped by SIGTERM at step 3"):  # fmt: skip
         sweep_module.run_point(cut)
     assert (cut.run_dir / "checkpoints" / "step00000003").is_dir()  # kept for the resume
@@ -436,7 +436,7 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
 
     monkeypatch.setattr(loop, "train", last_step)
     ended = sweep_module.PointJob("0004-mup-w64", recipe, work / "runs" / "0004-mup-w64",
-                                  work / "points" / "0004-mup-w64.json", work / "logs" / "v.log")  # fmt: skip
+                                  work / "points" / "0004-mup-w64.json", work / "logs" / "v.log", work / "runs" / "0004-mup-w64")  # fmt: skip
     with pytest.raises(sweep_module.SweepInterrupted, match=r"^sweep: point 0004-mup-w64 finished as SIGTERM came; rerun the same command to go on$"):  # fmt: skip
         sweep_module.run_point(ended)
     # done as any finished point: recorded, its checkpoints dropped; the sweep still stops
@@ -448,7 +448,7 @@ def test_a_point_the_loop_stops_on_a_non_finite_loss_is_recorded_not_rerun(tmp_p
 
     monkeypatch.setattr(loop, "train", fails)
     other = sweep_module.PointJob("0001-mup-w64", recipe, work / "runs" / "0001-mup-w64",
-                                  work / "points" / "0001-mup-w64.json", work / "logs" / "y.log")  # fmt: skip
+                                  work / "points" / "0001-mup-w64.json", work / "logs" / "y.log", work / "runs" / "0001-mup-w64")  # fmt: skip
     with pytest.raises(RuntimeError, match="boom"):
         sweep_module.run_point(other)
     assert not sweep_module.point_done(work, other.name)

@@ -169,7 +169,10 @@ def test_the_first_error_starts_no_further_point(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", ThreadPool)
     monkeypatch.setattr(ThreadPool, "most", 0)
     monkeypatch.setattr(sweep_module, "_run_in_worker", run)
-    jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(4)]
+    jobs = [
+        sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path, tmp_path)
+        for i in range(4)
+    ]
     announced = []
     with pytest.raises(LmpipeError, match=r"^p0: bad point$"):
         sweep_module.run_points(jobs, 2, 0, lambda job, record: announced.append(job.name))
@@ -186,7 +189,10 @@ def test_a_worker_that_dies_is_one_line_naming_a_point(monkeypatch, tmp_path):
 
     monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", ThreadPool)
     monkeypatch.setattr(sweep_module, "_run_in_worker", run)
-    jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(2)]
+    jobs = [
+        sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path, tmp_path)
+        for i in range(2)
+    ]
     with pytest.raises(LmpipeError, match=r"^sweep: a worker process died \(killed\? out of memory\?\) while point p\d was in training; rerun the same command to resume$"):  # fmt: skip
         sweep_module.run_points(jobs, 2, 0, lambda job, record: None)
 
@@ -204,7 +210,10 @@ def test_one_process_a_signal_after_the_last_stop_vote_stops_the_sweep(monkeypat
         return {"point": job.name, "seconds": 0.1}
 
     monkeypatch.setattr(sweep_module, "run_point", run_point)
-    jobs = [sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path) for i in range(3)]
+    jobs = [
+        sweep_module.PointJob(f"p{i}", None, tmp_path, tmp_path, tmp_path, tmp_path)
+        for i in range(3)
+    ]
     announced, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(sweep_module.SweepInterrupted, match=r"^sweep: stopped by SIGTERM after point p0 finished; rerun the same command to go on$"):  # fmt: skip
         sweep_module.run_points(jobs, 1, 0, lambda job, record: announced.append(job.name))
