@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.shards import TokenShards
 from lmpipe.train.plan import Plan
-from lmpipe.train.recipe import DataSource, Recipe, validate_recipe
+from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, validate_recipe
 
 IGNORE = -100  # torch's cross-entropy ignore_index: targets that count for nothing
 
@@ -191,6 +192,28 @@ def open_heldout(
                 highlight=False,
             )
     return out
+
+
+def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
+    """The held-out splits to score: every source's when the recipe asks for validation (a
+    source without one is an error), otherwise those of the sources that have one."""
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # one warning, not one a rank
+    if recipe.validation:
+        return open_heldout(recipe, required=True, warn=first_rank)
+    having = [s for s in recipe.data or [] if "heldout" in sources[s.name].manifest["splits"]]
+    if not having:
+        return {}
+    return open_heldout(recipe.model_copy(update={"data": having}), warn=first_rank)
+
+
+def validation_of(recipe: Recipe, plan: Plan) -> ValidationConfig:
+    """The recipe's validation, or the default: every tenth of the run's tokens, the first 16
+    windows' worth of the longest stage's length of each held-out split (a few forward passes
+    of the micro-batch, against a tenth of the run's steps)."""
+    if recipe.validation:
+        return recipe.validation
+    longest = max(stage.seq_len for stage in plan.stages)
+    return ValidationConfig(every_tokens=max(plan.total_tokens // 10, 1), tokens=16 * longest)
 
 
 def heldout_loss(

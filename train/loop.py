@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import (
-    is_int,
     lock_folder,
     read_json,
     write_json_atomic,
@@ -61,9 +59,10 @@ from lmpipe.train.data import (
     coverage,
     data_identity,
     heldout_loss,
-    open_heldout,
+    heldout_splits,
     open_sources,
     print_coverage,
+    validation_of,
     with_data,
 )
 from lmpipe.train.guard import Guard, RunStopped, StopSignals, plain_step, skip_unless_finite
@@ -76,10 +75,8 @@ from lmpipe.train.launch import (
 from lmpipe.train.metrics import (
     MetricsWriter,
     device_memory_row,
-    number,
     print_summary,
     reset_device_peak,
-    val_losses,
     wait_for_device,
     world_peak_flops,
 )
@@ -92,7 +89,7 @@ from lmpipe.train.plan import (
     plan_summary,
 )
 from lmpipe.train.recipe import DataSource, Recipe, ValidationConfig, recipe_yaml
-from lmpipe.train.run_folder import check_run_dir, metrics_rows, trim_metrics
+from lmpipe.train.run_folder import check_run_dir, run_rows, trim_metrics
 
 log = logging.getLogger("lmpipe.train")
 
@@ -389,28 +386,6 @@ def init_source(
     return init_from, str(init_from) if init_from is not None else None
 
 
-def heldout_splits(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
-    """The held-out splits to score: every source's when the recipe asks for validation (a
-    source without one is an error), otherwise those of the sources that have one."""
-    first_rank = int(os.environ.get("RANK", "0")) == 0  # one warning, not one a rank
-    if recipe.validation:
-        return open_heldout(recipe, required=True, warn=first_rank)
-    having = [s for s in recipe.data or [] if "heldout" in sources[s.name].manifest["splits"]]
-    if not having:
-        return {}
-    return open_heldout(recipe.model_copy(update={"data": having}), warn=first_rank)
-
-
-def validation_of(recipe: Recipe, plan: Plan) -> ValidationConfig:
-    """The recipe's validation, or the default: every tenth of the run's tokens, the first 16
-    windows' worth of the longest stage's length of each held-out split (a few forward passes
-    of the micro-batch, against a tenth of the run's steps)."""
-    if recipe.validation:
-        return recipe.validation
-    longest = max(stage.seq_len for stage in plan.stages)
-    return ValidationConfig(every_tokens=max(plan.total_tokens // 10, 1), tokens=16 * longest)
-
-
 @dataclass(frozen=True)
 class Run:
     """What the steps need to know of a run, besides DeepSpeed's engine and the loader."""
@@ -615,33 +590,6 @@ def run_steps(
         "stop_reason": stop_reason,
         "checkpoint": str(checkpoints[-1]) if checkpoints else None,
     }
-
-
-def run_rows(run_dir: Path, step: int) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl up to `step` as the loop wrote them, for a resumed run's summary:
-    a row without a numeric loss (damaged, or another tool's) is left out, and a `val_loss` or
-    `lr_groups` that is not a map of numbers (with both groups the summary names) is read as
-    none, so that the run still finishes and writes its model and manifest instead of failing on
-    every retry."""
-    rows = []
-    for row in metrics_rows(run_dir):
-        loss = number(row.get("loss"))
-        if not is_int(row.get("step")) or row["step"] > step or loss is None:
-            continue
-        groups = row.get("lr_groups")
-        # the summary's lr and lr_hidden are the rates of these two groups
-        if not (
-            isinstance(groups, dict)
-            and {"embedding", "hidden"} <= groups.keys()
-            and all(number(v) is not None for v in groups.values())
-        ):
-            groups = {}
-        try:
-            val_loss = val_losses(row, str(run_dir))
-        except LmpipeError:
-            val_loss = {}
-        rows.append({**row, "loss": loss, "lr_groups": groups, "val_loss": val_loss})
-    return rows
 
 
 def group_rates(engine: Any) -> dict[str, float]:

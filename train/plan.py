@@ -189,8 +189,9 @@ def flops_per_token(recipe: Recipe, seq_len: int, n_params: int) -> float:
 def model_flops_per_token(recipe: Recipe, seq_len: int, n_params: int) -> float:
     """MFU's model FLOPs a token: `flops_per_token` over the weights a token's matmuls use, i.e.
     without learned position embeddings (a table lookup; the token embedding counts once, as the
-    tied unembedding's matmul), as nanoGPT's MFU counts. 8,192 learned positions are 5.7% of
-    Cerebras-GPT 111M's parameters: counted, they would lift its MFU by as much."""
+    tied unembedding's matmul), as nanoGPT's MFU counts. Counted, Cerebras-GPT 111M's 2,048
+    learned positions would lift its MFU by 1.1% at 2,048 tokens. `training_flops` (the dry-run,
+    `lmpipe recipes`, plan.json, the scaling fits) counts every parameter, positions too."""
     model = recipe.model
     positions = model.n_positions * model.d_model if model.position == "learned" else 0
     return flops_per_token(recipe, seq_len, n_params - positions)
@@ -211,7 +212,7 @@ def print_plan(recipe: Recipe, world_size: int = 1) -> Plan:
     model = recipe.model
     console.print(
         f"parameters {plan.n_params:,} ({plan.n_params / 1e9:.3f}B); {plan.total_steps:,} steps, "
-        f"{plan.total_tokens:,} tokens ({plan.total_tokens / plan.n_params:.1f} a parameter), "
+        f"{plan.total_tokens:,} tokens ({plan.total_tokens / plan.n_params:.3g} a parameter), "
         f"{training_flops(recipe, plan):.3g} FLOPs; world size {world_size}"
     )
     console.print(f"model: {model.position} positions, {model.mlp} MLP, {parametrisation(recipe)}")

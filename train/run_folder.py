@@ -15,7 +15,7 @@ from typing import Any
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.folders import LOCK, check_output, is_finished, is_int, write_text_atomic
 from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
-from lmpipe.train.metrics import TENSORBOARD
+from lmpipe.train.metrics import TENSORBOARD, number, val_losses
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
 
 # What a run folder holds (`checkpoint.py`). A folder is an earlier run's when it has the plan
@@ -199,3 +199,30 @@ def trim_metrics(run_dir: Path, step: int) -> None:
         if isinstance(row, dict) and is_int(row.get("step")) and row["step"] <= step:
             kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def run_rows(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl up to `step` as the loop wrote them, for a resumed run's summary:
+    a row without a numeric loss (damaged, or another tool's) is left out, and a `val_loss` or
+    `lr_groups` that is not a map of numbers (with both groups the summary names) is read as
+    none, so that the run still finishes and writes its model and manifest instead of failing on
+    every retry."""
+    rows = []
+    for row in metrics_rows(run_dir):
+        loss = number(row.get("loss"))
+        if not is_int(row.get("step")) or row["step"] > step or loss is None:
+            continue
+        groups = row.get("lr_groups")
+        # the summary's lr and lr_hidden are the rates of these two groups
+        if not (
+            isinstance(groups, dict)
+            and {"embedding", "hidden"} <= groups.keys()
+            and all(number(v) is not None for v in groups.values())
+        ):
+            groups = {}
+        try:
+            val_loss = val_losses(row, str(run_dir))
+        except LmpipeError:
+            val_loss = {}
+        rows.append({**row, "loss": loss, "lr_groups": groups, "val_loss": val_loss})
+    return rows
