@@ -12,23 +12,38 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture(scope="session")
 def gpt2():
-    """tiktoken's real GPT-2 encoding; the test skips with the reason when its files are missing."""
+    """tiktoken's real GPT-2 encoding. Without its files the test skips with the reason, unless
+    ../shared has the tool that seeds them: then they should be there, and the test fails (a
+    broken seed would otherwise skip most of the suite and leave it green)."""
     from lmpipe.dataprep.errors import LmpipeError
     from lmpipe.dataprep.tokenizer import get_encoding
 
     try:
         return get_encoding()
     except LmpipeError as e:
-        pytest.skip(f"GPT-2 BPE files unavailable: {e}")
+        error = e  # reported below, outside the except: not as a chain of two errors
+    seeder = SHARED / "tools" / "tiktoken-cache"
+    if seeder.exists():
+        pytest.fail(
+            f"GPT-2 BPE files missing although {seeder} exists: run make tokenizer-cache ({error})",
+            pytrace=False,
+        )
+    pytest.skip(f"GPT-2 BPE files unavailable: {error}")
 
 
 @pytest.fixture(scope="session")
 def eval_assets() -> Path:
-    """The real zero-shot task data in ../shared/assets/evals, when this checkout has it."""
-    path = Path(os.environ.get("LMPIPE_EVAL_DATA", SHARED / "assets" / "evals"))
-    if not path.is_dir():
-        pytest.skip(f"eval assets not found at {path}")
-    return path
+    """The real zero-shot task data: LMPIPE_EVAL_DATA, else ../shared/assets/evals. Without
+    ../shared (and the variable unset) the test skips with the reason; a folder missing where it
+    should be (../shared exists, or the variable names it) fails it, as `gpt2` does."""
+    named = os.environ.get("LMPIPE_EVAL_DATA")
+    path = Path(named) if named else SHARED / "assets" / "evals"
+    if path.is_dir():
+        return path
+    if named or SHARED.is_dir():
+        where = f"LMPIPE_EVAL_DATA={named}" if named else f"{path} although {SHARED} exists"
+        pytest.fail(f"eval assets not found at {where}", pytrace=False)
+    pytest.skip(f"eval assets not found at {path}")
 
 
 @pytest.fixture(scope="session")

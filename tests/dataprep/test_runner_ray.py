@@ -21,16 +21,11 @@ import pytest
 from lmpipe.cli.stage import os_error_line
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.runner import Runner, TaskLost
+from tests.ports import free_port
 
 ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: lmpipe[ray])")
 # By value: Ray's workers cannot import this test module by its name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # These two first: they need Ray not started in this process (the fixture below starts it).
@@ -121,14 +116,21 @@ def test_a_task_s_os_error_is_one_line_naming_its_file(runner):
     assert os_error_line(caught.value) == f"{path}: cannot be written (No space left on device)"
 
 
+def wait_for_starts(folder: str, n: int, seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while len(list(Path(folder).iterdir())) < n and time.monotonic() < until:
+        time.sleep(0.05)
+
+
 def interval(folder: str, i: int) -> tuple[float, float]:
-    """When task i ran. Tasks 0 and 1 wait (up to 4 s) for task 2 to start beside them."""
+    """When task i ran. Tasks 0 and 1 wait until both have started, however long the cluster
+    takes to start a second worker (seconds on a loaded machine), then 2 s more for a third task
+    to start beside them, as it would if more than -j tasks were in flight."""
     started = time.time()
     (Path(folder) / f"{i}.start").touch()
-    until = time.monotonic() + 4
-    while i < 2 and len(list(Path(folder).iterdir())) < 3 and time.monotonic() < until:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    if i < 2:
+        wait_for_starts(folder, 2, 120)
+        wait_for_starts(folder, 3, 2)
     return started, time.time()
 
 
@@ -174,20 +176,26 @@ def test_a_worker_that_dies_each_time_is_one_line_naming_the_task(runner):
         runner.map(crash, [()], names=["sweep: point p0"])
 
 
-def fail_or_write(kind: str, path: str) -> None:
+def fail_or_write(kind: str, folder: str) -> None:
+    started = Path(folder) / "started"
     if kind == "fail":
-        time.sleep(0.5)
+        # Only once the writing task runs: else the error would cancel a task not yet started,
+        # which tests nothing (a loaded machine can take seconds to start a worker).
+        until = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < until:
+            time.sleep(0.05)
         raise LmpipeError("bad line")
+    started.touch()
     time.sleep(3)
-    Path(path).write_text("written after the stage stopped")
+    (Path(folder) / "late").write_text("written after the stage stopped")
 
 
 def test_an_error_cancels_the_tasks_still_running(runner, tmp_path):
-    late = tmp_path / "late"
     with pytest.raises(LmpipeError, match="^bad line$"):
-        runner.map(fail_or_write, [("write", str(late)), ("fail", str(late))])
+        runner.map(fail_or_write, [("write", str(tmp_path)), ("fail", str(tmp_path))])
+    assert (tmp_path / "started").exists()  # it was running when the error came
     time.sleep(4)  # past the time the writing task would have written
-    assert not late.exists()
+    assert not (tmp_path / "late").exists()
 
 
 STAGE = """
@@ -229,7 +237,7 @@ def test_sigterm_under_ray_is_one_interrupted_line_and_ends_the_tasks(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    until = time.monotonic() + 60
+    until = time.monotonic() + 120  # a Ray start: half a minute on a loaded machine
     while not (tmp_path / "started").exists() and stage.poll() is None:
         assert time.monotonic() < until, "the Ray task did not start"
         time.sleep(0.1)

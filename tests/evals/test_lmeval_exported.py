@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -91,8 +90,16 @@ def task_files(folder: Path, random_text) -> Path:
 def test_the_harness_on_an_exported_model_equals_lmpipe_eval(tmp_path, random_text, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # `datasets` caches each task file it reads, under new names each run (the tmp paths differ):
+    # here, not in ~/.cache/huggingface. Its config reads the folder when it is first imported,
+    # which may have been earlier in this session.
+    hf_home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    import datasets.config
     import lm_eval
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_home / "datasets")
 
     from lmpipe.dataprep.tokenizer import get_encoding
     from lmpipe.evals.lm import GPTLM
@@ -117,6 +124,7 @@ def test_the_harness_on_an_exported_model_equals_lmpipe_eval(tmp_path, random_te
         log_samples=True,
         bootstrap_iters=100,  # acc: the closed-form mean_stderr; perplexity: a bootstrap
     )
+    assert (hf_home / "datasets" / "json").is_dir()  # the task files' cache
     sources = {"run": (tmp_path / "run", load_model(tmp_path / "run")[0])}
     sources["hf"] = (f"hf:{exported}", load_hf_model(exported)[0])
     for label, (path, model) in sources.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import ephemeral_range, free_port
 from tests.train.test_distributed import train_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,10 +31,16 @@ def launcher(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_the_port_the_nodes_meet_at_is_free_and_never_given_to_a_connection():
+    """Outside the ephemeral range: no connect() on this machine (node 1's to node 0's included)
+    takes it between the test picking it and node 0 binding it."""
+    low, high = ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p <= 32767 and not low <= p <= high for p in ports), ports
+    assert len(ports) > 1  # a random start: two runs on one machine seldom try the same port
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))
 
 
 def run_nodes(commands: list[list[str]]) -> None:

@@ -122,6 +122,15 @@ def test_a_built_op_needs_no_compiler(built_op):
     assert "joined (0, 1)" in run.stdout
 
 
+def blocked_in_flock(pid: int) -> bool:
+    """Whether process pid waits for an flock: a blocked ("->") FLOCK line of /proc/locks."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid):
+            return True
+    return False
+
+
 def test_a_live_build_is_waited_on_not_reported(built_op):
     """Another lmpipe process (a job's rank 0) holds lmpipe's flock and torch's lock while it
     builds; this one waits until it is done and then loads the op."""
@@ -138,7 +147,12 @@ def test_a_live_build_is_waited_on_not_reported(built_op):
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(8)  # past its imports, into the wait
+        # Its imports take seconds (more on a loaded machine); a fixed sleep that ended before
+        # them would pass without the wait being tested.
+        until = time.monotonic() + 120
+        while not blocked_in_flock(waiter.pid) and waiter.poll() is None:
+            assert time.monotonic() < until, "the waiter did not reach lmpipe's flock"
+            time.sleep(0.05)
         assert waiter.poll() is None
     finally:
         lock.unlink()

@@ -174,7 +174,8 @@ def test_parallel_points_run_in_worker_processes(swept, pattern_tokens, tmp_path
     _, serial = swept
     out = tmp_path / "par"
     report = sweep(settings_for(pattern_tokens, grid="optimizer.lr=2^-8,2^-4", jobs=2), out)
-    for a, b in zip(report["points"], serial["points"][:2], strict=False):
+    assert len(report["points"]) == 2
+    for a, b in zip(report["points"], serial["points"][:2], strict=True):
         assert a["point"] == b["point"] and a["set"] == b["set"]
         # one thread a worker instead of two: the same run up to float summation order
         assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-4)
@@ -193,7 +194,8 @@ def test_points_run_as_ray_tasks_give_the_same_results(swept, pattern_tokens, tm
     out = tmp_path / "ray"
     settings = settings_for(pattern_tokens, grid="optimizer.lr=2^-8,2^-4", jobs=2, engine="ray")
     report = sweep(settings, out)
-    for a, b in zip(report["points"], serial["points"][:2], strict=False):
+    assert len(report["points"]) == 2
+    for a, b in zip(report["points"], serial["points"][:2], strict=True):
         assert a["point"] == b["point"] and a["set"] == b["set"]
         assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-4)
         assert "train: 2 steps" in (out / "logs" / f"{a['point']}.log").read_text()
@@ -486,7 +488,9 @@ def test_on_a_gpu_machine_each_worker_takes_its_own_gpu(monkeypatch):
     gpus = queue.Queue()
     for gpu in range(2):
         gpus.put(gpu)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # Set through monkeypatch, so that teardown restores it: _start_worker writes os.environ
+    # itself, and every later test's subprocess would inherit the last GPU it chose.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     seen = []
     for _ in range(2):
         sweep_module._start_worker(gpus, 8)
