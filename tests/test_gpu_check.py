@@ -66,6 +66,8 @@ def test_cpu_smoke_measures_every_case_through_lmpipe_train(tmp_path, gpt2):
     assert "| tiny | 256 | 1 x 256 |" in table and "| tiny | 64 | 4 x 64 |" in table
     assert "| estimate GB |" in table
     assert "lmpipe train on cpu" in done.stdout
+    # both tiny shapes measured (an empty list would pass the error check below)
+    assert [(r["batch"], r["seq_len"]) for r in report["attention"]] == [(1, 64), (2, 40)]
     assert all(r["forward_rel_error"] < 1e-4 for r in report["attention"])
     assert report["eval_lengths"]["lengths"] == 4 and report["eval_lengths"]["padded_lengths"] == 2
     assert report["eval_lengths"]["compiled_graphs"] <= 2  # Dynamo's own count

@@ -239,12 +239,14 @@ def test_killed_run_reruns_to_identical_shards(gpt2, corpus: Path, tmp_path: Pat
 
     out = tmp_path / "tok"
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(corpus), str(out)], env=os.environ)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while len(list(partial_path(out).glob("*.bin"))) < 3 and time.monotonic() < deadline:
         assert proc.poll() is None, "finished before it could be killed"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # killed mid-run, shards written: not before it started (then the rerun would test nothing)
+    assert len(list(partial_path(out).glob("*.bin"))) >= 3, "no shard written in 120 s"
     assert not out.exists() and partial_path(out).exists()  # unfinished, and not mistaken
     killed_then_rerun = tokenize([corpus], out, holdout=0.2, shard_tokens=500)
     assert not partial_path(out).exists()

@@ -136,11 +136,12 @@ def test_a_mixture_run_draws_what_the_plan_says_and_resumes_exactly(folders, tmp
         drawn[1, n]["tokens"] for n in ("web", "code", "books")
     ]
     want = [(r["step"], r["loss"], r["lr"]) for r in rows(whole)]
-    for stop in (3, 7):  # mid stage 0, and in stage 1 after the mixture changed
-        run = tmp_path / f"stop{stop}"
-        train(recipe, data, run, stop_after_steps=stop)
-        train(recipe, data, run, resume=True)
-        assert [(r["step"], r["loss"], r["lr"]) for r in rows(run)] == want
+    # one run stopped and resumed twice: mid stage 0, and in stage 1 after the mixture changed
+    # (that checkpoint written by a resumed run); each time it equals the whole run so far
+    run = tmp_path / "stopped"
+    for resume, stop_after, steps in ((False, 3, 3), (True, 4, 7), (True, None, len(want))):
+        train(recipe, data, run, resume=resume, stop_after_steps=stop_after)
+        assert [(r["step"], r["loss"], r["lr"]) for r in rows(run)] == want[:steps]
 
 
 def test_held_out_loss_per_source_lands_in_the_metrics(folders, tmp_path):

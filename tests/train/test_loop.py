@@ -395,14 +395,14 @@ def test_a_stage_with_its_own_batch_switches_accumulation_and_resumes_exactly(da
     whole = metrics(tmp_path / "whole")
     assert [r["grad_accum"] for r in whole] == [2] * 12 + [4] * 2
     assert [r["tokens"] for r in whole] == [512 * s for s in range(1, 13)] + [7168, 8192]
-    for stop in (11, 13):  # resume before the switch, and inside the bigger batch
-        run = tmp_path / f"stop{stop}"
-        train(recipe, data, run, stop_after_steps=stop)
-        train(recipe, data, run, resume=True)
-        rows = metrics(run)
-        assert [(r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in rows] == [
-            (r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in whole
-        ]
+    want = [(r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in whole]
+    # one run stopped and resumed twice: before the switch, and inside the bigger batch (that
+    # checkpoint written by a resumed run); each time it equals the whole run so far
+    run = tmp_path / "stopped"
+    for resume, stop_after, steps in ((False, 11, 11), (True, 2, 13), (True, None, 14)):
+        train(recipe, data, run, resume=resume, stop_after_steps=stop_after)
+        got = [(r["step"], r["loss"], r["lr"], r["grad_accum"]) for r in metrics(run)]
+        assert got == want[:steps]
 
 
 def test_a_stage_with_a_fixed_alibi_scale_divides_the_slopes(data, tmp_path, monkeypatch):
