@@ -120,7 +120,9 @@ def plot(
             "-o", "--out", help="The picture (.png, .svg, .pdf), outside every run folder read."
         ),
     ] = Path("loss.png"),
-    size: Annotated[str, typer.Option(help="Width x height in pixels.")] = "1200x700",
+    size: Annotated[
+        str, typer.Option(help="Width x height in pixels, at least 480x360.")
+    ] = "1200x700",
     overwrite: Annotated[
         bool,
         typer.Option(

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import lmpipe.dataprep.cluster_plot as cluster_plot
 import lmpipe.dataprep.dedup_kept as kept_steps
 import lmpipe.dataprep.dedup_steps as steps
 from lmpipe.dataprep.cluster_plot import NO_PLOT, PNG, write_cluster_png
@@ -329,7 +330,8 @@ def dedup(
     if progress:
         print_summary(done.counts, Console())
         print_invalid(Console(), manifest["inputs"] + manifest["decontaminate"])
-        if not plotted:
+        # a failure to draw was a warning already; only a missing matplotlib is said here
+        if not plotted and not cluster_plot.have_matplotlib():
             Console().print(NO_PLOT, markup=False)  # "[plot]" is not a rich tag
     return manifest
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import MANIFEST, read_manifest
+from lmpipe.dataprep.folders import MANIFEST, NewerFormat, read_manifest
 from lmpipe.dataprep.parquet import (
     batch_rows,
     is_parquet,
@@ -59,6 +59,8 @@ def _stage_folder(folder: str, names: list[str]) -> bool:
         return False
     try:
         manifest = read_manifest(Path(folder))
+    except NewerFormat:  # a newer lmpipe's output: its files are not documents to read as such
+        raise
     except LmpipeError:  # not JSON, not an object: a file of the input's own
         return False
     return {"stage", "lmpipe_version"} <= manifest.keys()

@@ -4,7 +4,9 @@ A stage writes into `<out>.partial/` beside the requested output and renames it 
 after the manifest is in place, so a folder named `<out>` is always finished, and an interrupted
 run leaves only a `.partial` folder that the next run clears (or, for stages that resume, reuses).
 The manifest records what was made, from what, with which settings and lmpipe version, counts and
-checksums; it holds no timestamp, so data stages are reproducible byte for byte.
+checksums; it holds no timestamp, so data stages are reproducible byte for byte. Its
+`format_version` (`FORMAT_VERSIONS`; missing in folders of lmpipe before 2026-12-08: version 1)
+lets `read_manifest` refuse a newer lmpipe's folder in one line instead of misreading it.
 
 A stage never writes into what it reads: an output that is, contains or lies inside an input is
 refused before anything is touched (`check_output`), and `--overwrite` only ever deletes an empty
@@ -35,6 +37,37 @@ from typing import Any
 from lmpipe.dataprep.errors import WRITE_ERRNOS, LmpipeError
 
 MANIFEST = "manifest.json"
+# The version of the manifest format (and of what the folder holds) that each stage writes, in
+# the manifest's `format_version`. This lmpipe reads its own and every earlier one (a manifest
+# without the key is version 1: every lmpipe before it wrote none, and wrote version 1), and
+# refuses a higher one (`read_manifest`). A stage's number goes up when a reader of the old one
+# would misread the new folder; a key added that an older reader may ignore keeps it (unknown
+# keys are ignored). tokenize's is the token shard format's (`shards.FORMAT_VERSION`), which its
+# manifests recorded first.
+FORMAT_VERSION = 1
+FORMAT_VERSIONS = {"tokenize": 1}
+
+
+def format_version(stage: Any) -> int:
+    """The manifest format version this lmpipe writes (and reads up to) for `stage`."""
+    return FORMAT_VERSIONS.get(stage, FORMAT_VERSION) if isinstance(stage, str) else FORMAT_VERSION
+
+
+class NewerFormat(LmpipeError):
+    """A folder or file written by a newer lmpipe, in a format this one does not read."""
+
+
+def check_format_version(path: Path, found: Any, known: int) -> None:
+    """Refuse, in one line naming `path`, a `format_version` above `known` (a newer lmpipe's
+    file) or one that is not a whole number; a missing one (None) is version 1."""
+    version = 1 if found is None else found
+    if not is_int(version) or version < 1:
+        raise LmpipeError(f"{path}: format_version is {found!r}, not a whole number >= 1")
+    if version > known:
+        raise NewerFormat(
+            f"{path}: written by a newer lmpipe (format_version {version}; this one reads "
+            f"{known}): upgrade lmpipe"
+        )
 
 
 def lmpipe_version() -> str:
@@ -95,9 +128,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_manifest(folder: Path, stage: str, **fields: Any) -> dict[str, Any]:
     # No timestamp: the same input and settings give a byte-identical manifest, so a rerun after
     # a crash can be compared with (and is indistinguishable from) an uninterrupted run.
+    # A stage with a format of its own (the token shards) passes its `format_version` in
+    # `fields`, where its manifests always had it.
+    version = {} if "format_version" in fields else {"format_version": format_version(stage)}
     manifest = {
         "stage": stage,
         "lmpipe_version": lmpipe_version(),
+        **version,
         **fields,
     }
     write_json_atomic(folder / MANIFEST, manifest)
@@ -105,7 +142,8 @@ def write_manifest(folder: Path, stage: str, **fields: Any) -> dict[str, Any]:
 
 
 def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
-    """The manifest of a finished stage folder; a clear error for anything else."""
+    """The manifest of a finished stage folder; a clear error for anything else, and for a
+    manifest of a newer format than this lmpipe reads for its stage (`NewerFormat`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LmpipeError(f"{folder}: no such folder")
@@ -115,6 +153,9 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
     manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise LmpipeError(f"{path}: not a manifest (a JSON object)")
+    check_format_version(
+        path, manifest.get("format_version"), format_version(manifest.get("stage"))
+    )
     if stage is not None and manifest.get("stage") != stage:
         raise LmpipeError(
             f"{folder}: is the output of `lmpipe {manifest.get('stage')}`, expected `lmpipe {stage}`"
@@ -307,7 +348,8 @@ def lock_folder(folder: Path, stage: str) -> Iterator[None]:
 
 def made_by(folder: Path, stage: str) -> bool:
     """Whether `--overwrite` may delete `folder` for `stage`: an empty real folder, or a finished
-    output whose manifest names the stage."""
+    output whose manifest names the stage (of any format version: a newer lmpipe's output of the
+    stage is replaced as any other)."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return False
@@ -315,6 +357,8 @@ def made_by(folder: Path, stage: str) -> bool:
         return True
     try:
         return read_manifest(folder).get("stage") == stage
+    except NewerFormat:
+        return read_json(folder / MANIFEST).get("stage") == stage  # read whole just before
     except (LmpipeError, AttributeError):
         return False
 

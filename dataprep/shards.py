@@ -18,6 +18,10 @@ A shard folder holds, for each split (`train`, `heldout`), a sequence of shard p
                                                       "bin_sha256", "idx_sha256"}, ...]}},
                        "inputs": [...], "totals": {...}, "settings": {...}}
 
+`format_version` is the tokenize stage's manifest version too (`folders.FORMAT_VERSIONS`): a
+higher one is a newer lmpipe's folder, refused by `read_manifest` in one line; unknown keys are
+ignored (an addition an older reader may skip keeps the version).
+
 Documents never straddle shards; a shard is closed after the document that brings it to
 `shard_tokens` tokens or more. The global token stream of a split is its shards in manifest order.
 A user's own tool reads a split with `numpy.fromfile(bin, "<u2")` and `numpy.fromfile(idx, "<u8")`.
@@ -41,10 +45,10 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import read_manifest, sha256_file, write_manifest
+from lmpipe.dataprep.folders import FORMAT_VERSIONS, read_manifest, sha256_file, write_manifest
 
 FORMAT = "lmpipe-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["tokenize"]  # also the tokenize stage's manifest version
 SPLITS = ("train", "heldout")
 TOKEN_DTYPE = np.dtype("<u2")
 INDEX_DTYPE = np.dtype("<u8")

@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmpipe.dataprep.figures import LITERAL, draw_picture, literal_legend
 from lmpipe.dataprep.shards import TokenShards
 from lmpipe.evals.lm import GPTLM, Progress
 
@@ -184,15 +186,18 @@ def loss_by_position(
 def write_long_context_png(path: Any, report: dict[str, Any]) -> bool:
     """Loss by position of every long-context task of an eval report: one colour per window
     length, plain ALiBi solid, interpolated dashed, the training length marked. False (and no
-    file) without matplotlib."""
-    try:
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    file) when there is no such task, without matplotlib, or when drawing fails (one line on
+    stderr says which of the last two)."""
     tasks = {n: r for n, r in report["tasks"].items() if isinstance(r, dict) and "curves" in r}
     if not tasks:
         return False
+    return draw_picture(Path(path), lambda png: _draw_long_context_png(png, report, tasks))
+
+
+def _draw_long_context_png(path: Path, report: dict[str, Any], tasks: dict[str, Any]) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7.2, 4.2), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["viridis"]
@@ -225,9 +230,9 @@ def write_long_context_png(path: Any, report: dict[str, Any]) -> bool:
     ax.set_title(
         f"{report['recipe']}: long-context loss by position (dashed: ALiBi interpolation)",
         fontsize=9,
+        **LITERAL,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    literal_legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
-    return True

@@ -430,7 +430,7 @@ def test_corrupt_incomplete_or_unlisted_checkpoint_files_are_refused(
         "truncated": "sha256 differs",
         "extra file": "extra.pt: is not listed in lmpipe.json",
         "missing file": "is missing but listed",
-        "marker without checksums": "not a checkpoint marker",
+        "marker without checksums": "written by an lmpipe from before 2026-11-30",
         "marker not JSON": "not a checkpoint marker",
     }
     for name, damage in cases.items():
@@ -616,56 +616,63 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.slow
+# In every process of the killed dedup (the CLI and its spawned workers, which import no test
+# code): a file's scan marks its worker as started, then waits a minute, so a worker that only
+# noticed its parent's death at the end of its task would outlive the test's one-second deadline.
+SLOW_SCAN = """
+import functools, os, time
+from pathlib import Path
+import lmpipe.dataprep.dedup_steps as steps
+scan_file = steps.scan_file
+@functools.wraps(scan_file)  # pickled by its name: the workers look up this wrapper
+def slow(*args):
+    (Path(os.environ["LMPIPE_TEST_STARTED"]) / str(os.getpid())).touch()
+    time.sleep(60)
+    return scan_file(*args)
+steps.scan_file = slow
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_kill_9_of_dedup_leaves_no_worker_running(tmp_path):
-    import random
-
-    rng = random.Random(0)
-    vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=7)) for _ in range(20000)]
-    # Two files of ~16 MB each, non-ASCII, fixed by ftfy itself (`--fixer ftfy`, ~2.5 MB/s; lmpipe's
-    # own fixer reads this text at NFC speed): each scan takes seconds.
     for f in range(2):
-        lines = [
-            json.dumps({"text": "café " + " ".join(rng.choices(vocab, k=400))}, ensure_ascii=False)
-            for _ in range(5000)
-        ]
-        write_lines(tmp_path / "raw" / f"{f}.jsonl", lines)
-    cmd = [sys.executable, "-m", "lmpipe.cli", "dedup", str(tmp_path / "raw"), "-o", str(tmp_path / "out"), "-j", "2", "--fixer", "ftfy"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        write_lines(tmp_path / "raw" / f"{f}.jsonl", docs(5, seed=10 * f))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SCAN)
+    started = tmp_path / "started"
+    started.mkdir()
+    slowed = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
+        "LMPIPE_TEST_STARTED": str(started),
+    }
+    cmd = [sys.executable, "-m", "lmpipe.cli", "dedup", str(tmp_path / "raw"), "-o", str(tmp_path / "out"), "-j", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=slowed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    every: set[int] = set()
     try:
-        deadline = time.monotonic() + 60
-        workers: set[int] = set()
-        while time.monotonic() < deadline and len(workers) < 2:
-            workers = {p for p in children_of(proc.pid) if "spawn_main" in cmdline(p)}
-            time.sleep(0.1)
-        assert len(workers) >= 2, "the pool did not start"
-        time.sleep(3)  # well into the scan step, seconds before a worker would finish a file
-        assert proc.poll() is None, "dedup ended before it could be killed"
+        deadline = time.monotonic() + 120
+        while len(list(started.iterdir())) < 2:  # both workers inside a file's scan
+            assert proc.poll() is None, "dedup ended before it could be killed"
+            assert time.monotonic() < deadline, "the workers did not start scanning in 120 s"
+            time.sleep(0.05)
         every = children_of(proc.pid)
+        assert {int(p.name) for p in started.iterdir()} <= every
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        # Workers that only notice at the end of their task would live on for seconds.
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and any(alive(p) for p in every):
             time.sleep(0.05)
         assert not [p for p in every if alive(p)], "processes outlived the killed dedup"
     finally:
-        for p in children_of(proc.pid) | {proc.pid}:
+        # the workers too: once the CLI is dead they are no longer its children
+        for p in {proc.pid} | {p for p in every if alive(p)}:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    # the rerun resumes what the killed one left and finishes
+    # the rerun (not slowed) resumes what the killed one left and finishes
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert (tmp_path / "out" / "manifest.json").is_file()
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 # --- 6. the smaller cases ---------------------------------------------------------------------

@@ -14,11 +14,11 @@
 recipe.yaml that claims a larger model than model.pt holds is refused before the model is built.
 
 Nothing read from a run folder can run code. `model.pt` loads with `weights_only=True`. A
-checkpoint's `lmpipe.json` (written last, the mark of a finished checkpoint) lists the sha256 of
-every other file in it; `--resume` checks them all (`verify_checkpoint`) before DeepSpeed opens
-any, and DeepSpeed's own `torch.load` calls, which ask for the full unpickler, run under
-`weights_only_loading`: weights-only unpickling with just the three DeepSpeed classes its
-checkpoints hold allowed.
+checkpoint's `lmpipe.json` (written last, the mark of a finished checkpoint; its format_version,
+`MARKER_VERSION`, read up to this lmpipe's) lists the sha256 of every other file in it;
+`--resume` checks them all (`verify_checkpoint`) before DeepSpeed opens any, and DeepSpeed's own
+`torch.load` calls, which ask for the full unpickler, run under `weights_only_loading`:
+weights-only unpickling with just the three DeepSpeed classes its checkpoints hold allowed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import sha256_file, write_json_atomic
+from lmpipe.dataprep.folders import check_format_version, sha256_file, write_json_atomic
 from lmpipe.train.model import GPT
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_yaml
 
@@ -46,6 +46,10 @@ if TYPE_CHECKING:  # loop.py imports this module; the Run is only handed in
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 MARKER = "lmpipe.json"  # a checkpoint's position and checksums; written last
+# The marker's format (its `format_version`; none before 2026-12-08: 1), read up to this one:
+# a newer lmpipe's checkpoint is refused in one line, not resumed as if understood. Keys an
+# older reader may ignore keep the version (`read_marker` ignores unknown keys).
+MARKER_VERSION = 1
 # a block's tensors, and its MLP's output projection [d_model, d_ff], in lmpipe's names (BTLM's
 # without "transformer.")
 BLOCK = re.compile(r"h\.(\d+)\.")
@@ -234,9 +238,21 @@ def hash_share(folder: Path, names: list[str], part: int, parts: int) -> dict[st
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
+    """A checkpoint's marker: its position, the identity of its tokens (None for a checkpoint of
+    an lmpipe before 2026-12-07, which kept none) and its files' sha256. One line for a marker
+    of a newer lmpipe (`MARKER_VERSION`), of the oldest format (no checksums) or damaged."""
     path = folder / MARKER
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(marker, dict):
+            raise TypeError("not a JSON object")
+        check_format_version(path, marker.get("format_version"), MARKER_VERSION)
+        if "files" not in marker and {"step", "tokens"} <= marker.keys():
+            raise LmpipeError(
+                f"{path}: written by an lmpipe from before 2026-11-30, whose checkpoints carry no "
+                "checksums, so it is not loaded; finish this run with that lmpipe, or start a "
+                "new run"
+            )
         step, tokens, files = int(marker["step"]), int(marker["tokens"]), marker["files"]
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise TypeError("'files' is not a mapping of names to sha256")
@@ -276,6 +292,7 @@ def save_checkpoint(engine: Any, run: Run, step: int, tokens: int) -> None:
     if rank == 0:
         files = {name: digest for share in shares for name, digest in share.items()}
         marker = {
+            "format_version": MARKER_VERSION,
             "step": step,
             "tokens": tokens,
             "data": data,

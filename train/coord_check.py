@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.figures import LITERAL, draw_picture
 from lmpipe.dataprep.folders import staged_output, write_json_atomic, write_manifest
 from lmpipe.train.recipe import ModelConfig, Recipe, recipe_yaml
 
@@ -222,10 +223,6 @@ def coord_check(check: CoordCheck, out: Path, *, overwrite: bool = False) -> dic
             slopes={p: r["slopes"] for p, r in results.items()}, files=[JSON, *([PNG] if plotted else [])],
         )  # fmt: skip
     print_slopes(report)
-    if not plotted:
-        Console().print(
-            f"no {PNG}: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False
-        )
     return report
 
 
@@ -247,17 +244,27 @@ def print_slopes(report: dict[str, Any]) -> None:
 
 def write_coord_png(report: dict[str, Any], path: Path) -> bool:
     """One panel per quantity (a row of panels per parametrisation): mean |x| against width,
-    log-log, one line per step (light: early, dark: late). False without matplotlib."""
-    try:
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    log-log, one line per step (dark: step 1, light: the last step). False (and no file) without
+    matplotlib or when drawing fails, one line on stderr saying which."""
+    return draw_picture(path, lambda png: _draw_coord_png(report, png))
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """The 1-2-5 values in [lo, hi]: at least two in a span of a decade, as plain numbers."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = [m * 10.0**e for e in range(first, last + 1) for m in (1, 2, 5)]
+    return [v for v in steps if lo <= v <= hi]
+
+
+def _draw_coord_png(report: dict[str, Any], path: Path) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     params = list(report["params"])
     quantities = list(report["params"][params[0]]["coords"])
     cols = min(6, len(quantities))
     rows_per = math.ceil(len(quantities) / cols)
-    fig = Figure(figsize=(2.6 * cols, 2.3 * rows_per * len(params)), dpi=100)
+    fig = Figure(figsize=(2.6 * cols, 2.5 * rows_per * len(params)), dpi=100)
     widths = report["widths"]
     cmap = colormaps["viridis"]
     for r, param in enumerate(params):
@@ -272,16 +279,24 @@ def write_coord_png(report: dict[str, Any], path: Path) -> bool:
             # At least a decade of y: a flat line looks flat, not zoomed into its noise.
             lo, hi = float(values.min()), float(values.max())
             mid, span = math.sqrt(lo * hi), max(hi / lo, 10.0)
-            ax.set_ylim(mid / math.sqrt(span), mid * math.sqrt(span))
+            bottom, top = mid / math.sqrt(span), mid * math.sqrt(span)
+            ax.set_ylim(bottom, top)
             ax.set_xticks(widths, [str(w) for w in widths])
             ax.minorticks_off()
+            # Labelled ticks inside the panel's range (a decade's only power of ten may lie
+            # outside it), so the sizes can be read off.
+            ticks = log_ticks(bottom, top)
+            ax.set_yticks(ticks, [f"{v:g}" for v in ticks])
             slope_q = report["params"][param]["slopes"][q]
             ax.set_title(f"{param}: {q} (slope {slope_q:+.2f})", fontsize=8)
+            ax.set_xlabel("d_model", fontsize=6, labelpad=1)
+            if k % cols == 0:
+                ax.set_ylabel("mean |x|", fontsize=7)
             ax.tick_params(labelsize=6)
     fig.suptitle(
         f"lmpipe mup coord-check {report['recipe']}: mean |x| against d_model, one line per step "
-        f"(dark: step 1, light: step {report['steps']})"
+        f"(dark: step 1, light: step {report['steps']})",
+        **LITERAL,
     )
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
-    return True

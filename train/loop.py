@@ -235,13 +235,18 @@ def train_run(
     init_from, started_from = init_source(run_dir, init_from, resume)
     reads = [s.path for s in recipe.data or []] + ([Path(init_from)] if init_from else [])
     identity = data_identity(sources)
-    check_run_dir(run_dir, reads, recipe, resume, world=launch_world, identity=identity)
+    notices = check_run_dir(
+        run_dir, reads, recipe, resume, world=launch_world, identity=identity, drawn=drawn
+    )
     initial = None
     if init_from is not None:
         from lmpipe.train.hf import initial_model, start_from
 
         initial = initial_model(Path(init_from), recipe)
     rank, world = init_distributed()
+    if rank == 0:
+        for notice in notices:
+            _notice(notice)
     import deepspeed
     import torch.distributed as dist
 

@@ -1,10 +1,13 @@
 """`lmpipe plot`: loss.png, the training curves of one or more run folders (optional matplotlib).
 
-Each run in its own colour, against tokens trained: the training loss (a line), the held-out loss
-(markers, one shape per source), the stage switches (vertical lines labelled with the new seq_len)
-and, on a second y axis, the embedding group's learning rate `lr` (eta_base x the schedule; the
-hidden rates are fixed ratios of it under muP). Steps whose update was skipped (a non-finite loss
-or grad norm: `skipped` in the row) are crosses on the bottom edge.
+Each run in its own colour (tab10, tab20, then a sampled colormap: never two runs alike), against
+tokens trained: the training loss (a line; a lone finite step, a one-step run's or one between
+skipped steps, as a dot), the held-out loss (markers, one shape per source; past ten sources the
+shapes come again hollow), the stage switches (vertical lines labelled with the new seq_len) and,
+on a second y axis, the embedding group's learning rate `lr` (eta_base x the schedule; the hidden
+rates are fixed ratios of it under muP). Steps whose update was skipped (a non-finite loss or grad
+norm: `skipped` in the row) are crosses on the bottom edge. The legend stands right of the axes,
+so it hides no data; run names are drawn as typed (a `$` in a folder name is not mathtext).
 
 Only reads: a run may still be training (a torn last line of metrics.jsonl is left out), and the
 picture goes outside every folder it reads, as every stage's output does (`check_output`). The
@@ -17,11 +20,13 @@ from __future__ import annotations
 import math
 import os
 import reprlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.figures import LITERAL, literal_legend
 from lmpipe.dataprep.folders import check_output, removed_on_error
 from lmpipe.train.metrics import number, val_losses
 from lmpipe.train.run_folder import metrics_rows
@@ -115,33 +120,76 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
+# Held-out marker shapes, one per source; past ten sources the shapes come again, hollow.
+SHAPES = "os^Dvp*<>h"
+MIN_SIZE = (480, 360)  # below it the title, the axis labels and the legend no longer fit
+
+
+def marker_of(index: int) -> dict[str, Any]:
+    shape = SHAPES[index % len(SHAPES)]
+    return {"marker": shape, "fillstyle": "full" if index // len(SHAPES) % 2 == 0 else "none"}
+
+
+def run_colors(n: int) -> list[Any]:
+    """A colour for each of `n` runs, all distinct: tab10, tab20, then a sampled colormap."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
+def isolated(values: tuple[float, ...]) -> list[int]:
+    """Indices of finite values with no finite neighbour: a line through them draws nothing."""
+    finite = [math.isfinite(v) for v in values]
+    return [
+        i
+        for i, ok in enumerate(finite)
+        if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])
+    ]
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 def figure(runs: list[RunCurves], size: tuple[int, int]) -> Any:
     """The matplotlib Figure of `runs`, `size` pixels. Every drawn series carries a gid
-    (`loss:NAME`, `val:NAME:SOURCE`, `lr:NAME`, `switch:TOKENS`, `skipped:NAME`) for tests."""
-    from matplotlib import colormaps
+    (`loss:NAME`, `val:NAME:SOURCE`, `lr:NAME`, `switch:TOKENS`, `skipped:NAME`) for tests.
+    The legend is outside the axes, right of the LR axis: it hides no data and no switch label."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
 
-    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     ax_lr = ax.twinx()
-    colors = colormaps["tab10"]
+    colors = run_colors(len(runs))
     sources = list(dict.fromkeys(s for run in runs for s in run.val))
-    shapes = dict(zip(sources, "os^Dvp*<>h", strict=False))
+    shapes = {source: marker_of(i) for i, source in enumerate(sources)}
     handles = []
     where_switch: dict[tuple[int, int], list[int]] = {}
     for i, run in enumerate(runs):
-        color = colors(i % 10)
+        color = colors[i]
         label = run.name + (f" ({len(run.skipped)} skipped)" if run.skipped else "")
-        (line,) = ax.plot(run.tokens, run.loss, color=color, lw=1.2, label=label)
+        # A finite loss between skipped steps (or a run's only step) is a lone point: a line
+        # through it draws nothing, so it gets a marker.
+        (line,) = ax.plot(
+            run.tokens, run.loss, color=color, lw=1.2, label=label,
+            marker="o", ms=3.5, markevery=isolated(run.loss),
+        )  # fmt: skip
         line.set_gid(f"loss:{run.name}")
-        handles.append(line)
+        handles.append(Line2D([], [], color=color, lw=1.2, label=label))  # no lone-point marker
         for source, points in run.val.items():
             xs, ys = zip(*points, strict=True)
-            (marks,) = ax.plot(xs, ys, ls="", marker=shapes[source], color=color, mec="black")
+            (marks,) = ax.plot(xs, ys, ls="", color=color, mec="black", **shapes[source])
             marks.set_gid(f"val:{run.name}:{source}")
-        (rate,) = ax_lr.plot(run.tokens, run.lr, color=color, lw=0.9, ls=":", alpha=0.8)
+        (rate,) = ax_lr.plot(
+            run.tokens, run.lr, color=color, lw=0.9, ls=":", alpha=0.8,
+            marker=".", ms=4, markevery=isolated(run.lr),
+        )  # fmt: skip
         rate.set_gid(f"lr:{run.name}")
         if run.skipped:
             # x in tokens, y on the axes' bottom edge, whatever the loss range
@@ -153,7 +201,7 @@ def figure(runs: list[RunCurves], size: tuple[int, int]) -> Any:
             where_switch.setdefault(switch, []).append(i)
     for (tokens, seq_len), owners in sorted(where_switch.items()):
         # a switch several runs share is drawn once, in grey
-        switch_color = colors(owners[0] % 10) if len(owners) == 1 else "0.4"
+        switch_color = colors[owners[0]] if len(owners) == 1 else "0.4"
         ax.axvline(tokens, color=switch_color, ls="--", lw=0.9, alpha=0.8, gid=f"switch:{tokens}")
         ax.annotate(
             f"seq_len {seq_len:,}", (tokens, 0.98), xycoords=ax.get_xaxis_transform(),
@@ -162,23 +210,29 @@ def figure(runs: list[RunCurves], size: tuple[int, int]) -> Any:
         )  # fmt: skip
     for source in sources:
         label = f"held-out: {source}"
-        handles.append(
-            Line2D([], [], ls="", marker=shapes[source], c="0.6", mec="black", label=label)
-        )
+        handles.append(Line2D([], [], ls="", c="0.6", mec="black", label=label, **shapes[source]))
     handles.append(Line2D([], [], color="0.4", ls=":", label="learning rate (right axis)"))
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    if where_switch:
+        handles.append(Line2D([], [], color="0.4", ls="--", lw=0.9, label="stage switch"))
+    literal_legend(fig, handles=handles, fontsize=7, loc="outside right center")
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_xlabel("tokens trained")
     ax.set_ylabel("loss (nats per token)")
     ax_lr.set_ylabel("learning rate (embeddings, eta_base x schedule)", fontsize=8)
     ax_lr.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    steps = sum(len(run.tokens) for run in runs)
-    title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
-    switches = "; dashed: stage switches" if where_switch else ""
-    ax.set_title(f"lmpipe plot: {title}, {steps:,} steps{switches}", fontsize=9)
-    fig.tight_layout()
+    if len(runs) == 1:
+        title = f"{runs[0].name}, {plural(len(runs[0].tokens), 'step')}"
+    else:
+        title = f"{len(runs)} runs, {plural(sum(len(run.tokens) for run in runs), 'step')} in all"
+    # the figure's title, not the axes': as wide as the picture, above the legend too
+    fig.suptitle(f"lmpipe plot: {title}", fontsize=9, **LITERAL)
     return fig
+
+
+def empty(run: RunCurves) -> bool:
+    """Whether the run has no finite loss to draw (every step skipped, no held-out point)."""
+    return not run.val and not any(math.isfinite(v) for v in run.loss)
 
 
 def drawn_by_plot(path: Path, window: int = 1 << 16) -> bool:
@@ -225,8 +279,11 @@ def plot(
             f"-o {out}: exists and is not a picture `lmpipe plot` drew; pass --overwrite to "
             "replace it"
         )
-    if min(size) < 100 or max(size) > 10000:
-        raise LmpipeError(f"--size {size[0]}x{size[1]}: each side between 100 and 10,000 pixels")
+    if size[0] < MIN_SIZE[0] or size[1] < MIN_SIZE[1] or max(size) > 10000:
+        raise LmpipeError(
+            f"--size {size[0]}x{size[1]}: at least {MIN_SIZE[0]}x{MIN_SIZE[1]} (smaller, the "
+            "labels and the legend no longer fit) and at most 10,000 pixels a side"
+        )
     check_output(out, run_dirs, what="plot")
     runs = [read_curves(d, name) for d, name in zip(run_dirs, run_names(run_dirs), strict=True)]
     try:
@@ -237,9 +294,18 @@ def plot(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with removed_on_error(out.with_name(f".{out.name}.tmp")) as tmp:
-            fig.savefig(tmp, format=fmt, metadata=METADATA[fmt])
+            with warnings.catch_warnings():  # layout advice would print matplotlib's file paths
+                warnings.simplefilter("ignore", UserWarning)
+                fig.savefig(tmp, format=fmt, metadata=METADATA[fmt])
             os.replace(tmp, out)
     except OSError as e:
         raise LmpipeError(f"-o {out}: cannot be written ({e.strerror})") from None
-    Console().print(f"plot: {len(runs)} run(s) drawn into {out}", highlight=False, markup=False)
+    except Exception as e:  # matplotlib's own failures (text it cannot lay out, ...): one line
+        reason = (str(e).strip().splitlines() or [""])[-1][:200]
+        raise LmpipeError(f"-o {out}: cannot be drawn ({type(e).__name__}: {reason})") from None
+    nothing = [run.name for run in runs if empty(run)]
+    note = f" ({', '.join(nothing)}: no finite loss to draw)" if nothing else ""
+    Console().print(
+        f"plot: {len(runs)} run(s) drawn into {out}{note}", highlight=False, markup=False
+    )
     return out

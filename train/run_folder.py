@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import LOCK, check_output, is_finished, is_int, write_text_atomic
+from lmpipe.dataprep.folders import (
+    LOCK,
+    check_output,
+    is_finished,
+    is_int,
+    read_json,
+    write_text_atomic,
+)
 from lmpipe.train.checkpoint import CHECKPOINTS, list_checkpoints, read_marker
 from lmpipe.train.metrics import TENSORBOARD, number, val_losses
 from lmpipe.train.recipe import DataSource, Recipe, load_recipe
@@ -40,11 +47,14 @@ def check_run_dir(
     *,
     world: int = 1,
     identity: dict[str, str] | None = None,
-) -> None:
+    drawn: list[dict[str, Any]] | None = None,
+) -> list[str]:
     """Check the run folder on every rank, before any rank writes to it, so all ranks fail alike.
     A resume continues the newest checkpoint's run: the same recipe (but `RESUMABLE_CHANGES`),
-    the same tokens in each source (`identity`, `data.data_identity`; its folder may move), and
-    as many ranks as hold its optimizer's partitions."""
+    the same tokens in each source (`identity`, `data.data_identity`; its folder may move; for a
+    checkpoint that kept none, the token counts of `drawn`, `data.coverage`, against plan.json's),
+    and as many ranks as hold its optimizer's partitions. Returns the notices for rank 0 to print
+    (a check that could not be made)."""
     check_output(run_dir, data, what="run folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise LmpipeError(f"{run_dir}: is a file, not a run folder; choose another --run-dir")
@@ -67,10 +77,12 @@ def check_run_dir(
     if entries:
         check_no_links(run_dir)
     checkpoints = list_checkpoints(run_dir)
-    if resume and checkpoints:
-        check_same_recipe(recipe, checkpoints[-1])
-        check_same_data(recipe, checkpoints[-1], identity)
-        check_same_world(checkpoints[-1], world)
+    if not (resume and checkpoints):
+        return []
+    check_same_recipe(recipe, checkpoints[-1])
+    notice = check_same_data(recipe, checkpoints[-1], identity, drawn)
+    check_same_world(checkpoints[-1], world)
+    return [notice] if notice else []
 
 
 def check_no_links(run_dir: Path) -> None:
@@ -94,10 +106,19 @@ def check_no_links(run_dir: Path) -> None:
                 folders.append(entry.path)
 
 
-def check_same_data(recipe: Recipe, checkpoint: Path, identity: dict[str, str] | None) -> None:
-    saved = read_marker(checkpoint).get("data")  # None: a checkpoint from before it was kept
-    if not saved or identity is None:
-        return
+def check_same_data(
+    recipe: Recipe,
+    checkpoint: Path,
+    identity: dict[str, str] | None,
+    drawn: list[dict[str, Any]] | None,
+) -> str | None:
+    """Refuse a resume on other tokens than the checkpoint's run read; the notice to print when
+    that cannot be checked."""
+    saved = read_marker(checkpoint)["data"]
+    if saved is None:  # a checkpoint from before 2026-12-07 (8af47bf): no identity was kept
+        return check_same_counts(recipe, checkpoint, drawn)
+    if identity is None:
+        return None
     for source in recipe.data or []:
         if saved.get(source.name) not in (None, identity.get(source.name)):
             raise LmpipeError(
@@ -105,6 +126,51 @@ def check_same_data(recipe: Recipe, checkpoint: Path, identity: dict[str, str] |
                 f"({source.path}): its shards differ from those the run read; resume on the same "
                 "token folder (it may have moved), or start a new run"
             )
+    return None
+
+
+def check_same_counts(
+    recipe: Recipe, checkpoint: Path, drawn: list[dict[str, Any]] | None
+) -> str | None:
+    """For a checkpoint that kept no identity of its tokens: each source's tokens in one epoch at
+    each window length, as the run's plan.json recorded them (`data.coverage`'s rows; a row
+    without `source` is of the one source of an lmpipe before mixtures, "data"), against `drawn`,
+    the same for the folders given now. Other tokens of the same count pass unseen, so this
+    catches another folder, not every change. The notice when nothing could be compared."""
+    plan = checkpoint.parent.parent / "plan.json"
+    try:
+        rows = read_json(plan).get("data")
+    except (LmpipeError, OSError, AttributeError):  # missing, damaged or another tool's
+        rows = None
+    recorded = {
+        (row.get("source", "data"), row["seq_len"]): row["epoch_tokens"]
+        for row in (rows if isinstance(rows, list) else [])
+        if isinstance(row, dict)
+        and isinstance(row.get("source", "data"), str)
+        and is_int(row.get("seq_len"))
+        and is_int(row.get("epoch_tokens"))
+    }
+    paths = {s.name: s.path for s in recipe.data or []}
+    compared = False
+    for row in drawn or []:
+        before = recorded.get((row["source"], row["seq_len"]))
+        if before is None:
+            continue
+        compared = True
+        if before != row["epoch_tokens"]:
+            raise LmpipeError(
+                f"{checkpoint}: --resume on other tokens in source {row['source']!r} "
+                f"({paths.get(row['source'])}): one epoch of it at seq_len {row['seq_len']:,} "
+                f"is {row['epoch_tokens']:,} tokens, and was {before:,} for the run ({plan}); "
+                "resume on the same token folder (it may have moved), or start a new run"
+            )
+    if compared:
+        return None
+    return (
+        f"resume: {checkpoint} was written by an lmpipe from before 2026-12-07, which kept no "
+        f"identity of its tokens, and {plan} records no token counts to compare: the data "
+        "cannot be checked; resume on the token folder the run read"
+    )
 
 
 def check_same_world(checkpoint: Path, world: int) -> None:

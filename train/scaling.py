@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.figures import draw_picture
 from lmpipe.dataprep.folders import (
     MANIFEST,
     is_int,
@@ -52,7 +53,6 @@ from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep_plan import heads_for
 
 FIT_JSON, FIT_PNG, FAMILY_JSON = "fit.json", "fit.png", "family.json"
-NO_PLOT = f"no {FIT_PNG}: matplotlib is not installed (pip install 'lmpipe[plot]')"
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,6 @@ def scaling(
 ) -> dict[str, Any]:
     """Fit the finished runs' loss against their training FLOPs; write fit.json, fit.png and
     the manifest into `out`; returns fit.json's content."""
-    from rich.console import Console
-
     if published is not None and published not in PUBLISHED:
         raise LmpipeError(f"--published {published!r}: one of {', '.join(PUBLISHED)}")
     if samples < 0:
@@ -291,7 +289,7 @@ def scaling(
                                "models": [list(m) for m in p.models]}  # fmt: skip
     with staged_output(Path(out), stage="scaling", reads=paths, overwrite=overwrite) as work:
         write_json_atomic(work / FIT_JSON, report)
-        plotted = write_fit_png(work / FIT_PNG, report)
+        write_fit_png(work / FIT_PNG, report)
         write_manifest(
             work,
             "scaling",
@@ -301,8 +299,6 @@ def scaling(
             bootstrap=spread,
         )
     print_fit(report)
-    if not plotted:
-        Console().print(NO_PLOT, markup=False)
     return report
 
 
@@ -351,11 +347,15 @@ def print_fit(report: dict[str, Any]) -> None:
 
 
 def write_fit_png(path: Path, report: dict[str, Any]) -> bool:
-    """Loss against training FLOPs, log-log: the runs, the fit, and the published fit and models."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    """Loss against training FLOPs, log-log: the runs, the fit, and the published fit and models.
+    False (and no file) without matplotlib or when drawing fails, one line on stderr saying which."""
+    return draw_picture(path, lambda png: _draw_fit_png(png, report))
+
+
+def _draw_fit_png(path: Path, report: dict[str, Any]) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     runs = report["runs"]
@@ -389,6 +389,12 @@ def write_fit_png(path: Path, report: dict[str, Any]) -> bool:
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Plain numbers (6, 7, 8), not 6x10^0, 7x10^0, 8x10^0; losses mostly span under a decade,
+    # which has at most one major tick, so the minor ticks are labelled too unless they span more.
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(f"{report['loss']} loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
@@ -396,7 +402,6 @@ def write_fit_png(path: Path, report: dict[str, Any]) -> bool:
     fig.suptitle("lmpipe scaling: L(f) = (f / a)^b + c", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
-    return True
 
 
 # --- compute-optimal families ----------------------------------------------------------------

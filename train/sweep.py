@@ -9,12 +9,13 @@ The sweep folder is built in `OUT.partial` and published as `OUT` when every poi
 (`dataprep/folders.py`). It is resumable: the plan file `sweep-plan.json` records the points; a
 rerun of the same command keeps every finished point (its run folder has a manifest), resumes an
 unfinished one from its last checkpoint and runs the rest; a rerun on a finished sweep does
-nothing; another plan (the recipe's settings, the data's checksums, the points: not where the
-recipe file and token folders lie) is refused unless `--overwrite`. A point whose loss turns non-finite is
-recorded as diverged, never dropped. A finished point's checkpoints are deleted (only a resume
-needs them); its final weights stay in `model/`. `sweep_report.py` writes the results
-(sweep.json, sweep.csv, sweep.png, the optimum per group); `transfer.py` turns the best point
-into a recipe for a wider model.
+nothing (one whose point stopped before its end, as an lmpipe before 2026-12-07 published after
+a SIGTERM, is refused: `sweep_report.check_complete`); another plan (the recipe's settings,
+the data's checksums, the points: not where the recipe file and token folders lie) is refused
+unless `--overwrite`. A point whose loss turns non-finite is recorded as diverged, never
+dropped. A finished point's checkpoints are deleted (only a resume needs them); its final weights
+stay in `model/`. `sweep_report.py` writes the results (sweep.json, sweep.csv, sweep.png, the
+optimum per group); `transfer.py` turns the best point into a recipe for a wider model.
 
 Points run one after the other in this process (`jobs` 1), or in `jobs` spawned worker
 processes: on a GPU machine one point per GPU (CUDA_VISIBLE_DEVICES, at most one worker a GPU),
@@ -517,8 +518,9 @@ def sweep(settings: SweepSettings, out: Path, *, overwrite: bool = False) -> dic
                 f"{out}: a finished sweep of another plan ({difference}); "
                 "pass --overwrite to replace it, or choose another -o"
             )
-        err.print(f"sweep: {out} is finished ({len(points)} points); nothing to do", highlight=False)  # fmt: skip
         report = sweep_report.read_report(out)
+        sweep_report.check_complete(out, report)
+        err.print(f"sweep: {out} is finished ({len(points)} points); nothing to do", highlight=False)  # fmt: skip
         sweep_report.print_optimum(report)
         return report
     for shards in open_sources(recipes[0]).values():  # once here, not once per point

@@ -7,7 +7,8 @@ FLOPs, wall seconds (start-up included) and the training loop's own seconds, and
 point diverged (a non-finite loss at any step; its losses are then null). `write_report` writes
 `sweep.json` (the plan's settings, every row and the optimum of each group), `sweep.csv` (one line
 a point) and `sweep.png` (the objective against each swept value, one curve per group, each
-curve's optimum starred, diverged points as crosses on the top edge; with matplotlib).
+curve's optimum starred, diverged points as crosses above the curves in their group's colour;
+with matplotlib, and a failure to draw it is a warning, never a lost sweep).
 
 The objective is the held-out loss when the points have one (the data has a held-out split),
 else the final training loss. A group is the points of one parametrisation, width and density.
@@ -21,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.figures import LITERAL, draw_picture, literal_legend
 from lmpipe.dataprep.folders import is_finished, read_json, read_manifest, write_json_atomic
 from lmpipe.train.run_folder import metrics_rows
 from lmpipe.train.sweep import POINTS, RUNS, diverged
 from lmpipe.train.sweep_plan import Point
 
 JSON, CSV, PNG = "sweep.json", "sweep.csv", "sweep.png"
-NO_PLOT = f"no {PNG}: matplotlib is not installed (pip install 'lmpipe[plot]')"
 
 
 def _finite(x: Any) -> float | None:
@@ -124,8 +125,7 @@ def write_report(work: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -
             "length); the points are compared on their final training loss",
             highlight=False,
         )
-    if not write_png(work / PNG, report):
-        Console(stderr=True).print(NO_PLOT, markup=False)
+    write_png(work / PNG, report)
     return report
 
 
@@ -139,6 +139,20 @@ def read_report(folder: Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("points"), list):
         raise LmpipeError(f"{Path(folder) / JSON}: not a sweep's results")
     return report
+
+
+def check_complete(folder: Path, report: dict[str, Any]) -> None:
+    """Refuse, in one line, a published sweep with a point that neither finished nor diverged
+    (nor was stopped by the guard, which counts as diverged): today a sweep is published only
+    when every point is done, but an lmpipe before 2026-12-07 (4858d50) published one whose
+    point a SIGTERM had stopped, as if its other points were the whole sweep."""
+    for row in report["points"]:
+        if isinstance(row, dict) and row.get("finished") is False and not row.get("diverged"):
+            raise LmpipeError(
+                f"{folder}: point {row.get('point')} stopped before its end, yet the sweep was "
+                "published (an lmpipe before 2026-12-07 did so after a SIGTERM), so its results "
+                "are incomplete; rerun the sweep command with --overwrite to train its points again"
+            )
 
 
 CSV_TAIL = (
@@ -193,14 +207,19 @@ def _axes(report: dict[str, Any]) -> list[str]:
 
 
 def write_png(path: Path, report: dict[str, Any]) -> bool:
-    """One panel per swept key: the objective of every point against its value, a curve per
-    group through the lowest value at each x, its optimum starred; diverged points as crosses
-    on the top edge. False (and no file) without matplotlib."""
-    try:
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+    """One panel per swept key: the objective of every point against its value (ticks at the
+    swept values), a curve per group through the lowest value at each x, its optimum starred;
+    diverged points as crosses above the curves, in their group's colour, a row per group (with
+    a count where one cross stands for several points). False (and no file) without matplotlib
+    or when drawing fails, one line on stderr saying which: the sweep is complete without it."""
+    return draw_picture(path, lambda png: _draw_png(png, report))
+
+
+def _draw_png(path: Path, report: dict[str, Any]) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
     objective, rows = report["objective"], report["points"]
     axes = _axes(report)
     fig = Figure(figsize=(max(6.4, 4.6 * len(axes)), 4.0), dpi=100)
@@ -209,7 +228,9 @@ def write_png(path: Path, report: dict[str, Any]) -> bool:
     scores = [r[objective] for r in rows if r[objective] is not None]
     top = max(scores) if scores else 1.0
     bottom = min(scores) if scores else 0.0
-    ceiling = top + 0.08 * max(top - bottom, 1e-3)  # where diverged points are drawn
+    pad = 0.05 * max(top - bottom, 1e-3)
+    # Diverged points have no objective: each group's on its own row above the curves.
+    ceiling = [top + (1.6 + g) * pad for g in range(len(groups))]
     for k, key in enumerate(axes):
         ax = fig.add_subplot(1, len(axes), k + 1)
         xs_all = [_x(r, key) for r in rows]
@@ -243,31 +264,49 @@ def write_png(path: Path, report: dict[str, Any]) -> bool:
                     edgecolors="black",
                     zorder=3,
                 )
-            bad = [position(_x(r, key)) for r in members if r[objective] is None]
+            bad: dict[float, int] = {}
+            for r in members:
+                if r[objective] is None:
+                    x = position(_x(r, key))
+                    bad[x] = bad.get(x, 0) + 1
             if bad:
-                ax.scatter(bad, [ceiling] * len(bad), color="crimson", marker="x", s=40, zorder=3)
-        xs_num = [position(x) for x in xs_all]
-        if numeric and min(xs_num) > 0 and max(xs_num) / min(xs_num) >= 4:
+                y = ceiling[g]
+                ax.scatter(list(bad), [y] * len(bad), color=color, marker="x", s=40, zorder=3)
+                for x, n in bad.items():
+                    if n > 1:
+                        ax.annotate(
+                            f"{n}", (x, y), xytext=(4, 1), textcoords="offset points",
+                            fontsize=7, color=color,
+                        )  # fmt: skip
+        xs_num = sorted({position(x) for x in xs_all})
+        if numeric and xs_num[0] > 0 and xs_num[-1] / xs_num[0] >= 4:
             ax.set_xscale("log", base=2)
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels)
-        ax.set_ylim(bottom - 0.05 * max(top - bottom, 1e-3), ceiling + 0.05 * max(top - bottom, 1e-3))  # fmt: skip
-        ax.set_xlabel(key)
+        if numeric:  # ticks at the swept values, not at powers of two between them
+            ax.xaxis.set_minor_locator(NullLocator())
+            many = len(xs_num) > 6
+            ax.set_xticks(
+                xs_num, [f"{x:g}" for x in xs_num],
+                rotation=45 if many else 0, ha="right" if many else "center",
+            )  # fmt: skip
+        else:
+            ax.set_xticks(range(len(labels)), labels, **LITERAL)
+        ax.set_ylim(bottom - pad, (ceiling[-1] if ceiling else top) + pad)
+        ax.set_xlabel(key, **LITERAL)
         ax.set_ylabel(objective.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
         if k == 0:
-            ax.legend(fontsize=7)
+            literal_legend(ax, fontsize=7)
     n_bad = sum(r[objective] is None for r in rows)
     fig.suptitle(
         f"lmpipe sweep {report['recipe']}: {len(rows)} points"
         + (f", {n_bad} diverged (x, top)" if n_bad else "")
         + "; * optimum per group",
         fontsize=9,
+        **LITERAL,
     )
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
-    return True
 
 
 def _x(row: dict[str, Any], key: str) -> Any:

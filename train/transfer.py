@@ -9,6 +9,8 @@ schedule's length, the batch and the data stay the target's.
 
 The best point is the lowest objective (held-out loss, else final training loss) among the muP
 points that finished without diverging; SP points are left out, their values do not transfer.
+A sweep published with a point that neither finished nor diverged (an lmpipe before 2026-12-07
+published one after a SIGTERM) is refused: its best point would be the best of the others only.
 sweep.json is checked first (`check_report`): a key missing or of another type is one line, and
 a point's recipe is read only from `runs/<point>/`, a real folder inside the sweep.
 The target must be a muP recipe with the sweep's base width (`mup.d_model_base`): the values are
@@ -39,7 +41,7 @@ from lmpipe.train.metrics import number
 from lmpipe.train.recipe import Recipe, load_recipe, parse_recipe, recipe_source, recipe_yaml
 from lmpipe.train.sweep import PLAN, RUNS
 from lmpipe.train.sweep_plan import yaml_value
-from lmpipe.train.sweep_report import JSON, read_report
+from lmpipe.train.sweep_report import JSON, check_complete, read_report
 
 # The base values muP transfers (seeds-spec 1.3); schedule.end_lr follows optimizer.lr.
 BASE_VALUES = ("optimizer.lr", "model.mup.sigma_base", "model.mup.alpha_in", "model.mup.alpha_out")
@@ -167,6 +169,7 @@ def sweep_best(
         )
     report = read_report(folder)
     check_report(folder / JSON, report)
+    check_complete(folder, report)
     best = best_point(report)
     run_dir = folder / best["run_dir"]
     for path in (folder / RUNS, run_dir, run_dir / "recipe.yaml"):

@@ -128,7 +128,7 @@ def test_figure_draws_each_runs_rows():
     assert all(list(line.get_xdata()) == [int(g.split(":")[1])] * 2 for g, line in switches.items())
     labels = [t.get_text() for t in loss_ax.texts]
     assert labels.count("seq_len 128") == 2
-    legend = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:2] == ["a (1 skipped)", "b (1 skipped)"]
     assert "held-out: web" in legend and "held-out: code" in legend
 
