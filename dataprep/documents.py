@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import MANIFEST, NewerFormat, read_manifest
+from lmpipe.dataprep.folders import MANIFEST, NewerFormat, is_lmpipe_manifest, read_manifest
 from lmpipe.dataprep.parquet import (
     batch_rows,
     is_parquet,
@@ -63,7 +63,7 @@ def _stage_folder(folder: str, names: list[str]) -> bool:
         raise
     except LmpipeError:  # not JSON, not an object: a file of the input's own
         return False
-    return {"stage", "lmpipe_version"} <= manifest.keys()
+    return is_lmpipe_manifest(manifest)
 
 
 def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from lmpipe.dataprep.errors import WRITE_ERRNOS, LmpipeError
 
@@ -153,14 +153,37 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
     manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise LmpipeError(f"{path}: not a manifest (a JSON object)")
-    check_format_version(
-        path, manifest.get("format_version"), format_version(manifest.get("stage"))
-    )
+    if is_lmpipe_manifest(manifest):  # another tool's manifest.json has versions of its own
+        check_format_version(
+            path, manifest.get("format_version"), format_version(manifest.get("stage"))
+        )
     if stage is not None and manifest.get("stage") != stage:
         raise LmpipeError(
             f"{folder}: is the output of `lmpipe {manifest.get('stage')}`, expected `lmpipe {stage}`"
         )
     return manifest
+
+
+def is_lmpipe_manifest(manifest: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether a manifest.json's value is an lmpipe stage's: other tools (a dataset's own files,
+    a model download) write files of that name too."""
+    return isinstance(manifest, dict) and {"stage", "lmpipe_version"} <= manifest.keys()
+
+
+def check_not_newer(folder: Path) -> None:
+    """Refuse in one line a folder an lmpipe stage wrote in a newer format than this one reads,
+    for a reader that needs no manifest (a run's model, metrics or export, which an unfinished
+    run or another tool's folder lacks): a manifest that is missing, unreadable or not lmpipe's
+    is left to the reader's own checks."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = read_json(path) if path.is_file() else None
+    except LmpipeError:
+        return
+    if is_lmpipe_manifest(manifest):
+        check_format_version(
+            path, manifest.get("format_version"), format_version(manifest.get("stage"))
+        )
 
 
 def read_json(path: Path) -> Any:

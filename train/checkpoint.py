@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import check_format_version, sha256_file, write_json_atomic
+from lmpipe.dataprep.folders import (
+    check_format_version,
+    check_not_newer,
+    sha256_file,
+    write_json_atomic,
+)
 from lmpipe.train.model import GPT
 from lmpipe.train.recipe import ModelConfig, Recipe, load_recipe, recipe_yaml
 
@@ -93,6 +98,7 @@ def save_model(
 def model_folder(path: Path) -> Path:
     """The folder holding `model.pt` and `recipe.yaml`: a run folder's `model/`, or `path` itself."""
     path = Path(path)
+    check_not_newer(path)  # a finished run's or an import's manifest
     folder = path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path
     if not (folder / "model.pt").is_file() or not (folder / "recipe.yaml").is_file():
         raise LmpipeError(

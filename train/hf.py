@@ -46,7 +46,13 @@ from typing import Any
 import torch
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import sha256_file, staged_output, umask_mode, write_manifest
+from lmpipe.dataprep.folders import (
+    check_not_newer,
+    sha256_file,
+    staged_output,
+    umask_mode,
+    write_manifest,
+)
 from lmpipe.dataprep.tokenizer import EOT_ID, VOCAB_SIZE
 from lmpipe.train.checkpoint import (
     MODEL_DIR,
@@ -359,6 +365,7 @@ def load_hf_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, 
     folder = Path(path)
     if not folder.is_dir():
         raise LmpipeError(f"{folder}: no such folder")
+    check_not_newer(folder)  # an lmpipe export's manifest
     imported = read_config(folder)
     check_tokenizer(folder)
     cfg = imported.model

@@ -27,7 +27,7 @@ from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
 from lmpipe.dataprep.figures import LITERAL, literal_legend
-from lmpipe.dataprep.folders import check_output, removed_on_error
+from lmpipe.dataprep.folders import check_not_newer, check_output, removed_on_error
 from lmpipe.train.metrics import number, val_losses
 from lmpipe.train.run_folder import metrics_rows
 
@@ -102,6 +102,7 @@ def read_curves(run_dir: Path, name: str) -> RunCurves:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LmpipeError(f"{run_dir}: no such run folder")
+    check_not_newer(run_dir)  # a finished run's manifest
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise LmpipeError(

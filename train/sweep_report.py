@@ -215,6 +215,9 @@ def write_png(path: Path, report: dict[str, Any]) -> bool:
     return draw_picture(path, lambda png: _draw_png(png, report))
 
 
+MAX_VALUE_TICKS = 12  # swept values labelled on the x axis; more: the axis's own ticks
+
+
 def _draw_png(path: Path, report: dict[str, Any]) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -281,14 +284,16 @@ def _draw_png(path: Path, report: dict[str, Any]) -> None:
         xs_num = sorted({position(x) for x in xs_all})
         if numeric and xs_num[0] > 0 and xs_num[-1] / xs_num[0] >= 4:
             ax.set_xscale("log", base=2)
-        if numeric:  # ticks at the swept values, not at powers of two between them
+        if numeric and len(xs_num) <= MAX_VALUE_TICKS:
+            # a grid's values as ticks, not powers of two between them; a random search's values
+            # (one a point) keep the axis's own ticks, which would otherwise overlap
             ax.xaxis.set_minor_locator(NullLocator())
             many = len(xs_num) > 6
             ax.set_xticks(
                 xs_num, [f"{x:g}" for x in xs_num],
                 rotation=45 if many else 0, ha="right" if many else "center",
             )  # fmt: skip
-        else:
+        elif not numeric:
             ax.set_xticks(range(len(labels)), labels, **LITERAL)
         ax.set_ylim(bottom - pad, (ceiling[-1] if ceiling else top) + pad)
         ax.set_xlabel(key, **LITERAL)

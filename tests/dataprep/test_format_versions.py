@@ -10,7 +10,7 @@ import pytest
 
 from lmpipe.dataprep.documents import find_inputs
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import made_by, read_manifest, write_manifest
+from lmpipe.dataprep.folders import check_not_newer, made_by, read_manifest, write_manifest
 from lmpipe.dataprep.shards import FORMAT_VERSION, TokenShards, write_shard_folder
 from lmpipe.train.checkpoint import MARKER, read_marker
 
@@ -60,7 +60,9 @@ def test_a_manifest_of_an_earlier_lmpipe_reads_and_unknown_keys_are_ignored(tmp_
 
 @pytest.mark.parametrize("stage", ["dedup", "tokenize", "train", "sweep"])
 def test_a_manifest_of_a_newer_format_is_refused_in_one_line(tmp_path, stage):
-    write_raw_manifest(tmp_path / "new", {"stage": stage, "format_version": 2})
+    write_raw_manifest(
+        tmp_path / "new", {"stage": stage, "lmpipe_version": "9", "format_version": 2}
+    )
     with pytest.raises(LmpipeError) as e:
         read_manifest(tmp_path / "new", stage)
     assert str(e.value) == (
@@ -71,7 +73,9 @@ def test_a_manifest_of_a_newer_format_is_refused_in_one_line(tmp_path, stage):
 
 @pytest.mark.parametrize("version", ["2", True, 0, 1.5])
 def test_a_version_that_is_not_a_whole_number_is_refused(tmp_path, version):
-    write_raw_manifest(tmp_path / "odd", {"stage": "dedup", "format_version": version})
+    write_raw_manifest(
+        tmp_path / "odd", {"stage": "dedup", "lmpipe_version": "9", "format_version": version}
+    )
     with pytest.raises(LmpipeError) as e:
         read_manifest(tmp_path / "odd")
     assert str(e.value) == (
@@ -91,7 +95,7 @@ def test_a_newer_token_folder_is_refused_by_its_reader(tmp_path, gpt2):
 def test_a_newer_dedup_output_given_to_tokenize_is_refused_not_read_as_documents(tmp_path):
     """Its files would otherwise be read as the input's own documents."""
     folder = tmp_path / "clean"
-    write_raw_manifest(folder, {"stage": "dedup", "format_version": 2})
+    write_raw_manifest(folder, {"stage": "dedup", "lmpipe_version": "9", "format_version": 2})
     (folder / "part-00000.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(LmpipeError, match=r"clean/manifest\.json: written by a newer lmpipe"):
         find_inputs([folder])
@@ -123,3 +127,30 @@ def test_overwrite_replaces_a_newer_lmpipes_output_of_the_same_stage_only(tmp_pa
     write_raw_manifest(tmp_path / "clean", {"stage": "dedup", "format_version": 2})
     assert made_by(tmp_path / "clean", "dedup")
     assert not made_by(tmp_path / "clean", "tokenize")
+
+
+def test_another_tools_manifest_with_its_own_format_version_is_input_not_refused(tmp_path):
+    """A dataset's own manifest.json (no lmpipe stage) is no lmpipe folder of a newer format."""
+    folder = tmp_path / "dataset"
+    write_raw_manifest(folder, {"dataset": "web", "format_version": 2})
+    (folder / "part-00000.jsonl").write_text('{"text": "a"}\n')
+    assert find_inputs([folder]) == [folder / "part-00000.jsonl"]
+    check_not_newer(folder)  # nothing to refuse
+
+
+def test_a_run_or_export_of_a_newer_format_is_refused_by_every_model_reader(tmp_path):
+    """eval, generate, export and --init-from open a run through `model_folder`, an HF export
+    through `load_hf_model`, plot through `read_curves`: none needs the manifest, each checks it."""
+    from lmpipe.train.checkpoint import model_folder
+    from lmpipe.train.hf import load_hf_model
+    from lmpipe.train.plot import read_curves
+
+    for stage, read in [("train", model_folder), ("export", load_hf_model), ("train", lambda f: read_curves(f, "run"))]:  # fmt: skip
+        folder = tmp_path / stage
+        write_raw_manifest(folder, {"stage": stage, "lmpipe_version": "9", "format_version": 2})
+        with pytest.raises(LmpipeError) as e:
+            read(folder)
+        assert str(e.value) == (
+            f"{folder / 'manifest.json'}: written by a newer lmpipe (format_version 2; this one "
+            "reads 1): upgrade lmpipe"
+        )

@@ -215,6 +215,18 @@ def test_sweep_ticks_are_the_swept_values_and_diverged_points_keep_their_group(t
     assert [t.get_text() for t in ax.texts] == ["2"]  # sp w32's cross stands for two points
 
 
+def test_a_random_search_keeps_the_axis_own_ticks(tmp_path, drawn):
+    """40 values, one a point: labelled each, they would overlap."""
+    from lmpipe.train.sweep_report import write_png
+
+    point = sweep_rows()[0]
+    rows = [{**point, "values": {"optimizer.lr": 2.0 ** (-12 + i / 4)}} for i in range(40)]
+    assert write_png(tmp_path / "sweep.png", {**PLAN, "objective": "heldout_loss", "points": rows})
+    (ax,) = drawn[0].axes
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert 2 <= len(shown) <= 8
+
+
 # coord.png, clusters.png, fit.png, long_context.png
 
 
