@@ -359,6 +359,18 @@ def token_sets(recipe: Recipe, tokens: int) -> list[str]:
     return [*sets, f"schedule.warmup_tokens={warmup}"]
 
 
+def check_trains(recipe: Recipe, name: str) -> None:
+    """Refuse a point of one step under a warmup: the warmup starts at a rate of 0, so its only
+    step updates nothing, and every point would tie at its initial loss (a "best" by order)."""
+    steps = sum(s.tokens // recipe.stage_tokens_per_step(i) for i, s in enumerate(recipe.stages))
+    if steps == 1 and recipe.schedule.warmup_tokens > 0:
+        step = recipe.stage_tokens_per_step(0)
+        raise LmpipeError(
+            f"sweep point {name}: one step of {step:,} tokens, at a learning rate of 0 (the "
+            f"warmup starts at 0), trains nothing; give --tokens at least two steps ({2 * step:,})"
+        )
+
+
 def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], list[Recipe]]:
     """The sweep's plan (what its plan file holds), its points and their validated recipes."""
     label, text = recipe_source(settings.recipe)
@@ -411,6 +423,7 @@ def plan_points(settings: SweepSettings) -> tuple[dict[str, Any], list[Point], l
         apply_override(point_raw, validation)
         sets.append(validation)
         recipes.append(validate_recipe({**point_raw, "data": data}, where))
+        check_trains(recipes[-1], name)
         points.append(Point(name, param, width, density, chosen, tuple(sets)))
     path = recipe_file(settings.recipe)
     plan = {

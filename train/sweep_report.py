@@ -72,7 +72,10 @@ def point_row(work: Path, point: Point) -> dict[str, Any]:
 
 
 def objective_of(rows: list[dict[str, Any]]) -> str:
-    return "heldout_loss" if any(r["heldout_loss"] is not None for r in rows) else "train_loss"
+    """Held-out loss where the points were validated (a diverged point's is null, but its
+    `val_loss` names the sources scored), else the final training loss."""
+    validated = any(r["heldout_loss"] is not None or r["val_loss"] for r in rows)
+    return "heldout_loss" if validated else "train_loss"
 
 
 def group_of(row: dict[str, Any]) -> str:

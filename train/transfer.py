@@ -201,6 +201,16 @@ def sweep_best(
             "across architectures",
             highlight=False,
         )
+    # The attention logits' scale: 1/d_head against 1/sqrt(d_head) differs by sqrt(d_head), so
+    # the values tuned under one are not the other's (both recipes are muP here).
+    qk = (model.mup.qk_scale if model.mup else None, source.mup.qk_scale if source.mup else None)
+    if qk[0] != qk[1]:
+        err.print(
+            f"warning: target {target_recipe.name} scales attention by mup.qk_scale {qk[0]}, the "
+            f"sweep's model by {qk[1]}: base values transfer across widths, not across attention "
+            "scales",
+            highlight=False,
+        )
     if write_recipe is not None:
         write_recipe_file(Path(write_recipe), tuned, folder, best, target or label, overwrite)
         err.print(f"wrote {write_recipe} (lmpipe train --recipe {write_recipe})", highlight=False)
@@ -231,10 +241,10 @@ def write_recipe_file(
 ) -> None:
     """The tuned recipe as YAML, written atomically; never into the sweep it comes from."""
     check_output(path, [folder], what="recipe file")
+    if path.is_dir():  # first: --overwrite would not help
+        raise LmpipeError(f"{path}: is a folder; --write-recipe names a .yaml file")
     if path.exists() and not overwrite:
         raise LmpipeError(f"{path}: already exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise LmpipeError(f"{path}: is a folder; --write-recipe names a .yaml file")
     if path.exists() and not written_by_best(path):  # --overwrite replaces only our own output
         raise LmpipeError(
             f"{path}: exists and was not written by `lmpipe sweep --best`; --overwrite replaces "

@@ -204,7 +204,7 @@ def test_points_run_as_ray_tasks_give_the_same_results(swept, pattern_tokens, tm
 
 
 @pytest.mark.slow
-def test_best_writes_the_target_recipe_with_the_best_base_values(swept, tmp_path):
+def test_best_writes_the_target_recipe_with_the_best_base_values(swept, tmp_path, capsys):
     out, _ = swept
     best_lr = 2**-4
     path = tmp_path / "best.yaml"
@@ -229,10 +229,42 @@ def test_best_writes_the_target_recipe_with_the_best_base_values(swept, tmp_path
     assert (tuned_wide.model.d_model, tuned_wide.model.d_ff, tuned_wide.optimizer.lr) == (256, 680, best_lr)  # fmt: skip
     with pytest.raises(LmpipeError, match="d_model_base 256 differs from the sweep's 64"):
         sweep_best(out, target="btlm3b", write_recipe=tmp_path / "b.yaml")
+    # another attention scale: said, as another architecture is
+    qk = tmp_path / "qk.yaml"
+    qk.write_text(recipe_yaml(load_recipe("tiny", ["model.mup.qk_scale=sqrt_d_head"])))
+    sweep_best(out, target=str(qk), print_set=True)
+    assert (
+        capsys.readouterr().err.split("warning: ")[1].split()
+        == (
+            "target tiny scales attention by mup.qk_scale sqrt_d_head, the sweep's model by d_head: "
+            "base values transfer across widths, not across attention scales"
+        ).split()
+    )
     with pytest.raises(LmpipeError, match="already exists"):
         sweep_best(out, write_recipe=path)
     with pytest.raises(LmpipeError, match="lies inside"):
         sweep_best(out, write_recipe=out / "best.yaml", overwrite=True)
+
+
+def test_a_sweep_whose_points_all_diverged_is_still_compared_on_held_out_loss():
+    """Their held-out loss is null, but they were validated: not "no held-out split"."""
+    from lmpipe.train.sweep_report import objective_of
+
+    diverged = {"heldout_loss": None, "val_loss": {"data": None}}
+    assert objective_of([diverged, diverged]) == "heldout_loss"
+    assert objective_of([{"heldout_loss": None, "val_loss": {}}]) == "train_loss"
+
+
+def test_one_step_points_under_a_warmup_are_refused(pattern_tokens):
+    """The warmup's first rate is 0: one step trains nothing, every point ties."""
+    one_step = settings_for(pattern_tokens, tokens=256)
+    with pytest.raises(LmpipeError) as refused:
+        plan_points(one_step)
+    assert str(refused.value) == (
+        "sweep point 0000-mup-w32: one step of 256 tokens, at a learning rate of 0 (the warmup "
+        "starts at 0), trains nothing; give --tokens at least two steps (512)"
+    )
+    assert len(plan_points(settings_for(pattern_tokens, tokens=512))[1]) == 3
 
 
 def test_best_of_a_folder_that_is_no_finished_sweep_is_a_one_line_error(tmp_path):
@@ -536,3 +568,9 @@ def test_best_overwrites_only_a_recipe_file_it_wrote(tmp_path):
             "only such a file: remove it or choose another --write-recipe"
         )
         assert other.read_text(encoding="utf-8") == text
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    for overwrite in (False, True):  # a folder: --overwrite would not help, so not advised
+        with pytest.raises(LmpipeError) as refused:
+            write_recipe_file(folder, tiny, sweep_folder, best, "tiny", overwrite=overwrite)
+        assert str(refused.value) == f"{folder}: is a folder; --write-recipe names a .yaml file"
