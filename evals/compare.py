@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.folders import is_number
+from lmpipe.dataprep.folders import check_not_newer, is_number
 from lmpipe.evals.run import RESULTS
 
 if TYPE_CHECKING:  # for annotations only: imported where the table is built
@@ -43,6 +43,7 @@ def read_results(path: Path) -> ScoredModel:
         path = path / RESULTS
     if not path.is_file():
         raise LmpipeError(f"{path}: no such file (--compare reads results.json files or folders)")
+    check_not_newer(path.parent)  # the eval folder's manifest, beside results.json
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -140,12 +140,17 @@ def test_another_tools_manifest_with_its_own_format_version_is_input_not_refused
 
 def test_a_run_or_export_of_a_newer_format_is_refused_by_every_model_reader(tmp_path):
     """eval, generate, export and --init-from open a run through `model_folder`, an HF export
-    through `load_hf_model`, plot through `read_curves`: none needs the manifest, each checks it."""
+    through `load_hf_model`, plot through `read_curves`, eval --compare an eval folder through
+    `read_results`: none needs the manifest, each checks it."""
+    from lmpipe.evals.compare import read_results
     from lmpipe.train.checkpoint import model_folder
     from lmpipe.train.hf import load_hf_model
     from lmpipe.train.plot import read_curves
 
-    for stage, read in [("train", model_folder), ("export", load_hf_model), ("train", lambda f: read_curves(f, "run"))]:  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text('{"model": "m", "tasks": {}}')
+
+    for stage, read in [("train", model_folder), ("export", load_hf_model), ("train", lambda f: read_curves(f, "run")), ("eval", read_results)]:  # fmt: skip
         folder = tmp_path / stage
         write_raw_manifest(folder, {"stage": stage, "lmpipe_version": "9", "format_version": 2})
         with pytest.raises(LmpipeError) as e:
