@@ -38,6 +38,7 @@ terminal (nohup, sbatch) each step says on stderr when it ends (`StepBar`).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -84,7 +85,9 @@ def source_of(path: Path, inputs: Sequence[Path]) -> str:
             except ValueError:
                 continue
             return rel.parts[0] if len(rel.parts) > 1 else given.resolve().name
-    return path.resolve().parent.name
+    # The folder of the name as given, not of what a link points to: a Hugging Face snapshot's
+    # files are links into `blobs/`, which would name every such source `blobs`.
+    return Path(os.path.abspath(path)).parent.name
 
 
 def _empty_counts() -> dict[str, dict[str, int]]:
@@ -360,16 +363,21 @@ def _steps(
     """The map-reduce of `dedup_steps`, then the stage's listing, counts, outputs, cluster sizes
     and each input's invalid lines (count and first examples)."""
     n = range(len(files))
+    # Absolute (tasks may run in another working folder: Ray workers), but by the name as given,
+    # links not followed: the format is read from the name, and a Hugging Face snapshot's
+    # `train.jsonl.zst` is a link to `blobs/<sha>`, which has no suffix to read it by.
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    absolute_evals = [Path(os.path.abspath(e)) for e in evals]
     # The eval data first: it does not depend on the corpus, and a bad eval file under --strict
     # must stop the run before hours of dedup, not after.
     eval_info = _run_step(
         runner, bar, "eval data", kept_steps.eval_file,
-        [(state, e, path.resolve(), s) for e, path in enumerate(evals)],
+        [(state, e, path, s) for e, path in enumerate(absolute_evals)],
         [steps.marker(state, "evals", e) for e in range(len(evals))],
     )  # fmt: skip
     scans = _run_step(
         runner, bar, "fix, normalise" + (", MinHash" if s.near else ""), steps.scan_file,
-        [(state, f, files[f].resolve(), s) for f in n],
+        [(state, f, absolute[f], s) for f in n],
         [steps.marker(state, "scan", f) for f in n],
     )  # fmt: skip
     listed = [f for f in n if scans[f]["not_short"]]  # an empty key file cannot be mapped

@@ -3,10 +3,11 @@ one object a line; or Parquet (`.parquet`, with the `parquet` extra), one docume
 
 Each document needs a string `text`; every other field passes through. Reading streams: nothing
 holds a whole file in memory (compressed data is decoded a little at a time, however well it
-compresses; Parquet is read by record batches). A bad line or row (not JSON, JSON that Python
-cannot hold, not UTF-8, no string `text`) is either an error naming the file and line
-(`strict=True`) or counted in `InvalidLines`, with the first few line numbers kept for the
-report; so is an empty file and data that breaks off (the lines decoded before it are kept).
+compresses; Parquet is read by record batches, but a row group is decoded whole). A bad line or
+row (not JSON, JSON that Python cannot hold, not UTF-8, no string `text`) is either an error
+naming the file and line (`strict=True`) or counted in `InvalidLines`, with the first few line
+numbers kept for the report; so is an empty file, data that breaks off (the lines decoded before it are kept), and
+zstd or gzip data in a file named `.jsonl` (one reason, not its bytes read as lines).
 The commands count by default and stop at the first bad line with `--strict`. In a Parquet file
 a "line" is a row: its 1-based number across the whole file. Parquet's values become JSON values
 by the rules in `parquet.py`.
@@ -15,6 +16,7 @@ by the rules in `parquet.py`.
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import re
@@ -70,7 +72,9 @@ def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
     """The document files below `folder`, sorted, through links to folders as well; the other
     files go to `skipped`. Subfolders named `_x` or `.x` hold what is not the folder's documents
     (dedup's `_holdout/`, so that `lmpipe tokenize clean/` trains on the training documents only;
-    `.git`): not read, nor are files so named (Spark's `_SUCCESS`, `.crc` files) noted."""
+    `.git`): not read, nor are other files so named (Spark's `_SUCCESS`, `.crc` files) noted.
+    A hidden file with a document's suffix is not read but goes to `skipped`: a copy from a Mac
+    holds `._part-0001.jsonl.zst` (AppleDouble metadata, not JSON lines) beside every file."""
 
     def unreadable(e: OSError) -> None:  # os.walk would skip a folder it cannot list, quietly
         raise LmpipeError(f"{e.filename}: cannot read folder ({e.strerror})")
@@ -86,7 +90,9 @@ def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
         stage = _stage_folder(where, names)
         for name in names:
             f = Path(where, name)
-            if is_document_file(f):
+            if is_document_file(f) and name.startswith("."):
+                skipped.append(f)
+            elif is_document_file(f):
                 if not f.is_file():
                     raise LmpipeError(f"{f}: not a file (a broken link?)")
                 files.append(f)
@@ -96,27 +102,31 @@ def _folder_files(folder: Path, skipped: list[Path]) -> list[Path]:
 
 
 def _note_skipped(skipped: list[Path], folders: list[Path]) -> None:
-    """One line on stderr naming the files (sorted) of the input folders not read for their
-    suffix (a `.json.gz`, `.JSONL`, `.bz2`): not dropped without a word, nor read as a format
-    they may not be."""
-    if not skipped:
-        return
-    names = list(map(str, skipped))
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    """A line on stderr naming the files (sorted) of the input folders not read for their
+    suffix (a `.json.gz`, `.JSONL`, `.bz2`), and one naming the hidden ones (`._x.jsonl.zst`):
+    not dropped without a word, nor read as a format they may not be."""
     where = ", ".join(map(str, folders))
-    print(
-        f"note: {len(names)} file(s) in {where} skipped: not {'/'.join(SUFFIXES)} ({shown})",
-        file=sys.stderr,
-    )
+    hidden = [str(f) for f in skipped if f.name.startswith(".")]
+    other = [str(f) for f in skipped if not f.name.startswith(".")]
+    why_other = f"not {'/'.join(SUFFIXES)}"
+    why_hidden = "hidden (a name starting with '.', as macOS's ._ files; name a file to read it)"
+    for names, why in ((other, why_other), (hidden, why_hidden)):
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            print(
+                f"note: {len(names)} file(s) in {where} skipped: {why} ({shown})", file=sys.stderr
+            )
 
 
 def find_inputs(paths: Iterable[Path | str], skipped: list[Path] | None = None) -> list[Path]:
     """Expand files and folders (recursively, through links) into a sorted list of document files.
-    Within a folder, subfolders whose name starts with `_` or `.` are skipped; name them to read
-    them. Files of other suffixes in a folder are named in one note on stderr, and added to
-    `skipped` (sorted) for a stage's manifest."""
+    Within a folder, subfolders whose name starts with `_` or `.` are skipped, and so are files
+    whose name starts with `.`; name them to read them. Files of other suffixes and hidden ones
+    in a folder are named in a note on stderr, and added to `skipped` (sorted) for a stage's
+    manifest. One file reached twice (named twice, or two links to it) is an error."""
     found: list[Path] = []
-    given: dict[tuple[int, int], Path] = {}  # each file (device, inode) -> the argument naming it
+    # each file (device, inode) -> the argument naming it, and the file's name there
+    given: dict[tuple[int, int], tuple[Path, Path]] = {}
     skipped = [] if skipped is None else skipped
     already = len(skipped)
     folders: list[Path] = []  # those that held skipped files
@@ -137,11 +147,14 @@ def find_inputs(paths: Iterable[Path | str], skipped: list[Path] | None = None) 
         for f in files:
             # A file named twice (twice over, as a file and inside a folder, through a link)
             # would be read twice or, quietly, once; neither is what the user can have meant.
+            # So would two links to it in one folder (a hard link, two links to one HF blob).
             st = f.stat()
-            first = given.setdefault((st.st_dev, st.st_ino), p)
+            first, first_file = given.setdefault((st.st_dev, st.st_ino), (p, f))
             if first is not p:
                 how = "twice" if first == p else f"as {first} and as {p}"
                 raise LmpipeError(f"{f}: given {how}; name each input once")
+            if first_file != f:
+                raise LmpipeError(f"{f}: the file {first_file} again, through a link; name each input once")  # fmt: skip
         found.extend(files)
     if not found:
         raise LmpipeError("no input files given")
@@ -207,11 +220,13 @@ def decoded_chunks(
     error: type[Exception],
     what: str,
     piece_bytes: int,
+    zero_padded: bool = False,
 ) -> Iterator[bytes]:
     """Decompressed bytes of every frame (zstd) or member (gzip) in `raw`, in order, in blocks of
     about `READ_BYTES`. A file whose last frame stops before its end (a truncated download, a
     writer killed mid-file) is an error, not a short file: the libraries' stream readers would
-    end quietly there. Damage is an error too, raised after every byte decoded before it."""
+    end quietly there. Damage is an error too, raised after every byte decoded before it.
+    `zero_padded`: zero bytes where a member would start are padding, skipped (gzip's rule)."""
     decoder, fed = new_decoder(), False
     block: list[bytes] = []  # decoded, not yet yielded
     size, problem = 0, ""
@@ -221,6 +236,11 @@ def decoded_chunks(
             for start in range(0, len(chunk), piece_bytes):  # (see ZSTD_PIECE_BYTES)
                 piece = view[start : start + piece_bytes]
                 while piece:
+                    if zero_padded and not fed:
+                        # (a copy of one piece, only where a member would start)
+                        piece = memoryview(bytes(piece).lstrip(b"\0"))
+                        if not piece:
+                            break
                     fed = True
                     decoded = decoder.decompress(piece)
                     if decoded:
@@ -247,11 +267,17 @@ def decoded_chunks(
         raise LmpipeError(f"{path}: {problem}")
 
 
+# The largest window a zstd frame may ask for (`zstd --long=31`), not the library's default limit
+# of 128 MiB: big corpora are often compressed with `--long`, and a reader needs the frame's
+# window in memory whatever lmpipe allows, so a lower limit only refuses valid files.
+ZSTD_MAX_WINDOW = 1 << 31
+
+
 def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
     return decoded_chunks(
         raw,
         path,
-        zstandard.ZstdDecompressor().decompressobj,
+        zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj,
         zstandard.ZstdError,
         "zstd",
         ZSTD_PIECE_BYTES,
@@ -261,7 +287,8 @@ def zstd_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
 def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
     import zlib
 
-    # 16 + MAX_WBITS: a gzip header, not a zlib one
+    # 16 + MAX_WBITS: a gzip header, not a zlib one. Zero bytes after a member are padding
+    # (tape blocks, a file written in fixed-size records): gzip -t and Python's gzip accept it.
     return decoded_chunks(
         raw,
         path,
@@ -269,7 +296,13 @@ def gzip_chunks(raw: BinaryIO, path: Path) -> Iterator[bytes]:
         zlib.error,
         "gzip",
         GZIP_PIECE_BYTES,
+        zero_padded=True,
     )
+
+
+# The first bytes of compressed data in a file named as plain JSON lines: read as text, it
+# would be a few arbitrary "invalid UTF-8" lines (as many as its `\n` bytes), its documents lost.
+COMPRESSED_MAGIC = ((b"\x28\xb5\x2f\xfd", "zstd", ".jsonl.zst"), (b"\x1f\x8b", "gzip", ".jsonl.gz"))
 
 
 def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
@@ -286,7 +319,11 @@ def open_text_lines(path: Path, on_bytes: Callable[[int], None] | None = None) -
         elif path.name.endswith(".gz"):
             blocks = gzip_chunks(raw, path)
         else:
-            blocks = iter(lambda: raw.read(READ_BYTES), b"")
+            first = raw.read(READ_BYTES)
+            for magic, what, suffix in COMPRESSED_MAGIC:
+                if first.startswith(magic):
+                    raise LmpipeError(f"{path}: {what} data in a .jsonl file: name it {suffix}")
+            blocks = itertools.chain([first], iter(lambda: raw.read(READ_BYTES), b""))
         reported = 0
         rest: list[bytes] = []  # the start of a line that continues in the next block(s)
         for block in blocks:
