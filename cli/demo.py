@@ -25,8 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lmpipe.dataprep.cluster_plot import have_matplotlib
 from lmpipe.dataprep.errors import LmpipeError
+from lmpipe.dataprep.figures import have_matplotlib, no_matplotlib
 from lmpipe.dataprep.folders import check_output, claim_folder, clear_folder, lock_folder, owned_by
 
 # The demo corpus is ~1,200 documents; SlimPajama's 0.17% would hold out two of them.
@@ -106,9 +106,7 @@ def demo_chain(workdir: Path, recipe_overrides: list[str]) -> dict:
     if have_matplotlib():  # beside the run folder: a stage never writes into what it reads
         plot([workdir / "run"], workdir / "loss.png", overwrite=True)  # the demo's own folder
     else:
-        console.print(
-            "no loss.png: matplotlib is not installed (pip install 'lmpipe[plot]')", markup=False
-        )
+        console.print(no_matplotlib(Path("loss.png")), markup=False)
     timings["train"] = time.perf_counter() - t
 
     t = stage(

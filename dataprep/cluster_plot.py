@@ -10,19 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.dataprep.figures import draw_picture, no_matplotlib
+from lmpipe.dataprep.figures import draw_picture, have_matplotlib, no_matplotlib
 
 PNG = "clusters.png"
 # Shown in the summary when matplotlib is missing: how to get the picture.
 NO_PLOT = no_matplotlib(Path(PNG))
-
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def write_cluster_png(sizes: dict[str, int], path: Path) -> bool:

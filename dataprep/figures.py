@@ -27,6 +27,14 @@ def literal_legend(owner: Any, **kwargs: Any) -> Any:
     return legend
 
 
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def no_matplotlib(path: Path) -> str:
     return f"no {path.name}: matplotlib is not installed (pip install 'lmpipe[plot]')"
 
@@ -37,9 +45,7 @@ def draw_picture(path: Path, draw: Callable[[Path], Any]) -> bool:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not have_matplotlib():
         console.print(no_matplotlib(path), markup=False)
         return False
     try:

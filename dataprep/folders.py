@@ -153,10 +153,7 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
     manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise LmpipeError(f"{path}: not a manifest (a JSON object)")
-    if is_lmpipe_manifest(manifest):  # another tool's manifest.json has versions of its own
-        check_format_version(
-            path, manifest.get("format_version"), format_version(manifest.get("stage"))
-        )
+    check_manifest_version(path, manifest)
     if stage is not None and manifest.get("stage") != stage:
         raise LmpipeError(
             f"{folder}: is the output of `lmpipe {manifest.get('stage')}`, expected `lmpipe {stage}`"
@@ -180,6 +177,12 @@ def check_not_newer(folder: Path) -> None:
         manifest = read_json(path) if path.is_file() else None
     except LmpipeError:
         return
+    check_manifest_version(path, manifest)
+
+
+def check_manifest_version(path: Path, manifest: Any) -> None:
+    """`check_format_version` for an lmpipe manifest, at its stage's version; another tool's
+    manifest.json (a dataset's) has versions of its own and is not checked."""
     if is_lmpipe_manifest(manifest):
         check_format_version(
             path, manifest.get("format_version"), format_version(manifest.get("stage"))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.dataprep.errors import LmpipeError
-from lmpipe.dataprep.figures import LITERAL, literal_legend
+from lmpipe.dataprep.figures import LITERAL, have_matplotlib, literal_legend
 from lmpipe.dataprep.folders import check_not_newer, check_output, removed_on_error
 from lmpipe.train.metrics import number, val_losses
 from lmpipe.train.run_folder import metrics_rows
@@ -287,10 +287,8 @@ def plot(
         )
     check_output(out, run_dirs, what="plot")
     runs = [read_curves(d, name) for d, name in zip(run_dirs, run_names(run_dirs), strict=True)]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise LmpipeError(NO_MATPLOTLIB) from None
+    if not have_matplotlib():
+        raise LmpipeError(NO_MATPLOTLIB)
     fig = figure(runs, size)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
